@@ -1,0 +1,128 @@
+"""The `efflm` command line: train, eval, generate, config show, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from efflm.errors import EfflmError
+
+
+def _train(args) -> int:
+    from efflm.config import load_config
+    from efflm.train.trainer import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _restore_params(args):
+    """(cfg, program, params, tokenizer, step) of the latest checkpoint in a workdir."""
+    from efflm.config import load_config
+    from efflm.data import get_tokenizer
+    from efflm.train.checkpoint import Checkpointer
+    from efflm.train.step import build_program
+    from efflm.train.trainer import CHECKPOINT_DIR, load_workdir_config, restore_or_init
+
+    load_workdir_config(args.workdir)  # a clear error if this is no workdir
+    cfg = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
+    checkpointer = Checkpointer(os.path.join(args.workdir, CHECKPOINT_DIR), cfg.checkpoint)
+    try:
+        if not checkpointer.steps():
+            raise EfflmError(f"{args.workdir!r} has no checkpoint yet; train first")
+        program = build_program(cfg)
+        state, step = restore_or_init(program, checkpointer, None)
+    finally:
+        checkpointer.close()
+    return cfg, program, state.params, get_tokenizer(cfg.data.tokenizer), step
+
+
+def _eval(args) -> int:
+    from efflm.train.trainer import evaluate
+
+    cfg, program, params, tokenizer, step = _restore_params(args)
+    result = {"step": step, **evaluate(program, params, tokenizer, args.batches)}
+    print(json.dumps(result))
+    return 0
+
+
+def _generate(args) -> int:
+    from efflm.train.generate import sample
+
+    cfg, program, params, tokenizer, _ = _restore_params(args)
+    ids = tokenizer.encode(args.prompt)
+    with program.context():
+        out = sample(program.model, params, ids, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                     stop_id=tokenizer.eos_id)
+    sys.stdout.write(args.prompt + tokenizer.decode(out) + "\n")
+    return 0
+
+
+def _config_show(args) -> int:
+    from efflm.config import load_config, to_yaml
+
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _bench(args) -> int:
+    from efflm.bench import mfu
+
+    return mfu.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="efflm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or resume a model")
+    t.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. model.mlp.d_ff=512")
+    t.set_defaults(func=_train)
+
+    for name, func, help_ in (("eval", _eval, "validation loss of the latest checkpoint"),
+                              ("generate", _generate, "sample text from the latest checkpoint")):
+        e = sub.add_parser(name, help=help_)
+        e.add_argument("--workdir", required=True, help="train.workdir of a run")
+        e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data settings)")
+        e.set_defaults(func=func)
+        if name == "eval":
+            e.add_argument("--batches", type=int, default=0,
+                           help="evaluate at most this many batches (0: the whole split)")
+        else:
+            e.add_argument("--prompt", required=True)
+            e.add_argument("--max-new-tokens", type=int, default=200)
+            e.add_argument("--temperature", type=float, default=0.8)
+            e.add_argument("--top-k", type=int, default=40)
+            e.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("config", help="inspect configs")
+    csub = c.add_subparsers(dest="action", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    show.add_argument("--config", default="tiny")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=_config_show)
+
+    b = sub.add_parser("bench", help="benchmarks (see bench/)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="efflm: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except EfflmError as e:
+        print(f"efflm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""The one typed Config: dataclass schema, YAML presets and `key=value` overrides.
+
+Presets live in `configs/NAME.yaml`; a preset may name another with `extends: NAME`.
+OmegaConf structured configs check keys and types; `validate` checks ranges and
+choices against the registries, so a new attention or MLP kind needs no edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from efflm.errors import ConfigError
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "softmax"
+    impl: str = "auto"  # auto | xla | pallas
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: as many as num_heads (grouped-query when fewer)
+    head_dim: int = 0  # 0: d_model // num_heads
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class MLPConfig:
+    kind: str = "swiglu"
+    d_ff: int = 1024
+
+
+@dataclass
+class DepthConfig:
+    kind: str = "none"
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    num_layers: int = 4
+    max_seq_len: int = 2048
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary rounded up to vocab_multiple
+    vocab_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "pycode"  # pycode | files
+    paths: list[str] = field(default_factory=list)
+    val_paths: list[str] = field(default_factory=list)
+    val_fraction: float = 0.02
+    tokenizer: str = "byte"
+    seq_len: int = 256
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    grad_accum: int = 1
+    seed: int = 0
+    z_loss: float = 0.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    workdir: str = "runs/default"
+    fresh: bool = False  # delete an existing workdir's checkpoints instead of resuming
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    sequence: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    coordinator_address: str = ""  # host:port; empty: from the environment, if any
+    num_processes: int = 0
+    process_id: int = -1
+    heartbeat_timeout_s: int = 60
+
+
+@dataclass
+class Config:
+    name: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# Keys that describe the model's shape: a workdir's checkpoint only fits a run
+# whose values agree on all of them.
+SHAPE_KEYS = ("model", "data.tokenizer")
+
+
+def preset_names() -> list[str]:
+    root = importlib.resources.files("efflm.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not os.path.isfile(name_or_path):
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        text = open(name_or_path, encoding="utf-8").read()
+        default_name = os.path.splitext(os.path.basename(name_or_path))[0]
+    else:
+        resource = importlib.resources.files("efflm.configs") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            names = preset_names()
+            close = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown config preset {name_or_path!r}{hint}; presets: {', '.join(names)}"
+            )
+        text = resource.read_text(encoding="utf-8")
+        default_name = name_or_path
+    if name_or_path in seen:
+        raise ConfigError(f"config presets extend each other in a loop: {' -> '.join(seen)}")
+    try:
+        raw = OmegaConf.create(text)
+    except Exception as e:  # yaml errors
+        raise ConfigError(f"config {name_or_path!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config {name_or_path!r} must be a mapping of keys to values")
+    base = raw.pop("extends", None)
+    if "name" not in raw:
+        raw.name = default_name
+    if base:
+        raw = OmegaConf.merge(_read_preset(str(base), seen + (name_or_path,)), raw)
+    return raw
+
+
+def _section_keys(schema: DictConfig, dotted: str) -> list[str]:
+    node: Any = schema
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        keys = _section_keys(schema, key)
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"unknown config key {key!r} in {origin}{hint}; valid keys here: "
+                           f"{', '.join(keys)}")
+    return ConfigError(f"bad value for {key!r} in {origin}: {msg}")
+
+
+def _parse_override(item: str, schema: DictConfig) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.steps=200")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse override {item!r}: {e}") from None
+    # A list field accepts a bare value or a comma-separated string.
+    try:
+        target = OmegaConf.select(schema, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        target = None
+    if isinstance(target, ListConfig):
+        v = OmegaConf.select(parsed, key)
+        if not isinstance(v, ListConfig):
+            items = [] if v in (None, "") else [s for s in str(v).split(",") if s]
+            parsed = OmegaConf.from_dotlist([])
+            OmegaConf.update(parsed, key, items, force_add=True)
+    return parsed
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset plus `key=value` overrides into a validated Config."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    try:
+        cfg = OmegaConf.merge(schema, _read_preset(name_or_path))
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, f"config {name_or_path!r}") from None
+    for item in overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, _parse_override(item, schema))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"override {item!r}") from None
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    from efflm.data import get_tokenizer
+
+    obj.model.vocab_size = vocab_size(obj.model, get_tokenizer(obj.data.tokenizer).vocab_size)
+    return obj
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from its `to_dict` form (a workdir's config.yaml)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, "saved config") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(key: str, value: str, choices) -> None:
+    choices = sorted(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not a valid choice{hint}; choose one of: "
+                          f"{', '.join(choices)}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and registry choices; raise ConfigError naming the key."""
+    from efflm.data import TOKENIZERS, SOURCES
+    from efflm.layers import ATTENTION, DEPTH, MLP
+
+    m, a = cfg.model, cfg.model.attention
+    _choice("model.attention.kind", a.kind, ATTENTION)
+    _choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
+    _choice("model.mlp.kind", m.mlp.kind, MLP)
+    _choice("model.depth.kind", m.depth.kind, DEPTH)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("data.source", cfg.data.source, SOURCES)
+    _choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
+    _choice("optimizer.name", cfg.optimizer.name, ("adamw",))
+    _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "linear", "constant"))
+    for key, value in [
+        ("model.d_model", m.d_model), ("model.num_layers", m.num_layers),
+        ("model.max_seq_len", m.max_seq_len), ("model.vocab_multiple", m.vocab_multiple),
+        ("model.attention.num_heads", a.num_heads), ("model.mlp.d_ff", m.mlp.d_ff),
+        ("data.seq_len", cfg.data.seq_len), ("train.steps", cfg.train.steps),
+        ("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
+        ("train.eval_batches", cfg.train.eval_batches), ("logging.every", cfg.logging.every),
+        ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.attention.num_kv_heads", a.num_kv_heads),
+        ("model.attention.head_dim", a.head_dim), ("optimizer.warmup_steps",
+                                                   cfg.optimizer.warmup_steps),
+        ("optimizer.weight_decay", cfg.optimizer.weight_decay),
+        ("optimizer.clip_norm", cfg.optimizer.clip_norm), ("train.z_loss", cfg.train.z_loss),
+        ("train.eval_every", cfg.train.eval_every), ("checkpoint.every", cfg.checkpoint.every),
+    ]:
+        _positive(key, value, allow_zero=True)
+    if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got "
+                          f"{cfg.optimizer.min_lr_ratio}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if a.head_dim == 0 and m.d_model % a.num_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
+                          f"model.attention.num_heads={a.num_heads}; set "
+                          "model.attention.head_dim explicitly or change one of them")
+    kv = a.num_kv_heads or a.num_heads
+    if a.num_heads % kv:
+        raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "
+                          f"model.attention.num_kv_heads={kv}")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is larger than the model supports "
+                          f"(model.max_seq_len={m.max_seq_len}); lower data.seq_len or raise "
+                          "model.max_seq_len")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"train.grad_accum={cfg.train.grad_accum}")
+    sizes = {k: getattr(cfg.mesh, k) for k in ("data", "fsdp", "tensor", "expert", "sequence")}
+    for k, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{k} must be a positive size or -1 (take the remaining "
+                              f"devices), got {v}")
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError("at most one mesh axis may be -1; got -1 for "
+                          + ", ".join(f"mesh.{k}" for k, v in sizes.items() if v == -1))
+    if cfg.data.source == "files" and not cfg.data.paths:
+        raise ConfigError("data.source=files needs data.paths, e.g. "
+                          "data.paths=[corpus/a.txt,corpus/b.jsonl]")
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.attention.head_dim or cfg.d_model // cfg.attention.num_heads
+
+
+def num_kv_heads(cfg: ModelConfig) -> int:
+    return cfg.attention.num_kv_heads or cfg.attention.num_heads
+
+
+def vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
+    if cfg.vocab_size:
+        if cfg.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the "
+                              f"tokenizer's vocabulary ({tokenizer_vocab})")
+        return cfg.vocab_size
+    k = cfg.vocab_multiple
+    return -(-tokenizer_vocab // k) * k

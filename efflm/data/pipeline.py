@@ -1,0 +1,172 @@
+"""The grain pipeline: documents -> tokens -> next-token examples -> packed rows -> batches.
+
+A document becomes [bos] + tokens + [eos], cut into chunks of seq_len + 1 tokens that
+overlap by one; a chunk gives inputs = chunk[:-1], targets = chunk[1:]. Examples are
+packed first-fit into rows of seq_len with segment ids (1, 2, ... per example, 0 for
+padding) and positions (0, 1, ... within each example), so attention and the loss
+(mask: segment_ids > 0) never cross examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import grain
+import numpy as np
+
+from efflm.data.sources import make_source
+from efflm.errors import DataError
+
+# Documents are read and tokenized in the calling thread: on local files, reader threads
+# measured no faster (the packer dominates). Threads would keep the state exact too.
+READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+# Training examples are shuffled in windows of about this many tokens before packing, so
+# that a batch mixes many documents rather than consecutive chunks of one file.
+SHUFFLE_WINDOW_TOKENS = 2**20
+KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def encode_document(tokenizer, text: str) -> np.ndarray:
+    """[bos] + tokens + [eos] as int32."""
+    ids = tokenizer.encode(text)
+    return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
+
+
+class ChunkDocument(grain.experimental.FlatMapTransform):
+    """Cuts a tokenized document into examples of at most seq_len next-token pairs."""
+
+    max_fan_out = 2**31  # not used by the iterator version of flat map
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def flat_map(self, tokens: np.ndarray) -> list[dict]:
+        out = []
+        for start in range(0, len(tokens) - 1, self.seq_len):
+            chunk = tokens[start:start + self.seq_len + 1]
+            out.append({"inputs": chunk[:-1], "targets": chunk[1:]})
+        return out
+
+
+def _to_row(packed: dict) -> dict:
+    return {"inputs": packed["inputs"], "targets": packed["targets"],
+            "segment_ids": packed["inputs_segment_ids"],
+            "positions": packed["inputs_positions"]}
+
+
+def examples(docs: grain.MapDataset, tokenizer, seq_len: int) -> grain.IterDataset:
+    """Next-token examples {"inputs", "targets"} (int32, length <= seq_len) from texts."""
+    ds = docs.map(functools.partial(encode_document, tokenizer))
+    return grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(READ_OPTIONS),
+                                                 ChunkDocument(seq_len))
+
+
+def pack(ds: grain.IterDataset, tokenizer, seq_len: int, num_bins: int) -> grain.IterDataset:
+    """Rows of int32 [seq_len]: examples packed first-fit into `num_bins` rows at a time."""
+    pad = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=num_bins,
+        shuffle_bins=False, padding_struct=pad)
+    return ds.map(_to_row)
+
+
+def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
+    if global_batch <= 0:
+        raise DataError(f"the global batch must be positive, got {global_batch}")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} must be in [0, {process_count})")
+    if global_batch % process_count:
+        raise DataError(f"the global batch size {global_batch} (train.batch_size) is not "
+                        f"divisible by the number of processes ({process_count}); use a "
+                        f"multiple of {process_count}")
+    return global_batch // process_count
+
+
+def _derive_seed(seed: int, stream: int) -> int:
+    """A seed in [0, 2**31) for one random stream of the pipeline."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0] >> 1)
+
+
+class DataIterator:
+    """Batches from a grain iterator, with a JSON-serialisable, checked state."""
+
+    def __init__(self, dataset: grain.IterDataset, spec: dict):
+        self._iterator = iter(dataset)
+        self.spec = spec
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        state = json.loads(json.dumps(self._iterator.get_state()))
+        return {"spec": dict(self.spec), "grain": state}
+
+    def set_state(self, state: dict) -> None:
+        spec = state.get("spec", {})
+        diff = [f"{k}: saved {spec.get(k)!r}, now {v!r}" for k, v in self.spec.items()
+                if spec.get(k) != v]
+        if diff:
+            raise DataError("the saved data iterator state does not fit this pipeline ("
+                            + "; ".join(diff) + "); resume with the same data settings, "
+                            "batch size, seed and process count")
+        self._iterator.set_state(state["grain"])
+
+
+def make_train_iterator(cfg, tokenizer, *, global_batch: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> DataIterator:
+    """Endless, checkpointable batches of packed training rows for this process.
+
+    Documents are shuffled with `seed` (a new order each epoch) and dealt round-robin
+    to processes, so processes read disjoint documents; their examples are shuffled in
+    windows of about SHUFFLE_WINDOW_TOKENS tokens before packing.
+    """
+    local = _local_batch(global_batch, process_index, process_count)
+    source = make_source(cfg, "train")
+    docs = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, 0)).repeat()
+    docs = docs[process_index::process_count]
+    ds = examples(docs, tokenizer, cfg.seq_len)
+    # At most one epoch's worth of examples (each document gives at least one), so that
+    # a small corpus does not mix many epochs in one window.
+    window = max(1, min(SHUFFLE_WINDOW_TOKENS // cfg.seq_len, len(source) // process_count))
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window,
+                                                     seed=_derive_seed(seed, 1))
+    rows = pack(ds, tokenizer, cfg.seq_len, local)
+    spec = {"split": "train", "source": cfg.source, "seq_len": cfg.seq_len,
+            "global_batch": global_batch, "seed": seed, "process_index": process_index,
+            "process_count": process_count}
+    return DataIterator(rows.batch(local, drop_remainder=True), spec)
+
+
+def _pad_and_shard(batch: dict, *, global_batch: int, pad_id: int, start: int,
+                   stop: int) -> dict:
+    """Pads a short last batch with all-padding rows, then takes rows [start, stop)."""
+    missing = global_batch - len(batch["inputs"])
+    out = {}
+    for key in KEYS:
+        fill = pad_id if key in ("inputs", "targets") else 0
+        rows = np.pad(batch[key], ((0, missing), (0, 0)), constant_values=fill)
+        out[key] = rows[start:stop]
+    return out
+
+
+def make_eval_iterator(cfg, tokenizer, *, global_batch: int, process_index: int = 0,
+                       process_count: int = 1) -> DataIterator:
+    """One pass over the validation documents in order, as full-shape batches.
+
+    Every process packs the same global batches and keeps its own rows, so all
+    processes see the same number of batches; the last is padded with empty rows.
+    """
+    local = _local_batch(global_batch, process_index, process_count)
+    docs = grain.MapDataset.source(make_source(cfg, "val"))
+    rows = pack(examples(docs, tokenizer, cfg.seq_len), tokenizer, cfg.seq_len, global_batch)
+    shard = functools.partial(_pad_and_shard, global_batch=global_batch,
+                              pad_id=tokenizer.pad_id, start=process_index * local,
+                              stop=(process_index + 1) * local)
+    spec = {"split": "val", "source": cfg.source, "seq_len": cfg.seq_len,
+            "global_batch": global_batch, "process_index": process_index,
+            "process_count": process_count}
+    return DataIterator(rows.batch(global_batch).map(shard), spec)

@@ -1,0 +1,32 @@
+"""Tokenizers: text <-> int32 token ids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, plus pad, bos and eos specials above them."""
+
+    name = "byte"
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> np.ndarray:
+        """The UTF-8 bytes of `text` as int32 ids, without specials."""
+        data = text.encode("utf-8", errors="replace")
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        """Text of the byte ids in `ids`; specials and other ids >= 256 are dropped."""
+        ids = np.asarray(ids).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < 256)]
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """How many bytes of text each id stands for (for bits per byte)."""
+        lengths = np.zeros(self.vocab_size, np.int32)
+        lengths[:256] = 1
+        return lengths

@@ -1,0 +1,82 @@
+"""Model FLOPs (analytic) and accelerator peaks, for MFU.
+
+Model FLOPs follow the PaLM convention ("PaLM: Scaling Language Modeling with
+Pathways", appendix B): matmul FLOPs only, 2 per multiply-add, a training step
+costs 3x the forward pass (backward = 2x forward), attention scores count the
+full length x length product, and rematerialisation is not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig, head_dim, num_kv_heads
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    d, hd = cfg.d_model, head_dim(cfg)
+    heads, kv = cfg.attention.num_heads, num_kv_heads(cfg)
+    attn_proj = 2 * d * hd * (2 * heads + 2 * kv)  # q, out; k, v
+    attn_mix = 2 * 2 * seq_len * heads * hd  # scores and weighted values
+    mlp = MLP_FLOPS[cfg.mlp.kind](cfg)
+    head = 2 * d * cfg.vocab_size
+    return cfg.num_layers * (attn_proj + attn_mix + mlp) + head
+
+
+MLP_FLOPS = {"swiglu": lambda cfg: 2 * 3 * cfg.d_model * cfg.mlp.d_ff}
+
+
+def train_flops_per_step(cfg: ModelConfig, seq_len: int, batch_size: int) -> float:
+    return 3.0 * forward_flops_per_token(cfg, seq_len) * seq_len * batch_size
+
+
+# Dense peak FLOP/s per chip by compute dtype (vendor datasheets, no sparsity).
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` square matmuls on the default device."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure came from)."""
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peaks in PEAK_FLOPS.items():
+        if name.lower() in kind.lower() and dtype in peaks:
+            return peaks[dtype], f"datasheet {name}"
+    return measured_matmul_peak(dtype), f"measured {dtype} matmul on {kind or device.platform}"
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """Peak of all devices in the run.
+
+    CPU host devices (`--xla_force_host_platform_device_count`) share one machine's
+    cores, so on CPU the measured peak is the whole machine's, not one device's.
+    """
+    per_device, source = peak_flops_per_device(dtype)
+    if jax.default_backend() == "cpu":
+        return per_device, source
+    return per_device * jax.device_count(), source

@@ -1,0 +1,94 @@
+"""Token mixers built on softmax attention. Registered in `efflm.layers.ATTENTION`.
+
+Every mixer takes `(x, positions, segment_ids, mask)`: `x` (batch, length, d_model),
+`positions` and `segment_ids` (batch, length) int32 (segment 0 is padding), and
+`mask` (batch or 1, 1, length, length) bool from `attention_mask`, computed once per
+forward pass by the model and shared by all layers.
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig, head_dim, num_kv_heads
+from efflm.errors import ConfigError
+from efflm.layers.common import Dense
+from efflm.layers.rotary import apply_rotary
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(segment_ids, length: int):
+    """Causal mask that also keeps attention inside each packed segment."""
+    idx = jnp.arange(length)
+    causal = idx[:, None] >= idx[None, :]
+    if segment_ids is None:
+        return causal[None, None]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal[None])[:, None]
+
+
+def dot_product_attention(q, k, v, mask):
+    """Plain softmax attention with grouped-query heads, softmax in float32.
+
+    q: (batch, length, heads, dim); k, v: (batch, kv_length, kv_heads, dim);
+    mask: bool, broadcastable to (batch, 1, length, kv_length). K/V heads are
+    shared by `heads // kv_heads` query heads without being repeated in memory.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+_warned_impl = set()
+
+
+def resolve_impl(impl: str, available: tuple[str, ...], what: str) -> str:
+    """Map `auto | xla | pallas` to an implementation this build and device provide."""
+    if impl == "auto":
+        if "pallas" in available and jax.default_backend() == "gpu":
+            return "pallas"
+        return "xla"
+    if impl not in available:
+        raise ConfigError(f"{what} has no {impl!r} implementation yet; available: "
+                          f"{', '.join(available)} (or auto)")
+    if impl == "pallas" and jax.default_backend() != "gpu" and what not in _warned_impl:
+        _warned_impl.add(what)
+        warnings.warn(f"{what}: impl=pallas on {jax.default_backend()} runs in interpret mode",
+                      stacklevel=2)
+    return impl
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal multi-head attention with rotary positions and grouped-query K/V heads."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        cfg = self.cfg
+        heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
+        resolve_impl(cfg.attention.impl, ("xla",), "softmax attention")
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
+        q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
+        v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        theta = cfg.attention.rope_theta
+        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        out = dot_product_attention(q, k, v, mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
+                     name="out")(out)

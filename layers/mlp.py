@@ -1,0 +1,24 @@
+"""Feed-forward blocks. Registered in `efflm.layers.MLP` by `model.mlp.kind`."""
+
+import flax.linen as nn
+import jax
+
+from efflm.config import ModelConfig
+from efflm.layers.common import Dense
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        d_ff = cfg.mlp.d_ff
+        gate = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="gate", **kw)(x)
+        up = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="up", **kw)(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        return Dense((cfg.d_model,), ("mlp", "embed"), std=out_std, name="out", **kw)(h)

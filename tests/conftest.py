@@ -1,0 +1,38 @@
+import os
+
+# Eight host devices for the sharding tests; must be set before JAX is imported.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from efflm.config import load_config  # noqa: E402
+
+# Small shapes that keep each compiled step well under a second on 2 cores.
+SMALL = [
+    "model.d_model=64", "model.num_layers=2", "model.attention.num_heads=4",
+    "model.mlp.d_ff=128", "model.max_seq_len=64", "data.seq_len=32", "train.batch_size=8",
+    "train.eval_batches=2", "logging.progress=false", "logging.tensorboard=false",
+    "checkpoint.async_save=false",
+]
+
+
+@pytest.fixture
+def small_config():
+    """A factory: the tiny preset at test shapes, plus overrides."""
+
+    def make(*overrides, preset="tiny"):
+        return load_config(preset, [*SMALL, *overrides])
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get(
+        "JAX_PLATFORMS") != "cpu" else False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)

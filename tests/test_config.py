@@ -1,0 +1,72 @@
+import pytest
+
+from efflm.cli import main
+from efflm.config import load_config, preset_names
+from efflm.errors import ConfigError
+
+
+def test_presets_load_and_extend():
+    assert {"tiny", "small"} <= set(preset_names())
+    tiny = load_config("tiny")
+    assert (tiny.model.d_model, tiny.model.num_layers, tiny.model.attention.num_heads,
+            tiny.model.mlp.d_ff, tiny.data.seq_len, tiny.train.batch_size) == (
+        256, 4, 4, 1024, 256, 16)
+    assert tiny.model.vocab_size == 264  # 256 bytes + 3 specials, rounded up to 8
+    small = load_config("small")
+    assert small.model.d_model == 768 and small.name == "small"
+    assert small.data.source == tiny.data.source  # inherited through `extends`
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["model.attention.kind=softmax", "train.steps=7",
+                               "optimizer.lr=3e-4", "model.tie_embeddings=false",
+                               "data.val_paths=a.txt,b.txt"])
+    assert cfg.train.steps == 7 and cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.model.tie_embeddings is False
+    assert cfg.data.val_paths == ["a.txt", "b.txt"]
+    cfg = load_config("tiny", ["data.paths=[x.txt,y.jsonl]", "data.source=files"])
+    assert cfg.data.paths == ["x.txt", "y.jsonl"]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.d_modle=3", ["unknown config key", "model.d_modle", "d_model"]),
+    ("train.stepz=3", ["unknown config key", "did you mean 'steps'"]),
+    ("train.steps=abc", ["train.steps", "abc"]),
+    ("model.attention.kind=softmaxx", ["softmaxx", "choose one of", "softmax"]),
+    ("model.mlp.kind=moe", ["model.mlp.kind", "swiglu"]),
+    ("data.seq_len=4096", ["larger than the model supports", "max_seq_len"]),
+    ("train.batch_size=0", ["train.batch_size", "> 0"]),
+    ("mesh.data=-1", []),
+    ("steps", ["key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    if not words:
+        load_config("tiny", [override])  # valid: -1 is allowed once
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_two_flexible_mesh_axes_rejected():
+    with pytest.raises(ConfigError, match="at most one mesh axis"):
+        load_config("tiny", ["mesh.data=-1", "mesh.fsdp=-1"])
+
+
+def test_misspelled_preset():
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_config("tinny")
+
+
+def test_config_show_cli(capsys):
+    assert main(["config", "show", "--config", "tiny", "model.d_model=128"]) == 0
+    out = capsys.readouterr().out
+    assert "d_model: 128" in out and "kind: softmax" in out
+
+
+def test_cli_errors_exit_2(capsys):
+    assert main(["config", "show", "--config", "tiny", "model.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("efflm: error:") and "model.nope" in err
+    assert err.count("\n") == 1

@@ -1,0 +1,1 @@
+"""Training: the step, the loop, optimizers, losses, checkpoints and metrics."""

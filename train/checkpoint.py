@@ -1,0 +1,123 @@
+"""Orbax checkpoints of the train state and the data iterator."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from efflm.config import CheckpointConfig
+from efflm.errors import CheckpointError
+
+log = logging.getLogger("efflm")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Saves each process's data iterator position as `process_I-of-N.json`.
+
+    Every process writes its own file, since each reads its own shard of the data.
+    The iterator needs `get_state() -> dict` and `set_state(dict)`.
+    """
+
+    @staticmethod
+    def _file(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: DataStateSave):
+        self._file(directory).write_text(json.dumps(args.iterator.get_state()))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore):
+        path = self._file(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing (saved by a different process count?)")
+        args.iterator.set_state(json.loads(path.read_text()))
+        return args.iterator
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+class Checkpointer:
+    """Saves every `cfg.every` steps (async), keeps the last `cfg.keep`, restores the
+    newest checkpoint that can be read, falling back to older ones."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig):
+        self.directory = os.path.abspath(directory)
+        self.cfg = cfg
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+        if not force and (self.cfg.every == 0 or step % self.cfg.every):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=DataStateSave(data_iterator))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, data_iterator):
+        """(state, step) from the newest readable checkpoint, or None if there is none.
+
+        `data_iterator` (or None to skip it) is set to its saved position in place.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                items = {"state": ocp.args.StandardRestore(abstract_state)}
+                if data_iterator is not None:
+                    items["data"] = DataStateRestore(data_iterator)
+                args = ocp.args.Composite(**items)
+                restored = self.manager.restore(step, args=args)
+            except Exception as e:  # corrupt or incompatible: report, try an older one
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e)
+                log.warning("checkpoint at step %d in %s could not be read (%s); trying an "
+                            "earlier one", step, self.directory, first)
+                continue
+            return restored.state, step
+        if steps:
+            raise CheckpointError(
+                f"none of the checkpoints in {self.directory} (steps {steps}) could be read; "
+                "move the directory away or pass train.fresh=true to start over")
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)

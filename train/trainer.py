@@ -1,0 +1,224 @@
+"""The training loop: data -> step -> metrics -> checkpoints, resumable."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import yaml
+
+from efflm import distributed
+from efflm import mesh as mesh_lib
+from efflm.config import SHAPE_KEYS, Config, config_from_dict, to_dict, to_yaml
+from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
+from efflm.errors import CheckpointError, ConfigError, EfflmError
+from efflm.flops import peak_flops, train_flops_per_step
+from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
+from efflm.train.metrics import MetricsWriter, truncate_jsonl
+from efflm.train.step import Program, build_program, count_params
+
+log = logging.getLogger("efflm")
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def shape_differences(old: Config, new: Config) -> list[str]:
+    """`key: old -> new` for every model-shape setting that differs."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k.startswith(SHAPE_KEYS) and a.get(k) != b.get(k)]
+
+
+def load_workdir_config(workdir: str) -> Config:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{workdir!r} is not a training workdir (no {CONFIG_FILE}); "
+                              "pass the train.workdir of a run")
+    with open(path, encoding="utf-8") as f:
+        return config_from_dict(yaml.safe_load(f))
+
+
+def prepare_workdir(cfg: Config, writer: bool) -> None:
+    """Refuse to resume into an incompatible checkpoint; write the resolved config."""
+    workdir = cfg.train.workdir
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    has_checkpoints = os.path.isdir(ckpt_dir) and any(
+        name.isdigit() for name in os.listdir(ckpt_dir))
+    if cfg.train.fresh:
+        if writer and os.path.isdir(workdir):
+            for name in (CHECKPOINT_DIR, "tensorboard"):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            for name in ("metrics.jsonl", CONFIG_FILE):
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.remove(os.path.join(workdir, name))
+    elif has_checkpoints and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+        diffs = shape_differences(load_workdir_config(workdir), cfg)
+        if diffs:
+            raise ConfigError(
+                f"{workdir!r} holds checkpoints of a different model ({'; '.join(diffs)}); "
+                "use another train.workdir, or pass train.fresh=true to discard them")
+    if writer:
+        os.makedirs(workdir, exist_ok=True)
+        saved = config_from_dict(to_dict(cfg))
+        saved.train.fresh = False  # running the saved config again resumes
+        tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(to_yaml(saved))
+        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
+    """Validation loss, perplexity and bits per byte over up to `num_batches` batches."""
+    cfg = program.cfg
+    it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    byte_lengths = np.asarray(tokenizer.token_byte_lengths(), np.int32)
+    loss_sum = tokens = num_bytes = 0.0
+    with program.context():
+        for i, local in enumerate(it):
+            if num_batches and i >= num_batches:
+                break
+            local = dict(local)
+            local["target_bytes"] = np.where(local["segment_ids"] > 0,
+                                             byte_lengths[local["targets"]], 0).astype(np.int32)
+            out = program.eval_step(params, mesh_lib.global_batch(local, program.mesh))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+            num_bytes += float(out["bytes"])
+    if tokens == 0:
+        raise EfflmError("the validation split produced no tokens; add data or raise "
+                         "data.val_fraction")
+    loss = loss_sum / tokens
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
+            "eval_tokens": tokens}
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def restore_or_init(program: Program, checkpointer: Checkpointer, data_iterator):
+    """(state, step): the newest readable checkpoint, or a fresh state at step 0."""
+    cfg = program.cfg
+    abstract = jax.eval_shape(program._init, jax.random.key(cfg.train.seed))
+    with program.context():
+        restored = checkpointer.restore(
+            abstract_with_shardings(abstract, program.state_shardings), data_iterator)
+        if restored is not None:
+            return restored
+        return program.init(jax.random.key(cfg.train.seed)), 0
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run described by `cfg`; returns the last metrics row."""
+    distributed.initialize(cfg.distributed)
+    is_writer = jax.process_index() == 0
+    prepare_workdir(cfg, is_writer)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    program = build_program(cfg)
+    data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
+                               seed=cfg.train.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+    checkpointer = Checkpointer(os.path.join(cfg.train.workdir, CHECKPOINT_DIR), cfg.checkpoint)
+    state, start = restore_or_init(program, checkpointer, data)
+    metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
+    if is_writer:
+        truncate_jsonl(metrics_path, start)
+    writer = MetricsWriter(cfg.train.workdir, enabled=is_writer,
+                           tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                           total_steps=cfg.train.steps, start_step=start)
+    n_params = count_params(state.params)
+    flops_per_step = train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.train.batch_size)
+    peak, peak_source = peak_flops(cfg.model.dtype)
+    writer.message(
+        f"efflm: {n_params / 1e6:.2f}M parameters, mesh {dict(program.mesh.shape)}, "
+        f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
+        f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+    row: dict = {}
+    timer_start, timer_steps = None, 0
+    try:
+        with _StopFlag() as stop, program.context():
+            for step in range(start, cfg.train.steps):
+                batch = mesh_lib.global_batch(next(data), program.mesh)
+                state, metrics = program.train_step(state, batch)
+                done = step + 1
+                if timer_start is None:  # the first step compiles: time from its end
+                    jax.block_until_ready(metrics)
+                    timer_start, timer_steps = time.perf_counter(), 0
+                else:
+                    timer_steps += 1
+                is_last = done == cfg.train.steps
+                if done % cfg.logging.every == 0 or is_last or stop.signum:
+                    metrics = jax.device_get(metrics)
+                    row = {"step": done, "loss": metrics["loss"],
+                           "grad_norm": metrics["grad_norm"],
+                           "learning_rate": program.learning_rate(step),
+                           "tokens": metrics["tokens"]}
+                    if metrics["aux_loss"]:
+                        row["aux_loss"] = metrics["aux_loss"]
+                    if timer_steps:
+                        step_time = (time.perf_counter() - timer_start) / timer_steps
+                        row["step_time_s"] = step_time
+                        row["tokens_per_sec"] = (
+                            cfg.train.batch_size * cfg.data.seq_len / step_time)
+                        row["mfu"] = flops_per_step / step_time / peak
+                    if not math.isfinite(row["loss"]):
+                        raise EfflmError(f"loss became {row['loss']} at step {done}; lower "
+                                         "optimizer.lr or raise optimizer.warmup_steps")
+                    writer.write(row)
+                    timer_start, timer_steps = time.perf_counter(), 0
+                if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or is_last):
+                    ev = evaluate(program, state.params, tokenizer, cfg.train.eval_batches)
+                    row = {"step": done, **ev}
+                    writer.write(row)
+                    writer.message(f"step {done}: eval_loss {ev['eval_loss']:.4f}, "
+                                   f"bits/byte {ev['eval_bits_per_byte']:.4f}")
+                    timer_start, timer_steps = time.perf_counter(), 0
+                checkpointer.save(done, state, data, force=is_last or bool(stop.signum))
+                if stop.signum:
+                    checkpointer.wait()
+                    writer.message(f"stopped by signal {stop.signum} at step {done}; "
+                                   "checkpoint saved, run the same command to resume")
+                    raise SystemExit(128 + stop.signum)
+    finally:
+        checkpointer.close()
+        writer.close()
+    return row
