@@ -196,7 +196,7 @@ def _section_keys(schema: DictConfig, dotted: str) -> list[str]:
 
 def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
-    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         keys = _section_keys(schema, key)
         leaf = key.split(".")[-1]
@@ -290,7 +290,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 def validate(cfg: Config) -> None:
     """Check ranges and registry choices; raise ConfigError naming the key."""
-    from efflm.data import TOKENIZERS, SOURCES
+    from efflm.data import SOURCES, TOKENIZERS
     from efflm.layers import ATTENTION, DEPTH, MLP
 
     m, a = cfg.model, cfg.model.attention

@@ -46,7 +46,7 @@ PEAK_FLOPS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` square matmuls on the default device."""
     a = jnp.ones((n, n), dtype)

@@ -39,13 +39,16 @@ def dot_product_attention(q, k, v, mask):
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
+    # Heads-major layout: each (batch, head) pair is one plain matmul for XLA.
     q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    q = q.transpose(0, 2, 3, 1, 4)  # (b, kv, group, t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, s, d)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 _warned_impl = set()

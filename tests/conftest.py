@@ -10,6 +10,13 @@ import pytest  # noqa: E402
 
 from efflm.config import load_config  # noqa: E402
 
+# Many tests compile the same small programs: share compilations between them (and
+# with the subprocesses they start) through JAX's persistent cache.
+_CACHE = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 # Small shapes that keep each compiled step well under a second on 2 cores.
 SMALL = [
     "model.d_model=64", "model.num_layers=2", "model.attention.num_heads=4",

@@ -46,6 +46,7 @@ SHARDED = ("model.attention.num_kv_heads=2", "model.tie_embeddings=false",
 @pytest.fixture(scope="module")
 def one_device_losses():
     from conftest import SMALL
+
     from efflm.config import load_config
 
     return _losses(load_config("tiny", [*SMALL, *SHARDED]), jax.devices()[:1])[0]

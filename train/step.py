@@ -90,8 +90,8 @@ class Program:
                 lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, mb):
-                g, (l, a, c) = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, carry, (g, l, a, c)), None
+                grads, (loss_sum, aux, count) = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux, count)), None
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()),
                      jnp.zeros(()), jnp.zeros(()))

@@ -1,0 +1,151 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SMALL
+
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.errors import ConfigError
+from efflm.train.trainer import train
+
+# Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
+RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+          "logging.every=1", "train.eval_every=0", "checkpoint.every=3", "checkpoint.keep=3"]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["loss"] for r in rows if "loss" in r], rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train(load_config("tiny", [*RESUME, "train.steps=8", f"train.workdir={workdir}"]))
+    return _losses(workdir)[0]
+
+
+def test_metrics_and_files_of_a_run(tmp_path, uninterrupted):
+    workdir = str(tmp_path)
+    train(load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
+                               "logging.tensorboard=true", f"train.workdir={workdir}"]))
+    _, rows = _losses(workdir)
+    assert [r["step"] for r in rows] == [2, 4, 4]
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "step_time_s"):
+        assert key in rows[1]
+    assert 0 < rows[1]["mfu"] < 1.5 and rows[1]["tokens_per_sec"] > 0
+    assert rows[2]["eval_loss"] > 0 and rows[2]["eval_bits_per_byte"] > 0
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+    assert load_config(os.path.join(workdir, "config.yaml")).train.steps == 4
+    assert len(uninterrupted) == 8 and uninterrupted[-1] < uninterrupted[0]
+
+
+def test_resume_is_bitwise_exact(tmp_path, uninterrupted):
+    workdir = str(tmp_path)
+    cfg = [*RESUME, f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=5"]))
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 5]
+    train(load_config("tiny", [*cfg, "train.steps=8"]))
+    assert _losses(workdir)[0] == uninterrupted
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, caplog):
+    workdir = str(tmp_path)
+    cfg = [*RESUME, f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=5"]))
+    latest = os.path.join(workdir, "checkpoints", "5", "state")
+    for root, _, files in os.walk(latest):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    train(load_config("tiny", [*cfg, "train.steps=8"]))
+    assert "step 5" in caplog.text and "could not be read" in caplog.text
+    assert _losses(workdir)[0] == uninterrupted  # rows 4..5 were redone from step 3
+
+
+def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
+    workdir = str(tmp_path)
+    train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",
+                               f"train.workdir={workdir}"]))
+    before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
+    with pytest.raises(ConfigError, match="model.d_model: 64 -> 32.*train.fresh=true"):
+        train(load_config("tiny", [*SMALL, "model.d_model=32", f"train.workdir={workdir}"]))
+    assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)} == before
+    train(load_config("tiny", [*SMALL, "model.d_model=32", "train.steps=2", "train.fresh=true",
+                               "train.eval_every=0", f"train.workdir={workdir}"]))
+    assert load_config(os.path.join(workdir, "config.yaml")).model.d_model == 32
+
+
+def test_eval_and_generate_cli(tmp_path, capsys):
+    workdir = str(tmp_path)
+    train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",
+                               f"train.workdir={workdir}"]))
+    capsys.readouterr()
+    assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 2 and result["eval_bits_per_byte"] > 0
+    assert result["eval_perplexity"] == pytest.approx(2.718281828 ** result["eval_loss"])
+    assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
+                 "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["eval", "--workdir", str(tmp_path / "nope")]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.d_modle=3"], "unknown config key"),
+    (["train.steps=ten"], "train.steps"),
+    (["mesh.data=3"], "mesh sizes"),
+    (["train.batch_size=12"], "not divisible by the 8 data shards"),
+    (["data.source=files", "data.paths=/does/not/exist.txt"], "does not exist"),
+    (["data.seq_len=100"], "larger than the model supports"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
+    assert main(["train", "--config", "tiny", *SMALL, f"train.workdir={tmp_path}/w",
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_empty_data_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", *SMALL, "data.source=files", f"data.paths={tmp_path}/empty.txt",
+                 f"train.workdir={tmp_path}/w"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "efflm.cli", *args]
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = _cli("train", "--config", "tiny", *SMALL, "train.steps=40", "logging.every=1",
+                "train.eval_every=0", "checkpoint.every=0", f"train.workdir={workdir}")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    stopped = int(os.listdir(os.path.join(workdir, "checkpoints"))[0])
+    assert 3 <= stopped < 40 and f"at step {stopped}" in out
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed, _ = _losses(workdir)
+    straight = str(tmp_path / "straight")
+    train(load_config("tiny", [*SMALL, "train.steps=40", "logging.every=1",
+                               "train.eval_every=0", f"train.workdir={straight}"]))
+    assert resumed == _losses(straight)[0]
