@@ -15,7 +15,8 @@ from efflm.train.trainer import train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
 RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
-          "logging.every=1", "train.eval_every=0", "checkpoint.every=3", "checkpoint.keep=3"]
+          "logging.every=1", "train.eval_every=0", "checkpoint.every=3", "checkpoint.keep=3",
+          "checkpoint.async_save=true"]
 
 
 def _losses(workdir):

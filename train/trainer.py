@@ -56,6 +56,10 @@ def load_workdir_config(workdir: str) -> Config:
 def prepare_workdir(cfg: Config, writer: bool) -> None:
     """Refuse to resume into an incompatible checkpoint; write the resolved config."""
     workdir = cfg.train.workdir
+    if not workdir.strip():
+        raise ConfigError("train.workdir is empty; name a directory, e.g. train.workdir=runs/x")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"train.workdir={workdir!r} exists and is not a directory")
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     has_checkpoints = os.path.isdir(ckpt_dir) and any(
         name.isdigit() for name in os.listdir(ckpt_dir))
