@@ -110,6 +110,10 @@ class Checkpointer:
                 "move the directory away or pass train.fresh=true to start over")
         return None
 
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the one step where they all stop for a SIGTERM."""
+        return self.manager.reached_preemption(step)
+
     def wait(self):
         self.manager.wait_until_finished()
 

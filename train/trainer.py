@@ -115,14 +115,20 @@ def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT so the loop can save a checkpoint and exit cleanly."""
+    """Set by SIGTERM/SIGINT so the loop can save a checkpoint and exit cleanly.
 
-    def __init__(self):
+    With several processes a signal may reach only some of them, or reach them at
+    different steps, so SIGTERM is left to JAX's preemption service, which agrees on
+    one step for all processes (`Checkpointer.reached_preemption`).
+    """
+
+    def __init__(self, signals):
         self.signum = 0
+        self._signals = signals
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self._signals:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -179,7 +185,9 @@ def train(cfg: Config) -> dict:
     row: dict = {}
     timer_start, timer_steps = None, 0
     try:
-        with _StopFlag() as stop, program.context():
+        multi = jax.process_count() > 1
+        signals = (signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT)
+        with _StopFlag(signals) as stop, program.context():
             for step in range(start, cfg.train.steps):
                 batch = mesh_lib.global_batch(next(data), program.mesh)
                 state, metrics = program.train_step(state, batch)
@@ -190,6 +198,8 @@ def train(cfg: Config) -> dict:
                 else:
                     timer_steps += 1
                 is_last = done == cfg.train.steps
+                if multi and checkpointer.reached_preemption(done):
+                    stop.signum = signal.SIGTERM
                 if done % cfg.logging.every == 0 or is_last or stop.signum:
                     metrics = jax.device_get(metrics)
                     row = {"step": done, "loss": metrics["loss"],
