@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="", help="also append the table to this markdown file")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     rows = []
     for name in args.configs.split(","):
         cfg = load_config(name, ["logging.progress=false", *args.overrides])

@@ -28,6 +28,9 @@ class AttentionConfig:
     num_kv_heads: int = 0  # 0: as many as num_heads (grouped-query when fewer)
     head_dim: int = 0  # 0: d_model // num_heads
     rope_theta: float = 10000.0
+    # impl=xla: queries in blocks of this many, each over the keys up to its own block
+    # (skips what causality masks); 0: one full masked softmax.
+    block_size: int = 128
 
 
 @dataclass
@@ -317,7 +320,8 @@ def validate(cfg: Config) -> None:
         _positive(key, value)
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.attention.num_kv_heads", a.num_kv_heads),
-        ("model.attention.head_dim", a.head_dim), ("optimizer.warmup_steps",
+        ("model.attention.head_dim", a.head_dim),
+        ("model.attention.block_size", a.block_size), ("optimizer.warmup_steps",
                                                    cfg.optimizer.warmup_steps),
         ("optimizer.weight_decay", cfg.optimizer.weight_decay),
         ("optimizer.clip_norm", cfg.optimizer.clip_norm), ("train.z_loss", cfg.train.z_loss),

@@ -2,8 +2,10 @@
 
 Model FLOPs follow the PaLM convention ("PaLM: Scaling Language Modeling with
 Pathways", appendix B): matmul FLOPs only, 2 per multiply-add, a training step
-costs 3x the forward pass (backward = 2x forward), attention scores count the
-full length x length product, and rematerialisation is not counted.
+costs 3x the forward pass (backward = 2x forward), rematerialisation is not
+counted. One departure: causal attention counts only the half of the
+length x length scores that causality keeps (as FlashAttention reports), so work
+spent on masked scores never raises MFU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, hd = cfg.d_model, head_dim(cfg)
     heads, kv = cfg.attention.num_heads, num_kv_heads(cfg)
     attn_proj = 2 * d * hd * (2 * heads + 2 * kv)  # q, out; k, v
-    attn_mix = 2 * 2 * seq_len * heads * hd  # scores and weighted values
+    attn_mix = 2 * 2 * (seq_len / 2) * heads * hd  # causal scores and weighted values
     mlp = MLP_FLOPS[cfg.mlp.kind](cfg)
     head = 2 * d * cfg.vocab_size
     return cfg.num_layers * (attn_proj + attn_mix + mlp) + head

@@ -20,13 +20,21 @@ from efflm.layers.rotary import apply_rotary
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(segment_ids, length: int):
-    """Causal mask that also keeps attention inside each packed segment."""
-    idx = jnp.arange(length)
-    causal = idx[:, None] >= idx[None, :]
+def attention_mask(segment_ids, length: int, q_start: int = 0, q_len: int | None = None,
+                   kv_len: int | None = None):
+    """Causal mask that also keeps attention inside each packed segment.
+
+    Shape (batch or 1, 1, q_len, kv_len) for queries q_start .. q_start + q_len and keys
+    0 .. kv_len (default: all `length` positions).
+    """
+    q_len = length if q_len is None else q_len
+    kv_len = length if kv_len is None else kv_len
+    q_idx = jnp.arange(q_start, q_start + q_len)
+    causal = q_idx[:, None] >= jnp.arange(kv_len)[None, :]
     if segment_ids is None:
         return causal[None, None]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    q_seg = segment_ids[:, q_start:q_start + q_len]
+    same = q_seg[:, :, None] == segment_ids[:, None, :kv_len]
     return (same & causal[None])[:, None]
 
 
@@ -49,6 +57,21 @@ def dot_product_attention(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def blocked_causal_attention(q, k, v, segment_ids, block: int):
+    """Causal attention one query block at a time, over the key blocks up to its own.
+
+    Equal to `dot_product_attention` with `attention_mask`, but skips the key blocks
+    that causality masks entirely: about (n + 1) / 2n of the work for n blocks.
+    """
+    t = q.shape[1]
+    outs = []
+    for start in range(0, t, block):
+        stop = min(start + block, t)
+        mask = attention_mask(segment_ids, t, start, stop - start, stop)
+        outs.append(dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
+    return jnp.concatenate(outs, axis=1)
 
 
 _warned_impl = set()
@@ -89,7 +112,11 @@ class SoftmaxAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         theta = cfg.attention.rope_theta
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
-        out = dot_product_attention(q, k, v, mask)
+        block = cfg.attention.block_size
+        if block and q.shape[1] > block:
+            out = blocked_causal_attention(q, k, v, segment_ids, block)
+        else:
+            out = dot_product_attention(q, k, v, mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from efflm.config import ModelConfig
 from efflm.layers import ATTENTION, DEPTH, MLP, RMSNorm, attention_mask
-from efflm.layers.common import param_dtype
+from efflm.layers.common import flat_matmul, param_dtype
 
 
 class Block(nn.Module):
@@ -63,11 +63,8 @@ class LM(nn.Module):
 
     def logits(self, h):
         cfg = self.cfg
-        if cfg.tie_embeddings:
-            w = self.embedding.astype(cfg.dtype)
-            out = jnp.einsum("btd,vd->btv", h, w)
-        else:
-            out = jnp.einsum("btd,dv->btv", h, self.head.astype(cfg.dtype))
+        w = self.embedding.T if cfg.tie_embeddings else self.head
+        out = flat_matmul(h, w.astype(cfg.dtype))
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
     def __call__(self, inputs, positions=None, segment_ids=None):

@@ -70,3 +70,19 @@ def test_cli_errors_exit_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("efflm: error:") and "model.nope" in err
     assert err.count("\n") == 1
+
+
+def test_small_preset_is_gpt2_small_sized():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from efflm.models import LM
+    from efflm.train.step import count_params
+
+    cfg = load_config("small")
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.unbox(jax.eval_shape(LM(cfg.model).init, jax.random.key(0), tokens))
+    # GPT-2 small without its 38M-parameter embedding of a 50K vocabulary has 85M.
+    assert 80e6 < count_params(params) < 90e6
+    assert cfg.model.dtype == "bfloat16" and cfg.model.scan_layers

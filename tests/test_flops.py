@@ -17,6 +17,7 @@ def _xla_flops(fn, *args):
     [],
     ["model.tie_embeddings=false", "model.attention.num_kv_heads=1", "model.mlp.d_ff=96"],
     ["model.attention.head_dim=32", "data.seq_len=64", "train.batch_size=2"],
+    ["data.seq_len=64", "model.attention.block_size=16"],
 ])
 def test_analytic_flops_match_xla_cost_analysis(small_config, overrides):
     cfg = small_config(*overrides)

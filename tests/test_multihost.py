@@ -88,6 +88,15 @@ def _wait(procs, logdir, timeout=180):
     assert [p.returncode for p in procs] == [0, 0], _logs(logdir)
 
 
+def _wait_for_first_row(procs, workdir, logdir, timeout=180):
+    """Block until training has logged a step (so every process is past start-up)."""
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), _logs(logdir)
+        time.sleep(0.2)
+
+
 def _rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -163,12 +172,7 @@ def test_a_killed_peer_stops_the_survivor(tmp_path, victim):
                         "checkpoint.every=0")
     survivor = procs[1 - victim]
     try:
-        metrics = os.path.join(workdir, "metrics.jsonl")
-        deadline = time.time() + 180
-        while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                _logs(logdir)
-            time.sleep(0.2)
+        _wait_for_first_row(procs, workdir, logdir)
         os.kill(procs[victim].pid, signal.SIGKILL)
         killed = time.time()
         try:
@@ -189,12 +193,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     procs = _start_pair(workdir, logdir, "train.steps=100000", "train.eval_every=0",
                         "checkpoint.every=0")
     try:
-        metrics = os.path.join(workdir, "metrics.jsonl")
-        deadline = time.time() + 180
-        while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                _logs(logdir)
-            time.sleep(0.2)
+        _wait_for_first_row(procs, workdir, logdir)
         os.kill(procs[1].pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=90)
