@@ -119,7 +119,8 @@ class _StopFlag:
 
     With several processes a signal may reach only some of them, or reach them at
     different steps, so SIGTERM is left to JAX's preemption service, which agrees on
-    one step for all processes (`Checkpointer.reached_preemption`).
+    one step for all processes (`Checkpointer.reached_preemption`), and SIGINT keeps
+    its default (the process exits; the others follow on the missed heartbeats).
     """
 
     def __init__(self, signals):
@@ -186,7 +187,8 @@ def train(cfg: Config) -> dict:
     timer_start, timer_steps = None, 0
     try:
         multi = jax.process_count() > 1
-        signals = (signal.SIGINT,) if multi else (signal.SIGTERM, signal.SIGINT)
+        # One process stopping alone would leave the others waiting in a collective.
+        signals = () if multi else (signal.SIGTERM, signal.SIGINT)
         with _StopFlag(signals) as stop, program.context():
             for step in range(start, cfg.train.steps):
                 batch = mesh_lib.global_batch(next(data), program.mesh)
