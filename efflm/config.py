@@ -197,8 +197,9 @@ def _section_keys(schema: DictConfig, dotted: str) -> list[str]:
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
-    key = getattr(e, "full_key", None) or ""
+def _explain(e: OmegaConfBaseException, schema: DictConfig, origin: str,
+             key: str = "") -> ConfigError:
+    key = getattr(e, "full_key", None) or key
     msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         keys = _section_keys(schema, key)
@@ -247,7 +248,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         try:
             cfg = OmegaConf.merge(cfg, _parse_override(item, schema))
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override {item!r}") from None
+            raise _explain(e, schema, f"override {item!r}", item.split("=", 1)[0]) from None
     obj = OmegaConf.to_object(cfg)
     validate(obj)
     from efflm.data import get_tokenizer
