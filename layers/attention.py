@@ -93,6 +93,29 @@ def resolve_impl(impl: str, available: tuple[str, ...], what: str) -> str:
     return impl
 
 
+def _softmax_impl(impl: str, head_dim: int, dtype) -> str:
+    """`resolve_impl` for softmax attention, falling back to XLA where the kernel can't go.
+
+    Under `auto` an unsupported head_dim or dtype falls back to XLA with a one-time
+    warning; under `impl=pallas` it is a ConfigError.
+    """
+    chosen = resolve_impl(impl, ("xla", "pallas"), "softmax attention")
+    if chosen != "pallas":
+        return chosen
+    from efflm.pallas_kernels.flash_attention import unsupported_reason
+    reason = unsupported_reason(head_dim, dtype)
+    if reason is None:
+        return chosen
+    if impl == "pallas":
+        raise ConfigError(f"model.attention.impl=pallas: {reason}; set "
+                          "model.attention.impl=xla (or auto), or change "
+                          "model.attention.head_dim / model.dtype")
+    if ("softmax attention fallback", reason) not in _warned_impl:
+        _warned_impl.add(("softmax attention fallback", reason))
+        warnings.warn(f"softmax attention: {reason}; using impl=xla", stacklevel=3)
+    return "xla"
+
+
 class SoftmaxAttention(nn.Module):
     """Causal multi-head attention with rotary positions and grouped-query K/V heads."""
 
@@ -102,7 +125,7 @@ class SoftmaxAttention(nn.Module):
     def __call__(self, x, positions, segment_ids, mask):
         cfg = self.cfg
         heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
-        resolve_impl(cfg.attention.impl, ("xla",), "softmax attention")
+        impl = _softmax_impl(cfg.attention.impl, dim, cfg.dtype)
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
         q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
         k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
@@ -113,7 +136,10 @@ class SoftmaxAttention(nn.Module):
         theta = cfg.attention.rope_theta
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
         block = cfg.attention.block_size
-        if block and q.shape[1] > block:
+        if impl == "pallas":
+            from efflm.pallas_kernels.flash_attention import flash_attention
+            out = flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
+        elif block and q.shape[1] > block:
             out = blocked_causal_attention(q, k, v, segment_ids, block)
         else:
             out = dot_product_attention(q, k, v, mask)

@@ -1,0 +1,470 @@
+"""Flash attention in Pallas (Triton lowering), forward and backward, beside its reference.
+
+Implements "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning": each program owns one block of queries of one head and walks the key
+blocks with an online softmax (running max and sum in float32), so the (length, length)
+score matrix never exists in memory. The backward pass recomputes the probabilities
+from the saved log-sum-exp: one kernel per key block accumulates dK and dV over query
+blocks (summing over the query heads that share a K/V head), one per query block
+accumulates dQ over key blocks.
+
+Masks: causal (query i sees keys <= i), a sliding window (`window` > 0: keys
+i - window + 1 .. i), and packed-sequence segment ids. Key blocks that a mask hides
+entirely are skipped by the loop bounds, not visited and masked.
+
+`reference_attention` is the obviously-correct version: one full masked softmax in
+float32. Tests compare the two on values and gradients.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from efflm.layers.attention import dot_product_attention
+
+# Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
+_TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _full_mask(segment_ids, q_len: int, kv_len: int, causal: bool, window: int,
+               kv_segment_ids=None):
+    """Boolean mask (batch or 1, 1, q_len, kv_len) for queries and keys both from 0."""
+    q_idx = jnp.arange(q_len)[:, None]
+    k_idx = jnp.arange(kv_len)[None, :]
+    allowed = jnp.ones((q_len, kv_len), bool)
+    if causal:
+        allowed = q_idx >= k_idx
+    if window:
+        allowed = allowed & (q_idx - k_idx < window)
+    mask = allowed[None, None]
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+        same = segment_ids[:, :, None] == kv_seg[:, None, :]
+        mask = mask & same[:, None]
+    return mask
+
+
+def reference_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scale=None,
+                        block_q=None, block_k=None, interpret=None, return_lse=False):
+    """Full masked softmax attention in float32: what `flash_attention` must equal.
+
+    Same arguments as `flash_attention` (the block sizes and `interpret` are ignored).
+    Returns the output in q.dtype, and with `return_lse` also the log-sum-exp of the
+    masked, scaled scores, (batch, heads, length) float32.
+    """
+    del block_q, block_k, interpret
+    _check_args(q, k, v, segment_ids, causal, window)
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    mask = _full_mask(segment_ids, t, s, causal, window)
+    qf = q.astype(jnp.float32) * scale * d ** 0.5  # dot_product_attention divides by sqrt(d)
+    out = dot_product_attention(qf, k.astype(jnp.float32), v.astype(jnp.float32), mask)
+    out = out.astype(q.dtype)
+    if not return_lse:
+        return out
+    qg = (q.astype(jnp.float32) * scale).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32))
+    scores = jnp.where(mask[:, :, None], scores, _MASKED)
+    lse = jax.nn.logsumexp(scores, axis=-1).reshape(b, h, t)
+    return out, lse
+
+
+def _check_args(q, k, v, segment_ids, causal, window):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (batch, length, heads, dim) and k, v (batch, kv_length, "
+                         f"kv_heads, dim) of one shape; got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: no window), got {window}")
+    if window and not causal:
+        raise ValueError("a sliding window needs causal=True (query i sees keys "
+                         "i - window + 1 .. i)")
+    if segment_ids is not None:
+        if segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]:
+            raise ValueError(f"segment_ids {segment_ids.shape} must be (batch, length) "
+                             f"= {q.shape[:2]}, with queries and keys of one length")
+
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+MAX_HEAD_DIM = 256
+
+
+def unsupported_reason(head_dim: int, dtype) -> str | None:
+    """Why `flash_attention` does not take this head_dim / dtype, or None if it does.
+
+    head_dim: a multiple of 16 up to 256 (tensor-core tiles; larger tiles do not fit in
+    shared memory); dtype: float32, bfloat16 or float16.
+    """
+    if head_dim % 16 or not 16 <= head_dim <= MAX_HEAD_DIM:
+        return (f"head_dim {head_dim} is not supported by the Pallas flash attention "
+                f"kernel (needs a multiple of 16 between 16 and {MAX_HEAD_DIM})")
+    if jnp.dtype(dtype).name not in SUPPORTED_DTYPES:
+        return (f"dtype {jnp.dtype(dtype).name} is not supported by the Pallas flash "
+                f"attention kernel (needs one of {', '.join(SUPPORTED_DTYPES)})")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about one call that is known at trace time."""
+
+    causal: bool
+    window: int
+    sm_scale: float
+    block_q: int
+    block_k: int
+    q_len: int  # before padding
+    kv_len: int
+    interpret: bool
+
+
+# ---------------------------------------------------------------------------------------
+# Shared pieces of the kernels.
+
+
+def _key_block_range(s: _Static, q_block, num_k_blocks):
+    """Key blocks [lo, hi) that queries q_block*block_q .. + block_q can see."""
+    q_first = q_block * s.block_q
+    hi = num_k_blocks
+    if s.causal:
+        hi = jnp.minimum(lax.div(q_first + s.block_q - 1, s.block_k) + 1, num_k_blocks)
+    lo = 0
+    if s.window:
+        lo = lax.div(jnp.maximum(q_first - s.window + 1, 0), s.block_k)
+    return lo, hi
+
+
+def _query_block_range(s: _Static, k_block, num_q_blocks):
+    """Query blocks [lo, hi) that can see keys k_block*block_k .. + block_k."""
+    k_first = k_block * s.block_k
+    lo = 0
+    if s.causal:
+        lo = lax.div(k_first, s.block_q)
+    hi = num_q_blocks
+    if s.window:
+        last_query = k_first + s.block_k - 1 + s.window - 1
+        hi = jnp.minimum(lax.div(last_query, s.block_q) + 1, num_q_blocks)
+    return lo, hi
+
+
+def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
+    """Scaled, masked scores (block_q, block_k) in float32."""
+    scores = pl.dot(q, k, trans_b=True).astype(jnp.float32) * s.sm_scale
+    q_idx = q_first + jnp.arange(q.shape[0])[:, None]
+    k_idx = k_first + jnp.arange(k.shape[0])[None, :]
+    mask = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if s.causal:
+        mask = both(mask, q_idx >= k_idx)
+    if s.window:
+        mask = both(mask, q_idx - k_idx < s.window)
+    if s.kv_len % s.block_k:  # padded keys exist
+        mask = both(mask, k_idx < s.kv_len)
+    if q_seg is not None:
+        mask = both(mask, q_seg[:, None] == k_seg[None, :])
+    if mask is not None:
+        scores = jnp.where(mask, scores, _MASKED)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
+    # rest: [q segments, k segments], [the two aliased initial outputs], out, lse
+    o_ref, lse_ref = rest[-2:]
+    q_seg_ref, k_seg_ref = rest[:2] if has_segments else (None, None)
+    q_block = pl.program_id(0)
+    num_k_blocks = k_ref.shape[0] // s.block_k
+    q = q_ref[...]
+    q_seg = q_seg_ref[...] if has_segments else None
+    q_first = q_block * s.block_q
+
+    def body(kb, carry):
+        acc, row_max, row_sum = carry
+        k_first = kb * s.block_k
+        keys = pl.ds(k_first, s.block_k)
+        k_seg = k_seg_ref[keys] if has_segments else None
+        scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg)
+        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+        correction = jnp.exp(row_max - new_max)
+        p = jnp.exp(scores - new_max[:, None])
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
+        v = v_ref[keys, :]
+        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return acc, new_max, row_sum
+
+    lo, hi = _key_block_range(s, q_block, num_k_blocks)
+    acc = jnp.zeros(q.shape, jnp.float32)
+    row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
+    row_sum = jnp.zeros((s.block_q,), jnp.float32)
+    acc, row_max, row_sum = lax.fori_loop(lo, hi, body, (acc, row_max, row_sum))
+    o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = row_max + jnp.log(row_sum)
+
+
+def _segment_args(segment_ids):
+    return () if segment_ids is None else (segment_ids, segment_ids)
+
+
+def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
+    """Padded inputs in, (out, lse) out: out like q, lse (batch, heads, length) float32.
+
+    initial_outputs: optional (out, lse) buffers the kernel writes into in place (for
+    tests: filled with NaN, they show every position is written).
+    """
+    b, t, h, d = q.shape
+    kv_len, kv = k.shape[1], k.shape[2]
+    group = h // kv
+    has_segments = segment_ids is not None
+    in_specs = [
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+    ]
+    if has_segments:
+        in_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
+                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    out_specs = [
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
+    ]
+    args = [q, k, v, *_segment_args(segment_ids)]
+    aliases = {}
+    if initial_outputs is not None:
+        aliases = {len(args): 0, len(args) + 1: 1}
+        in_specs += out_specs
+        args += list(initial_outputs)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, s=s, has_segments=has_segments),
+        grid=(t // s.block_q, b, h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        input_output_aliases=aliases,
+        interpret=s.interpret,
+        compiler_params=_TRITON,
+        name="flash_attention_forward",
+    )(*args)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward.
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Static,
+                group: int, has_segments: bool):
+    """One key block of one K/V head: dK, dV summed over its query heads and blocks."""
+    if has_segments:
+        q_seg_ref, k_seg_ref, dk_ref, dv_ref = rest
+    else:
+        (dk_ref, dv_ref), q_seg_ref, k_seg_ref = rest, None, None
+    k_block = pl.program_id(0)
+    num_q_blocks = q_ref.shape[0] // s.block_q
+    k, v = k_ref[...], v_ref[...]
+    k_seg = k_seg_ref[...] if has_segments else None
+    k_first = k_block * s.block_k
+    lo, hi = _query_block_range(s, k_block, num_q_blocks)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for g in range(group):  # the query heads that read this K/V head
+
+        def body(qb, carry, g=g):
+            dk, dv = carry
+            q_first = qb * s.block_q
+            rows = pl.ds(q_first, s.block_q)
+            q = q_ref[rows, g, :]
+            do = do_ref[rows, g, :]
+            q_seg = q_seg_ref[rows] if has_segments else None
+            scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
+            p = jnp.exp(scores - lse_ref[g, rows][:, None])
+            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+            dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+            ds = p * (dp - delta_ref[g, rows][:, None])
+            dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+            return dk, dv
+
+        dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
+    dk_ref[...] = (dk * s.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Static,
+               has_segments: bool):
+    """One query block of one head: dQ accumulated over the key blocks it sees."""
+    if has_segments:
+        q_seg_ref, k_seg_ref, dq_ref = rest
+    else:
+        (dq_ref,), q_seg_ref, k_seg_ref = rest, None, None
+    q_block = pl.program_id(0)
+    num_k_blocks = k_ref.shape[0] // s.block_k
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_seg = q_seg_ref[...] if has_segments else None
+    q_first = q_block * s.block_q
+
+    def body(kb, dq):
+        k_first = kb * s.block_k
+        keys = pl.ds(k_first, s.block_k)
+        k = k_ref[keys, :]
+        k_seg = k_seg_ref[keys] if has_segments else None
+        scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
+        p = jnp.exp(scores - lse[:, None])
+        dp = pl.dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+
+    lo, hi = _key_block_range(s, q_block, num_k_blocks)
+    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
+
+
+def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
+    b, t, h, d = q.shape
+    kv_len, kv = k.shape[1], k.shape[2]
+    group = h // kv
+    has_segments = segment_ids is not None
+    seg = _segment_args(segment_ids)
+
+    # dK, dV: one program per (key block, batch, K/V head), over all its query heads.
+    dkv_specs = [
+        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
+        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
+    ]
+    if has_segments:
+        dkv_specs += [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
+                      pl.BlockSpec((None, s.block_k), lambda j, bi, ki: (bi, j))]
+    kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
+        grid=(kv_len // s.block_k, b, kv),
+        in_specs=dkv_specs,
+        out_specs=[kv_out, kv_out],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=s.interpret,
+        compiler_params=_TRITON,
+        name="flash_attention_dkv",
+    )(q, k, v, do, lse, delta, *seg)
+
+    # dQ: one program per (query block, batch, head), over the key blocks it sees.
+    dq_specs = [
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
+        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
+    ]
+    if has_segments:
+        dq_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
+                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, s=s, has_segments=has_segments),
+        grid=(t // s.block_q, b, h),
+        in_specs=dq_specs,
+        out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=s.interpret,
+        compiler_params=_TRITON,
+        name="flash_attention_dq",
+    )(q, k, v, do, lse, delta, *seg)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, s: _Static):
+    return _forward(q, k, v, segment_ids, s)
+
+
+def _flash_fwd(q, k, v, segment_ids, s: _Static):
+    out, lse = _forward(q, k, v, segment_ids, s)
+    return (out, lse), (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(s: _Static, residuals, cotangents):
+    q, k, v, segment_ids, out, lse = residuals
+    do, dlse = cotangents
+    # delta_i = rowsum(o * do) (FlashAttention-2's D). A cotangent on the lse adds
+    # dlse_i * p_ij to dS_ij, which is the same as subtracting dlse_i from delta_i.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = delta - dlse
+    dq, dk, dv = _backward(q, k, v, segment_ids, do.astype(q.dtype), lse, delta, s)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scale=None,
+                    block_q=64, block_k=64, interpret=None, return_lse=False):
+    """Fused softmax attention with grouped-query K/V heads (FlashAttention-2).
+
+    q: (batch, length, heads, head_dim); k, v: (batch, kv_length, kv_heads, head_dim) with
+    heads a multiple of kv_heads (query head n reads K/V head n // (heads // kv_heads)).
+    causal: query i sees keys j <= i (both counted from 0). window > 0 (with causal):
+    only keys i - window + 1 .. i. segment_ids (batch, length) int: attention stays inside
+    equal ids (needs length == kv_length). sm_scale defaults to head_dim ** -0.5.
+    Lengths need not divide the block sizes (padded here, padded keys masked); a head_dim
+    that is not a power of two is zero-padded to one. interpret=None: interpret mode
+    unless the default backend is GPU. Returns the output in q.dtype and, with
+    return_lse, the log-sum-exp of the scaled, masked scores, (batch, heads, length)
+    float32; both are differentiable.
+    """
+    _check_args(q, k, v, segment_ids, causal, window)
+    t, d = q.shape[1], q.shape[3]
+    args, s = _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k,
+                      interpret)
+    out, lse = _flash(*args, s)
+    out, lse = out[:, :t, :, :d], lse[:, :, :t]
+    return (out, lse) if return_lse else out
+
+
+def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, interpret):
+    """Pad lengths to whole blocks and head_dim to a power of two; fix the statics."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    t, d = q.shape[1], q.shape[3]
+    kv_len = k.shape[1]
+    scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    # Blocks no larger than the (padded) sequence; powers of two for Triton.
+    block_q = min(_next_power_of_2(block_q), max(16, _next_power_of_2(t)))
+    block_k = min(_next_power_of_2(block_k), max(16, _next_power_of_2(kv_len)))
+    t_pad = -(-t // block_q) * block_q
+    kv_pad = -(-kv_len // block_k) * block_k
+    d_pad = max(16, _next_power_of_2(d))
+    if segment_ids is not None:  # then t == kv_len; one padded length serves both
+        t_pad = kv_pad = max(t_pad, kv_pad)
+        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)),
+                              constant_values=-1)
+
+    def pad(x, length):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
+
+    s = _Static(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
+                block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret))
+    return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
