@@ -94,6 +94,11 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     z_loss: float = 0.0
+    # auto | naive | xla | pallas: how the head and cross-entropy are computed.
+    # naive: full logits; xla/pallas: blockwise over the vocabulary, never holding
+    # (tokens x vocab) logits (efflm.pallas_kernels.fused_cross_entropy).
+    # auto: pallas on a single GPU, xla on several GPUs, naive on CPU.
+    loss_impl: str = "auto"
     eval_every: int = 100
     eval_batches: int = 8
     workdir: str = "runs/default"
@@ -307,6 +312,7 @@ def validate(cfg: Config) -> None:
     _choice("model.remat", m.remat, REMAT_POLICIES)
     _choice("data.source", cfg.data.source, SOURCES)
     _choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
+    _choice("train.loss_impl", cfg.train.loss_impl, ("auto", "naive", "xla", "pallas"))
     _choice("optimizer.name", cfg.optimizer.name, ("adamw",))
     _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "linear", "constant"))
     for key, value in [

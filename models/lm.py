@@ -61,10 +61,14 @@ class LM(nn.Module):
         x = self.blocks(x, positions, segment_ids, mask)
         return self.final_norm(x)
 
-    def logits(self, h):
+    def head_weight(self):
+        """The output projection (d_model, vocab) in the compute dtype."""
         cfg = self.cfg
         w = self.embedding.T if cfg.tie_embeddings else self.head
-        out = flat_matmul(h, w.astype(cfg.dtype))
+        return w.astype(cfg.dtype)
+
+    def logits(self, h):
+        out = flat_matmul(h, self.head_weight())
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
     def __call__(self, inputs, positions=None, segment_ids=None):

@@ -17,3 +17,24 @@ def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
     loss_sum = jnp.sum((lse - target_logit) * mask)
     z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss
     return loss_sum, z_sum, jnp.sum(mask)
+
+
+def resolve_loss_impl(loss_impl: str, num_devices: int = 1) -> str:
+    """`train.loss_impl=auto` -> pallas on one GPU, xla on several GPUs, naive on CPU.
+
+    The Pallas kernels are not partitioned over a mesh, so a sharded GPU run takes the
+    blockwise XLA path instead. On CPU the tiny configs' vocabularies are small enough
+    that the full logits cost little (see bench/kernels.py for where that changes).
+    """
+    if loss_impl != "auto":
+        return loss_impl
+    if jax.default_backend() == "gpu":
+        return "pallas" if num_devices == 1 else "xla"
+    return "naive"
+
+
+def linear_cross_entropy_terms(h, w, targets, mask, z_loss: float, impl: str):
+    """`cross_entropy(h @ w, ...)` by the blockwise `impl` ("xla" or "pallas")."""
+    from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, targets, mask, impl=impl, z_loss=z_loss)

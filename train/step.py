@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from efflm import mesh as mesh_lib
 from efflm.config import Config
 from efflm.models import LM
-from efflm.train.loss import cross_entropy
+from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
 from efflm.train.optim import learning_rate_schedule, make_optimizer
 
 
@@ -67,12 +67,24 @@ class Program:
                           rng=jax.random.key_data(state_rng))
 
     def loss_terms(self, params, batch):
-        """(loss_sum, z_sum, aux_loss, num_tokens) for one (micro)batch."""
-        logits, sown = self.model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-            mutable=["losses"])
-        loss_sum, z_sum, count = cross_entropy(
-            logits, batch["targets"], batch["segment_ids"] > 0, self.cfg.train.z_loss)
+        """(loss_sum, z_sum, aux_loss, num_tokens) for one (micro)batch.
+
+        `train.loss_impl` naive computes the full logits; xla and pallas take the final
+        hidden states and the head weight and never hold (tokens x vocab) logits.
+        """
+        impl = resolve_loss_impl(self.cfg.train.loss_impl, self.mesh.size)
+        args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+        mask = batch["segment_ids"] > 0
+        if impl == "naive":
+            logits, sown = self.model.apply({"params": params}, *args, mutable=["losses"])
+            loss_sum, z_sum, count = cross_entropy(
+                logits, batch["targets"], mask, self.cfg.train.z_loss)
+        else:
+            (h, w), sown = self.model.apply(
+                {"params": params}, *args, mutable=["losses"],
+                method=lambda lm, *a: (lm.hidden(*a), lm.head_weight()))
+            loss_sum, z_sum, count = linear_cross_entropy_terms(
+                h, w, batch["targets"], mask, self.cfg.train.z_loss, impl)
         return loss_sum, z_sum, _sum_sown(sown.get("losses", {})), count
 
     def _train_step(self, state: TrainState, batch):

@@ -1,0 +1,177 @@
+"""Blockwise linear cross-entropy (xla scan, Pallas interpreted) against full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efflm import mesh as mesh_lib
+from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
+from efflm.train.loss import cross_entropy
+from efflm.train.step import build_program
+
+
+def _inputs(tokens, d, vocab, dtype, batch=None, seed=0):
+    rng = np.random.default_rng(seed)
+    lead = (batch, tokens) if batch else (tokens,)
+    h = jnp.asarray(rng.standard_normal((*lead, d)), dtype)
+    w = jnp.asarray(rng.standard_normal((d, vocab)) / np.sqrt(d) * 3, dtype)
+    targets = jnp.asarray(rng.integers(0, vocab, lead), jnp.int32)
+    mask = jnp.asarray(rng.random(lead) > 0.25)  # padding scattered through the batch
+    return h, w, targets, mask
+
+
+def _value_and_grads(impl, h, w, targets, mask, z_loss, **blocks):
+    def objective(h, w):
+        if impl == "reference":
+            terms = cross_entropy(h @ w, targets, mask, z_loss)
+        else:
+            terms = linear_cross_entropy(h, w, targets, mask, impl=impl, z_loss=z_loss,
+                                         **blocks)
+        loss_sum, z_sum, _ = terms
+        # Weight the two sums differently so a swapped gradient would show.
+        return loss_sum + 0.5 * z_sum, terms
+
+    return jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(h, w)
+
+
+def _close(got, want, rtol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.max(np.abs(want)) + 1e-30
+    assert np.max(np.abs(got - want)) <= rtol * scale, (np.max(np.abs(got - want)), scale)
+
+
+# (tokens, d, vocab, batch, block_t, block_v, z_loss): token counts and vocabularies that
+# are not multiples of the blocks; one vocabulary smaller than a single block.
+CASES = [
+    (37, 16, 300, None, 16, 128, 0.0),
+    (2 * 21, 32, 257, 2, 32, 64, 1e-2),
+    (24, 8, 50, None, 16, 64, 1e-3),
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}d{c[1]}V{c[2]}z{c[6]}")
+def test_matches_full_logits_float32(impl, case):
+    tokens, d, vocab, batch, block_t, block_v, z_loss = case
+    length = tokens // batch if batch else tokens
+    h, w, targets, mask = _inputs(length, d, vocab, jnp.float32, batch)
+    (want, want_terms), want_grads = _value_and_grads("reference", h, w, targets, mask, z_loss)
+    (got, got_terms), got_grads = _value_and_grads(
+        impl, h, w, targets, mask, z_loss, block_t=block_t, block_v=block_v)
+    for g, r in zip(got_terms, want_terms):
+        _close(g, r, 1e-5)
+    _close(got, want, 1e-5)
+    if z_loss == 0.0:
+        assert float(got_terms[1]) == 0.0
+    for g, r in zip(got_grads, want_grads):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        _close(g, r, 1e-5)
+    assert float(jnp.abs(got_grads[0]).max()) > 0  # the inputs really carry a gradient
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_matches_full_logits_bfloat16(impl):
+    h, w, targets, mask = _inputs(40, 32, 200, jnp.bfloat16, seed=1)
+    (want, _), want_grads = _value_and_grads("reference", h, w, targets, mask, 1e-2)
+    (got, _), got_grads = _value_and_grads(impl, h, w, targets, mask, 1e-2,
+                                           block_t=16, block_v=64)
+    _close(got, want, 2e-2)
+    for g, r in zip(got_grads, want_grads):
+        assert g.dtype == jnp.bfloat16
+        _close(g, r, 5e-2)
+
+
+def test_naive_impl_is_the_reference():
+    h, w, targets, mask = _inputs(20, 8, 30, jnp.float32)
+    got = linear_cross_entropy(h, w, targets, mask, impl="naive", z_loss=1e-3)
+    want = cross_entropy(h @ w, targets, mask, 1e-3)
+    for g, r in zip(got, want):
+        _close(g, r, 1e-6)
+
+
+def test_xla_grad_never_holds_the_logits():
+    tokens, d, vocab, block_v = 2048, 64, 8192, 256
+    h, w, targets, mask = _inputs(tokens, d, vocab, jnp.float32)
+
+    def temp_bytes(impl):
+        def objective(h, w):
+            return linear_cross_entropy(h, w, targets, mask, impl=impl, block_v=block_v,
+                                        z_loss=1e-4)[0]
+
+        fn = jax.jit(jax.grad(objective, argnums=(0, 1)))
+        return fn.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = tokens * vocab * 4
+    fused = temp_bytes("xla")
+    assert fused < logits_bytes / 8, (fused, logits_bytes)
+    assert fused < 4 * tokens * block_v * 4  # a few (tokens x block_v) blocks, no more
+    assert temp_bytes("naive") >= logits_bytes  # the measure itself sees full logits
+
+
+def _run_steps(small_config, loss_impl, steps=3):
+    cfg = small_config(f"train.loss_impl={loss_impl}", "train.z_loss=1e-3",
+                       "model.tie_embeddings=false", "train.steps=10")
+    program = build_program(cfg)
+    rng = np.random.default_rng(0)
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    segment_ids = np.ones((b, t), np.int32)
+    segment_ids[:, t - 5:] = 0  # padding at the end of every row
+    local = {"inputs": rng.integers(0, 256, (b, t), dtype=np.int32),
+             "targets": rng.integers(0, 256, (b, t), dtype=np.int32),
+             "segment_ids": segment_ids,
+             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    losses = []
+    with program.context():
+        state = program.init(jax.random.key(0))
+        batch = mesh_lib.global_batch(local, program.mesh)
+        for _ in range(steps):
+            state, metrics = program.train_step(state, batch)
+            losses.append(float(metrics["loss"]))
+        return losses, jax.device_get(state.params)
+
+
+def test_train_steps_match_naive(small_config):
+    naive_losses, naive_params = _run_steps(small_config, "naive")
+    xla_losses, xla_params = _run_steps(small_config, "xla")
+    np.testing.assert_allclose(xla_losses, naive_losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(xla_params), jax.tree.leaves(naive_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_config_rejects_unknown_loss_impl(small_config):
+    from efflm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.loss_impl"):
+        small_config("train.loss_impl=fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_compiled_on_gpu(dtype):
+    h, w, targets, mask = _inputs(1000, 128, 5000, dtype, seed=2)
+    (want, _), want_grads = _value_and_grads("reference", h.astype(jnp.float32),
+                                             w.astype(jnp.float32), targets, mask, 1e-3)
+    (got, _), got_grads = _value_and_grads("pallas", h, w, targets, mask, 1e-3,
+                                           block_t=64, block_v=128, interpret=False)
+    rtol = 2e-2 if dtype == jnp.bfloat16 else 2e-3  # TF32 dots on GPU
+    _close(got, want, rtol)
+    for g, r in zip(got_grads, want_grads):
+        _close(g, r, 5 * rtol)
+
+
+def test_lowers_to_triton_for_gpu():
+    """No GPU needed: lowering for CUDA checks the forward, dh and dw kernels against
+    Pallas' Triton backend."""
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.standard_normal((512, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((256, 1024)) * 0.05, jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 1024, 512), jnp.int32)
+    mask = jnp.ones(512, bool)
+
+    def loss(h, w):
+        return linear_cross_entropy(h, w, targets, mask, impl="pallas", interpret=False)[0]
+
+    text = jax.jit(jax.grad(loss, (0, 1))).trace(h, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 3
