@@ -1,0 +1,276 @@
+"""Chunked causal linear attention with optional per-head, per-step decay.
+
+    S_t = exp(g_t) * S_{t-1} + k_t^T v_t        (state: (dk, dv), float32)
+    o_t = q_t S_t
+
+g_t = 0 is plain linear attention ("Transformers are RNNs"); a per-head
+per-step log decay g_t <= 0 is the scalar-gate form of GLA / RetNet ("Gated
+Linear Attention Transformers with Hardware-Efficient Training", "Retentive
+Network"). No feature map, normaliser or scale is applied: callers do that.
+
+Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
+  * `linear_attention_recurrent`: a `jax.lax.scan` over tokens (the reference);
+  * `xla`: the chunkwise-parallel form in pure JAX: masked quadratic attention
+    with cumulative log decays inside a chunk, state passing between chunks
+    (a scan over chunks); gradients by autodiff;
+  * `pallas`: one Triton-style Pallas kernel per (batch, head) that walks the
+    chunks with the state in float32 registers. Its backward (custom_vjp) runs
+    the same kernel three more times: dq is the forward pass of (dO, V, K) from
+    S0^T; dk and dv (and d initial state) are forward passes over the reversed
+    sequence started from the final state's cotangent; the log-decay gradient
+    follows from  d b_t = q_t.dq_t - k_t.dk_t  (b the cumulative log decay),
+    reverse-cumsummed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["chunked_linear_attention", "linear_attention_recurrent", "linear_attention_chunked_xla"]
+
+_IMPLS = ("auto", "xla", "pallas")
+# Triton-style kernel: name the Triton backend (GPU pallas_call otherwise picks Mosaic GPU).
+_TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _check(q, k, v, log_decay, initial_state):
+    if q.ndim != 4 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be (batch, length, heads, dk); "
+                         f"got q{q.shape} k{k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be (batch, length, heads, dv) matching q{q.shape}; "
+                         f"got v{v.shape}")
+    if log_decay is not None and log_decay.shape != q.shape[:3]:
+        raise ValueError(f"log_decay must be (batch, length, heads) = {q.shape[:3]}; "
+                         f"got {log_decay.shape}")
+    batch, _, heads, dk = q.shape
+    state_shape = (batch, heads, dk, v.shape[-1])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(f"initial_state must be (batch, heads, dk, dv) = {state_shape}; "
+                         f"got {initial_state.shape}")
+
+
+def _defaults(q, v, log_decay, initial_state):
+    batch, length, heads, dk = q.shape
+    if log_decay is None:
+        log_decay = jnp.zeros((batch, length, heads), jnp.float32)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, dk, v.shape[-1]), jnp.float32)
+    return log_decay.astype(jnp.float32), initial_state.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Reference: recurrent scan over tokens.
+
+
+def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None):
+    """The obviously correct form: one state update per token. Returns (out, final_state)."""
+    _check(q, k, v, log_decay, initial_state)
+    log_decay, state = _defaults(q, v, log_decay, initial_state)
+    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time first
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t = inputs  # (batch, heads, d), g_t (batch, heads)
+        state = jnp.exp(g_t)[..., None, None] * state + k_t[..., :, None] * v_t[..., None, :]
+        return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
+
+    state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay)))
+    return jnp.moveaxis(out, 0, 1).astype(q.dtype), state
+
+
+# ----------------------------------------------------------------------------
+# Chunkwise-parallel pure JAX (the `xla` impl).
+
+
+def _to_chunks(a, chunk):
+    """(batch, length, heads, ...) -> (chunks, batch, heads, chunk, ...), zero-padded."""
+    batch, length = a.shape[:2]
+    pad = -length % chunk
+    if pad:
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    a = a.reshape(batch, (length + pad) // chunk, chunk, *a.shape[2:])
+    a = jnp.moveaxis(a, 1, 0)  # (chunks, batch, chunk, heads, ...)
+    return jnp.moveaxis(a, 3, 2)  # (chunks, batch, heads, chunk, ...)
+
+
+def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64):
+    """Chunkwise form: masked attention with decay inside a chunk, state between chunks.
+
+    Zero padding to a whole number of chunks is exact: padded tokens have k = v = 0
+    and log decay 0, so they leave the state unchanged.
+    """
+    _check(q, k, v, log_decay, initial_state)
+    log_decay, state = _defaults(q, v, log_decay, initial_state)
+    length = q.shape[1]
+    qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
+    bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+
+    def step(state, inputs):
+        q_c, k_c, v_c, b = inputs
+        b_last = b[..., -1:]
+        diff = jnp.where(causal, b[..., :, None] - b[..., None, :], -jnp.inf)
+        scores = jnp.einsum("bhik,bhjk->bhij", q_c, k_c) * jnp.exp(diff)
+        out = (jnp.einsum("bhij,bhjv->bhiv", scores, v_c)
+               + jnp.exp(b)[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
+        k_decayed = k_c * jnp.exp(b_last - b)[..., None]
+        state = (jnp.exp(b_last)[..., None] * state
+                 + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
+        return state, out
+
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    chunks, batch, heads, _, dv = out.shape
+    out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
+    return out[:, :length].astype(q.dtype), state
+
+
+# ----------------------------------------------------------------------------
+# Pallas forward kernel.
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, out_ref, state_ref, *, chunk: int,
+                    num_chunks: int):
+    """One (batch, head): walk the chunks, state (dk, dv) in float32."""
+    rows = jnp.arange(chunk)
+    causal = rows[:, None] >= rows[None, :]
+
+    def body(c, state):
+        span = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        q = q_ref[span, :].astype(jnp.float32)
+        k = k_ref[span, :].astype(jnp.float32)
+        v = v_ref[span, :].astype(jnp.float32)
+        b = b_ref[span].astype(jnp.float32)  # cumulative log decay inside the chunk
+        b_last = b_ref[c * chunk + chunk - 1]
+        diff = jnp.where(causal, b[:, None] - b[None, :], -jnp.inf)
+        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * jnp.exp(diff)
+        out = (jnp.dot(scores, v, preferred_element_type=jnp.float32)
+               + jnp.exp(b)[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
+        out_ref[span, :] = out.astype(out_ref.dtype)
+        k_decayed = k * jnp.exp(b_last - b)[:, None]
+        return (jnp.exp(b_last) * state
+                + jnp.dot(k_decayed.T, v, preferred_element_type=jnp.float32))
+
+    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+    state_ref[...] = state
+
+
+def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
+    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32,
+    initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    pad = -length % chunk
+    padded = length + pad
+
+    def heads_first(a):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
+        return jnp.moveaxis(a, 2, 1)  # (batch, heads, padded, ...)
+
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+    b = heads_first(log_decay).reshape(batch, heads, padded // chunk, chunk)
+    b = jnp.cumsum(b, axis=-1).reshape(batch, heads, padded)
+    seq_spec = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j: (i, j, 0, 0))
+    state_spec = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
+    out, state = pl.pallas_call(
+        functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
+        grid=(batch, heads),
+        in_specs=[seq_spec(dk), seq_spec(dk), seq_spec(dv),
+                  pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec],
+        out_specs=[seq_spec(dv), state_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
+        interpret=interpret,
+        compiler_params=_TRITON,
+        name="chunked_linear_attention_fwd",
+    )(qh, kh, vh, b, initial_state)
+    return jnp.moveaxis(out, 1, 2)[:, :length], state
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp: the backward reuses the forward kernel.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
+    return _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+
+
+def _pallas_fwd(q, k, v, log_decay, initial_state, chunk, interpret):
+    out, state = _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+    return (out, state), (q, k, v, log_decay, initial_state, state)
+
+
+def _pallas_bwd(chunk, interpret, residuals, cotangents):
+    q, k, v, log_decay, initial_state, final_state = residuals
+    d_out, d_state = cotangents
+    d_out = d_out.astype(jnp.float32)
+    d_state = d_state.astype(jnp.float32)
+    run = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    f32 = lambda a: a.astype(jnp.float32)
+
+    # dq_i = sum_{j<=i} decay(i, j) (dO_i . v_j) k_j + decay(i, start) dO_i S0^T:
+    # the forward pass with (q, k, v) -> (dO, v, k) from S0^T.
+    dq, _ = run(d_out, f32(v), f32(k), log_decay, jnp.swapaxes(initial_state, -1, -2))
+
+    # dk, dv: sums over i >= j, i.e. forward passes over the reversed sequence. The
+    # decay between reversed positions uses g shifted by one (g'_t = g_{t+1}, g_T = 0),
+    # and the reversed pass starts from the final state's cotangent.
+    reverse = lambda a: jnp.flip(a, axis=1)
+    shifted = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
+    g_rev = reverse(shifted)
+    dk_rev, _ = run(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
+                    jnp.swapaxes(d_state, -1, -2))
+    dv_rev, d_initial = run(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev, d_state)
+    dk, dv = reverse(dk_rev), reverse(dv_rev)
+    # The reversed pass decays the start state by everything but g_0.
+    d_initial = jnp.exp(log_decay[:, 0])[..., None, None] * d_initial
+
+    # With b_t = cumulative log decay, q_t enters scaled by exp(b_t) and k_t by
+    # exp(-b_t), and the final state by exp(b_T): d b_t = q_t.dq_t - k_t.dk_t
+    # (+ <dS_T, S_T> at the last step); d g_t = sum_{s >= t} d b_s.
+    d_cumulative = (jnp.einsum("blhk,blhk->blh", f32(q), dq)
+                    - jnp.einsum("blhk,blhk->blh", f32(k), dk))
+    d_cumulative = d_cumulative.at[:, -1].add(jnp.sum(d_state * final_state, axis=(-2, -1)))
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cumulative, 1), axis=1), 1)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype))
+
+
+_linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+
+def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chunk: int = 64,
+                             impl: str = "auto", interpret: bool | None = None):
+    """Causal (optionally decayed) linear attention. Returns (out, final_state).
+
+    q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
+    log_decay: (batch, length, heads) per-head per-step log decay g_t (None: no
+    decay); initial_state: (batch, heads, dk, dv) (None: zeros). The state is
+    float32; out has q's dtype. Any length works (padded to whole chunks).
+    impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
+    `pallas` (interpreted unless on GPU, or as `interpret` says).
+    """
+    _check(q, k, v, log_decay, initial_state)
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of tokens; got {chunk}")
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "auto":
+        impl = "pallas" if on_gpu else "xla"
+    if impl == "xla":
+        return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
+                                            initial_state=initial_state, chunk=chunk)
+    if interpret is None:
+        interpret = not on_gpu
+    log_decay, initial_state = _defaults(q, v, log_decay, initial_state)
+    return _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret)

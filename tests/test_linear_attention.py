@@ -1,0 +1,170 @@
+"""Chunked linear attention: XLA chunked and Pallas (interpreted on CPU) vs the recurrent scan."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efflm.pallas_kernels.linear_attention import (
+    chunked_linear_attention,
+    linear_attention_chunked_xla,
+    linear_attention_recurrent,
+)
+
+# The package may re-export the function under the module's name: fetch the module.
+la_module = importlib.import_module("efflm.pallas_kernels.linear_attention")
+
+# length 13 with chunk 4: three whole chunks and a partial one.
+BATCH, LENGTH, HEADS, DK, DV, CHUNK = 2, 13, 3, 4, 5, 4
+
+
+def _inputs(length=LENGTH, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 7)
+    q = jax.random.normal(keys[0], (BATCH, length, HEADS, DK), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (BATCH, length, HEADS, DK), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (BATCH, length, HEADS, DV), jnp.float32).astype(dtype)
+    # Log decays in (-inf, 0): -softplus of normals, so decays span roughly 0.1 .. 0.95.
+    log_decay = -jax.nn.softplus(jax.random.normal(keys[3], (BATCH, length, HEADS)))
+    state = jax.random.normal(keys[4], (BATCH, HEADS, DK, DV), jnp.float32)
+    d_out = jax.random.normal(keys[5], (BATCH, length, HEADS, DV), jnp.float32)
+    d_state = jax.random.normal(keys[6], (BATCH, HEADS, DK, DV), jnp.float32)
+    return q, k, v, log_decay, state, d_out, d_state
+
+
+def _close(actual, expected, tol):
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape
+    assert np.isfinite(actual).all()
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, atol=tol * scale, rtol=tol)
+
+
+def _value_and_grads(fn, q, k, v, log_decay, state, d_out, d_state, decay, with_state):
+    """Value and grads of <out, d_out> + <final_state, d_state> in all differentiable inputs."""
+
+    def objective(q, k, v, log_decay, state):
+        out, final = fn(q, k, v, log_decay=log_decay if decay else None,
+                        initial_state=state if with_state else None)
+        return (jnp.sum(out.astype(jnp.float32) * d_out)
+                + jnp.sum(final * d_state)), (out, final)
+
+    # One jit per configuration: far fewer compilations than eager scans and vjps.
+    grad_fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True))
+    (_, (out, final)), grads = grad_fn(q, k, v, log_decay, state)
+    return (out, final, *grads)
+
+
+NAMES = ("out", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("decay,with_state", [(True, True), (False, False)])
+def test_matches_recurrent_scan_values_and_grads(impl, decay, with_state):
+    inputs = _inputs()
+    expected = _value_and_grads(linear_attention_recurrent, *inputs, decay, with_state)
+    fast = lambda q, k, v, **kw: chunked_linear_attention(q, k, v, chunk=CHUNK, impl=impl, **kw)
+    got = _value_and_grads(fast, *inputs, decay, with_state)
+    for name, a, b in zip(NAMES, got, expected):
+        if (name == "dlog_decay" and not decay) or (name == "dinitial_state" and not with_state):
+            continue  # not inputs in this configuration
+        _close(a, b, 2e-5)
+    assert got[1].dtype == jnp.float32
+
+
+def test_chunked_xla_other_chunk_sizes():
+    # A chunk longer than the sequence, a chunk of one token, and an exact multiple.
+    q, k, v, log_decay, state, _, _ = _inputs(length=8, seed=1)
+    expected = jax.jit(linear_attention_recurrent)(q, k, v, log_decay=log_decay,
+                                                   initial_state=state)
+    for chunk in (1, 8, 16):
+        chunked = jax.jit(linear_attention_chunked_xla, static_argnames="chunk")
+        got = chunked(q, k, v, log_decay=log_decay, initial_state=state, chunk=chunk)
+        _close(got[0], expected[0], 2e-5)
+        _close(got[1], expected[1], 2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_state_carry_equals_one_pass(impl):
+    q, k, v, log_decay, state, _, _ = _inputs(seed=2)
+    run = jax.jit(lambda q, k, v, g, s: chunked_linear_attention(
+        q, k, v, log_decay=g, initial_state=s, chunk=CHUNK, impl=impl))
+    whole_out, whole_state = run(q, k, v, log_decay, state)
+    split = 6  # not on a chunk boundary
+    first_out, carried = run(q[:, :split], k[:, :split], v[:, :split], log_decay[:, :split], state)
+    second_out, final = run(q[:, split:], k[:, split:], v[:, split:], log_decay[:, split:],
+                            carried)
+    _close(jnp.concatenate([first_out, second_out], axis=1), whole_out, 2e-5)
+    _close(final, whole_state, 2e-5)
+
+
+def test_pallas_bfloat16_loose():
+    q, k, v, log_decay, state, _, _ = _inputs(dtype=jnp.bfloat16, seed=3)
+    out, final = chunked_linear_attention(q, k, v, log_decay=log_decay, initial_state=state,
+                                          chunk=CHUNK, impl="pallas")
+    assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    f32 = lambda a: a.astype(jnp.float32)
+    ref_out, ref_final = linear_attention_recurrent(f32(q), f32(k), f32(v), log_decay=log_decay,
+                                                    initial_state=state)
+    _close(out, ref_out, 3e-2)
+    _close(final, ref_final, 3e-2)
+
+
+def test_bad_inputs_and_impl():
+    q, k, v, log_decay, state, _, _ = _inputs()
+    with pytest.raises(ValueError, match="impl"):
+        chunked_linear_attention(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match="log_decay"):
+        chunked_linear_attention(q, k, v, log_decay=log_decay[..., None])
+    with pytest.raises(ValueError, match="initial_state"):
+        chunked_linear_attention(q, k, v, initial_state=state[:, :, :2])
+    with pytest.raises(ValueError, match="v must be"):
+        chunked_linear_attention(q, k, v[:, :-1])
+
+
+def test_auto_is_xla_on_cpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("auto picks pallas on GPU")
+    q, k, v, *_ = _inputs()
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: chunked_linear_attention(q, k, v))(q, k, v))
+    assert "pallas_call" not in jaxpr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_gpu(dtype):
+    keys = jax.random.split(jax.random.key(0), 5)
+    shape = (2, 200, 4, 64)
+    q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
+    q = q / 8
+    log_decay = -jax.nn.softplus(jax.random.normal(keys[3], shape[:3]))
+    objective = lambda fn: lambda q, k, v, g: jnp.sum(
+        fn(q, k, v, log_decay=g)[0].astype(jnp.float32) ** 2)
+    fast = lambda *a, **kw: chunked_linear_attention(*a, chunk=64, impl="pallas",
+                                                     interpret=False, **kw)
+    got = jax.value_and_grad(objective(fast), argnums=(0, 1, 2, 3))(q, k, v, log_decay)
+    f32 = lambda a: a.astype(jnp.float32)
+    want = jax.value_and_grad(objective(linear_attention_recurrent), argnums=(0, 1, 2, 3))(
+        f32(q), f32(k), f32(v), log_decay)
+    tol = 2e-2 if dtype == jnp.float32 else 6e-2  # TF32 / bf16 dots
+    _close(got[0], want[0], tol)
+    for a, b in zip(got[1], want[1]):
+        _close(a, b, tol)
+
+
+def test_lowers_to_triton_for_gpu():
+    # No GPU needed: lowering for CUDA checks that the kernel uses only what the
+    # Triton backend supports, at GPU-sized (power-of-two) chunk and head dims.
+    q = jnp.ones((2, 200, 4, 64), jnp.bfloat16)
+    log_decay = jnp.full((2, 200, 4), -0.1)
+
+    def grads(q, log_decay):
+        fn = lambda q, g: chunked_linear_attention(q, q, q, log_decay=g, chunk=64,
+                                                   impl="pallas", interpret=False)
+        return jax.grad(lambda q, g: jnp.sum(fn(q, g)[0].astype(jnp.float32)),
+                        argnums=(0, 1))(q, log_decay)
+
+    text = jax.jit(grads).trace(q, log_decay).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 4  # Triton, not Mosaic GPU
