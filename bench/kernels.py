@@ -15,14 +15,12 @@ listed beside it. Nothing is run, so it takes seconds even at 64K vocabulary.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
 
+from efflm.bench.report import emit, header
 from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 
 
@@ -59,7 +57,7 @@ def _mib(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m efflm.bench.kernels", description=__doc__,
+    p = argparse.ArgumentParser(prog="efflm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["ce"])
     p.add_argument("--tokens", type=int, default=8192)
@@ -70,16 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     vocabs = [int(v) for v in args.vocabs.split(",")]
     rows = cross_entropy_memory(args.tokens, args.d_model, vocabs, args.block_v)
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", device.platform)
-    cpu = platform.processor() or platform.machine()
-    command = "python -m efflm.bench.kernels " + " ".join(
-        argv if argv is not None else sys.argv[1:])
     lines = [
-        f"efflm bench kernels ce — {datetime.date.today()} — {kind} ({cpu}, "
-        f"{os.cpu_count()} cores), jax {jax.__version__}",
-        f"command: {command}",
-        "",
+        *header("ce", argv if argv is not None else sys.argv[1:]),
         f"Loss + grad w.r.t. h and w, float32, {args.tokens} tokens, d_model "
         f"{args.d_model}, fused = impl=xla with block_v={args.block_v}. MiB from "
         "`compile().memory_analysis()`; the ratio compares temp bytes (arguments and "
@@ -96,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{n['temp'] / max(f['temp'], 1):.1f}x | {_mib(n['temp'] + n['output'])} | "
             f"{_mib(f['temp'] + f['output'])} | {_mib(n['argument'])} | "
             f"{_mib(n['output'])} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(table)
+    emit(lines, args.out)
     return 0
 
 

@@ -12,9 +12,6 @@ FLOP count and the step's peak memory are read from the compiled executable.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +20,7 @@ import jax
 import numpy as np
 
 from efflm import mesh as mesh_lib
+from efflm.bench.report import emit, header
 from efflm.config import load_config
 from efflm.flops import peak_flops, train_flops_per_step
 from efflm.train.step import build_program, count_params
@@ -84,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"h{cfg.model.attention.num_heads} ff{cfg.model.mlp.d_ff} "
                        f"T{cfg.data.seq_len} B{cfg.train.batch_size} V{cfg.model.vocab_size}")
         rows.append(r)
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", device.platform)
-    cpu = platform.processor() or platform.machine()
-    header = (f"efflm bench mfu — {datetime.date.today()} — {jax.device_count()} x {kind} "
-              f"({cpu}, {os.cpu_count()} cores), jax {jax.__version__}\n"
-              f"command: efflm bench {' '.join(argv if argv is not None else sys.argv[2:])}\n")
-    lines = [header,
+    lines = [*header("mfu", argv if argv is not None else sys.argv[1:]),
              "| config | shape | params | dtype | step s | tokens/s | model GFLOP/step | "
              "XLA GFLOP/step | peak GFLOP/s | MFU | temp MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -100,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['step_time']:.3f} | {r['tokens_per_sec']:.0f} | {r['model_flops'] / 1e9:.1f} | "
             f"{r['xla_flops'] / 1e9:.1f} | {r['peak'] / 1e9:.1f} ({r['source']}) | "
             f"{100 * r['mfu']:.1f}% | {r['temp_bytes'] / 2**20:.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+    emit(lines, args.out, append=True)
     return 0
 
 

@@ -70,9 +70,13 @@ def _config_show(args) -> int:
 
 
 def _bench(args) -> int:
-    from efflm.bench import mfu
+    from efflm.bench import kernels, mfu
 
-    return mfu.main(args.rest)
+    which = args.rest[0] if args.rest else "mfu"
+    benches = {"mfu": mfu.main, "ce": kernels.main}
+    if which not in benches:
+        raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
+    return benches[which](args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
