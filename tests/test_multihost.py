@@ -93,7 +93,8 @@ def _wait_for_first_row(procs, workdir, logdir, timeout=180):
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while not (os.path.exists(metrics) and os.path.getsize(metrics)):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), _logs(logdir)
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            pytest.fail(f"training did not log a step\n{_logs(logdir)}")
         time.sleep(0.2)
 
 
