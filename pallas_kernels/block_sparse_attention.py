@@ -36,6 +36,9 @@ from efflm.pallas_kernels.flash_attention import (
     _next_power_of_2,
     _scores,
     _Static,
+    dkv_specs_of,
+    dq_specs_of,
+    forward_specs,
 )
 
 # A row whose running max stayed at or below this saw only masked scores.
@@ -211,15 +214,8 @@ def _forward(q, k, v, q_seg, k_seg, q_table, s: _Static):
     kv_len, kv = k.shape[1], k.shape[2]
     group = h // kv
     has_segments = q_seg is not None
-    in_specs = [
-        pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-    ]
-    if has_segments:
-        in_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    in_specs = [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
+                *forward_specs(s, d, kv_len, group, has_segments)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, s=s, has_segments=has_segments),
         grid=(t // s.block_q, b, h),
@@ -308,18 +304,8 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Stati
     has_segments = q_seg is not None
     seg = _segment_args(q_seg, k_seg)
 
-    dkv_specs = [
-        pl.BlockSpec((None, k_table.shape[1]), lambda j, bi, ki: (j, 0)),
-        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
-        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
-        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
-        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
-        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
-        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
-    ]
-    if has_segments:
-        dkv_specs += [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
-                      pl.BlockSpec((None, s.block_k), lambda j, bi, ki: (bi, j))]
+    dkv_specs = [pl.BlockSpec((None, k_table.shape[1]), lambda j, bi, ki: (j, 0)),
+                 *dkv_specs_of(s, t, d, group, has_segments)]
     kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
@@ -333,18 +319,8 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Stati
         name="block_sparse_attention_dkv",
     )(k_table, q, k, v, do, lse, delta, *seg)
 
-    dq_specs = [
-        pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
-        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
-    ]
-    if has_segments:
-        dq_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    dq_specs = [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
+                *dq_specs_of(s, d, kv_len, group, has_segments)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
         grid=(t // s.block_q, b, h),

@@ -226,6 +226,50 @@ def _segment_args(segment_ids):
     return () if segment_ids is None else (segment_ids, segment_ids)
 
 
+def forward_specs(s: _Static, d: int, kv_len: int, group: int, has_segments: bool):
+    """BlockSpecs of q, k, v (and segment ids) for a grid (query block, batch, head)."""
+    specs = [
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+    ]
+    if has_segments:
+        specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
+                  pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    return specs
+
+
+def dkv_specs_of(s: _Static, t: int, d: int, group: int, has_segments: bool):
+    """BlockSpecs of q, k, v, do, lse, delta (and segment ids) for a grid
+    (key block, batch, K/V head)."""
+    specs = [
+        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
+        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
+        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
+        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
+    ]
+    if has_segments:
+        specs += [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
+                  pl.BlockSpec((None, s.block_k), lambda j, bi, ki: (bi, j))]
+    return specs
+
+
+def dq_specs_of(s: _Static, d: int, kv_len: int, group: int, has_segments: bool):
+    """BlockSpecs of q, k, v, do, lse, delta (and segment ids) for a grid
+    (query block, batch, head)."""
+    specs = forward_specs(s, d, kv_len, group, False)
+    specs += [
+        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
+        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
+    ]
+    if has_segments:
+        specs += forward_specs(s, d, kv_len, group, True)[3:]
+    return specs
+
+
 def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
     """Padded inputs in, (out, lse) out: out like q, lse (batch, heads, length) float32.
 
@@ -236,14 +280,7 @@ def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
     kv_len, kv = k.shape[1], k.shape[2]
     group = h // kv
     has_segments = segment_ids is not None
-    in_specs = [
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-    ]
-    if has_segments:
-        in_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    in_specs = forward_specs(s, d, kv_len, group, has_segments)
     out_specs = [
         pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
@@ -347,17 +384,7 @@ def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
     seg = _segment_args(segment_ids)
 
     # dK, dV: one program per (key block, batch, K/V head), over all its query heads.
-    dkv_specs = [
-        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
-        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
-        pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0)),
-        pl.BlockSpec((None, t, group, d), lambda j, bi, ki: (bi, 0, ki, 0)),
-        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
-        pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0)),
-    ]
-    if has_segments:
-        dkv_specs += [pl.BlockSpec((None, t), lambda j, bi, ki: (bi, 0)),
-                      pl.BlockSpec((None, s.block_k), lambda j, bi, ki: (bi, j))]
+    dkv_specs = dkv_specs_of(s, t, d, group, has_segments)
     kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
@@ -372,17 +399,7 @@ def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
     )(q, k, v, do, lse, delta, *seg)
 
     # dQ: one program per (query block, batch, head), over the key blocks it sees.
-    dq_specs = [
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, kv_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
-        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
-    ]
-    if has_segments:
-        dq_specs += [pl.BlockSpec((None, s.block_q), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_len), lambda i, bi, hi: (bi, 0))]
+    dq_specs = dq_specs_of(s, d, kv_len, group, has_segments)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
         grid=(t // s.block_q, b, h),
