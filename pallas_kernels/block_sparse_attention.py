@@ -34,11 +34,13 @@ from efflm.pallas_kernels.flash_attention import (
     _MASKED,
     _TRITON,
     _next_power_of_2,
-    _scores,
     _Static,
     dkv_specs_of,
+    dkv_step,
     dq_specs_of,
+    dq_step,
     forward_specs,
+    forward_step,
 )
 
 # A row whose running max stayed at or below this saw only masked scores.
@@ -181,18 +183,8 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: _Static, has_segme
     q_first = pl.program_id(0) * s.block_q
 
     def body(j, carry):
-        acc, row_max, row_sum = carry
-        k_first = table_ref[j + 1] * s.block_k
-        keys = pl.ds(k_first, s.block_k)
-        k_seg = k_seg_ref[keys] if has_segments else None
-        scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg)
-        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-        correction = jnp.exp(row_max - new_max)
-        p = jnp.exp(scores - new_max[:, None])
-        row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        v = v_ref[keys, :]
-        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
-        return acc, new_max, row_sum
+        return forward_step(s, q, q_first, q_seg, k_ref, v_ref, k_seg_ref,
+                            table_ref[j + 1] * s.block_k, carry)
 
     acc = jnp.zeros(q.shape, jnp.float32)
     row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
@@ -251,19 +243,8 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
     for g in range(group):
 
         def body(j, carry, g=g):
-            dk, dv = carry
-            q_first = table_ref[j + 1] * s.block_q
-            rows = pl.ds(q_first, s.block_q)
-            q = q_ref[rows, g, :]
-            do = do_ref[rows, g, :]
-            q_seg = q_seg_ref[rows] if has_segments else None
-            scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
-            p = jnp.exp(scores - lse_ref[g, rows][:, None])
-            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-            dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
-            ds = p * (dp - delta_ref[g, rows][:, None])
-            dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
-            return dk, dv
+            return dkv_step(s, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
+                            k_first, table_ref[j + 1] * s.block_q, carry)
 
         dk, dv = lax.fori_loop(0, table_ref[0], body, (dk, dv))
     dk_ref[...] = (dk * s.sm_scale).astype(dk_ref.dtype)
@@ -283,15 +264,8 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
     q_first = pl.program_id(0) * s.block_q
 
     def body(j, dq):
-        k_first = table_ref[j + 1] * s.block_k
-        keys = pl.ds(k_first, s.block_k)
-        k = k_ref[keys, :]
-        k_seg = k_seg_ref[keys] if has_segments else None
-        scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
-        p = jnp.exp(scores - lse[:, None])
-        dp = pl.dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
-        ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+        return dq_step(s, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
+                       table_ref[j + 1] * s.block_k, dq)
 
     dq = lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)

@@ -189,6 +189,51 @@ def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
 # Forward.
 
 
+def forward_step(s: _Static, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first, carry):
+    """Online-softmax update of (acc, row_max, row_sum) with the key block at k_first."""
+    acc, row_max, row_sum = carry
+    keys = pl.ds(k_first, s.block_k)
+    k_seg = k_seg_ref[keys] if k_seg_ref is not None else None
+    scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg)
+    new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
+    correction = jnp.exp(row_max - new_max)
+    p = jnp.exp(scores - new_max[:, None])
+    row_sum = row_sum * correction + jnp.sum(p, axis=1)
+    v = v_ref[keys, :]
+    acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+    return acc, new_max, row_sum
+
+
+def dq_step(s: _Static, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
+            k_first, dq):
+    """dQ plus the contribution of the key block at k_first."""
+    keys = pl.ds(k_first, s.block_k)
+    k = k_ref[keys, :]
+    k_seg = k_seg_ref[keys] if k_seg_ref is not None else None
+    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
+    p = jnp.exp(scores - lse[:, None])
+    dp = pl.dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
+    ds = p * (dp - delta[:, None])
+    return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+
+
+def dkv_step(s: _Static, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
+             k_first, q_first, carry):
+    """(dK, dV) plus the contribution of query head g's block at q_first."""
+    dk, dv = carry
+    rows = pl.ds(q_first, s.block_q)
+    q = q_ref[rows, g, :]
+    do = do_ref[rows, g, :]
+    q_seg = q_seg_ref[rows] if q_seg_ref is not None else None
+    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
+    p = jnp.exp(scores - lse_ref[g, rows][:, None])
+    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+    dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+    ds = p * (dp - delta_ref[g, rows][:, None])
+    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+    return dk, dv
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
     # rest: [q segments, k segments], [the two aliased initial outputs], out, lse
     o_ref, lse_ref = rest[-2:]
@@ -200,18 +245,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
     q_first = q_block * s.block_q
 
     def body(kb, carry):
-        acc, row_max, row_sum = carry
-        k_first = kb * s.block_k
-        keys = pl.ds(k_first, s.block_k)
-        k_seg = k_seg_ref[keys] if has_segments else None
-        scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg)
-        new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
-        correction = jnp.exp(row_max - new_max)
-        p = jnp.exp(scores - new_max[:, None])
-        row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        v = v_ref[keys, :]
-        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
-        return acc, new_max, row_sum
+        return forward_step(s, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, kb * s.block_k,
+                            carry)
 
     lo, hi = _key_block_range(s, q_block, num_k_blocks)
     acc = jnp.zeros(q.shape, jnp.float32)
@@ -327,19 +362,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Stat
     for g in range(group):  # the query heads that read this K/V head
 
         def body(qb, carry, g=g):
-            dk, dv = carry
-            q_first = qb * s.block_q
-            rows = pl.ds(q_first, s.block_q)
-            q = q_ref[rows, g, :]
-            do = do_ref[rows, g, :]
-            q_seg = q_seg_ref[rows] if has_segments else None
-            scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
-            p = jnp.exp(scores - lse_ref[g, rows][:, None])
-            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-            dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
-            ds = p * (dp - delta_ref[g, rows][:, None])
-            dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
-            return dk, dv
+            return dkv_step(s, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
+                            k_first, qb * s.block_q, carry)
 
         dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
     dk_ref[...] = (dk * s.sm_scale).astype(dk_ref.dtype)
@@ -361,15 +385,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Stati
     q_first = q_block * s.block_q
 
     def body(kb, dq):
-        k_first = kb * s.block_k
-        keys = pl.ds(k_first, s.block_k)
-        k = k_ref[keys, :]
-        k_seg = k_seg_ref[keys] if has_segments else None
-        scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
-        p = jnp.exp(scores - lse[:, None])
-        dp = pl.dot(do, v_ref[keys, :], trans_b=True).astype(jnp.float32)
-        ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+        return dq_step(s, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
+                       kb * s.block_k, dq)
 
     lo, hi = _key_block_range(s, q_block, num_k_blocks)
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
