@@ -147,7 +147,9 @@ def _kernel_logits(h, w_ref, j, vocab: int, block_v: int):
     return jnp.where(cols < vocab, logits, -jnp.inf), cols, w_block
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, tl_ref, *, vocab, block_v):
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, vocab, block_v):
+    # refs: [the two aliased initial outputs], lse, target logit
+    lse_ref, tl_ref = refs[-2:]
     h = h_ref[...]
     targets = t_ref[...]
     block_t = h.shape[0]
@@ -174,7 +176,8 @@ def _dlogits(logits, cols, targets, lse, g_lse, g_target):
             + jnp.where(hit, g_target[:, None], 0.0))
 
 
-def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, dh_ref, *, vocab, block_v):
+def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, vocab, block_v):
+    dh_ref = refs[-1]  # after the aliased initial dh, if any
     h = h_ref[...]
     targets, lse, g_lse, g_target = t_ref[...], lse_ref[...], gl_ref[...], gt_ref[...]
 
@@ -190,8 +193,9 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, dh_ref, *, vocab, b
     dh_ref[...] = dh.astype(dh_ref.dtype)
 
 
-def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, dw_ref, *, vocab, block_v,
+def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, vocab, block_v,
                block_t, num_token_blocks):
+    dw_ref = refs[-1]  # after the aliased initial dw, if any
     j = pl.program_id(0)
 
     def body(i, dw):
@@ -219,51 +223,99 @@ def _pad_operands(h, w, targets, block_t, block_v):
     return h, w, targets
 
 
+def _alias_initial_outputs(args, in_specs, out_specs, initial_outputs):
+    """Append `initial_outputs` as inputs aliased to the outputs (for tests: filled with NaN,
+    they show every element is written). None leaves the call as it is."""
+    if initial_outputs is None:
+        return args, in_specs, {}
+    aliases = {len(args) + n: n for n in range(len(initial_outputs))}
+    return [*args, *initial_outputs], [*in_specs, *out_specs], aliases
+
+
+def _forward_call(hp, wp, tp, vocab, block_t, block_v, interpret, initial_outputs=None):
+    """Padded operands in, padded (lse, target_logit) out.
+
+    initial_outputs: optional (lse, target_logit) buffers the kernel writes into in place.
+    """
+    (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
+    row = pl.BlockSpec((block_t,), lambda i: (i,))
+    args, in_specs, aliases = _alias_initial_outputs(
+        [hp, wp, tp],
+        [pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
+         pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row],
+        [row, row], initial_outputs)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, vocab=vocab, block_v=block_v),
+        grid=(t_pad // block_t,),
+        in_specs=in_specs,
+        out_specs=[row, row],
+        out_shape=[jax.ShapeDtypeStruct((t_pad,), jnp.float32)] * 2,
+        input_output_aliases=aliases,
+        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_fwd",
+    )(*args)
+
+
 def _pallas_forward(h, w, targets, block_t, block_v, interpret):
     tokens, vocab = h.shape[0], w.shape[1]
     hp, wp, tp = _pad_operands(h, w, targets, block_t, block_v)
-    (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
-    row = pl.BlockSpec((block_t,), lambda i: (i,))
-    lse, target_logit = pl.pallas_call(
-        functools.partial(_forward_kernel, vocab=vocab, block_v=block_v),
-        grid=(t_pad // block_t,),
-        in_specs=[pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
-                  pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row],
-        out_specs=[row, row],
-        out_shape=[jax.ShapeDtypeStruct((t_pad,), jnp.float32)] * 2,
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_fwd",
-    )(hp, wp, tp)
+    lse, target_logit = _forward_call(hp, wp, tp, vocab, block_t, block_v, interpret)
     return lse[:tokens], target_logit[:tokens]
+
+
+def _backward_calls(hp, wp, tp, vectors, vocab, block_t, block_v, interpret,
+                    initial_outputs=None):
+    """Padded operands and (lse, g_lse, g_target) in, padded (dh, dw) out.
+
+    initial_outputs: optional (dh, dw) buffers the kernels write into in place.
+    """
+    (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
+    initial_dh = initial_dw = None
+    if initial_outputs is not None:
+        initial_dh, initial_dw = initial_outputs[:1], initial_outputs[1:]
+    row = pl.BlockSpec((block_t,), lambda i: (i,))
+    dh_spec = pl.BlockSpec((block_t, d_pad), lambda i: (i, 0))
+    args, in_specs, aliases = _alias_initial_outputs(
+        [hp, wp, tp, *vectors],
+        [pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
+         pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row, row, row, row],
+        [dh_spec], initial_dh)
+    dh = pl.pallas_call(
+        functools.partial(_dh_kernel, vocab=vocab, block_v=block_v),
+        grid=(t_pad // block_t,),
+        in_specs=in_specs,
+        out_specs=dh_spec,
+        out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), hp.dtype),
+        input_output_aliases=aliases,
+        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dh",
+    )(*args)
+    whole = pl.BlockSpec((t_pad,), lambda j: (0,))
+    dw_spec = pl.BlockSpec((d_pad, block_v), lambda j: (0, j))
+    args, in_specs, aliases = _alias_initial_outputs(
+        [hp, wp, tp, *vectors],
+        [pl.BlockSpec((t_pad, d_pad), lambda j: (0, 0)),
+         pl.BlockSpec((d_pad, v_pad), lambda j: (0, 0)), whole, whole, whole, whole],
+        [dw_spec], initial_dw)
+    dw = pl.pallas_call(
+        functools.partial(_dw_kernel, vocab=vocab, block_v=block_v, block_t=block_t,
+                          num_token_blocks=t_pad // block_t),
+        grid=(v_pad // block_v,),
+        in_specs=in_specs,
+        out_specs=dw_spec,
+        out_shape=jax.ShapeDtypeStruct((d_pad, v_pad), wp.dtype),
+        input_output_aliases=aliases,
+        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dw",
+    )(*args)
+    return dh, dw
 
 
 def _pallas_backward(h, w, targets, lse, g_lse, g_target, block_t, block_v, interpret):
     (tokens, d), vocab = h.shape, w.shape[1]
     hp, wp, tp = _pad_operands(h, w, targets, block_t, block_v)
-    (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
+    t_pad = hp.shape[0]
     # Padded tokens get zero cotangents, so they add nothing to dh or dw.
     vectors = [jnp.pad(x.astype(jnp.float32), (0, t_pad - tokens))
                for x in (lse, g_lse, g_target)]
-    row = pl.BlockSpec((block_t,), lambda i: (i,))
-    dh = pl.pallas_call(
-        functools.partial(_dh_kernel, vocab=vocab, block_v=block_v),
-        grid=(t_pad // block_t,),
-        in_specs=[pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
-                  pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row, row, row, row],
-        out_specs=pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), h.dtype),
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dh",
-    )(hp, wp, tp, *vectors)
-    whole = pl.BlockSpec((t_pad,), lambda j: (0,))
-    dw = pl.pallas_call(
-        functools.partial(_dw_kernel, vocab=vocab, block_v=block_v, block_t=block_t,
-                          num_token_blocks=t_pad // block_t),
-        grid=(v_pad // block_v,),
-        in_specs=[pl.BlockSpec((t_pad, d_pad), lambda j: (0, 0)),
-                  pl.BlockSpec((d_pad, v_pad), lambda j: (0, 0)), whole, whole, whole, whole],
-        out_specs=pl.BlockSpec((d_pad, block_v), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((d_pad, v_pad), w.dtype),
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dw",
-    )(hp, wp, tp, *vectors)
+    dh, dw = _backward_calls(hp, wp, tp, vectors, vocab, block_t, block_v, interpret)
     return dh[:tokens, :d], dw[:d, :vocab]
 
 

@@ -133,9 +133,9 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
 # Pallas forward kernel.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, out_ref, state_ref, *, chunk: int,
-                    num_chunks: int):
+def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_chunks: int):
     """One (batch, head): walk the chunks, state (dk, dv) in float32."""
+    out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     rows = jnp.arange(chunk)
     causal = rows[:, None] >= rows[None, :]
 
@@ -159,11 +159,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, out_ref, state_ref, *, c
     state_ref[...] = state
 
 
-def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
-    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32,
-    initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
-    batch, length, heads, dk = q.shape
-    dv = v.shape[-1]
+def _kernel_layout(q, k, v, log_decay, chunk):
+    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32 ->
+    heads first, zero-padded to whole chunks, log decay cumulative within each chunk."""
+    batch, length, heads, _ = q.shape
     pad = -length % chunk
     padded = length + pad
 
@@ -174,21 +173,48 @@ def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
     b = heads_first(log_decay).reshape(batch, heads, padded // chunk, chunk)
     b = jnp.cumsum(b, axis=-1).reshape(batch, heads, padded)
+    return qh, kh, vh, b
+
+
+def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None):
+    """The kernel on `_kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
+
+    initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
+    tests: filled with NaN, they show every element is written).
+    """
+    batch, heads, padded, dk = qh.shape
+    dv = vh.shape[-1]
     seq_spec = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j: (i, j, 0, 0))
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
-    out, state = pl.pallas_call(
+    in_specs = [seq_spec(dk), seq_spec(dk), seq_spec(dv),
+                pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec]
+    out_specs = [seq_spec(dv), state_spec]
+    args = [qh, kh, vh, b, initial_state]
+    aliases = {}
+    if initial_outputs is not None:
+        aliases = {len(args): 0, len(args) + 1: 1}
+        in_specs += out_specs
+        args += list(initial_outputs)
+    return pl.pallas_call(
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         grid=(batch, heads),
-        in_specs=[seq_spec(dk), seq_spec(dk), seq_spec(dv),
-                  pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec],
-        out_specs=[seq_spec(dv), state_spec],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), q.dtype),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), qh.dtype),
                    jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
+        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_TRITON,
         name="chunked_linear_attention_fwd",
-    )(qh, kh, vh, b, initial_state)
-    return jnp.moveaxis(out, 1, 2)[:, :length], state
+    )(*args)
+
+
+def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
+    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32,
+    initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
+    qh, kh, vh, b = _kernel_layout(q, k, v, log_decay, chunk)
+    out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret)
+    return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
 
 
 # ----------------------------------------------------------------------------

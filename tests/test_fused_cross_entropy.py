@@ -1,11 +1,14 @@
 """Blockwise linear cross-entropy (xla scan, Pallas interpreted) against full logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from efflm import mesh as mesh_lib
+from efflm.pallas_kernels import fused_cross_entropy as ce_module
 from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 from efflm.train.loss import cross_entropy
 from efflm.train.step import build_program
@@ -80,6 +83,32 @@ def test_matches_full_logits_bfloat16(impl):
     for g, r in zip(got_grads, want_grads):
         assert g.dtype == jnp.bfloat16
         _close(g, r, 5e-2)
+
+
+def test_pallas_kernels_write_every_output_element():
+    """The forward, dh and dw kernels write into NaN-filled buffers: no NaN may survive,
+    padding included, and the results are those of the plain calls."""
+    tokens, d, vocab, block_t, block_v = 37, 12, 300, 16, 128
+    h, w, targets, _ = _inputs(tokens, d, vocab, jnp.float32, seed=5)
+    hp, wp, tp = ce_module._pad_operands(h, w, targets, block_t, block_v)
+    assert hp.shape[0] > tokens and hp.shape[1] > d and wp.shape[1] > vocab
+    static = dict(vocab=vocab, block_t=block_t, block_v=block_v, interpret=True)
+    nan = lambda a: jnp.full(a.shape, jnp.nan, a.dtype)
+
+    forward = jax.jit(functools.partial(ce_module._forward_call, **static))
+    want = forward(hp, wp, tp)
+    got = forward(hp, wp, tp, initial_outputs=[nan(x) for x in want])
+    rng = np.random.default_rng(6)
+    g_lse, g_target = (jnp.asarray(rng.standard_normal(tp.shape), jnp.float32)
+                       for _ in range(2))
+    vectors = [want[0], g_lse, g_target]
+    backward = jax.jit(functools.partial(ce_module._backward_calls, **static))
+    want_grads = backward(hp, wp, tp, vectors)
+    got_grads = backward(hp, wp, tp, vectors, initial_outputs=[nan(x) for x in want_grads])
+    for name, g, r in zip(("lse", "target_logit", "dh", "dw"), [*got, *got_grads],
+                          [*want, *want_grads]):
+        assert g.shape == r.shape and np.isfinite(g).all(), name
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_naive_impl_is_the_reference():

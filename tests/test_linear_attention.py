@@ -1,5 +1,6 @@
 """Chunked linear attention: XLA chunked and Pallas (interpreted on CPU) vs the recurrent scan."""
 
+import functools
 import importlib
 
 import jax
@@ -98,6 +99,21 @@ def test_state_carry_equals_one_pass(impl):
                             carried)
     _close(jnp.concatenate([first_out, second_out], axis=1), whole_out, 2e-5)
     _close(final, whole_state, 2e-5)
+
+
+def test_pallas_kernel_writes_every_output_element():
+    """The forward kernel (the backward reuses it) writes into NaN-filled buffers: no NaN may
+    survive, the padded tail of the last chunk included."""
+    q, k, v, log_decay, state, _, _ = _inputs(seed=4)
+    layout = la_module._kernel_layout(q, k, v, log_decay, CHUNK)
+    assert layout[0].shape[2] > LENGTH  # padding is exercised
+    run = jax.jit(functools.partial(la_module._forward_call, chunk=CHUNK, interpret=True))
+    want = run(*layout, state)
+    got = run(*layout, state,
+              initial_outputs=[jnp.full(a.shape, jnp.nan, a.dtype) for a in want])
+    for name, a, b in zip(("out", "final_state"), got, want):
+        assert a.shape == b.shape and np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_pallas_bfloat16_loose():
