@@ -22,6 +22,7 @@ on those (T,) vectors, so their gradients come from ordinary autodiff.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -140,85 +141,132 @@ _xla_lse.defvjp(_xla_lse_fwd, _xla_lse_bwd)
 # impl="pallas": Triton-style kernels over padded operands.
 
 
-def _kernel_logits(h, w_ref, j, vocab: int, block_v: int):
-    w_block = w_ref[:, pl.ds(j * block_v, block_v)]
-    logits = _dot_f32(h, w_block)
-    cols = j * block_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    return jnp.where(cols < vocab, logits, -jnp.inf), cols, w_block
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """Static sizes of the Pallas path (hashable: a custom_vjp non-diff argument)."""
+    vocab: int
+    block_t: int
+    block_v: int
+    block_d: int
+    interpret: bool
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, *refs, vocab, block_v):
+def _tile_logits(h_ref, rows, w_ref, j, b: _Blocks):
+    """(block_t, block_v) f32 logits of token rows `rows` and vocab block j, accumulated
+    over d_model in block_d slices so no operand is held whole; padded columns -inf."""
+    cols = pl.ds(pl.multiple_of(j * b.block_v, b.block_v), b.block_v)
+
+    def body(c, acc):
+        ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
+        return acc + _dot_f32(h_ref[rows, ds], w_ref[ds, cols])
+
+    logits = jax.lax.fori_loop(0, h_ref.shape[1] // b.block_d, body,
+                               jnp.zeros((b.block_t, b.block_v), jnp.float32))
+    ids = j * b.block_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    return jnp.where(ids < b.vocab, logits, -jnp.inf), ids
+
+
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, b: _Blocks):
     # refs: [the two aliased initial outputs], lse, target logit
     lse_ref, tl_ref = refs[-2:]
-    h = h_ref[...]
     targets = t_ref[...]
-    block_t = h.shape[0]
+    rows = pl.ds(0, b.block_t)
 
     def body(j, carry):
         m, s, target_logit = carry
-        logits, cols, _ = _kernel_logits(h, w_ref, j, vocab, block_v)
+        logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
-        hit = cols == targets[:, None]
+        hit = ids == targets[:, None]
         target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
         return m_new, s, target_logit
 
-    init = (jnp.full((block_t,), -jnp.inf, jnp.float32), jnp.zeros((block_t,), jnp.float32),
-            jnp.zeros((block_t,), jnp.float32))
-    m, s, target_logit = jax.lax.fori_loop(0, pl.cdiv(vocab, block_v), body, init)
+    init = (jnp.full((b.block_t,), -jnp.inf, jnp.float32),
+            jnp.zeros((b.block_t,), jnp.float32), jnp.zeros((b.block_t,), jnp.float32))
+    m, s, target_logit = jax.lax.fori_loop(0, pl.cdiv(b.vocab, b.block_v), body, init)
     lse_ref[...] = m + jnp.log(s)
     tl_ref[...] = target_logit
 
 
-def _dlogits(logits, cols, targets, lse, g_lse, g_target):
-    hit = cols == targets[:, None]
-    return (g_lse[:, None] * jnp.exp(logits - lse[:, None])
+def _dlogits(logits, ids, targets, lse, g_lse, g_target, dtype):
+    """d(loss)/d(logits) of one tile, in the operands' dtype for the next matmuls."""
+    hit = ids == targets[:, None]
+    grad = (g_lse[:, None] * jnp.exp(logits - lse[:, None])
             + jnp.where(hit, g_target[:, None], 0.0))
+    return grad.astype(dtype)
 
 
-def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, vocab, block_v):
+def _accumulate(out_ref, index, update, first):
+    """out_ref[index] (+)= update. Each program owns its output block, so read-modify-write
+    needs no atomics; a barrier orders one sweep's stores before the next sweep's loads,
+    which other threads of the block may make."""
+    out_ref[index] = jnp.where(first, update, out_ref[index] + update)
+
+
+def _sweep_barrier(b: _Blocks):
+    if not b.interpret:
+        plgpu.debug_barrier()
+
+
+def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
+    """One token block: for each vocab block, dlogits (recomputed) @ w_block^T into dh."""
     dh_ref = refs[-1]  # after the aliased initial dh, if any
-    h = h_ref[...]
     targets, lse, g_lse, g_target = t_ref[...], lse_ref[...], gl_ref[...], gt_ref[...]
+    rows = pl.ds(0, b.block_t)
 
-    def body(j, dh):
-        logits, cols, w_block = _kernel_logits(h, w_ref, j, vocab, block_v)
-        dlogits = _dlogits(logits, cols, targets, lse, g_lse, g_target)
-        return dh + jax.lax.dot_general(
-            dlogits, w_block.astype(jnp.float32), (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32)
+    def body(j, carry):
+        logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
+        dl = _dlogits(logits, ids, targets, lse, g_lse, g_target, w_ref.dtype)
+        cols = pl.ds(pl.multiple_of(j * b.block_v, b.block_v), b.block_v)
 
-    dh = jax.lax.fori_loop(0, pl.cdiv(vocab, block_v), body,
-                           jnp.zeros(h.shape, jnp.float32))
-    dh_ref[...] = dh.astype(dh_ref.dtype)
+        def chunk(c, carry):
+            ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
+            update = jax.lax.dot_general(dl, w_ref[ds, cols], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+            _accumulate(dh_ref, (rows, ds), update, j == 0)
+            return carry
+
+        jax.lax.fori_loop(0, h_ref.shape[1] // b.block_d, chunk, 0)
+        _sweep_barrier(b)
+        return carry
+
+    jax.lax.fori_loop(0, pl.cdiv(b.vocab, b.block_v), body, 0)
 
 
-def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, vocab, block_v,
-               block_t, num_token_blocks):
+def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
+    """One vocab block: for each token block, h_block^T @ dlogits (recomputed) into dw."""
     dw_ref = refs[-1]  # after the aliased initial dw, if any
     j = pl.program_id(0)
+    every = pl.ds(0, b.block_v)
 
-    def body(i, dw):
-        rows = pl.ds(i * block_t, block_t)
-        h = h_ref[rows, :]
-        logits, cols, _ = _kernel_logits(h, w_ref, j, vocab, block_v)
-        dlogits = _dlogits(logits, cols, t_ref[rows], lse_ref[rows], gl_ref[rows],
-                           gt_ref[rows])
-        return dw + jax.lax.dot_general(
-            h.astype(jnp.float32), dlogits, (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+    def body(i, carry):
+        rows = pl.ds(pl.multiple_of(i * b.block_t, b.block_t), b.block_t)
+        logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
+        dl = _dlogits(logits, ids, t_ref[rows], lse_ref[rows], gl_ref[rows], gt_ref[rows],
+                      h_ref.dtype)
 
-    dw = jax.lax.fori_loop(0, num_token_blocks, body, jnp.zeros(dw_ref.shape, jnp.float32))
-    dw_ref[...] = dw.astype(dw_ref.dtype)
+        def chunk(c, carry):
+            ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
+            update = jax.lax.dot_general(h_ref[rows, ds], dl, (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+            _accumulate(dw_ref, (ds, every), update, i == 0)
+            return carry
+
+        jax.lax.fori_loop(0, h_ref.shape[1] // b.block_d, chunk, 0)
+        _sweep_barrier(b)
+        return carry
+
+    jax.lax.fori_loop(0, h_ref.shape[0] // b.block_t, body, 0)
 
 
-def _pad_operands(h, w, targets, block_t, block_v):
-    """Pad tokens to block_t, vocab to block_v and d_model to a power of two (Triton)."""
+def _pad_operands(h, w, targets, b: _Blocks):
+    """Pad tokens to block_t, vocab to block_v and d_model to block_d."""
     tokens, d = h.shape
     vocab = w.shape[1]
-    tp, vp, dp = _ceil_to(tokens, block_t), _ceil_to(vocab, block_v), pl.next_power_of_2(d)
+    tp, vp, dp = (_ceil_to(tokens, b.block_t), _ceil_to(vocab, b.block_v),
+                  _ceil_to(d, b.block_d))
     h = jnp.pad(h, ((0, tp - tokens), (0, dp - d)))
-    w = jnp.pad(w, ((0, dp - d), (0, vp - vocab)))
+    w = jnp.pad(w.astype(h.dtype), ((0, dp - d), (0, vp - vocab)))
     targets = jnp.pad(targets.astype(jnp.int32), (0, tp - tokens))
     return h, w, targets
 
@@ -232,39 +280,38 @@ def _alias_initial_outputs(args, in_specs, out_specs, initial_outputs):
     return [*args, *initial_outputs], [*in_specs, *out_specs], aliases
 
 
-def _forward_call(hp, wp, tp, vocab, block_t, block_v, interpret, initial_outputs=None):
+def _forward_call(hp, wp, tp, b: _Blocks, initial_outputs=None):
     """Padded operands in, padded (lse, target_logit) out.
 
     initial_outputs: optional (lse, target_logit) buffers the kernel writes into in place.
     """
     (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
-    row = pl.BlockSpec((block_t,), lambda i: (i,))
+    row = pl.BlockSpec((b.block_t,), lambda i: (i,))
     args, in_specs, aliases = _alias_initial_outputs(
         [hp, wp, tp],
-        [pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
+        [pl.BlockSpec((b.block_t, d_pad), lambda i: (i, 0)),
          pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row],
         [row, row], initial_outputs)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, vocab=vocab, block_v=block_v),
-        grid=(t_pad // block_t,),
+        functools.partial(_forward_kernel, b=b),
+        grid=(t_pad // b.block_t,),
         in_specs=in_specs,
         out_specs=[row, row],
         out_shape=[jax.ShapeDtypeStruct((t_pad,), jnp.float32)] * 2,
         input_output_aliases=aliases,
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_fwd",
+        compiler_params=_TRITON, interpret=b.interpret, name="linear_cross_entropy_fwd",
     )(*args)
 
 
-def _pallas_forward(h, w, targets, block_t, block_v, interpret):
-    tokens, vocab = h.shape[0], w.shape[1]
-    hp, wp, tp = _pad_operands(h, w, targets, block_t, block_v)
-    lse, target_logit = _forward_call(hp, wp, tp, vocab, block_t, block_v, interpret)
+def _pallas_forward(h, w, targets, b: _Blocks):
+    tokens = h.shape[0]
+    hp, wp, tp = _pad_operands(h, w, targets, b)
+    lse, target_logit = _forward_call(hp, wp, tp, b)
     return lse[:tokens], target_logit[:tokens]
 
 
-def _backward_calls(hp, wp, tp, vectors, vocab, block_t, block_v, interpret,
-                    initial_outputs=None):
-    """Padded operands and (lse, g_lse, g_target) in, padded (dh, dw) out.
+def _backward_calls(hp, wp, tp, vectors, b: _Blocks, initial_outputs=None):
+    """Padded operands and (lse, g_lse, g_target) in, padded float32 (dh, dw) out.
 
     initial_outputs: optional (dh, dw) buffers the kernels write into in place.
     """
@@ -272,66 +319,64 @@ def _backward_calls(hp, wp, tp, vectors, vocab, block_t, block_v, interpret,
     initial_dh = initial_dw = None
     if initial_outputs is not None:
         initial_dh, initial_dw = initial_outputs[:1], initial_outputs[1:]
-    row = pl.BlockSpec((block_t,), lambda i: (i,))
-    dh_spec = pl.BlockSpec((block_t, d_pad), lambda i: (i, 0))
+    row = pl.BlockSpec((b.block_t,), lambda i: (i,))
+    dh_spec = pl.BlockSpec((b.block_t, d_pad), lambda i: (i, 0))
     args, in_specs, aliases = _alias_initial_outputs(
         [hp, wp, tp, *vectors],
-        [pl.BlockSpec((block_t, d_pad), lambda i: (i, 0)),
-         pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row, row, row, row],
+        [dh_spec, pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row, row, row, row],
         [dh_spec], initial_dh)
     dh = pl.pallas_call(
-        functools.partial(_dh_kernel, vocab=vocab, block_v=block_v),
-        grid=(t_pad // block_t,),
+        functools.partial(_dh_kernel, b=b),
+        grid=(t_pad // b.block_t,),
         in_specs=in_specs,
         out_specs=dh_spec,
-        out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), hp.dtype),
+        out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), jnp.float32),
         input_output_aliases=aliases,
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dh",
+        compiler_params=_TRITON, interpret=b.interpret, name="linear_cross_entropy_dh",
     )(*args)
     whole = pl.BlockSpec((t_pad,), lambda j: (0,))
-    dw_spec = pl.BlockSpec((d_pad, block_v), lambda j: (0, j))
+    dw_spec = pl.BlockSpec((d_pad, b.block_v), lambda j: (0, j))
     args, in_specs, aliases = _alias_initial_outputs(
         [hp, wp, tp, *vectors],
         [pl.BlockSpec((t_pad, d_pad), lambda j: (0, 0)),
          pl.BlockSpec((d_pad, v_pad), lambda j: (0, 0)), whole, whole, whole, whole],
         [dw_spec], initial_dw)
     dw = pl.pallas_call(
-        functools.partial(_dw_kernel, vocab=vocab, block_v=block_v, block_t=block_t,
-                          num_token_blocks=t_pad // block_t),
-        grid=(v_pad // block_v,),
+        functools.partial(_dw_kernel, b=b),
+        grid=(v_pad // b.block_v,),
         in_specs=in_specs,
         out_specs=dw_spec,
-        out_shape=jax.ShapeDtypeStruct((d_pad, v_pad), wp.dtype),
+        out_shape=jax.ShapeDtypeStruct((d_pad, v_pad), jnp.float32),
         input_output_aliases=aliases,
-        compiler_params=_TRITON, interpret=interpret, name="linear_cross_entropy_dw",
+        compiler_params=_TRITON, interpret=b.interpret, name="linear_cross_entropy_dw",
     )(*args)
     return dh, dw
 
 
-def _pallas_backward(h, w, targets, lse, g_lse, g_target, block_t, block_v, interpret):
+def _pallas_backward(h, w, targets, lse, g_lse, g_target, b: _Blocks):
     (tokens, d), vocab = h.shape, w.shape[1]
-    hp, wp, tp = _pad_operands(h, w, targets, block_t, block_v)
+    hp, wp, tp = _pad_operands(h, w, targets, b)
     t_pad = hp.shape[0]
     # Padded tokens get zero cotangents, so they add nothing to dh or dw.
     vectors = [jnp.pad(x.astype(jnp.float32), (0, t_pad - tokens))
                for x in (lse, g_lse, g_target)]
-    dh, dw = _backward_calls(hp, wp, tp, vectors, vocab, block_t, block_v, interpret)
-    return dh[:tokens, :d], dw[:d, :vocab]
+    dh, dw = _backward_calls(hp, wp, tp, vectors, b)
+    return dh[:tokens, :d].astype(h.dtype), dw[:d, :vocab].astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _pallas_lse(h, w, targets, block_t, block_v, interpret):
-    return _pallas_forward(h, w, targets, block_t, block_v, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _pallas_lse(h, w, targets, b: _Blocks):
+    return _pallas_forward(h, w, targets, b)
 
 
-def _pallas_lse_fwd(h, w, targets, block_t, block_v, interpret):
-    out = _pallas_forward(h, w, targets, block_t, block_v, interpret)
+def _pallas_lse_fwd(h, w, targets, b: _Blocks):
+    out = _pallas_forward(h, w, targets, b)
     return out, (h, w, targets, out[0])
 
 
-def _pallas_lse_bwd(block_t, block_v, interpret, res, g):
+def _pallas_lse_bwd(b: _Blocks, res, g):
     h, w, targets, lse = res
-    dh, dw = _pallas_backward(h, w, targets, lse, g[0], g[1], block_t, block_v, interpret)
+    dh, dw = _pallas_backward(h, w, targets, lse, g[0], g[1], b)
     return dh, dw, None
 
 
@@ -351,16 +396,17 @@ def resolve_impl(impl: str) -> str:
 
 
 def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
-                         block_v: int | None = None, block_t: int = 64, z_loss: float = 0.0,
-                         interpret: bool | None = None):
+                         block_v: int | None = None, block_t: int = 64, block_d: int = 64,
+                         z_loss: float = 0.0, interpret: bool | None = None):
     """`cross_entropy(h @ w, targets, mask, z_loss)` without materialising `h @ w`.
 
     h: (tokens, d) or (batch, length, d); w: (d, vocab); targets and mask shaped like
     h without its last axis. Returns float32 `(loss_sum, z_sum, num_tokens)`.
     `block_v` vocab columns are live at a time (both fast paths; default 512 for xla,
     128 for pallas); `block_t` tokens per Pallas program (the xla path takes all tokens
-    at once, so it holds (tokens x block_v) logits). Pallas block sizes must be powers
-    of two (Triton). `interpret=None` interprets the Pallas kernels unless on a GPU.
+    at once, so it holds (tokens x block_v) logits); `block_d` the slice of d_model a
+    Pallas matmul step reads. Pallas block sizes must be powers of two (Triton).
+    `interpret=None` interprets the Pallas kernels unless on a GPU.
     The Pallas kernels are not partitioned: under a multi-device mesh use xla.
     """
     impl = resolve_impl(impl)
@@ -375,8 +421,11 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
     else:
         if interpret is None:
             interpret = not _on_gpu()
-        lse, target_logit = _pallas_lse(h2, w, targets, int(block_t), int(block_v or 128),
-                                        bool(interpret))
+        d = h2.shape[1]
+        blocks = _Blocks(vocab=w.shape[1], block_t=int(block_t), block_v=int(block_v or 128),
+                         block_d=min(int(block_d), max(16, pl.next_power_of_2(d))),
+                         interpret=bool(interpret))
+        lse, target_logit = _pallas_lse(h2, w, targets, blocks)
     loss_sum = jnp.sum((lse - target_logit) * mask)
     z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss
     return loss_sum, z_sum, jnp.sum(mask)

@@ -47,7 +47,7 @@ def _close(got, want, rtol):
 # (tokens, d, vocab, batch, block_t, block_v, z_loss): token counts and vocabularies that
 # are not multiples of the blocks; one vocabulary smaller than a single block.
 CASES = [
-    (37, 16, 300, None, 16, 128, 0.0),
+    (37, 40, 300, None, 16, 128, 0.0),
     (2 * 21, 32, 257, 2, 32, 64, 1e-2),
     (24, 8, 50, None, 16, 64, 1e-3),
 ]
@@ -61,7 +61,7 @@ def test_matches_full_logits_float32(impl, case):
     h, w, targets, mask = _inputs(length, d, vocab, jnp.float32, batch)
     (want, want_terms), want_grads = _value_and_grads("reference", h, w, targets, mask, z_loss)
     (got, got_terms), got_grads = _value_and_grads(
-        impl, h, w, targets, mask, z_loss, block_t=block_t, block_v=block_v)
+        impl, h, w, targets, mask, z_loss, block_t=block_t, block_v=block_v, block_d=16)
     for g, r in zip(got_terms, want_terms):
         _close(g, r, 1e-5)
     _close(got, want, 1e-5)
@@ -88,11 +88,13 @@ def test_matches_full_logits_bfloat16(impl):
 def test_pallas_kernels_write_every_output_element():
     """The forward, dh and dw kernels write into NaN-filled buffers: no NaN may survive,
     padding included, and the results are those of the plain calls."""
-    tokens, d, vocab, block_t, block_v = 37, 12, 300, 16, 128
+    tokens, d, vocab = 37, 40, 300
     h, w, targets, _ = _inputs(tokens, d, vocab, jnp.float32, seed=5)
-    hp, wp, tp = ce_module._pad_operands(h, w, targets, block_t, block_v)
+    blocks = ce_module._Blocks(vocab=vocab, block_t=16, block_v=128, block_d=16,
+                               interpret=True)
+    hp, wp, tp = ce_module._pad_operands(h, w, targets, blocks)
     assert hp.shape[0] > tokens and hp.shape[1] > d and wp.shape[1] > vocab
-    static = dict(vocab=vocab, block_t=block_t, block_v=block_v, interpret=True)
+    static = dict(b=blocks)
     nan = lambda a: jnp.full(a.shape, jnp.nan, a.dtype)
 
     forward = jax.jit(functools.partial(ce_module._forward_call, **static))
