@@ -73,7 +73,8 @@ def _bench(args) -> int:
     from efflm.bench import kernels, mfu
 
     which = args.rest[0] if args.rest else "mfu"
-    benches = {"mfu": mfu.main, "ce": kernels.main}
+    benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
+               "linear": kernels.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)
