@@ -35,6 +35,7 @@ from efflm.pallas_kernels.flash_attention import (
     _TRITON,
     _next_power_of_2,
     _Static,
+    dkv_params,
     dkv_specs_of,
     dkv_step,
     dq_specs_of,
@@ -289,7 +290,7 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Stati
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=s.interpret,
-        compiler_params=_TRITON,
+        compiler_params=dkv_params(d),
         name="block_sparse_attention_dkv",
     )(k_table, q, k, v, do, lse, delta, *seg)
 

@@ -30,6 +30,12 @@ from efflm.layers.attention import dot_product_attention
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
 
+
+def dkv_params(head_dim: int):
+    """The dK/dV kernel keeps two (block_k x head_dim) float32 accumulators live: at head
+    dim 128, 4 warps spill registers on sm_90 (`efflm bench compile`), 8 do not."""
+    return _TRITON if head_dim < 128 else plgpu.CompilerParams(num_warps=8, num_stages=2)
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -411,7 +417,7 @@ def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=s.interpret,
-        compiler_params=_TRITON,
+        compiler_params=dkv_params(d),
         name="flash_attention_dkv",
     )(q, k, v, do, lse, delta, *seg)
 

@@ -38,6 +38,12 @@ _IMPLS = ("auto", "xla", "pallas")
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 
+def _triton_params(dk: int, dv: int):
+    """The (dk x dv) float32 state lives in registers: from 128 x 128 on, 4 warps spill
+    on sm_90 (`efflm bench compile`) and 8 are used."""
+    return _TRITON if dk * dv < 128 * 128 else plgpu.CompilerParams(num_warps=8, num_stages=1)
+
+
 def _check(q, k, v, log_decay, initial_state):
     if q.ndim != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (batch, length, heads, dk); "
@@ -204,7 +210,7 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
                    jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
         input_output_aliases=aliases,
         interpret=interpret,
-        compiler_params=_TRITON,
+        compiler_params=_triton_params(dk, dv),
         name="chunked_linear_attention_fwd",
     )(*args)
 
