@@ -58,8 +58,9 @@ def _triton_module():
 
     jax.devices()  # plugin discovery registers the compilation handler
     if not triton.has_compilation_handler("CUDA"):
-        raise SystemExit("efflm bench compile: no CUDA Triton compiler found; install "
-                         "jax-cuda12-plugin (see `efflm bench compile --help`)")
+        print("efflm bench compile: no CUDA Triton compiler found; install "
+              "jax-cuda12-plugin (see `efflm bench compile --help`)", file=sys.stderr)
+        raise SystemExit(2)
     return triton
 
 
@@ -249,6 +250,7 @@ def compile_case(name: str, build) -> list[Compiled]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="compile", choices=["compile"])
     p.add_argument("--arch", default="90a", choices=sorted(SMEM_LIMIT),
                    help="ptxas target sm_<arch> (default 90a, Hopper)")
     p.add_argument("--cases", default=",".join(CASES),

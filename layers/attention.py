@@ -137,8 +137,8 @@ class SoftmaxAttention(nn.Module):
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
         block = cfg.attention.block_size
         if impl == "pallas":
-            from efflm.pallas_kernels.flash_attention import flash_attention
-            out = flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
+            from efflm.pallas_kernels.flash_attention import partitioned_flash_attention
+            out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         elif block and q.shape[1] > block:
             out = blocked_causal_attention(q, k, v, segment_ids, block)
         else:

@@ -18,6 +18,7 @@ float32. Tests compare the two on values and gradients.
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -508,3 +509,44 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     s = _Static(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
                 block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret))
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
+
+
+def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
+    """`flash_attention` under the active mesh: one kernel call per (batch, heads) shard.
+
+    A Pallas call is opaque to XLA's partitioner, which would gather every operand and
+    run the whole batch on each device. Here the batch is split as the logical axis
+    `batch` is, and heads as `heads` is when `kv_heads` is split the same way (so each
+    shard keeps whole query groups); otherwise heads stay whole. Length is never split:
+    the kernel needs every key, so a `sequence` axis is gathered (ring attention would
+    keep it split). A dimension the mesh does not divide (a batch of one at init) stays
+    whole. Without a mesh of more than one device this is `flash_attention`.
+    """
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    if kwargs.get("return_lse"):
+        raise ValueError("partitioned_flash_attention returns the output only")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs)
+
+    def mesh_axes(name, size):
+        axes = nn.logical_to_mesh_axes((name,))[0]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+    batch = mesh_axes("batch", q.shape[0])
+    heads = mesh_axes("heads", k.shape[2])
+    if heads != mesh_axes("kv_heads", k.shape[2]) or set(heads) & set(batch):
+        heads = ()
+    split = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
+    qkv_spec = P(split(batch), None, split(heads), None)
+    fn = functools.partial(flash_attention, **kwargs)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                             out_specs=qkv_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(lambda q, k, v, s: fn(q, k, v, segment_ids=s), mesh=mesh,
+                         in_specs=(qkv_spec,) * 3 + (P(split(batch), None),),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)

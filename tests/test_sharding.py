@@ -90,3 +90,22 @@ def test_bad_meshes_are_explained(small_config, overrides, words):
         build_program(small_config(*overrides))
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+@pytest.mark.parametrize("mesh", [
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],  # batch and heads split
+    ["mesh.data=4", "mesh.tensor=2", "model.attention.num_kv_heads=1"],  # heads kept whole
+])
+def test_pallas_attention_under_a_mesh_matches_one_device(small_config, one_device_losses,
+                                                          mesh):
+    """Flash attention runs per (batch, heads) shard inside shard_map; the losses equal
+    the one-device XLA run."""
+    cfg = small_config(*SHARDED, *mesh, "model.attention.impl=pallas")
+    got, _, _ = _losses(cfg, jax.devices())
+    if "model.attention.num_kv_heads=1" in mesh:
+        ref, _, _ = _losses(small_config(*SHARDED, "model.attention.num_kv_heads=1"),
+                            jax.devices()[:1])
+    else:
+        ref = one_device_losses
+    np.testing.assert_allclose(got, ref, rtol=5e-5)
