@@ -1,6 +1,6 @@
 """Compile every Pallas kernel for an NVIDIA GPU without one: Triton IR -> PTX -> cubin.
 
-    efflm bench compile [--arch 90a] [--cases flash,ce,...] [--out FILE]
+    efflm bench compile [--arch 90a] [--cases flash,ce,...] [--dtype bfloat16] [--out FILE]
 
 For each kernel (forward and backward, at GPU-sized shapes and the default block sizes)
 the table gives the shared memory Triton asks for, and the registers and spill bytes
@@ -131,7 +131,7 @@ def _kernel_name(ptx: str) -> str:
 # The cases: a function of bf16 inputs whose forward and backward use the Pallas path.
 
 
-def _spec(shape, dtype=jnp.bfloat16):
+def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
@@ -144,18 +144,18 @@ def _grad_all(fn, n):
     return jax.grad(loss, argnums=tuple(range(n)))
 
 
-def _flash_case(d, heads, kv_heads, length=2048, segments=False, window=0):
+def _flash_case(dt, d, heads, kv_heads, length=2048, segments=False, window=0):
     from efflm.pallas_kernels import flash_attention
 
     seg = jnp.ones((1, length), jnp.int32) if segments else None
 
     def fn(q, k, v):
         return flash_attention(q, k, v, segment_ids=seg, window=window, interpret=False)
-    args = (_spec((1, length, heads, d)), *[_spec((1, length, kv_heads, d))] * 2)
+    args = (_spec((1, length, heads, d), dt), *[_spec((1, length, kv_heads, d), dt)] * 2)
     return _grad_all(fn, 3), args
 
 
-def _sparse_case(d, heads, kv_heads, length=2048, block=64):
+def _sparse_case(dt, d, heads, kv_heads, length=2048, block=64):
     from efflm.pallas_kernels.block_sparse_attention import (
         block_sparse_attention,
         sliding_block_mask,
@@ -166,11 +166,11 @@ def _sparse_case(d, heads, kv_heads, length=2048, block=64):
     def fn(q, k, v):
         return block_sparse_attention(q, k, v, mask, block_q=block, block_k=block,
                                       interpret=False)
-    args = (_spec((1, length, heads, d)), *[_spec((1, length, kv_heads, d))] * 2)
+    args = (_spec((1, length, heads, d), dt), *[_spec((1, length, kv_heads, d), dt)] * 2)
     return _grad_all(fn, 3), args
 
 
-def _ce_case(d, vocab=50304, tokens=8192):
+def _ce_case(dt, d, vocab=50304, tokens=8192):
     from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 
     targets = jnp.zeros((tokens,), jnp.int32)
@@ -180,56 +180,56 @@ def _ce_case(d, vocab=50304, tokens=8192):
         loss, _, count = linear_cross_entropy(h, w, targets, mask, impl="pallas",
                                               interpret=False)
         return loss / count
-    return jax.grad(fn, argnums=(0, 1)), (_spec((tokens, d)), _spec((d, vocab)))
+    return jax.grad(fn, argnums=(0, 1)), (_spec((tokens, d), dt), _spec((d, vocab), dt))
 
 
-def _gmm_case(d, ffn, groups=8, tokens=16384):
+def _gmm_case(dt, d, ffn, groups=8, tokens=16384):
     from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 
     sizes = jnp.full((groups,), tokens // groups, jnp.int32)
 
     def fn(x, w):
         return grouped_matmul(x, w, sizes, impl="pallas", interpret=False)
-    return _grad_all(fn, 2), (_spec((tokens, d)), _spec((groups, d, ffn)))
+    return _grad_all(fn, 2), (_spec((tokens, d), dt), _spec((groups, d, ffn), dt))
 
 
-def _linear_case(d, heads=8, length=4096):
+def _linear_case(dt, d, heads=8, length=4096):
     from efflm.pallas_kernels.linear_attention import chunked_linear_attention
 
     def fn(q, k, v, g):
         return chunked_linear_attention(q, k, v, log_decay=g, impl="pallas",
                                         interpret=False)
-    args = (*[_spec((1, length, heads, d))] * 3, _spec((1, length, heads), jnp.float32))
+    args = (*[_spec((1, length, heads, d), dt)] * 3, _spec((1, length, heads), jnp.float32))
     return _grad_all(fn, 4), args
 
 
 CASES = {
     "flash": {
-        "flash d64 h8/8": lambda: _flash_case(64, 8, 8),
-        "flash d128 h8/8": lambda: _flash_case(128, 8, 8),
-        "flash d128 h8/2 (GQA 4)": lambda: _flash_case(128, 8, 2),
-        "flash d128 segments+window": lambda: _flash_case(128, 8, 8, segments=True,
+        "flash d64 h8/8": lambda dt: _flash_case(dt, 64, 8, 8),
+        "flash d128 h8/8": lambda dt: _flash_case(dt, 128, 8, 8),
+        "flash d128 h8/2 (GQA 4)": lambda dt: _flash_case(dt, 128, 8, 2),
+        "flash d128 segments+window": lambda dt: _flash_case(dt, 128, 8, 8, segments=True,
                                                           window=512),
     },
     "sparse": {
-        "block-sparse d128 sliding": lambda: _sparse_case(128, 8, 2),
+        "block-sparse d128 sliding": lambda dt: _sparse_case(dt, 128, 8, 2),
     },
     "ce": {
-        "cross-entropy d768 V50304": lambda: _ce_case(768),
-        "cross-entropy d2048 V50304": lambda: _ce_case(2048),
+        "cross-entropy d768 V50304": lambda dt: _ce_case(dt, 768),
+        "cross-entropy d2048 V50304": lambda dt: _ce_case(dt, 2048),
     },
     "gmm": {
-        "gmm 1024x4096 E8": lambda: _gmm_case(1024, 4096),
+        "gmm 1024x4096 E8": lambda dt: _gmm_case(dt, 1024, 4096),
     },
     "linear": {
-        "linear d64": lambda: _linear_case(64),
-        "linear d128": lambda: _linear_case(128),
+        "linear d64": lambda dt: _linear_case(dt, 64),
+        "linear d128": lambda dt: _linear_case(dt, 128),
     },
 }
 
 
-def compile_case(name: str, build) -> list[Compiled]:
-    fn, args = build()
+def compile_case(name: str, build, dtype) -> list[Compiled]:
+    fn, args = build(dtype)
     sink: list = []
     with _capture(sink):
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ptxas target sm_<arch> (default 90a, Hopper)")
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated groups of: {', '.join(CASES)}")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     args = p.parse_args(argv)
     groups = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -266,14 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [*header("compile", argv if argv is not None else sys.argv[1:]),
              f"Triton (jaxlib {jax.__version__}'s, through the CUDA plugin) to PTX, then "
              f"`ptxas -arch=sm_{args.arch} -v` ({ptxas or 'ptxas not found: no registers'}). "
-             f"bf16 inputs; shared memory limit {limit // 1024} KiB per block.", "",
+             f"{args.dtype} inputs; shared memory limit {limit // 1024} KiB per block.", "",
              "| case | kernel | warps | stages | smem KiB | registers | spill st/ld B | "
              "fits |", "|---|---|---|---|---|---|---|---|"]
     failures = 0
     for group in groups:
         for name, build in CASES[group].items():
             try:
-                rows = compile_case(name, build)
+                rows = compile_case(name, build, jnp.dtype(args.dtype))
             except Exception as e:  # noqa: BLE001 - a failed compile is a table row
                 failures += 1
                 lines.append(f"| {name} | FAILED: {type(e).__name__}: "
