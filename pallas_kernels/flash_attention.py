@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from efflm.layers.attention import dot_product_attention
+from efflm.pallas_kernels.common import alias_initial_outputs
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
@@ -327,12 +328,8 @@ def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
         pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
     ]
-    args = [q, k, v, *_segment_args(segment_ids)]
-    aliases = {}
-    if initial_outputs is not None:
-        aliases = {len(args): 0, len(args) + 1: 1}
-        in_specs += out_specs
-        args += list(initial_outputs)
+    args, in_specs, aliases = alias_initial_outputs(
+        [q, k, v, *_segment_args(segment_ids)], in_specs, out_specs, initial_outputs)
     return pl.pallas_call(
         functools.partial(_forward_kernel, s=s, has_segments=has_segments),
         grid=(t // s.block_q, b, h),

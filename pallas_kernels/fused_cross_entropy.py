@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from efflm.pallas_kernels.common import alias_initial_outputs
 from efflm.train.loss import cross_entropy
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
@@ -271,15 +272,6 @@ def _pad_operands(h, w, targets, b: _Blocks):
     return h, w, targets
 
 
-def _alias_initial_outputs(args, in_specs, out_specs, initial_outputs):
-    """Append `initial_outputs` as inputs aliased to the outputs (for tests: filled with NaN,
-    they show every element is written). None leaves the call as it is."""
-    if initial_outputs is None:
-        return args, in_specs, {}
-    aliases = {len(args) + n: n for n in range(len(initial_outputs))}
-    return [*args, *initial_outputs], [*in_specs, *out_specs], aliases
-
-
 def _forward_call(hp, wp, tp, b: _Blocks, initial_outputs=None):
     """Padded operands in, padded (lse, target_logit) out.
 
@@ -287,7 +279,7 @@ def _forward_call(hp, wp, tp, b: _Blocks, initial_outputs=None):
     """
     (t_pad, d_pad), v_pad = hp.shape, wp.shape[1]
     row = pl.BlockSpec((b.block_t,), lambda i: (i,))
-    args, in_specs, aliases = _alias_initial_outputs(
+    args, in_specs, aliases = alias_initial_outputs(
         [hp, wp, tp],
         [pl.BlockSpec((b.block_t, d_pad), lambda i: (i, 0)),
          pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row],
@@ -321,7 +313,7 @@ def _backward_calls(hp, wp, tp, vectors, b: _Blocks, initial_outputs=None):
         initial_dh, initial_dw = initial_outputs[:1], initial_outputs[1:]
     row = pl.BlockSpec((b.block_t,), lambda i: (i,))
     dh_spec = pl.BlockSpec((b.block_t, d_pad), lambda i: (i, 0))
-    args, in_specs, aliases = _alias_initial_outputs(
+    args, in_specs, aliases = alias_initial_outputs(
         [hp, wp, tp, *vectors],
         [dh_spec, pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row, row, row, row],
         [dh_spec], initial_dh)
@@ -336,7 +328,7 @@ def _backward_calls(hp, wp, tp, vectors, b: _Blocks, initial_outputs=None):
     )(*args)
     whole = pl.BlockSpec((t_pad,), lambda j: (0,))
     dw_spec = pl.BlockSpec((d_pad, b.block_v), lambda j: (0, j))
-    args, in_specs, aliases = _alias_initial_outputs(
+    args, in_specs, aliases = alias_initial_outputs(
         [hp, wp, tp, *vectors],
         [pl.BlockSpec((t_pad, d_pad), lambda j: (0, 0)),
          pl.BlockSpec((d_pad, v_pad), lambda j: (0, 0)), whole, whole, whole, whole],

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from efflm.pallas_kernels.common import alias_initial_outputs
+
 __all__ = ["chunked_linear_attention", "linear_attention_recurrent", "linear_attention_chunked_xla"]
 
 _IMPLS = ("auto", "xla", "pallas")
@@ -192,15 +194,12 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
     dv = vh.shape[-1]
     seq_spec = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j: (i, j, 0, 0))
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
-    in_specs = [seq_spec(dk), seq_spec(dk), seq_spec(dv),
-                pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec]
     out_specs = [seq_spec(dv), state_spec]
-    args = [qh, kh, vh, b, initial_state]
-    aliases = {}
-    if initial_outputs is not None:
-        aliases = {len(args): 0, len(args) + 1: 1}
-        in_specs += out_specs
-        args += list(initial_outputs)
+    args, in_specs, aliases = alias_initial_outputs(
+        [qh, kh, vh, b, initial_state],
+        [seq_spec(dk), seq_spec(dk), seq_spec(dv),
+         pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec],
+        out_specs, initial_outputs)
     return pl.pallas_call(
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         grid=(batch, heads),
