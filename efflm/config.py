@@ -97,7 +97,7 @@ class TrainConfig:
     # auto | naive | xla | pallas: how the head and cross-entropy are computed.
     # naive: full logits; xla/pallas: blockwise over the vocabulary, never holding
     # (tokens x vocab) logits (efflm.pallas_kernels.fused_cross_entropy).
-    # auto: pallas on a single GPU, xla on several GPUs, naive on CPU.
+    # auto: pallas on GPUs (xla when mesh.tensor > 1), naive on CPU.
     loss_impl: str = "auto"
     eval_every: int = 100
     eval_batches: int = 8

@@ -508,6 +508,17 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
 
 
+def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the active logical rules give to axis `name`, or ()
+    when their product does not divide `size` (a batch of one at init stays whole)."""
+    import flax.linen as nn
+
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
 def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     """`flash_attention` under the active mesh: one kernel call per (batch, heads) shard.
 
@@ -519,7 +530,6 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     keep it split). A dimension the mesh does not divide (a batch of one at init) stays
     whole. Without a mesh of more than one device this is `flash_attention`.
     """
-    import flax.linen as nn
     from jax.sharding import PartitionSpec as P
 
     if kwargs.get("return_lse"):
@@ -528,15 +538,9 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     if mesh.empty or mesh.size == 1:
         return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs)
 
-    def mesh_axes(name, size):
-        axes = nn.logical_to_mesh_axes((name,))[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
-
-    batch = mesh_axes("batch", q.shape[0])
-    heads = mesh_axes("heads", k.shape[2])
-    if heads != mesh_axes("kv_heads", k.shape[2]) or set(heads) & set(batch):
+    batch = mesh_axes_of(mesh, "batch", q.shape[0])
+    heads = mesh_axes_of(mesh, "heads", k.shape[2])
+    if heads != mesh_axes_of(mesh, "kv_heads", k.shape[2]) or set(heads) & set(batch):
         heads = ()
     split = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
     qkv_spec = P(split(batch), None, split(heads), None)

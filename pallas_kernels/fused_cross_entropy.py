@@ -399,7 +399,7 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
     at once, so it holds (tokens x block_v) logits); `block_d` the slice of d_model a
     Pallas matmul step reads. Pallas block sizes must be powers of two (Triton).
     `interpret=None` interprets the Pallas kernels unless on a GPU.
-    The Pallas kernels are not partitioned: under a multi-device mesh use xla.
+    Under a multi-device mesh, `partitioned_linear_cross_entropy` runs it per batch shard.
     """
     impl = resolve_impl(impl)
     if impl == "naive":
@@ -421,3 +421,29 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
     loss_sum = jnp.sum((lse - target_logit) * mask)
     z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss
     return loss_sum, z_sum, jnp.sum(mask)
+
+
+def partitioned_linear_cross_entropy(h, w, targets, mask, **kwargs):
+    """`linear_cross_entropy` under the active mesh: the kernels run once per batch shard.
+
+    h: (batch, length, d), targets and mask (batch, length), split over the mesh axes of
+    the logical `batch` axis; w is whole on every device (gathered if it was split).
+    Each shard's sums are added across shards, and the gradient of w with them. Without
+    a mesh of more than one device this is `linear_cross_entropy`.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from efflm.pallas_kernels.flash_attention import mesh_axes_of
+
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = () if mesh.empty else mesh_axes_of(mesh, "batch", h.shape[0])
+    if not batch:
+        return linear_cross_entropy(h, w, targets, mask, **kwargs)
+    spec = P(batch if len(batch) > 1 else batch[0])
+
+    def shard(h, w, targets, mask):
+        terms = linear_cross_entropy(h, w, targets, mask, **kwargs)
+        return tuple(jax.lax.psum(x, batch) for x in terms)
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(spec, P(), spec, spec),
+                         out_specs=(P(), P(), P()), check_vma=False)(h, w, targets, mask)

@@ -94,13 +94,13 @@ def test_bad_meshes_are_explained(small_config, overrides, words):
 
 @pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
 @pytest.mark.parametrize("mesh", [
-    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],  # batch and heads split
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.loss_impl=pallas"],
     ["mesh.data=4", "mesh.tensor=2", "model.attention.num_kv_heads=1"],  # heads kept whole
 ])
-def test_pallas_attention_under_a_mesh_matches_one_device(small_config, one_device_losses,
-                                                          mesh):
-    """Flash attention runs per (batch, heads) shard inside shard_map; the losses equal
-    the one-device XLA run."""
+def test_pallas_kernels_under_a_mesh_match_one_device(small_config, one_device_losses,
+                                                        mesh):
+    """Flash attention runs per (batch, heads) shard inside shard_map, and the fused loss
+    per batch shard; the losses equal the one-device XLA run."""
     cfg = small_config(*SHARDED, *mesh, "model.attention.impl=pallas")
     got, _, _ = _losses(cfg, jax.devices())
     if "model.attention.num_kv_heads=1" in mesh:

@@ -72,7 +72,7 @@ class Program:
         `train.loss_impl` naive computes the full logits; xla and pallas take the final
         hidden states and the head weight and never hold (tokens x vocab) logits.
         """
-        impl = resolve_loss_impl(self.cfg.train.loss_impl, self.mesh.size)
+        impl = resolve_loss_impl(self.cfg.train.loss_impl, dict(self.mesh.shape))
         args = (batch["inputs"], batch["positions"], batch["segment_ids"])
         mask = batch["segment_ids"] > 0
         if impl == "naive":
