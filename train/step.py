@@ -24,6 +24,12 @@ from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_
 from efflm.train.optim import learning_rate_schedule, make_optimizer
 
 
+def _global_norm(tree):
+    """L2 norm over all leaves, in float32 (optax renames this helper across versions)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree.leaves(tree)))
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar
@@ -119,7 +125,7 @@ class Program:
         metrics = {
             "loss": loss_sum / denom,
             "aux_loss": aux,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": _global_norm(grads),
             "tokens": count,
         }
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
