@@ -2,8 +2,9 @@
 
     efflm bench compile [--arch 90a] [--cases flash,ce,...] [--dtype bfloat16] [--out FILE]
 
-For each kernel (forward and backward, at GPU-sized shapes and the default block sizes)
-the table gives the shared memory Triton asks for, and the registers and spill bytes
+For each kernel (forward and backward, at GPU-sized shapes and the default block sizes,
+and inside the whole `small` train step traced as on a GPU: case group `step`) the
+table gives the shared memory Triton asks for, and the registers and spill bytes
 `ptxas -v` reports. A kernel that asks for more shared memory than an SM block can have
 (227 KiB on Hopper) would fail at launch; spills cost speed. Nothing runs: this checks
 that the kernels compile and fit, not that they are fast or right (the `gpu` tests and
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -203,6 +205,26 @@ def _linear_case(dt, d, heads=8, length=4096):
     return _grad_all(fn, 4), args
 
 
+def _step_case(dt, preset="small"):
+    """The whole train step of a preset with Pallas attention and loss, batch 8. `dt` is
+    ignored: the preset's dtype applies."""
+    from efflm.config import load_config
+    from efflm.train.step import build_program
+
+    cfg = load_config(preset, ["model.attention.impl=pallas", "train.loss_impl=pallas",
+                               "train.batch_size=8"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "impl=pallas on cpu runs in interpret mode"
+        program = build_program(cfg)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    batch = {k: _spec(shape, jnp.int32) for k in ("inputs", "targets", "segment_ids",
+                                                  "positions")}
+
+    def step(batch):
+        return program._train_step(program._init(jax.random.key(0)), batch)
+    return step, (batch,), program.context()
+
+
 CASES = {
     "flash": {
         "flash d64 h8/8": lambda dt: _flash_case(dt, 64, 8, 8),
@@ -225,13 +247,27 @@ CASES = {
         "linear d64": lambda dt: _linear_case(dt, 64),
         "linear d128": lambda dt: _linear_case(dt, 128),
     },
+    "step": {
+        "train step, small preset": _step_case,
+    },
 }
 
 
+@contextlib.contextmanager
+def _as_if_on_gpu():
+    """Trace as a GPU run would: `auto` and `interpret=None` read jax.default_backend()."""
+    real = jax.default_backend
+    jax.default_backend = lambda: "gpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = real
+
+
 def compile_case(name: str, build, dtype) -> list[Compiled]:
-    fn, args = build(dtype)
+    fn, args, *context = build(dtype)  # a case may bring the context it traces in
     sink: list = []
-    with _capture(sink):
+    with _capture(sink), _as_if_on_gpu(), (context or [contextlib.nullcontext()])[0]:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     rows, seen = [], set()
     for kw, result in sink:
