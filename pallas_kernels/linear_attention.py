@@ -1,30 +1,35 @@
-"""Chunked causal linear attention with optional per-head, per-step decay.
+"""Chunked causal linear attention with optional per-step decay (gates).
 
-    S_t = exp(g_t) * S_{t-1} + k_t^T v_t        (state: (dk, dv), float32)
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t    (state: (dk, dv), float32)
     o_t = q_t S_t
 
-g_t = 0 is plain linear attention ("Transformers are RNNs"); a per-head
-per-step log decay g_t <= 0 is the scalar-gate form of GLA / RetNet ("Gated
-Linear Attention Transformers with Hardware-Efficient Training", "Retentive
-Network"). No feature map, normaliser or scale is applied: callers do that.
+g_t = 0 is plain linear attention ("Transformers are RNNs"). A log decay g_t <= 0
+is either one scalar per head and step (RetNet's fixed decay, or a scalar gate),
+shaped (batch, length, heads), or one per key dimension (GLA's data-dependent
+gates, "Gated Linear Attention Transformers with Hardware-Efficient Training"),
+shaped (batch, length, heads, dk). No feature map, normaliser or scale is
+applied: callers do that.
 
 Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
   * `linear_attention_recurrent`: a `jax.lax.scan` over tokens (the reference);
   * `xla`: the chunkwise-parallel form in pure JAX: masked quadratic attention
     with cumulative log decays inside a chunk, state passing between chunks
-    (a scan over chunks); gradients by autodiff;
+    (a scan over chunks); gradients by autodiff. Per-key-dimension gates use
+    sub-chunks inside each chunk so that no exponent is positive (below);
   * `pallas`: one Triton-style Pallas kernel per (batch, head) that walks the
     chunks with the state in float32 registers. Its backward (custom_vjp) runs
     the same kernel three more times: dq is the forward pass of (dO, V, K) from
     S0^T; dk and dv (and d initial state) are forward passes over the reversed
     sequence started from the final state's cotangent; the log-decay gradient
     follows from  d b_t = q_t.dq_t - k_t.dk_t  (b the cumulative log decay),
-    reverse-cumsummed.
+    reverse-cumsummed. Scalar gates only: per-key-dimension gates take the xla
+    form (`auto` falls back to it with a one-time warning).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,7 @@ from efflm.pallas_kernels.common import alias_initial_outputs
 __all__ = ["chunked_linear_attention", "linear_attention_recurrent", "linear_attention_chunked_xla"]
 
 _IMPLS = ("auto", "xla", "pallas")
+_warned: set = set()
 # Triton-style kernel: name the Triton backend (GPU pallas_call otherwise picks Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
@@ -53,9 +59,10 @@ def _check(q, k, v, log_decay, initial_state):
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be (batch, length, heads, dv) matching q{q.shape}; "
                          f"got v{v.shape}")
-    if log_decay is not None and log_decay.shape != q.shape[:3]:
-        raise ValueError(f"log_decay must be (batch, length, heads) = {q.shape[:3]}; "
-                         f"got {log_decay.shape}")
+    if log_decay is not None and log_decay.shape not in (q.shape[:3], q.shape):
+        raise ValueError(f"log_decay must be (batch, length, heads) = {q.shape[:3]} (one "
+                         f"gate per head) or (batch, length, heads, dk) = {q.shape} (GLA: "
+                         f"one per key dimension); got {log_decay.shape}")
     batch, _, heads, dk = q.shape
     state_shape = (batch, heads, dk, v.shape[-1])
     if initial_state is not None and initial_state.shape != state_shape:
@@ -83,8 +90,9 @@ def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None):
     f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time first
 
     def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs  # (batch, heads, d), g_t (batch, heads)
-        state = jnp.exp(g_t)[..., None, None] * state + k_t[..., :, None] * v_t[..., None, :]
+        q_t, k_t, v_t, g_t = inputs  # (batch, heads, d), g_t (batch, heads[, dk])
+        decay = jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]
+        state = decay * state + k_t[..., :, None] * v_t[..., None, :]
         return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
     state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay)))
@@ -114,6 +122,8 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
     """
     _check(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
+    if log_decay.ndim == 4:
+        return _gla_chunked_xla(q, k, v, log_decay, state, chunk)
     length = q.shape[1]
     qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
     bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
@@ -127,6 +137,64 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
         out = (jnp.einsum("bhij,bhjv->bhiv", scores, v_c)
                + jnp.exp(b)[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
         k_decayed = k_c * jnp.exp(b_last - b)[..., None]
+        state = (jnp.exp(b_last)[..., None] * state
+                 + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
+        return state, out
+
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    chunks, batch, heads, _, dv = out.shape
+    out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
+    return out[:, :length].astype(q.dtype), state
+
+
+def _sub_chunk(chunk: int) -> int:
+    """Sub-chunk length for per-key-dimension gates: 16, or the chunk if it is smaller
+    or not a multiple of 16."""
+    return 16 if chunk > 16 and chunk % 16 == 0 else chunk
+
+
+def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
+    """Chunkwise form with one gate per key dimension (GLA), numerically safe.
+
+    With b the cumulative log gate inside a chunk (non-increasing), the score of
+    query i and key j <= i is sum_d q_id k_jd exp(b_id - b_jd). Factorising it as
+    (q_i exp(b_i - r)) . (k_j exp(r - b_j)) keeps both exponents <= 0 only when
+    b_j >= r >= b_i. So the chunk is cut into sub-chunks: for the keys of earlier
+    sub-chunks, r is b just before the query's sub-chunk; inside a sub-chunk the
+    (sub x sub x dk) exponents are taken directly. Each chunk step is recomputed in
+    the backward pass (jax.checkpoint) rather than storing those tensors.
+    """
+    length = q.shape[1]
+    qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
+    bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-2)  # (chunks, b, h, chunk, dk)
+    sub = _sub_chunk(chunk)
+    n = chunk // sub
+    pos = jnp.arange(chunk)
+    first = (jnp.arange(n) * sub)[:, None]  # each query sub-chunk's first position
+    earlier = pos[None, :] < first  # (n, chunk): keys of earlier sub-chunks
+    inside = jnp.tril(jnp.ones((sub, sub), bool))
+
+    @jax.checkpoint
+    def step(state, inputs):
+        q_c, k_c, v_c, b = inputs  # (b, h, chunk, dk|dv)
+        split = lambda a: a.reshape(*a.shape[:2], n, sub, a.shape[-1])
+        q_s, k_s, v_s, b_s = split(q_c), split(k_c), split(v_c), split(b)
+        # r: b at the position before each query sub-chunk (0 for the first, unused).
+        r = jnp.concatenate([jnp.zeros_like(b_s[:, :, :1, -1]), b_s[:, :, :-1, -1]], axis=2)
+        q_r = q_s * jnp.exp(b_s - r[:, :, :, None])
+        k_exp = jnp.where(earlier[None, None, :, :, None],
+                          r[:, :, :, None] - b[:, :, None], -jnp.inf)
+        k_r = k_c[:, :, None] * jnp.exp(k_exp)  # (b, h, n, chunk, dk)
+        scores = jnp.einsum("bhnik,bhnjk->bhnij", q_r, k_r)
+        out = jnp.einsum("bhnij,bhjv->bhniv", scores, v_c)
+        diff = jnp.where(inside[:, :, None], b_s[..., :, None, :] - b_s[..., None, :, :],
+                         -jnp.inf)  # (b, h, n, sub, sub, dk)
+        diag = jnp.einsum("bhnik,bhnjk,bhnijk->bhnij", q_s, k_s, jnp.exp(diff))
+        out = out + jnp.einsum("bhnij,bhnjv->bhniv", diag, v_s)
+        out = out.reshape(*out.shape[:2], chunk, out.shape[-1])
+        out = out + jnp.einsum("bhik,bhkv->bhiv", q_c * jnp.exp(b), state)
+        b_last = b[:, :, -1]
+        k_decayed = k_c * jnp.exp(b_last[:, :, None] - b)
         state = (jnp.exp(b_last)[..., None] * state
                  + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
         return state, out
@@ -284,8 +352,9 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
     """Causal (optionally decayed) linear attention. Returns (out, final_state).
 
     q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
-    log_decay: (batch, length, heads) per-head per-step log decay g_t (None: no
-    decay); initial_state: (batch, heads, dk, dv) (None: zeros). The state is
+    log_decay: per-step log decay g_t <= 0, (batch, length, heads) for one gate per
+    head or (batch, length, heads, dk) for one per key dimension (GLA; xla only),
+    None for no decay; initial_state: (batch, heads, dk, dv) (None: zeros). The state is
     float32; out has q's dtype. Any length works (padded to whole chunks).
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
     `pallas` (interpreted unless on GPU, or as `interpret` says).
@@ -296,8 +365,16 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens; got {chunk}")
     on_gpu = jax.default_backend() == "gpu"
+    per_dim = log_decay is not None and log_decay.ndim == 4
+    if impl == "pallas" and per_dim:
+        raise ValueError("impl='pallas' takes one gate per head, log_decay (batch, length, "
+                         "heads); per-key-dimension gates (GLA) run with impl='xla' or 'auto'")
     if impl == "auto":
-        impl = "pallas" if on_gpu else "xla"
+        impl = "pallas" if on_gpu and not per_dim else "xla"
+        if on_gpu and per_dim and "per-dim" not in _warned:
+            _warned.add("per-dim")
+            warnings.warn("chunked_linear_attention: per-key-dimension gates have no Pallas "
+                          "kernel yet; using impl=xla", stacklevel=2)
     if impl == "xla":
         return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
                                             initial_state=initial_state, chunk=chunk)

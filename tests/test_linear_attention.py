@@ -184,3 +184,49 @@ def test_lowers_to_triton_for_gpu():
 
     text = jax.jit(grads).trace(q, log_decay).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@__gpu$xla.gpu.triton(") == 4  # Triton, not Mosaic GPU
+
+
+# Per-key-dimension gates (GLA).
+
+
+def _gla_inputs(length, gate_scale, seed=3):
+    q, k, v, _, state, d_out, d_state = _inputs(length=length, seed=seed)
+    key = jax.random.key(seed + 100)
+    log_decay = -gate_scale * jax.nn.softplus(
+        jax.random.normal(key, (BATCH, length, HEADS, DK)))
+    return q, k, v, log_decay, state, d_out, d_state
+
+
+@pytest.mark.parametrize("length, chunk, gate_scale", [
+    (13, 4, 1.0),    # sub-chunk = chunk
+    (45, 32, 1.0),   # two sub-chunks of 16 per chunk, a partial last chunk
+    (70, 64, 8.0),   # gates down to exp(-30) per step: b reaches about -700 in a chunk
+])
+def test_per_key_dim_gates_match_recurrent(length, chunk, gate_scale):
+    """GLA gates: the chunked form (values and all gradients, the gates' included) equals
+    the token-by-token scan, also where exp(-b) alone would overflow float32."""
+    args = _gla_inputs(length, gate_scale)
+    want = _value_and_grads(linear_attention_recurrent, *args, decay=True, with_state=True)
+    got = _value_and_grads(functools.partial(chunked_linear_attention, impl="xla",
+                                             chunk=chunk), *args, decay=True, with_state=True)
+    if gate_scale > 1:
+        assert float(jnp.min(jnp.cumsum(args[3][:, :64], axis=1))) < -100
+    for name, g, w in zip(("out", "state", "dq", "dk", "dv", "dg", "ds0"), got, want):
+        try:
+            _close(g, w, 1e-4)
+        except AssertionError as e:
+            raise AssertionError(name) from e
+
+
+def test_per_key_dim_gates_are_not_a_pallas_input(monkeypatch):
+    q, k, v, log_decay, *_ = _gla_inputs(8, 1.0)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # where auto means pallas
+    monkeypatch.setattr(la_module, "_warned", set())
+    with pytest.warns(UserWarning, match="no Pallas kernel"):
+        out, _ = chunked_linear_attention(q, k, v, log_decay=log_decay)
+    want, _ = linear_attention_recurrent(q, k, v, log_decay=log_decay)
+    _close(out, want, 1e-4)
+    with pytest.raises(ValueError, match="per-key-dimension"):
+        chunked_linear_attention(q, k, v, log_decay=log_decay, impl="pallas")
+    with pytest.raises(ValueError, match=r"\(batch, length, heads, dk\)"):
+        chunked_linear_attention(q, k, v, log_decay=log_decay[..., :2], impl="xla")
