@@ -39,7 +39,9 @@ import jax.numpy as jnp
 
 from efflm.bench.report import emit, header
 
-SMEM_LIMIT = {"90a": 227 * 1024, "90": 227 * 1024, "80": 163 * 1024, "89": 99 * 1024}
+# Without a GPU, Pallas lowers Triton kernels for compute capability 9.0 (sm_90a PTX),
+# so that is the one target this check can speak for.
+SMEM_LIMIT = {"90a": 227 * 1024}
 
 
 @dataclass
@@ -248,7 +250,7 @@ CASES = {
         "linear d128": lambda dt: _linear_case(dt, 128),
     },
     "step": {
-        "train step, small preset": _step_case,
+        "train step, small preset (its bfloat16)": _step_case,
     },
 }
 
@@ -318,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for r in rows:
                 if ptxas:
-                    r.registers, r.spill_stores, r.spill_loads = _ptxas_info(
-                        ptxas, r.ptx, args.arch)
+                    try:
+                        r.registers, r.spill_stores, r.spill_loads = _ptxas_info(
+                            ptxas, r.ptx, args.arch)
+                    except RuntimeError as e:
+                        failures += 1
+                        lines.append(f"| {name} | {r.kernel}: ptxas FAILED: "
+                                     f"{str(e).splitlines()[0][:200]} | | | | | | no |")
+                        continue
                 fits = r.smem <= limit
                 failures += not fits
                 regs = "" if r.registers is None else str(r.registers)

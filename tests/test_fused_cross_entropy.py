@@ -235,3 +235,14 @@ def test_partitioned_pallas_loss_matches_under_a_mesh():
     _close(got, want, 1e-5)
     for g, r in zip(got_grads, want_grads):
         _close(g, r, 1e-5)
+
+
+@pytest.mark.parametrize("impl, kernels", [("pallas", True), ("xla", False)])
+def test_loss_terms_run_the_impl_they_are_given(impl, kernels):
+    """train.loss_impl reaches the kernels, through the partitioning wrapper too."""
+    from efflm.train.loss import linear_cross_entropy_terms
+
+    h, w, targets, mask = _inputs(16, 8, 40, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda h, w: linear_cross_entropy_terms(
+        h, w, targets, mask, 0.0, impl))(h, w)
+    assert ("pallas_call" in str(jaxpr)) == kernels

@@ -43,5 +43,6 @@ def linear_cross_entropy_terms(h, w, targets, mask, z_loss: float, impl: str):
     )
 
     if impl == "pallas":
-        return partitioned_linear_cross_entropy(h, w, targets, mask, z_loss=z_loss)
+        return partitioned_linear_cross_entropy(h, w, targets, mask, impl=impl,
+                                                z_loss=z_loss)
     return linear_cross_entropy(h, w, targets, mask, impl=impl, z_loss=z_loss)
