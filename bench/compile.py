@@ -197,13 +197,14 @@ def _gmm_case(dt, d, ffn, groups=8, tokens=16384):
     return _grad_all(fn, 2), (_spec((tokens, d), dt), _spec((groups, d, ffn), dt))
 
 
-def _linear_case(dt, d, heads=8, length=4096):
+def _linear_case(dt, d, heads=8, length=4096, per_dim=False):
     from efflm.pallas_kernels.linear_attention import chunked_linear_attention
 
     def fn(q, k, v, g):
         return chunked_linear_attention(q, k, v, log_decay=g, impl="pallas",
                                         interpret=False)
-    args = (*[_spec((1, length, heads, d), dt)] * 3, _spec((1, length, heads), jnp.float32))
+    gates = (1, length, heads, d) if per_dim else (1, length, heads)
+    args = (*[_spec((1, length, heads, d), dt)] * 3, _spec(gates, jnp.float32))
     return _grad_all(fn, 4), args
 
 
@@ -248,6 +249,8 @@ CASES = {
     "linear": {
         "linear d64": lambda dt: _linear_case(dt, 64),
         "linear d128": lambda dt: _linear_case(dt, 128),
+        "GLA gates d64": lambda dt: _linear_case(dt, 64, per_dim=True),
+        "GLA gates d128": lambda dt: _linear_case(dt, 128, per_dim=True),
     },
     "step": {
         "train step, small preset (its bfloat16)": _step_case,

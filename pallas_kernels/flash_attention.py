@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from efflm.layers.attention import dot_product_attention
-from efflm.pallas_kernels.common import alias_initial_outputs
+from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
@@ -170,15 +170,9 @@ def _query_block_range(s: _Static, k_block, num_q_blocks):
     return lo, hi
 
 
-def _mm(a, b, trans_a=False, trans_b=False):
-    """a @ b (either side transposed) accumulated in float32, in any Pallas backend."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
     """Scaled, masked scores (block_q, block_k) in float32."""
-    scores = _mm(q, k, trans_b=True) * s.sm_scale
+    scores = mm(q, k, trans_b=True) * s.sm_scale
     q_idx = q_first + jnp.arange(q.shape[0])[:, None]
     k_idx = k_first + jnp.arange(k.shape[0])[None, :]
     mask = None
@@ -214,7 +208,7 @@ def forward_step(s: _Static, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first
     p = jnp.exp(scores - new_max[:, None])
     row_sum = row_sum * correction + jnp.sum(p, axis=1)
     v = v_ref[keys, :]
-    acc = acc * correction[:, None] + _mm(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + mm(p.astype(v.dtype), v)
     return acc, new_max, row_sum
 
 
@@ -226,9 +220,9 @@ def dq_step(s: _Static, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_r
     k_seg = k_seg_ref[keys] if k_seg_ref is not None else None
     scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
     p = jnp.exp(scores - lse[:, None])
-    dp = _mm(do, v_ref[keys, :], trans_b=True)
+    dp = mm(do, v_ref[keys, :], trans_b=True)
     ds = p * (dp - delta[:, None])
-    return dq + _mm(ds.astype(k.dtype), k)
+    return dq + mm(ds.astype(k.dtype), k)
 
 
 def dkv_step(s: _Static, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
@@ -241,10 +235,10 @@ def dkv_step(s: _Static, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, 
     q_seg = q_seg_ref[rows] if q_seg_ref is not None else None
     scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
     p = jnp.exp(scores - lse_ref[g, rows][:, None])
-    dv = dv + _mm(p.astype(do.dtype), do, trans_a=True)
-    dp = _mm(do, v, trans_b=True)
+    dv = dv + mm(p.astype(do.dtype), do, trans_a=True)
+    dp = mm(do, v, trans_b=True)
     ds = p * (dp - delta_ref[g, rows][:, None])
-    dk = dk + _mm(ds.astype(q.dtype), q, trans_a=True)
+    dk = dk + mm(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
 

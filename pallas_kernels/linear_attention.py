@@ -22,28 +22,32 @@ Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
     S0^T; dk and dv (and d initial state) are forward passes over the reversed
     sequence started from the final state's cotangent; the log-decay gradient
     follows from  d b_t = q_t.dq_t - k_t.dk_t  (b the cumulative log decay),
-    reverse-cumsummed. Scalar gates only: per-key-dimension gates take the xla
-    form (`auto` falls back to it with a one-time warning).
+    reverse-cumsummed. Per-key-dimension gates have their own kernel (the xla
+    form's sub-chunks, one key at a time inside a sub-chunk); in the backward the
+    dq and dk passes gate the state's columns instead of its rows.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from efflm.pallas_kernels.common import alias_initial_outputs
+from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 __all__ = ["chunked_linear_attention", "linear_attention_recurrent", "linear_attention_chunked_xla"]
 
 _IMPLS = ("auto", "xla", "pallas")
-_warned: set = set()
 # Triton-style kernel: name the Triton backend (GPU pallas_call otherwise picks Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
+# The gated kernel keeps a chunk of k, v and gates live beside the state: 4 warps spill
+# at head dim 64 on sm_90 (`efflm bench compile`).
+_GATED_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
 def _triton_params(dk: int, dv: int):
@@ -236,8 +240,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_c
 
 
 def _kernel_layout(q, k, v, log_decay, chunk):
-    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32 ->
-    heads first, zero-padded to whole chunks, log decay cumulative within each chunk."""
+    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads[, G])
+    f32 -> heads first, zero-padded to whole chunks, log decay cumulative in each chunk."""
     batch, length, heads, _ = q.shape
     pad = -length % chunk
     padded = length + pad
@@ -247,8 +251,9 @@ def _kernel_layout(q, k, v, log_decay, chunk):
         return jnp.moveaxis(a, 2, 1)  # (batch, heads, padded, ...)
 
     qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
-    b = heads_first(log_decay).reshape(batch, heads, padded // chunk, chunk)
-    b = jnp.cumsum(b, axis=-1).reshape(batch, heads, padded)
+    gates = log_decay.shape[3:]  # () per head, (G,) per dimension
+    b = heads_first(log_decay).reshape(batch, heads, padded // chunk, chunk, *gates)
+    b = jnp.cumsum(b, axis=3).reshape(batch, heads, padded, *gates)
     return qh, kh, vh, b
 
 
@@ -282,12 +287,111 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
     )(*args)
 
 
-def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
-    """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads) f32,
-    initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
+def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret, on_keys=True):
+    """q, k (batch, length, heads, dk), v (..., dv), log_decay f32 (batch, length, heads)
+    or, per dimension, (..., dk) gating state rows (`on_keys`) or (..., dv) gating its
+    columns; initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
     qh, kh, vh, b = _kernel_layout(q, k, v, log_decay, chunk)
-    out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret)
+    if log_decay.ndim == 4:
+        out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
+                                         on_keys)
+    else:
+        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret)
     return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
+
+
+
+
+# ----------------------------------------------------------------------------
+# Pallas kernel for per-dimension gates (GLA).
+
+
+def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, sub: int,
+                          num_chunks: int, on_keys: bool):
+    """One (batch, head) with one gate per state row (`on_keys`: per key dimension, GLA's
+    forward) or per state column (per value dimension: the backward's dq and dk passes).
+
+    b holds the cumulative log gate inside each chunk. Scores against earlier
+    sub-chunks are factorised around r, b just before the query sub-chunk, so every
+    exponent is <= 0; inside a sub-chunk one key at a time is taken directly.
+    """
+    out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
+    f32 = lambda a: a.astype(jnp.float32)
+    positions = jnp.arange(chunk)[:, None]
+    within = jnp.arange(sub)[:, None]
+
+    def body(c, state):
+        start = c * chunk
+        span = pl.ds(pl.multiple_of(start, chunk), chunk)
+        k, v, b = f32(k_ref[span, :]), f32(v_ref[span, :]), b_ref[span, :]
+        for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
+            rows = pl.ds(start + first, sub)
+            q_i, b_i = f32(q_ref[rows, :]), b_ref[rows, :]
+            if on_keys:
+                out = mm(q_i * jnp.exp(b_i), state)
+            else:
+                out = jnp.exp(b_i) * mm(q_i, state)
+            if first:
+                r = b_ref[pl.ds(start + first - 1, 1), :]
+                decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
+                if on_keys:
+                    scores = mm(q_i * jnp.exp(b_i - r), k * decay, trans_b=True)
+                    out = out + mm(scores, v)
+                else:
+                    scores = jnp.where(positions.T < first, mm(q_i, k, trans_b=True), 0.0)
+                    out = out + jnp.exp(b_i - r) * mm(scores, v * decay)
+
+            def one_key(j, out, first=first, q_i=q_i, b_i=b_i):
+                row = pl.ds(start + first + j, 1)
+                k_j, v_j, b_j = f32(k_ref[row, :]), f32(v_ref[row, :]), b_ref[row, :]
+                gate = jnp.exp(jnp.where(within >= j, b_i - b_j, -jnp.inf))
+                if on_keys:
+                    return out + jnp.sum(q_i * k_j * gate, axis=1, keepdims=True) * v_j
+                return out + jnp.sum(q_i * k_j, axis=1, keepdims=True) * v_j * gate
+
+            out = jax.lax.fori_loop(0, sub, one_key, out)
+            out_ref[rows, :] = out.astype(out_ref.dtype)
+        b_last = b_ref[pl.ds(start + chunk - 1, 1), :]
+        if on_keys:
+            return (jnp.exp(b_last).T * state
+                    + mm(k * jnp.exp(b_last - b), v, trans_a=True))
+        return state * jnp.exp(b_last) + mm(k, v * jnp.exp(b_last - b), trans_a=True)
+
+    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+    state_ref[...] = state
+
+
+def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
+                        initial_outputs=None, block_dv=64):
+    """`_gated_forward_kernel` on `_kernel_layout`'s arrays (b: (batch, heads, padded, G)).
+
+    The value dimension is split over programs, block_dv columns of the state each
+    (gates on rows apply to every slice; gates on columns are sliced with them).
+    """
+    batch, heads, padded, dk = qh.shape
+    dv = vh.shape[-1]
+    block_dv = block_dv if dv % block_dv == 0 else dv
+    whole = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j, n: (i, j, 0, 0))
+    sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
+    state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
+    out_specs = [sliced, state_spec]
+    args, in_specs, aliases = alias_initial_outputs(
+        [qh, kh, vh, b, initial_state],
+        [whole(dk), whole(dk), sliced, whole(dk) if on_keys else sliced, state_spec],
+        out_specs, initial_outputs)
+    return pl.pallas_call(
+        functools.partial(_gated_forward_kernel, chunk=chunk, sub=_sub_chunk(chunk),
+                          num_chunks=padded // chunk, on_keys=on_keys),
+        grid=(batch, heads, dv // block_dv),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), qh.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_GATED_TRITON,
+        name="gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
+    )(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -312,9 +416,12 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     run = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
     f32 = lambda a: a.astype(jnp.float32)
 
+    per_dim = log_decay.ndim == 4  # then the dq and dk passes gate their state's columns
+
     # dq_i = sum_{j<=i} decay(i, j) (dO_i . v_j) k_j + decay(i, start) dO_i S0^T:
     # the forward pass with (q, k, v) -> (dO, v, k) from S0^T.
-    dq, _ = run(d_out, f32(v), f32(k), log_decay, jnp.swapaxes(initial_state, -1, -2))
+    dq, _ = run(d_out, f32(v), f32(k), log_decay, jnp.swapaxes(initial_state, -1, -2),
+                on_keys=not per_dim)
 
     # dk, dv: sums over i >= j, i.e. forward passes over the reversed sequence. The
     # decay between reversed positions uses g shifted by one (g'_t = g_{t+1}, g_T = 0),
@@ -323,18 +430,25 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     shifted = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
     g_rev = reverse(shifted)
     dk_rev, _ = run(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
-                    jnp.swapaxes(d_state, -1, -2))
+                    jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
     dv_rev, d_initial = run(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev, d_state)
     dk, dv = reverse(dk_rev), reverse(dv_rev)
     # The reversed pass decays the start state by everything but g_0.
-    d_initial = jnp.exp(log_decay[:, 0])[..., None, None] * d_initial
+    first_decay = jnp.exp(log_decay[:, 0])
+    d_initial = (first_decay[..., None] if per_dim else first_decay[..., None, None]) * d_initial
 
     # With b_t = cumulative log decay, q_t enters scaled by exp(b_t) and k_t by
     # exp(-b_t), and the final state by exp(b_T): d b_t = q_t.dq_t - k_t.dk_t
-    # (+ <dS_T, S_T> at the last step); d g_t = sum_{s >= t} d b_s.
-    d_cumulative = (jnp.einsum("blhk,blhk->blh", f32(q), dq)
-                    - jnp.einsum("blhk,blhk->blh", f32(k), dk))
-    d_cumulative = d_cumulative.at[:, -1].add(jnp.sum(d_state * final_state, axis=(-2, -1)))
+    # (+ <dS_T, S_T> at the last step); d g_t = sum_{s >= t} d b_s. Per key
+    # dimension the same holds elementwise, without the sum over dk.
+    if per_dim:
+        d_cumulative = f32(q) * dq - f32(k) * dk
+        last = jnp.sum(d_state * final_state, axis=-1)
+    else:
+        d_cumulative = (jnp.einsum("blhk,blhk->blh", f32(q), dq)
+                        - jnp.einsum("blhk,blhk->blh", f32(k), dk))
+        last = jnp.sum(d_state * final_state, axis=(-2, -1))
+    d_cumulative = d_cumulative.at[:, -1].add(last)
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cumulative, 1), axis=1), 1)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype))
@@ -353,9 +467,10 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
 
     q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
     log_decay: per-step log decay g_t <= 0, (batch, length, heads) for one gate per
-    head or (batch, length, heads, dk) for one per key dimension (GLA; xla only),
-    None for no decay; initial_state: (batch, heads, dk, dv) (None: zeros). The state is
-    float32; out has q's dtype. Any length works (padded to whole chunks).
+    head or (batch, length, heads, dk) for one per key dimension (GLA; with Pallas
+    on a GPU the chunk must be a multiple of 16), None for no decay;
+    initial_state: (batch, heads, dk, dv) (None: zeros). The state is float32; out
+    has q's dtype. Any length works (padded to whole chunks).
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
     `pallas` (interpreted unless on GPU, or as `interpret` says).
     """
@@ -365,20 +480,15 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens; got {chunk}")
     on_gpu = jax.default_backend() == "gpu"
-    per_dim = log_decay is not None and log_decay.ndim == 4
-    if impl == "pallas" and per_dim:
-        raise ValueError("impl='pallas' takes one gate per head, log_decay (batch, length, "
-                         "heads); per-key-dimension gates (GLA) run with impl='xla' or 'auto'")
     if impl == "auto":
-        impl = "pallas" if on_gpu and not per_dim else "xla"
-        if on_gpu and per_dim and "per-dim" not in _warned:
-            _warned.add("per-dim")
-            warnings.warn("chunked_linear_attention: per-key-dimension gates have no Pallas "
-                          "kernel yet; using impl=xla", stacklevel=2)
+        impl = "pallas" if on_gpu else "xla"
     if impl == "xla":
         return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
                                             initial_state=initial_state, chunk=chunk)
     if interpret is None:
         interpret = not on_gpu
+    if log_decay is not None and log_decay.ndim == 4 and chunk % 16 and not interpret:
+        raise ValueError(f"per-key-dimension gates under impl='pallas' need a chunk that is "
+                         f"a multiple of 16 (Triton's smallest matmul); got {chunk}")
     log_decay, initial_state = _defaults(q, v, log_decay, initial_state)
     return _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret)

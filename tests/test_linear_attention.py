@@ -101,13 +101,22 @@ def test_state_carry_equals_one_pass(impl):
     _close(final, whole_state, 2e-5)
 
 
-def test_pallas_kernel_writes_every_output_element():
-    """The forward kernel (the backward reuses it) writes into NaN-filled buffers: no NaN may
-    survive, the padded tail of the last chunk included."""
+@pytest.mark.parametrize("gates", ["head", "keys", "values"])
+def test_pallas_kernel_writes_every_output_element(gates):
+    """The forward kernels (the backward reuses them) write into NaN-filled buffers: no NaN
+    may survive, the padded tail of the last chunk included."""
     q, k, v, log_decay, state, _, _ = _inputs(seed=4)
-    layout = la_module._kernel_layout(q, k, v, log_decay, CHUNK)
+    chunk = CHUNK
+    call = functools.partial(la_module._forward_call, chunk=chunk, interpret=True)
+    if gates != "head":  # one gate per key (GLA) or value dimension; two sub-chunks of 16
+        chunk, width = 32, DK if gates == "keys" else DV
+        log_decay = jnp.repeat(log_decay[..., None], width, axis=-1) * jnp.linspace(
+            0.5, 1.5, width)
+        call = functools.partial(la_module._gated_forward_call, chunk=chunk, interpret=True,
+                                 on_keys=gates == "keys")
+    layout = la_module._kernel_layout(q, k, v, log_decay, chunk)
     assert layout[0].shape[2] > LENGTH  # padding is exercised
-    run = jax.jit(functools.partial(la_module._forward_call, chunk=CHUNK, interpret=True))
+    run = jax.jit(call)
     want = run(*layout, state)
     got = run(*layout, state,
               initial_outputs=[jnp.full(a.shape, jnp.nan, a.dtype) for a in want])
@@ -218,15 +227,51 @@ def test_per_key_dim_gates_match_recurrent(length, chunk, gate_scale):
             raise AssertionError(name) from e
 
 
-def test_per_key_dim_gates_are_not_a_pallas_input(monkeypatch):
+@pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+@pytest.mark.parametrize("length, chunk, gate_scale", [(45, 32, 1.0), (40, 16, 8.0)])
+def test_per_key_dim_gates_pallas_match_recurrent(length, chunk, gate_scale):
+    """The Pallas GLA kernel (interpreted) and its backward, whose dq and dk passes gate
+    the state's columns, against the token scan."""
+    args = _gla_inputs(length, gate_scale)
+    want = _value_and_grads(linear_attention_recurrent, *args, decay=True, with_state=True)
+    got = _value_and_grads(functools.partial(chunked_linear_attention, impl="pallas",
+                                             chunk=chunk, interpret=True),
+                           *args, decay=True, with_state=True)
+    for name, g, w in zip(("out", "state", "dq", "dk", "dv", "dg", "ds0"), got, want):
+        try:
+            _close(g, w, 1e-4)
+        except AssertionError as e:
+            raise AssertionError(name) from e
+
+
+def test_per_key_dim_gates_bad_input():
     q, k, v, log_decay, *_ = _gla_inputs(8, 1.0)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # where auto means pallas
-    monkeypatch.setattr(la_module, "_warned", set())
-    with pytest.warns(UserWarning, match="no Pallas kernel"):
-        out, _ = chunked_linear_attention(q, k, v, log_decay=log_decay)
-    want, _ = linear_attention_recurrent(q, k, v, log_decay=log_decay)
-    _close(out, want, 1e-4)
-    with pytest.raises(ValueError, match="per-key-dimension"):
-        chunked_linear_attention(q, k, v, log_decay=log_decay, impl="pallas")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        chunked_linear_attention(q, k, v, log_decay=log_decay, impl="pallas", chunk=24,
+                                 interpret=False)
     with pytest.raises(ValueError, match=r"\(batch, length, heads, dk\)"):
         chunked_linear_attention(q, k, v, log_decay=log_decay[..., :2], impl="xla")
+
+
+@pytest.mark.parametrize("on_keys", [True, False])
+def test_gated_kernel_splits_the_value_dimension(on_keys):
+    """Programs over slices of dv (two here) give the unsplit result: gates on state rows
+    apply to every slice, gates on columns are sliced with them."""
+    keys = jax.random.split(jax.random.key(9), 5)
+    q, k = (jax.random.normal(key, (1, 40, 2, 4)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (1, 40, 2, 16))
+    gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 40, 2, 4 if on_keys else 16)))
+    state = jax.random.normal(keys[4], (1, 2, 4, 16))
+    layout = la_module._kernel_layout(q, k, v, gates, 32)
+    run = functools.partial(la_module._gated_forward_call, chunk=32, interpret=True,
+                            on_keys=on_keys)
+    split = run(*layout, state, block_dv=8)
+    whole = run(*layout, state, block_dv=16)
+    for a, b in zip(split, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if on_keys:  # and both equal the token scan
+        want, want_state = linear_attention_recurrent(q, k, v, log_decay=gates,
+                                                      initial_state=state)
+        np.testing.assert_allclose(jnp.moveaxis(split[0], 1, 2)[:, :40], want, rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(split[1], want_state, rtol=1e-4, atol=1e-4)
