@@ -392,7 +392,8 @@ def linear_rows(args) -> list[dict]:
         q, k, v, do = (_normal(key, shape, dtype) for key in keys[:4])
         inputs = (q, k, v)
         if not args.no_decay:
-            inputs += (-jax.nn.softplus(jax.random.normal(keys[4], shape[:3])),)
+            gates = shape if args.gla else shape[:3]
+            inputs += (-jax.nn.softplus(jax.random.normal(keys[4], gates)),)
         row = {"seq": seq}
         for impl in ("pallas", "xla"):
             step = fwd_bwd(_linear_fn(impl, args.chunk), len(inputs))
@@ -412,7 +413,8 @@ def _ms(result: tuple[float | None, str], interpret: bool) -> str:
 def _linear_table(args, argv: list[str]) -> list[str]:
     rows = linear_rows(args)
     interpret = not _on_gpu()
-    decay = "no decay" if args.no_decay else "per-head per-step decay (GLA form)"
+    decay = ("no decay" if args.no_decay else "GLA gates (one per key dimension and step)"
+             if args.gla else "one decay per head and step")
     lines = [
         *header("linear", argv),
         f"Forward+backward wall time (ms; gradients w.r.t. q, k, v"
@@ -550,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--head-dim", type=_positive_int, help=_default_help("linear", "head_dim"))
     n.add_argument("--chunk", type=_positive_int, default=64, help="default: 64")
     n.add_argument("--no-decay", action="store_true", help="plain linear attention")
+    n.add_argument("--gla", action="store_true", help="one gate per key dimension (GLA)")
 
     for s in (ce, a, g, n):
         s.add_argument("--out", default="", help="also write the table to this markdown file")

@@ -73,10 +73,13 @@ def test_gmm_table(tmp_path):
         assert cells[i + 2].endswith("x") and _positive(cells[i + 2]) > 0
 
 
-def test_linear_table(tmp_path):
+@pytest.mark.parametrize("gates", [[], ["--gla"]])
+def test_linear_table(tmp_path, gates):
     out = tmp_path / "linear.md"
     assert kernels.main(["linear", "--seqs", "64", "--batch", "1", "--heads", "1",
-                         "--head-dim", "16", "--chunk", "16", *TIMING, "--out", str(out)]) == 0
+                         "--head-dim", "16", "--chunk", "16", *gates, *TIMING,
+                         "--out", str(out)]) == 0
+    assert ("GLA gates" in out.read_text()) == bool(gates)
     (row,) = _rows(out)
     seq, shape, pallas, xla, flash, *ratios = row
     assert (seq, shape) == ("64", "1 x 1 x 16")
