@@ -118,6 +118,13 @@ def _to_chunks(a, chunk):
     return jnp.moveaxis(a, 3, 2)  # (chunks, batch, heads, chunk, ...)
 
 
+def _from_chunks(out, length):
+    """(chunks, batch, heads, chunk, dv) -> (batch, length, heads, dv), padding dropped."""
+    chunks, batch, heads, chunk, dv = out.shape
+    out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
+    return out[:, :length]
+
+
 def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64):
     """Chunkwise form: masked attention with decay inside a chunk, state between chunks.
 
@@ -146,9 +153,7 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
         return state, out
 
     state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
-    chunks, batch, heads, _, dv = out.shape
-    out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
-    return out[:, :length].astype(q.dtype), state
+    return _from_chunks(out, length).astype(q.dtype), state
 
 
 def _sub_chunk(chunk: int) -> int:
@@ -204,9 +209,7 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
         return state, out
 
     state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
-    chunks, batch, heads, _, dv = out.shape
-    out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
-    return out[:, :length].astype(q.dtype), state
+    return _from_chunks(out, length).astype(q.dtype), state
 
 
 # ----------------------------------------------------------------------------
