@@ -154,3 +154,26 @@ def test_lowers_to_triton_for_gpu():
     text = jax.jit(value_and_grads).trace(q, k, v).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("@__gpu$xla.gpu.triton(") == 3
+
+
+def test_forward_writes_every_output_element():
+    """Into NaN-filled buffers: every row is written, including a query block whose key
+    list is empty (output 0, lse +inf)."""
+    from efflm.pallas_kernels.block_sparse_attention import _forward
+    from efflm.pallas_kernels.flash_attention import _Static
+
+    q, k, v, _, _ = _inputs(5, 2, 48, 4, 2, 16, segments=False)
+    mask = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)  # block row 1 sees nothing
+    visible = _visible_blocks(mask, 48, 48, 16, 16, causal=True)
+    table = jnp.asarray(_block_table(visible))
+    assert int(table[1, 0]) == 0
+    s = _Static(causal=True, window=0, sm_scale=0.25, block_q=16, block_k=16, q_len=48,
+                kv_len=48, interpret=True)
+    run = jax.jit(lambda *a, **kw: _forward(*a, s, **kw))
+    want = run(q, k, v, None, None, table)
+    got = run(q, k, v, None, None, table,
+              initial_outputs=[jnp.full(x.shape, jnp.nan, x.dtype) for x in want])
+    for name, g, w in zip(("out", "lse"), got, want):
+        assert not np.isnan(np.asarray(g)).any(), name
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    assert np.all(np.asarray(got[0])[:, 16:32] == 0) and np.all(np.isinf(got[1][:, :, 16:32]))
