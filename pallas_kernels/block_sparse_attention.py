@@ -30,7 +30,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from efflm.pallas_kernels.common import alias_initial_outputs
 from efflm.pallas_kernels.flash_attention import (
     _MASKED,
     _TRITON,
@@ -41,6 +40,7 @@ from efflm.pallas_kernels.flash_attention import (
     dkv_step,
     dq_specs_of,
     dq_step,
+    forward_call,
     forward_specs,
     forward_step,
 )
@@ -204,31 +204,14 @@ def _segment_args(q_seg, k_seg):
 
 
 def _forward(q, k, v, q_seg, k_seg, q_table, s: _Static, initial_outputs=None):
-    b, t, h, d = q.shape
+    h, d = q.shape[2:]
     kv_len, kv = k.shape[1], k.shape[2]
-    group = h // kv
     has_segments = q_seg is not None
-    out_specs = [
-        pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
-    ]
-    args, in_specs, aliases = alias_initial_outputs(
-        [q_table, q, k, v, *_segment_args(q_seg, k_seg)],
-        [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
-         *forward_specs(s, d, kv_len, group, has_segments)],
-        out_specs, initial_outputs)
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, s=s, has_segments=has_segments),
-        grid=(t // s.block_q, b, h),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-        input_output_aliases=aliases,
-        interpret=s.interpret,
-        compiler_params=_TRITON,
-        name="block_sparse_attention_forward",
-    )(*args)
+    return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
+                        q, [q_table, q, k, v, *_segment_args(q_seg, k_seg)],
+                        [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
+                         *forward_specs(s, d, kv_len, h // kv, has_segments)],
+                        s, "block_sparse_attention_forward", initial_outputs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -319,19 +319,26 @@ def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
     initial_outputs: optional (out, lse) buffers the kernel writes into in place (for
     tests: filled with NaN, they show every position is written).
     """
-    b, t, h, d = q.shape
+    h, d = q.shape[2:]
     kv_len, kv = k.shape[1], k.shape[2]
-    group = h // kv
     has_segments = segment_ids is not None
-    in_specs = forward_specs(s, d, kv_len, group, has_segments)
+    return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
+                        q, [q, k, v, *_segment_args(segment_ids)],
+                        forward_specs(s, d, kv_len, h // kv, has_segments), s,
+                        "flash_attention_forward", initial_outputs)
+
+
+def forward_call(kernel, q, args, in_specs, s: _Static, name: str, initial_outputs=None):
+    """(out, lse) of a forward kernel run once per (query block, batch, head)."""
+    b, t, h, d = q.shape
     out_specs = [
         pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         pl.BlockSpec((None, None, s.block_q), lambda i, bi, hi: (bi, hi, i)),
     ]
-    args, in_specs, aliases = alias_initial_outputs(
-        [q, k, v, *_segment_args(segment_ids)], in_specs, out_specs, initial_outputs)
+    args, in_specs, aliases = alias_initial_outputs(args, in_specs, out_specs,
+                                                    initial_outputs)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, s=s, has_segments=has_segments),
+        kernel,
         grid=(t // s.block_q, b, h),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -340,7 +347,7 @@ def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
         input_output_aliases=aliases,
         interpret=s.interpret,
         compiler_params=_TRITON,
-        name="flash_attention_forward",
+        name=name,
     )(*args)
 
 
