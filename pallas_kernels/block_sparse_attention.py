@@ -32,13 +32,10 @@ from jax.experimental import pallas as pl
 
 from efflm.pallas_kernels.flash_attention import (
     _MASKED,
-    _TRITON,
     _next_power_of_2,
     _Static,
-    dkv_params,
-    dkv_specs_of,
+    backward_calls,
     dkv_step,
-    dq_specs_of,
     dq_step,
     forward_call,
     forward_specs,
@@ -262,40 +259,13 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Static):
-    b, t, h, d = q.shape
-    kv_len, kv = k.shape[1], k.shape[2]
-    group = h // kv
     has_segments = q_seg is not None
-    seg = _segment_args(q_seg, k_seg)
-
-    dkv_specs = [pl.BlockSpec((None, k_table.shape[1]), lambda j, bi, ki: (j, 0)),
-                 *dkv_specs_of(s, t, d, group, has_segments)]
-    kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
-    dk, dv = pl.pallas_call(
+    group = q.shape[2] // k.shape[2]
+    return backward_calls(
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
-        grid=(kv_len // s.block_k, b, kv),
-        in_specs=dkv_specs,
-        out_specs=[kv_out, kv_out],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=s.interpret,
-        compiler_params=dkv_params(d),
-        name="block_sparse_attention_dkv",
-    )(k_table, q, k, v, do, lse, delta, *seg)
-
-    dq_specs = [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
-                *dq_specs_of(s, d, kv_len, group, has_segments)]
-    dq = pl.pallas_call(
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
-        grid=(t // s.block_q, b, h),
-        in_specs=dq_specs,
-        out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=s.interpret,
-        compiler_params=_TRITON,
-        name="block_sparse_attention_dq",
-    )(q_table, q, k, v, do, lse, delta, *seg)
-    return dq, dk, dv
+        q, k, v, [do, lse, delta, *_segment_args(q_seg, k_seg)], s,
+        "block_sparse_attention", tables=(q_table, k_table))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

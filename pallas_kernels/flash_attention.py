@@ -405,39 +405,51 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Stati
 
 
 def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
+    has_segments = segment_ids is not None
+    group = q.shape[2] // k.shape[2]
+    return backward_calls(
+        functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
+        functools.partial(_dq_kernel, s=s, has_segments=has_segments),
+        q, k, v, [do, lse, delta, *_segment_args(segment_ids)], s, "flash_attention")
+
+
+def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: _Static, prefix: str,
+                   tables=None):
+    """(dq, dk, dv) from two kernels: dK/dV with one program per (key block, batch, K/V
+    head) over all its query heads, dQ with one per (query block, batch, head) over the
+    key blocks it sees. rest: (do, lse, delta[, q_seg, k_seg]); tables: optional
+    (q_table, k_table), passed first, one row per query (key) block."""
     b, t, h, d = q.shape
     kv_len, kv = k.shape[1], k.shape[2]
-    group = h // kv
-    has_segments = segment_ids is not None
-    seg = _segment_args(segment_ids)
+    group, has_segments = h // kv, len(rest) > 3
+    q_table, k_table = tables if tables is not None else (None, None)
+    row = lambda table: ([] if table is None else
+                         [pl.BlockSpec((None, table.shape[1]), lambda n, bi, hi: (n, 0))])
+    lead = lambda table: [] if table is None else [table]
 
-    # dK, dV: one program per (key block, batch, K/V head), over all its query heads.
-    dkv_specs = dkv_specs_of(s, t, d, group, has_segments)
     kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
+        dkv_kernel,
         grid=(kv_len // s.block_k, b, kv),
-        in_specs=dkv_specs,
+        in_specs=[*row(k_table), *dkv_specs_of(s, t, d, group, has_segments)],
         out_specs=[kv_out, kv_out],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=s.interpret,
         compiler_params=dkv_params(d),
-        name="flash_attention_dkv",
-    )(q, k, v, do, lse, delta, *seg)
+        name=f"{prefix}_dkv",
+    )(*lead(k_table), q, k, v, *rest)
 
-    # dQ: one program per (query block, batch, head), over the key blocks it sees.
-    dq_specs = dq_specs_of(s, d, kv_len, group, has_segments)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, s=s, has_segments=has_segments),
+        dq_kernel,
         grid=(t // s.block_q, b, h),
-        in_specs=dq_specs,
+        in_specs=[*row(q_table), *dq_specs_of(s, d, kv_len, group, has_segments)],
         out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=s.interpret,
         compiler_params=_TRITON,
-        name="flash_attention_dq",
-    )(q, k, v, do, lse, delta, *seg)
+        name=f"{prefix}_dq",
+    )(*lead(q_table), q, k, v, *rest)
     return dq, dk, dv
 
 
