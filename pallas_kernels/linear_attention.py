@@ -266,27 +266,38 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
     tests: filled with NaN, they show every element is written).
     """
+    padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
+    return _per_head_call(
+        functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
+        qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
+        initial_state, dv, interpret, _triton_params(dk, dv), "chunked_linear_attention_fwd",
+        initial_outputs)
+
+
+def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
+                   params, name, initial_outputs):
+    """One program per (batch, head, slice of block_dv value columns): q and k whole, v,
+    the state and the output sliced, the gates as `b_spec` says."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
-    seq_spec = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j: (i, j, 0, 0))
-    state_spec = pl.BlockSpec((None, None, dk, dv), lambda i, j: (i, j, 0, 0))
-    out_specs = [seq_spec(dv), state_spec]
+    whole = pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0))
+    sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
+    state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
+    out_specs = [sliced, state_spec]
     args, in_specs, aliases = alias_initial_outputs(
-        [qh, kh, vh, b, initial_state],
-        [seq_spec(dk), seq_spec(dk), seq_spec(dv),
-         pl.BlockSpec((None, None, padded), lambda i, j: (i, j, 0)), state_spec],
+        [qh, kh, vh, b, initial_state], [whole, whole, sliced, b_spec, state_spec],
         out_specs, initial_outputs)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
-        grid=(batch, heads),
+        kernel,
+        grid=(batch, heads, dv // block_dv),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), qh.dtype),
                    jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
         input_output_aliases=aliases,
         interpret=interpret,
-        compiler_params=_triton_params(dk, dv),
-        name="chunked_linear_attention_fwd",
+        compiler_params=params,
+        name=name,
     )(*args)
 
 
@@ -371,30 +382,16 @@ def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
     The value dimension is split over programs, block_dv columns of the state each
     (gates on rows apply to every slice; gates on columns are sliced with them).
     """
-    batch, heads, padded, dk = qh.shape
-    dv = vh.shape[-1]
+    padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
     block_dv = block_dv if dv % block_dv == 0 else dv
-    whole = lambda d: pl.BlockSpec((None, None, padded, d), lambda i, j, n: (i, j, 0, 0))
-    sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
-    state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
-    out_specs = [sliced, state_spec]
-    args, in_specs, aliases = alias_initial_outputs(
-        [qh, kh, vh, b, initial_state],
-        [whole(dk), whole(dk), sliced, whole(dk) if on_keys else sliced, state_spec],
-        out_specs, initial_outputs)
-    return pl.pallas_call(
+    b_spec = (pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0)) if on_keys
+              else pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n)))
+    return _per_head_call(
         functools.partial(_gated_forward_kernel, chunk=chunk, sub=_sub_chunk(chunk),
                           num_chunks=padded // chunk, on_keys=on_keys),
-        grid=(batch, heads, dv // block_dv),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), qh.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=_GATED_TRITON,
-        name="gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
-    )(*args)
+        qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
+        "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
+        initial_outputs)
 
 
 # ----------------------------------------------------------------------------
