@@ -35,6 +35,7 @@ from efflm.pallas_kernels.flash_attention import (
     _next_power_of_2,
     _Static,
     backward_calls,
+    check_qkv,
     dkv_step,
     dq_step,
     forward_call,
@@ -154,13 +155,7 @@ def reference_block_sparse_attention(q, k, v, block_mask, *, block_q, block_k,
 
 
 def _check_args(q, k, v, segment_ids, block_q, block_k):
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q (batch, length, heads, dim) and k, v (batch, kv_length, "
-                         f"kv_heads, dim) of one shape; got {q.shape}, {k.shape}, {v.shape}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    check_qkv(q, k, v)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")

@@ -89,7 +89,8 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_
     return out, lse
 
 
-def _check_args(q, k, v, segment_ids, causal, window):
+def check_qkv(q, k, v):
+    """Shapes of grouped-query attention operands."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (batch, length, heads, dim) and k, v (batch, kv_length, "
                          f"kv_heads, dim) of one shape; got {q.shape}, {k.shape}, {v.shape}")
@@ -97,6 +98,10 @@ def _check_args(q, k, v, segment_ids, causal, window):
         raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+
+
+def _check_args(q, k, v, segment_ids, causal, window):
+    check_qkv(q, k, v)
     if window < 0:
         raise ValueError(f"window must be >= 0 (0: no window), got {window}")
     if window and not causal:
