@@ -19,8 +19,8 @@ def _train(args) -> int:
     return 0
 
 
-def _restore_params(args):
-    """(cfg, program, params, tokenizer, step) of the latest checkpoint in a workdir."""
+def _restore_state(args):
+    """(cfg, program, state, tokenizer, step) of the latest checkpoint in a workdir."""
     from efflm.config import load_config
     from efflm.data import get_tokenizer
     from efflm.train.checkpoint import Checkpointer
@@ -37,14 +37,14 @@ def _restore_params(args):
         state, step = restore_or_init(program, checkpointer, None)
     finally:
         checkpointer.close()
-    return cfg, program, state.params, get_tokenizer(cfg.data.tokenizer), step
+    return cfg, program, state, get_tokenizer(cfg.data.tokenizer), step
 
 
 def _eval(args) -> int:
     from efflm.train.trainer import evaluate
 
-    cfg, program, params, tokenizer, step = _restore_params(args)
-    result = {"step": step, **evaluate(program, params, tokenizer, args.batches)}
+    cfg, program, state, tokenizer, step = _restore_state(args)
+    result = {"step": step, **evaluate(program, state, tokenizer, args.batches)}
     print(json.dumps(result))
     return 0
 
@@ -52,10 +52,10 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     from efflm.train.generate import sample
 
-    cfg, program, params, tokenizer, _ = _restore_params(args)
+    cfg, program, state, tokenizer, _ = _restore_state(args)
     ids = tokenizer.encode(args.prompt)
     with program.context():
-        out = sample(program.model, params, ids, max_new_tokens=args.max_new_tokens,
+        out = sample(program.model, state.variables(), ids, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                      stop_id=tokenizer.eos_id)
     sys.stdout.write(args.prompt + tokenizer.decode(out) + "\n")

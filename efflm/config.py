@@ -23,6 +23,9 @@ from efflm.errors import ConfigError
 @dataclass
 class AttentionConfig:
     kind: str = "softmax"
+    # Comma-separated mixer kinds repeated over the depth (e.g. "linear,linear,softmax");
+    # empty: `kind` in every layer.
+    pattern: str = ""
     impl: str = "auto"  # auto | xla | pallas
     num_heads: int = 4
     num_kv_heads: int = 0  # 0: as many as num_heads (grouped-query when fewer)
@@ -36,6 +39,7 @@ class AttentionConfig:
 @dataclass
 class MLPConfig:
     kind: str = "swiglu"
+    pattern: str = ""  # comma-separated MLP kinds repeated over the depth; empty: `kind`
     d_ff: int = 1024
 
 
@@ -306,6 +310,12 @@ def validate(cfg: Config) -> None:
     _choice("model.attention.kind", a.kind, ATTENTION)
     _choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
     _choice("model.mlp.kind", m.mlp.kind, MLP)
+    from efflm.models.plan import pattern_kinds
+
+    for key, pattern, registry in (("model.attention.pattern", a.pattern, ATTENTION),
+                                   ("model.mlp.pattern", m.mlp.pattern, MLP)):
+        for kind in pattern_kinds(pattern):
+            _choice(f"{key} entry", kind, registry)
     _choice("model.depth.kind", m.depth.kind, DEPTH)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)

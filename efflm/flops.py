@@ -24,9 +24,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     heads, kv = cfg.attention.num_heads, num_kv_heads(cfg)
     attn_proj = 2 * d * hd * (2 * heads + 2 * kv)  # q, out; k, v
     attn_mix = 2 * 2 * (seq_len / 2) * heads * hd  # causal scores and weighted values
-    mlp = MLP_FLOPS[cfg.mlp.kind](cfg)
+    from efflm.models.plan import layer_plan
+
+    mlp = sum(MLP_FLOPS[spec.mlp](cfg) for spec in layer_plan(cfg))
     head = 2 * d * cfg.vocab_size
-    return cfg.num_layers * (attn_proj + attn_mix + mlp) + head
+    return cfg.num_layers * (attn_proj + attn_mix) + mlp + head
 
 
 MLP_FLOPS = {"swiglu": lambda cfg: 2 * 3 * cfg.d_model * cfg.mlp.d_ff}

@@ -48,3 +48,41 @@ def flat_matmul(x, kernel, in_dims: int = 1):
     out = kernel.shape[in_dims:]
     y = x.reshape(-1, math.prod(inner)) @ kernel.reshape(math.prod(inner), math.prod(out))
     return y.reshape(*lead, *out)
+
+
+# Named random streams a layer may draw from with `self.make_rng(name)` while training.
+# The train step derives a fresh key for each from the state's key and the step; eval
+# and generation pass none, so a layer checks `self.has_rng(name)` and is deterministic
+# without one.
+RNG_STREAMS = ("dropout", "router", "quant")
+
+# Collections of non-trainable variables (router biases, fp8 scale histories, counters)
+# that the train state carries beside the parameters: updated by the forward pass of
+# the train step, checkpointed, never seen by the optimizer. A layer updates them only
+# when `self.is_mutable_collection(name)`.
+STATE_COLLECTIONS = ("state",)
+
+# Sown scalars: auxiliary losses (added to the objective, each counted once per step)
+# and statistics (logged by name).
+LOSSES = "losses"
+STATS = "stats"
+
+# How a statistic is combined over the layers that sow it and over microbatches;
+# per_layer logs `name/layer_i` for each layer (averaged over microbatches).
+STAT_REDUCTIONS = ("mean", "max", "min", "sum", "per_layer")
+
+
+def sow_stat(module: nn.Module, name: str, value, reduce: str = "mean") -> None:
+    """Log the scalar `value` as the statistic `name`, combined by `reduce`."""
+    if reduce not in STAT_REDUCTIONS:
+        raise ValueError(f"statistic {name!r}: reduce must be one of {STAT_REDUCTIONS}")
+    module.sow(STATS, f"{reduce}:{name}", jnp.asarray(value, jnp.float32))
+
+
+def sow_loss(module: nn.Module, name: str, value) -> None:
+    """Add the scalar `value` to the training objective.
+
+    `value` is a mean over the (micro)batch the layer sees; the step weighs it so that it
+    counts exactly once per step, whatever `train.grad_accum` and the mesh.
+    """
+    module.sow(LOSSES, name, jnp.asarray(value, jnp.float32))

@@ -1,13 +1,18 @@
 """How blocks are stacked. Registered in `efflm.layers.DEPTH` by `model.depth.kind`.
 
-A depth module receives the block class and applies it `num_layers` times; adaptive
-depth (mixture-of-depths, mixture-of-recursions) replaces this with routed stacks.
+A depth module receives the block class and the layer plan (one spec per layer,
+`efflm.models.plan`) and runs the plan; adaptive depth (mixture-of-depths,
+mixture-of-recursions) replaces this with routed stacks.
+
+Blocks map `(x, carry, positions, segment_ids, mask) -> (x, carry)`: `carry` is a
+dict passed from layer to layer (empty unless a kind in the plan starts one).
 """
 
 import flax.linen as nn
 import jax
 
 from efflm.config import ModelConfig
+from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 
 REMAT_POLICIES = {
     "full": None,
@@ -15,40 +20,81 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+# Every collection a block may write is stacked along the scanned axis; every random
+# stream is split, so that each layer draws its own key.
+SCAN_VARIABLE_AXES = {c: 0 for c in ("params", "intermediates", LOSSES, STATS,
+                                     *STATE_COLLECTIONS)}
+SCAN_SPLIT_RNGS = {s: True for s in ("params", *RNG_STREAMS)}
 
-class _ScanStep(nn.Module):
-    """Adapts a block to `nn.scan`'s (carry, x) -> (carry, y) signature."""
 
-    block: type
+def _remat(module, cfg: ModelConfig, **kw):
+    if cfg.remat == "none":
+        return module
+    return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], **kw)
+
+
+class _Group(nn.Module):
+    """One repeat of the plan's repeating group, in `nn.scan`'s (carry, x) -> (carry, y)
+    form: layer j of the group is `layer_j`."""
+
     cfg: ModelConfig
+    block: type
+    specs: tuple
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, mask):
-        return self.block(self.cfg, name="block")(x, positions, segment_ids, mask), None
+    def __call__(self, state, positions, segment_ids, mask):
+        x, carry = state
+        for j, spec in enumerate(self.specs):
+            x, carry = self.block(self.cfg, spec, name=f"layer_{j}")(
+                x, carry, positions, segment_ids, mask)
+        return (x, carry), None
+
+
+def initial_carry(plan, x) -> dict:
+    """The carry the plan's kinds start from (`initial_carry(cfg, x)` on the class)."""
+    from efflm.layers import ATTENTION, MLP
+
+    carry = {}
+    for cls in {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}:
+        start = getattr(cls, "initial_carry", None)
+        if start is not None:
+            carry.update(start(x))
+    return carry
 
 
 class PlainStack(nn.Module):
-    """Every token goes through every block: the dense baseline (`depth.kind=none`)."""
+    """Every token goes through every block: the dense baseline (`depth.kind=none`).
+
+    With `model.scan_layers`, the plan's repeating group (`repeating_group`) is scanned
+    over its repeats as `layers` (parameters stacked on a leading `layers` axis) and the
+    leftover layers run unrolled after it as `layer_{i}`; without, every layer is
+    `layer_{i}`.
+    """
 
     cfg: ModelConfig
     block: type
+    plan: tuple
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
-        cfg = self.cfg
+        from efflm.models.plan import repeating_group
+
+        cfg, plan = self.cfg, self.plan
+        carry = initial_carry(plan, x)
+        first = 0
         if cfg.scan_layers:
-            step = _ScanStep
-            if cfg.remat != "none":
-                step = nn.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-            scanned = nn.scan(
-                step, variable_axes={"params": 0, "intermediates": 0, "losses": 0},
-                split_rngs={"params": True}, in_axes=(nn.broadcast,) * 3,
-                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(self.block, cfg, name="layers")(x, positions, segment_ids, mask)
-            return x
-        block = self.block
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat])
-        for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layer_{i}")(x, positions, segment_ids, mask)
+            period, repeats = repeating_group(plan)
+            if repeats > 1:
+                scanned = nn.scan(
+                    _remat(_Group, cfg, prevent_cse=False),
+                    variable_axes=SCAN_VARIABLE_AXES, split_rngs=SCAN_SPLIT_RNGS,
+                    in_axes=(nn.broadcast,) * 3, length=repeats,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+                (x, carry), _ = scanned(cfg, self.block, plan[:period], name="layers")(
+                    (x, carry), positions, segment_ids, mask)
+                first = period * repeats
+        block = _remat(self.block, cfg)
+        for i in range(first, len(plan)):
+            x, carry = block(cfg, plan[i], name=f"layer_{i}")(
+                x, carry, positions, segment_ids, mask)
         return x

@@ -6,29 +6,43 @@ import jax.numpy as jnp
 from efflm.config import ModelConfig
 from efflm.layers import ATTENTION, DEPTH, MLP, RMSNorm, attention_mask
 from efflm.layers.common import flat_matmul, param_dtype
+from efflm.models.plan import LayerSpec, layer_plan
+
+
+def _call_kind(module, carry, x, *args):
+    """Run a mixer or MLP; a kind whose class sets `takes_carry` also gets and returns
+    the layer-to-layer carry."""
+    if getattr(type(module), "takes_carry", False):
+        return module(x, carry, *args)
+    return module(x, *args), carry
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: token mixer then MLP, each chosen from its registry."""
+    """Pre-norm residual block: token mixer then MLP, the kinds its `LayerSpec` names."""
 
     cfg: ModelConfig
+    spec: LayerSpec
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, mask):
+    def __call__(self, x, carry, positions, segment_ids, mask):
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        mixer = ATTENTION[cfg.attention.kind](cfg, name="attention")
-        h = mixer(RMSNorm(name="attention_norm", **norm)(x), positions, segment_ids, mask)
+        mixer = ATTENTION[self.spec.mixer](cfg, name="attention")
+        h, carry = _call_kind(mixer, carry, RMSNorm(name="attention_norm", **norm)(x),
+                              positions, segment_ids, mask)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
-        h = MLP[cfg.mlp.kind](cfg, name="mlp")(RMSNorm(name="mlp_norm", **norm)(x))
-        return nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+        mlp = MLP[self.spec.mlp](cfg, name="mlp")
+        h, carry = _call_kind(mlp, carry, RMSNorm(name="mlp_norm", **norm)(x))
+        return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), carry
 
 
 class LM(nn.Module):
     """Decoder-only LM. Returns logits (batch, length, vocab) in the compute dtype.
 
-    Auxiliary losses that layers `sow` into the `losses` collection are added to the
-    training loss by `efflm.train.loss`.
+    Layers report through collections (`efflm.layers.common`): auxiliary losses sown
+    into `losses`, which the train step adds to the objective; statistics into `stats`,
+    which it logs; non-trainable variables in `STATE_COLLECTIONS`, which the train state
+    carries from step to step.
     """
 
     cfg: ModelConfig
@@ -45,7 +59,7 @@ class LM(nn.Module):
                 "head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), pdt)
-        self.blocks = DEPTH[cfg.depth.kind](cfg, Block, name="blocks")
+        self.blocks = DEPTH[cfg.depth.kind](cfg, Block, layer_plan(cfg), name="blocks")
         self.final_norm = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype)
 

@@ -131,7 +131,7 @@ def test_scan_and_remat_match_plain_loop(small_config):
         other_params = dict(params)
         if other_cfg.model.scan_layers:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-            other_params["blocks"] = {"layers": {"block": stacked}}
+            other_params["blocks"] = {"layers": {"layer_0": stacked}}
         # The scanned model's own init has the same structure as what we built.
         ref_struct = jax.tree.structure(nn.unbox(other.init(jax.random.key(1), tokens)))
         assert jax.tree.structure({"params": other_params}) == ref_struct
@@ -142,7 +142,7 @@ def test_scan_and_remat_match_plain_loop(small_config):
         g_other = jax.grad(_loss, argnums=1)(other, other_params, tokens, pos, seg)
         if other_cfg.model.scan_layers:
             g_other = dict(g_other)
-            stacked = g_other.pop("blocks")["layers"]["block"]
+            stacked = g_other.pop("blocks")["layers"]["layer_0"]
             g_other["blocks"] = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
                                  for i in range(cfg.model.num_layers)}
         for a, b in zip(jax.tree.leaves(g_other), jax.tree.leaves(g_plain)):

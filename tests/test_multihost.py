@@ -124,7 +124,7 @@ def _reference(steps):
             state, metrics = program.train_step(state, global_batch(batch, program.mesh))
             losses.append(float(metrics["loss"]))
             if step % cfg.train.eval_every == 0:
-                evals.append(evaluate(program, state.params, tokenizer,
+                evals.append(evaluate(program, state, tokenizer,
                                       cfg.train.eval_batches)["eval_loss"])
     return losses, evals
 

@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+import flax
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -92,6 +93,7 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            self._check_fields(step, abstract_state)
             try:
                 items = {"state": ocp.args.StandardRestore(abstract_state)}
                 if data_iterator is not None:
@@ -109,6 +111,22 @@ class Checkpointer:
                 f"none of the checkpoints in {self.directory} (steps {steps}) could be read; "
                 "move the directory away or pass train.fresh=true to start over")
         return None
+
+    def _check_fields(self, step: int, abstract_state) -> None:
+        """Refuse a checkpoint whose train state lacks fields this version keeps (one
+        written before they existed), naming them, instead of trying older ones."""
+        try:
+            meta = ocp.StandardCheckpointer().metadata(
+                os.path.join(self.directory, str(step), "state"))
+            saved = set(meta.item_metadata.tree)
+        except Exception:  # unreadable metadata: restore reports it
+            return
+        missing = sorted(set(flax.serialization.to_state_dict(abstract_state)) - saved)
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} has no "
+                f"{', '.join(missing)}: an earlier version of efflm wrote it; continue it "
+                "with that version, or train into another train.workdir")
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process at the one step where they all stop for a SIGTERM."""

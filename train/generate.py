@@ -10,7 +10,7 @@ from efflm.errors import ConfigError
 from efflm.models import LM
 
 
-def sample(model: LM, params, prompt_ids: np.ndarray, *, max_new_tokens: int,
+def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
            temperature: float, top_k: int, seed: int, stop_id: int | None = None) -> list[int]:
     """Extend `prompt_ids` by up to `max_new_tokens` sampled tokens.
 
@@ -29,8 +29,8 @@ def sample(model: LM, params, prompt_ids: np.ndarray, *, max_new_tokens: int,
     buf[0, : len(prompt_ids)] = prompt_ids
 
     @jax.jit
-    def next_token(params, tokens, pos, key):
-        logits = model.apply({"params": params}, tokens)[0, pos].astype(jnp.float32)
+    def next_token(variables, tokens, pos, key):
+        logits = model.apply(variables, tokens)[0, pos].astype(jnp.float32)
         if temperature == 0:
             return jnp.argmax(logits)
         logits = logits / temperature
@@ -44,7 +44,7 @@ def sample(model: LM, params, prompt_ids: np.ndarray, *, max_new_tokens: int,
     out = []
     while len(out) < max_new_tokens and pos < length:
         key, sub = jax.random.split(key)
-        tok = int(next_token(params, buf, pos - 1, sub))
+        tok = int(next_token(variables, buf, pos - 1, sub))
         if stop_id is not None and tok == stop_id:
             break
         buf[0, pos] = tok

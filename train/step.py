@@ -19,7 +19,10 @@ from jax.sharding import Mesh
 
 from efflm import mesh as mesh_lib
 from efflm.config import Config
+from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.models import LM
+from efflm.models.plan import layer_plan, repeating_group
+from efflm.train import sown as sown_lib
 from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
 from efflm.train.optim import learning_rate_schedule, make_optimizer
 
@@ -34,13 +37,21 @@ def _global_norm(tree):
 class TrainState:
     step: jax.Array  # int32 scalar
     params: Any
+    model_state: Any  # {collection: variables} for STATE_COLLECTIONS, outside the gradient
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so it checkpoints as a plain array
 
+    def variables(self) -> dict:
+        """What `model.apply` takes: the parameters and the model state."""
+        return {"params": self.params, **self.model_state}
 
-def _sum_sown(collection) -> jax.Array:
-    leaves = jax.tree.leaves(collection)
-    return sum((jnp.sum(x.astype(jnp.float32)) for x in leaves), jnp.zeros((), jnp.float32))
+
+def step_rngs(rng: jax.Array, step, microbatch=0) -> dict:
+    """A fresh key for each random stream of `RNG_STREAMS`, from the state's key, the
+    step and the microbatch: the same on a resumed run as on an uninterrupted one."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    key = jax.random.fold_in(key, microbatch)
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
 
 
 @dataclass
@@ -64,81 +75,104 @@ class Program:
     def _init(self, rng, boxed: bool = False):
         """Fresh state; `boxed` keeps flax's partitioning metadata (for eval_shape)."""
         params_rng, state_rng = jax.random.split(rng)
+        rngs = {"params": params_rng,
+                **{s: jax.random.fold_in(params_rng, i + 1) for i, s in enumerate(RNG_STREAMS)}}
         dummy = jnp.zeros((1, self.cfg.data.seq_len), jnp.int32)
-        params = self.model.init(params_rng, dummy)["params"]
+        variables = self.model.init(rngs, dummy)
+        params = variables["params"]
+        model_state = {c: variables[c] for c in STATE_COLLECTIONS if c in variables}
         if not boxed:
-            params = nn.unbox(params)
+            params, model_state = nn.unbox((params, model_state))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params),
+                          model_state=model_state, opt_state=self.tx.init(params),
                           rng=jax.random.key_data(state_rng))
 
-    def loss_terms(self, params, batch):
-        """(loss_sum, z_sum, aux_loss, num_tokens) for one (micro)batch.
+    def forward(self, params, model_state, batch, rngs=None, update_state=False):
+        """Token losses and what the layers sowed, for one (micro)batch.
 
-        `train.loss_impl` naive computes the full logits; xla and pallas take the final
-        hidden states and the head weight and never hold (tokens x vocab) logits.
+        Returns `(loss_sum, z_sum, count, aux_loss, stats, model_state)`: summed token
+        (z-)losses and their count, the sum of the sown auxiliary losses, the sown
+        statistics (`sown.reduce_stats`) and the model state, updated by the layers when
+        `update_state`. `train.loss_impl` naive computes the full logits; xla and pallas
+        take the final hidden states and the head weight and never hold
+        (tokens x vocab) logits.
         """
         impl = resolve_loss_impl(self.cfg.train.loss_impl, dict(self.mesh.shape))
         args = (batch["inputs"], batch["positions"], batch["segment_ids"])
         mask = batch["segment_ids"] > 0
+        variables = {"params": params, **model_state}
+        mutable = [LOSSES, STATS, *(model_state if update_state else ())]
         if impl == "naive":
-            logits, sown = self.model.apply({"params": params}, *args, mutable=["losses"])
+            logits, sown = self.model.apply(variables, *args, rngs=rngs, mutable=mutable)
             loss_sum, z_sum, count = cross_entropy(
                 logits, batch["targets"], mask, self.cfg.train.z_loss)
         else:
             (h, w), sown = self.model.apply(
-                {"params": params}, *args, mutable=["losses"],
+                variables, *args, rngs=rngs, mutable=mutable,
                 method=lambda lm, *a: (lm.hidden(*a), lm.head_weight()))
             loss_sum, z_sum, count = linear_cross_entropy_terms(
                 h, w, batch["targets"], mask, self.cfg.train.z_loss, impl)
-        return loss_sum, z_sum, _sum_sown(sown.get("losses", {})), count
+        stats = sown_lib.reduce_stats(sown.get(STATS, {}), self.period)
+        new_state = {c: sown[c] for c in model_state} if update_state else model_state
+        aux = sown_lib.sum_losses(sown.get(LOSSES, {}))
+        return loss_sum, z_sum, count, aux, stats, new_state
 
-    def _train_step(self, state: TrainState, batch):
+    def grads(self, state: TrainState, batch):
+        """Gradients of the step's objective, its metrics and the updated model state.
+
+        The objective is the token loss (plus z-loss) summed over the global batch and
+        divided by its token count, plus each sown auxiliary loss (a per-(micro)batch
+        mean) divided by `train.grad_accum`, so that both count once per step.
+        """
         accum = self.cfg.train.grad_accum
+        denom = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
 
-        def objective(params, micro):
-            loss_sum, z_sum, aux, count = self.loss_terms(params, micro)
-            return loss_sum + z_sum, (loss_sum, aux, count)
+        def objective(params, micro, index):
+            loss_sum, z_sum, count, aux, stats, new_state = self.forward(
+                params, state.model_state, micro, step_rngs(state.rng, state.step, index),
+                update_state=True)
+            return (loss_sum + z_sum) / denom + aux / accum, (
+                (loss_sum, aux, count), stats, new_state)
 
         grad_fn = jax.grad(objective, has_aux=True)
         if accum == 1:
-            grads, (loss_sum, aux, count) = grad_fn(state.params, batch)
+            grads, (sums, stats, model_state) = grad_fn(state.params, batch, 0)
+            stats = jax.tree.map(lambda x: x[None], stats)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
-            def body(carry, mb):
-                grads, (loss_sum, aux, count) = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, carry, (grads, loss_sum, aux, count)), None
+            def body(carry, xs):
+                grads, (sums, stats, new_state) = grad_fn(state.params, *xs)
+                return jax.tree.map(jnp.add, carry, (grads, sums)), (stats, new_state)
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()),
-                     jnp.zeros(()), jnp.zeros(()))
-            (grads, loss_sum, aux, count), _ = jax.lax.scan(body, zeros, micro)
-        # Token losses are summed over the whole global batch, then averaged once.
-        # Auxiliary losses are per-microbatch means, so they are averaged over `accum`.
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        if accum > 1:
-            aux = aux / accum
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
+            (grads, sums), (stats, model_state) = jax.lax.scan(
+                body, zeros, (micro, jnp.arange(accum)))
+            model_state = sown_lib.combine_model_state(model_state)
+        loss_sum, aux, count = sums
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "aux_loss": aux / accum,
+                   "tokens": count, "stats": sown_lib.combine_microbatches(stats)}
+        return grads, metrics, model_state
+
+    def _train_step(self, state: TrainState, batch):
+        grads, metrics, model_state = self.grads(state, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / denom,
-            "aux_loss": aux,
-            "grad_norm": _global_norm(grads),
-            "tokens": count,
-        }
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics["grad_norm"] = _global_norm(grads)
+        new = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state)
         return new, metrics
 
-    def _eval_step(self, params, batch):
-        loss_sum, _, _, count = self.loss_terms(params, batch)
+    def _eval_step(self, params, model_state, batch):
+        loss_sum, _, count, _, _, _ = self.forward(params, model_state, batch)
         return {"loss_sum": loss_sum, "tokens": count,
                 "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32))}
 
     # -- jitted entry points ----------------------------------------------------------
 
     def __post_init__(self):
+        self.period = repeating_group(layer_plan(self.cfg.model))[0]
         if self.state_shardings is None:  # only the model and optimizer are needed yet
             return
         rep = mesh_lib.replicated(self.mesh)
@@ -147,7 +181,9 @@ class Program:
             self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
         self.eval_step = jax.jit(
-            self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding),
+            self._eval_step, in_shardings=(self.state_shardings.params,
+                                           self.state_shardings.model_state,
+                                           self.batch_sharding),
             out_shardings=rep)
         self.learning_rate = learning_rate_schedule(self.cfg.optimizer, self.cfg.train.steps)
 

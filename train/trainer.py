@@ -86,8 +86,9 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
         os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
-def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
-    """Validation loss, perplexity and bits per byte over up to `num_batches` batches."""
+def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
+    """Validation loss, perplexity and bits per byte of the model in the TrainState
+    `state` (parameters and model state) over up to `num_batches` batches."""
     cfg = program.cfg
     it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
@@ -101,7 +102,8 @@ def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
             local = dict(local)
             local["target_bytes"] = np.where(local["segment_ids"] > 0,
                                              byte_lengths[local["targets"]], 0).astype(np.int32)
-            out = program.eval_step(params, mesh_lib.global_batch(local, program.mesh))
+            out = program.eval_step(state.params, state.model_state,
+                                    mesh_lib.global_batch(local, program.mesh))
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
             num_bytes += float(out["bytes"])
@@ -210,6 +212,7 @@ def train(cfg: Config) -> dict:
                            "tokens": metrics["tokens"]}
                     if metrics["aux_loss"]:
                         row["aux_loss"] = metrics["aux_loss"]
+                    row.update(metrics["stats"])
                     if timer_steps:
                         step_time = (time.perf_counter() - timer_start) / timer_steps
                         row["step_time_s"] = step_time
@@ -222,7 +225,7 @@ def train(cfg: Config) -> dict:
                     writer.write(row)
                     timer_start, timer_steps = time.perf_counter(), 0
                 if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or is_last):
-                    ev = evaluate(program, state.params, tokenizer, cfg.train.eval_batches)
+                    ev = evaluate(program, state, tokenizer, cfg.train.eval_batches)
                     row = {"step": done, **ev}
                     writer.write(row)
                     writer.message(f"step {done}: eval_loss {ev['eval_loss']:.4f}, "

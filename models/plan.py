@@ -1,0 +1,52 @@
+"""Layer plans: which mixer and which MLP each layer of the stack runs.
+
+`layer_plan` turns the config into one `LayerSpec` per layer; `repeating_group`
+finds the shortest group of layers that the plan repeats, so that a scanned stack
+compiles that group once and runs it `repeats` times (the leftover layers unrolled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from efflm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer is made of: keys into `efflm.layers.ATTENTION` and `MLP`."""
+
+    mixer: str
+    mlp: str
+
+
+def pattern_kinds(pattern: str) -> list[str]:
+    """`"gla, gla,softmax"` -> `["gla", "gla", "softmax"]` (empty string: [])."""
+    return [p.strip() for p in pattern.split(",") if p.strip()]
+
+
+def _per_layer(pattern: str, default: str, num_layers: int) -> list[str]:
+    kinds = pattern_kinds(pattern) or [default]
+    return [kinds[i % len(kinds)] for i in range(num_layers)]
+
+
+def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
+    """One spec per layer: `model.attention.pattern` and `model.mlp.pattern` repeat over
+    the depth; an empty pattern means `kind` in every layer."""
+    mixers = _per_layer(cfg.attention.pattern, cfg.attention.kind, cfg.num_layers)
+    mlps = _per_layer(cfg.mlp.pattern, cfg.mlp.kind, cfg.num_layers)
+    return tuple(LayerSpec(a, m) for a, m in zip(mixers, mlps))
+
+
+def repeating_group(plan: tuple[LayerSpec, ...]) -> tuple[int, int]:
+    """(period, repeats): the shortest prefix of the plan that, repeated `repeats`
+    times, gives its first `period * repeats` layers; the rest is a partial group.
+
+    `period` is the smallest length for which every layer equals the layer `period`
+    places before it.
+    """
+    n = len(plan)
+    for period in range(1, n + 1):
+        if all(plan[i] == plan[i - period] for i in range(period, n)):
+            return period, n // period
+    return n, 1

@@ -1,0 +1,328 @@
+"""The seams every kind builds on, exercised through toy layers: auxiliary losses in the
+objective, per-step random keys, non-trainable model state, statistics, layer plans
+(with a carry) and weight decay by role."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from efflm import layers
+from efflm import mesh as mesh_lib
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.depth import PlainStack
+from efflm.models import Block
+from efflm.models.plan import layer_plan
+from efflm.train.step import build_program
+from efflm.train.trainer import train
+
+AUX_WEIGHT = 0.37
+
+
+class ToyAux(nn.Module):
+    """MLP kind that adds nothing to the residual but sows `c * sum(w**2)`."""
+
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(1.0), (3,))
+        sow_loss(self, "toy", AUX_WEIGHT * jnp.sum(w**2))
+        sow_stat(self, "toy_max_x", jnp.max(x), reduce="max")
+        sow_stat(self, "toy_mean_x", jnp.mean(x))
+        return jnp.zeros_like(x)
+
+
+class ToyCounter(nn.Module):
+    """Mixer kind that counts its calls in the model state and logs its random keys."""
+
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        calls = self.variable("state", "calls", lambda: jnp.zeros((), jnp.int32))
+        total = self.variable("state", "seen", lambda: jnp.zeros((), jnp.float32))
+        if self.is_mutable_collection("state") and not self.is_initializing():
+            calls.value += 1
+            total.value += jnp.mean(x)
+        out = x * self.param("w", nn.initializers.ones, (x.shape[-1],))
+        if self.has_rng("dropout"):
+            word = jax.random.key_data(self.make_rng("dropout"))[..., -1]
+            sow_stat(self, "key", (word % 65521).astype(jnp.float32), reduce="per_layer")
+            # Randomness that reaches the loss, so a resume with other keys would differ.
+            out = out + 1e-3 * jax.random.normal(self.make_rng("dropout"), x.shape, x.dtype)
+        sow_stat(self, "calls", calls.value.astype(jnp.float32), reduce="max")
+        return out
+
+
+class ToyA(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        w = self.param("w", nn.initializers.normal(0.3), (x.shape[-1], x.shape[-1]))
+        return jnp.tanh(x @ w)
+
+
+class ToyB(nn.Module):
+    cfg: object
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        scale = self.param("s", nn.initializers.normal(1.0), (x.shape[-1],))
+        return jnp.sin(x) * scale
+
+
+class ToyCarry(nn.Module):
+    """MLP kind that counts the layers it ran in, through the layer carry."""
+
+    cfg: object
+    takes_carry = True
+
+    @staticmethod
+    def initial_carry(x):
+        return {"depth": jnp.zeros((), x.dtype)}
+
+    @nn.compact
+    def __call__(self, x, carry):
+        depth = carry["depth"] + 1
+        s = self.param("s", nn.initializers.normal(1.0), (x.shape[-1],))
+        return x * s * depth, {**carry, "depth": depth}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_kinds():
+    toys = ((layers.MLP, {"toy_aux": ToyAux, "toy_carry": ToyCarry}),
+            (layers.ATTENTION, {"toy_counter": ToyCounter, "toy_a": ToyA, "toy_b": ToyB}))
+    for registry, kinds in toys:
+        registry.update(kinds)
+    yield
+    for registry, kinds in toys:
+        for name in kinds:
+            del registry[name]
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    seg = np.ones((b, t), np.int32)
+    seg[1::2, t // 2:] = 2
+    seg[::3, t - 3 - rng.integers(0, 5):] = 0  # rows with different token counts
+    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "segment_ids": seg, "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+def _grads(cfg, devices):
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    program = build_program(cfg, mesh)
+    with program.context():
+        state = program.init(jax.random.key(0))
+        grads, metrics, _ = jax.jit(program.grads)(
+            state, mesh_lib.global_batch(_batch(cfg), mesh))
+    return jax.device_get((state.params, grads, metrics))
+
+
+def _toy_ws(tree):
+    """The toy_aux layers' (1 and 3) `w` leaves, stacked, from either layout."""
+    blocks = tree["blocks"]
+    if "layers" in blocks:
+        return blocks["layers"]["layer_1"]["mlp"]["w"]
+    return np.stack([blocks[f"layer_{i}"]["mlp"]["w"] for i in (1, 3)])
+
+
+def _query_grads(tree):
+    blocks = tree["blocks"]
+    if "layers" in blocks:
+        return blocks["layers"]["layer_0"]["attention"]["query"]["kernel"]
+    return np.stack([blocks[f"layer_{i}"]["attention"]["query"]["kernel"] for i in (0, 2)])
+
+
+TOY_AUX = ("model.num_layers=4", "model.mlp.pattern=swiglu,toy_aux", "train.batch_size=16")
+
+
+@pytest.fixture(scope="module")
+def aux_reference():
+    return _grads(load_config("tiny", [*SMALL, *TOY_AUX]), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("overrides, devices", [
+    ([], 1), (["train.grad_accum=4"], 1), (["mesh.data=8"], 8),
+    (["mesh.data=4", "mesh.fsdp=2", "train.grad_accum=2"], 8),
+    (["model.scan_layers=true", "train.grad_accum=2"], 1)])
+def test_sown_auxiliary_loss_gets_exactly_its_gradient(small_config, aux_reference,
+                                                       overrides, devices):
+    """Each layer's `c * sum(w**2)` counts once per step: its gradient is `2c * w`,
+    whatever the accumulation and the mesh; token-loss gradients are those of one
+    device without accumulation, and so are the statistics the layers sow (reduced
+    over layers, microbatches and devices by their rules)."""
+    params, grads, metrics = _grads(small_config(*TOY_AUX, *overrides),
+                                    jax.devices()[:devices])
+    _, ref_grads, ref_metrics = aux_reference
+    w = _toy_ws(params)
+    np.testing.assert_allclose(_toy_ws(grads), 2 * AUX_WEIGHT * w, rtol=1e-6)
+    assert metrics["aux_loss"] == pytest.approx(AUX_WEIGHT * float(np.sum(w**2)), rel=1e-6)
+    assert set(metrics["stats"]) == {"toy_max_x", "toy_mean_x"}
+    if "model.scan_layers=true" in overrides:  # initialised differently: values differ
+        return
+    np.testing.assert_allclose(_query_grads(grads), _query_grads(ref_grads), rtol=2e-4,
+                               atol=1e-7)
+    for name, value in ref_metrics["stats"].items():
+        assert metrics["stats"][name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert metrics["stats"]["toy_max_x"] > metrics["stats"]["toy_mean_x"]
+
+
+RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+          "logging.every=1", "checkpoint.every=2", "model.attention.kind=toy_counter",
+          "model.scan_layers=true", "model.remat=full", "train.grad_accum=2",
+          "train.batch_size=16"]
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_keys_and_model_state_through_scan_remat_and_resume(tmp_path, capsys):
+    """Every step and every layer draws its own key; a counter in the model state
+    advances once per step (not per microbatch), is checkpointed, and a resumed run
+    is bitwise the uninterrupted one; eval and generate read the state too."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(load_config("tiny", [*RESUME, "train.steps=4", "train.eval_every=4",
+                               f"train.workdir={straight}"]))
+    train(load_config("tiny", [*RESUME, "train.steps=2", "train.eval_every=0",
+                               f"train.workdir={resumed}"]))
+    train(load_config("tiny", [*RESUME, "train.steps=4", "train.eval_every=4",
+                               f"train.workdir={resumed}"]))
+    timing = ("step_time_s", "tokens_per_sec", "mfu")
+    rows, again = ([{k: v for k, v in r.items() if k not in timing} for r in _rows(w)
+                    if "loss" in r] for w in (straight, resumed))
+    assert rows == again
+    # The counter after each step's update: once per step, not per microbatch.
+    assert [r["calls"] for r in rows] == [1, 2, 3, 4]
+    keys = [(r["key/layer_0"], r["key/layer_1"]) for r in rows]
+    assert all(a != b for a, b in keys)  # layers differ
+    assert len(set(keys)) == len(keys)  # steps differ
+    evals = [r for r in _rows(straight) if "eval_loss" in r]
+    assert evals == [r for r in _rows(resumed) if "eval_loss" in r]
+    capsys.readouterr()
+    assert main(["generate", "--workdir", straight, "--prompt", "x", "--max-new-tokens",
+                 "2", "--temperature", "0"]) == 0
+
+
+def _apply_stack(cfg, params, x):
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    stack = PlainStack(cfg.model, Block, layer_plan(cfg.model))
+    return stack.apply({"params": params}, x, pos, None, None)
+
+
+@pytest.mark.parametrize("num_layers", [4, 5])
+def test_layer_plan_scanned_and_unrolled_equal_layers_by_hand(small_config, num_layers):
+    """Two alternating mixer kinds and a carry between layers: the plan's repeating
+    group scanned (the leftover layer unrolled) equals the layers applied by hand."""
+    cfg = small_config("model.attention.pattern=toy_a,toy_b", "model.mlp.kind=toy_carry",
+                       f"model.num_layers={num_layers}")
+    plan = layer_plan(cfg.model)
+    assert [s.mixer for s in plan] == ["toy_a", "toy_b", "toy_a", "toy_b", "toy_a"][
+        :num_layers]
+    x = jax.random.normal(jax.random.key(1), (2, 8, cfg.model.d_model))
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    params = nn.unbox(PlainStack(cfg.model, Block, plan).init(
+        jax.random.key(0), x, pos, None, None))["params"]
+    assert sorted(params) == [f"layer_{i}" for i in range(num_layers)]
+    by_hand, carry = x, {"depth": jnp.zeros(())}
+    for i, spec in enumerate(plan):
+        by_hand, carry = Block(cfg.model, spec).apply({"params": params[f"layer_{i}"]},
+                                                      by_hand, carry, pos, None, None)
+    assert carry["depth"] == num_layers
+    np.testing.assert_allclose(_apply_stack(cfg, params, x), by_hand, rtol=1e-6)
+
+    scan_cfg = small_config("model.attention.pattern=toy_a,toy_b", "model.mlp.kind=toy_carry",
+                            f"model.num_layers={num_layers}", "model.scan_layers=true")
+    scanned = {"layers": {f"layer_{j}": jax.tree.map(
+        lambda *xs: jnp.stack(xs), *[params[f"layer_{2 * r + j}"] for r in range(2)])
+        for j in range(2)}}
+    if num_layers == 5:
+        scanned["layer_4"] = params["layer_4"]
+    structure = jax.tree.structure(nn.unbox(PlainStack(scan_cfg.model, Block, plan).init(
+        jax.random.key(0), x, pos, None, None))["params"])
+    assert jax.tree.structure(scanned) == structure
+    np.testing.assert_allclose(_apply_stack(scan_cfg, scanned, x), by_hand, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_weight_decay_by_role_scanned_equals_unscanned(small_config):
+    """Norm scales are not decayed whatever their rank: from one initialisation, a few
+    steps with weight decay give the same parameters scanned and unscanned."""
+    overrides = ("optimizer.weight_decay=0.5", "optimizer.warmup_steps=0", "optimizer.lr=1e-2")
+    cfg, scan_cfg = small_config(*overrides), small_config(*overrides, "model.scan_layers=true")
+    devices = jax.devices()[:1]
+    plain = build_program(cfg, mesh_lib.make_mesh(cfg.mesh, devices))
+    scan = build_program(scan_cfg, mesh_lib.make_mesh(scan_cfg.mesh, devices))
+    n = cfg.model.num_layers
+
+    def restack(tree):
+        tree = dict(tree)
+        blocks = tree.pop("blocks")
+        return {**tree, "blocks": {"layers": {"layer_0": jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[blocks[f"layer_{i}"] for i in range(n)])}}}
+
+    with plain.context():
+        state = plain.init(jax.random.key(0))
+    scan_state = jax.tree.map(jnp.copy, state.replace(  # train_step donates its input
+        params=restack(state.params), opt_state=scan.tx.init(restack(state.params))))
+    batch = _batch(cfg)
+    for _ in range(3):
+        with plain.context():
+            state, _ = plain.train_step(state, mesh_lib.global_batch(batch, plain.mesh))
+        with scan.context():
+            scan_state, _ = scan.train_step(scan_state,
+                                            mesh_lib.global_batch(batch, scan.mesh))
+    for a, b in zip(jax.tree.leaves(restack(state.params)), jax.tree.leaves(scan_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # decay moves scales 5e-3
+
+
+def test_checkpoint_from_before_model_state_is_one_line(tmp_path, capsys):
+    """A checkpoint whose train state lacks a field (written before `model_state`
+    existed) is refused with one line naming it, and left as it was."""
+    from typing import Any
+
+    import flax
+
+    from efflm.data import get_tokenizer, make_train_iterator
+    from efflm.train.checkpoint import Checkpointer
+    from efflm.train.trainer import prepare_workdir
+
+    @flax.struct.dataclass
+    class EarlierTrainState:
+        step: Any
+        params: Any
+        opt_state: Any
+        rng: Any
+
+    args = [*SMALL, f"train.workdir={tmp_path}", "train.steps=4"]
+    cfg = load_config("tiny", args)
+    prepare_workdir(cfg, True)
+    program = build_program(cfg)
+    with program.context():
+        state = program.init(jax.random.key(0))
+    data = make_train_iterator(cfg.data, get_tokenizer("byte"), global_batch=8, seed=0,
+                               process_index=0, process_count=1)
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
+    checkpointer.save(2, EarlierTrainState(state.step, state.params, state.opt_state,
+                                           state.rng), data, force=True)
+    checkpointer.close()
+    before = sorted(os.listdir(tmp_path / "checkpoints" / "2" / "state"))
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert "step 2" in err and "has no model_state" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "2" / "state")) == before
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
