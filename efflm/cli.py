@@ -57,7 +57,7 @@ def _generate(args) -> int:
     with program.context():
         out = sample(program.model, state.variables(), ids, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                     stop_id=tokenizer.eos_id)
+                     stop_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
     sys.stdout.write(args.prompt + tokenizer.decode(out) + "\n")
     return 0
 
@@ -71,11 +71,12 @@ def _config_show(args) -> int:
 
 def _bench(args) -> int:
     from efflm.bench import compile as compile_bench
-    from efflm.bench import kernels, mfu
+    from efflm.bench import generate, kernels, mfu
 
     which = args.rest[0] if args.rest else "mfu"
     benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
-               "linear": kernels.main, "compile": compile_bench.main}
+               "linear": kernels.main, "compile": compile_bench.main,
+               "generate": generate.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

@@ -3,39 +3,71 @@
 Model FLOPs follow the PaLM convention ("PaLM: Scaling Language Modeling with
 Pathways", appendix B): matmul FLOPs only, 2 per multiply-add, a training step
 costs 3x the forward pass (backward = 2x forward), rematerialisation is not
-counted. One departure: causal attention counts only the half of the
+counted. Each mixer, MLP and depth kind reports its own forward FLOPs per token
+(`flops_per_token` on its class), so routed, sparse and linear kinds count the
+work they really do; causal softmax attention counts only the half of the
 length x length scores that causality keeps (as FlashAttention reports), so work
 spent on masked scores never raises MFU.
+
+`traced_matmul_flops` counts the matmuls a function really runs, from its jaxpr
+(scan bodies times their length), for checking the analytic figures.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig, head_dim, num_kv_heads
+from efflm.config import ModelConfig
+
+
+def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each layer of the plan (mixer + MLP)."""
+    from efflm.layers import ATTENTION, MLP
+    from efflm.models.plan import layer_plan
+
+    return [ATTENTION[s.mixer].flops_per_token(cfg, seq_len)
+            + MLP[s.mlp].flops_per_token(cfg, seq_len) for s in layer_plan(cfg)]
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    d, hd = cfg.d_model, head_dim(cfg)
-    heads, kv = cfg.attention.num_heads, num_kv_heads(cfg)
-    attn_proj = 2 * d * hd * (2 * heads + 2 * kv)  # q, out; k, v
-    attn_mix = 2 * 2 * (seq_len / 2) * heads * hd  # causal scores and weighted values
-    from efflm.models.plan import layer_plan
+    from efflm.layers import DEPTH
 
-    mlp = sum(MLP_FLOPS[spec.mlp](cfg) for spec in layer_plan(cfg))
-    head = 2 * d * cfg.vocab_size
-    return cfg.num_layers * (attn_proj + attn_mix) + mlp + head
-
-
-MLP_FLOPS = {"swiglu": lambda cfg: 2 * 3 * cfg.d_model * cfg.mlp.d_ff}
+    blocks = DEPTH[cfg.depth.kind].flops_per_token(
+        cfg, seq_len, layer_flops_per_token(cfg, seq_len))
+    return blocks + 2 * cfg.d_model * cfg.vocab_size  # + the output head
 
 
 def train_flops_per_step(cfg: ModelConfig, seq_len: int, batch_size: int) -> float:
     return 3.0 * forward_flops_per_token(cfg, seq_len) * seq_len * batch_size
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+            continue
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += repeat * _jaxpr_matmul_flops(inner)
+    return total
+
+
+def traced_matmul_flops(fn, *args) -> float:
+    """FLOPs of every `dot_general` that `fn(*args)` traces to, each scan body counted
+    `length` times (XLA:CPU's `cost_analysis` counts a loop body once)."""
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 # Dense peak FLOP/s per chip by compute dtype (vendor datasheets, no sparsity).

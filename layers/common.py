@@ -1,9 +1,35 @@
 """Small helpers shared by the layers: dtypes, initialisers, dense projections."""
 
 import math
+import warnings
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from efflm.errors import ConfigError
+
+_warned = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_impl(impl: str, available: tuple[str, ...], what: str) -> str:
+    """Map `auto | xla | pallas` to an implementation this build and device provide."""
+    if impl == "auto":
+        if "pallas" in available and jax.default_backend() == "gpu":
+            return "pallas"
+        return "xla"
+    if impl not in available:
+        raise ConfigError(f"{what} has no {impl!r} implementation yet; available: "
+                          f"{', '.join(available)} (or auto)")
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        warn_once(f"{what}: impl=pallas on {jax.default_backend()} runs in interpret mode")
+    return impl
 
 
 def param_dtype(name: str):

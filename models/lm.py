@@ -4,8 +4,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from efflm.config import ModelConfig
-from efflm.layers import ATTENTION, DEPTH, MLP, RMSNorm, attention_mask
+from efflm.layers import ATTENTION, DEPTH, MLP
+from efflm.layers.attention.softmax import attention_mask
 from efflm.layers.common import flat_matmul, param_dtype
+from efflm.layers.norms import RMSNorm
 from efflm.models.plan import LayerSpec, layer_plan
 
 

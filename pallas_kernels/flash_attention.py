@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from efflm.layers.attention import dot_product_attention
+from efflm.layers.attention.softmax import dot_product_attention
 from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).

@@ -4,8 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efflm.layers import attention_mask, dot_product_attention
-from efflm.layers.attention import blocked_causal_attention
+from efflm.layers.attention.softmax import (
+    attention_mask,
+    blocked_causal_attention,
+    dot_product_attention,
+)
 from efflm.models import LM
 
 

@@ -17,7 +17,7 @@ from efflm import mesh as mesh_lib
 from efflm.cli import main
 from efflm.config import load_config
 from efflm.layers.common import sow_loss, sow_stat
-from efflm.layers.depth import PlainStack
+from efflm.layers.depth.plain import PlainStack
 from efflm.models import Block
 from efflm.models.plan import layer_plan
 from efflm.train.step import build_program

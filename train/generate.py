@@ -1,4 +1,10 @@
-"""Sampling from a trained model with temperature and top-k."""
+"""Sampling from a trained model with temperature and top-k, through the decoding cache.
+
+The prompt (after a BOS, as documents start in training) is prefilled once; each new
+token is then one jitted step over the cache (`efflm.layers.attention`'s decoding
+interface). `greedy_reference` recomputes the whole sequence for every token: the
+obviously correct version the cached path is tested against.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +14,116 @@ import numpy as np
 
 from efflm.errors import ConfigError
 from efflm.models import LM
+from efflm.models.plan import layer_plan
 
 
-def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
-           temperature: float, top_k: int, seed: int, stop_id: int | None = None) -> list[int]:
-    """Extend `prompt_ids` by up to `max_new_tokens` sampled tokens.
+def check_decodes(model: LM) -> None:
+    """Refuse a model with a token mixer that has no decoding cache."""
+    from efflm.layers import ATTENTION
 
-    The sequence lives in a fixed buffer of `model.cfg.max_seq_len` so one compiled
-    step serves every position; causal masking makes the unused tail irrelevant.
-    """
+    for kind in sorted({spec.mixer for spec in layer_plan(model.cfg)}):
+        if not getattr(ATTENTION[kind], "decodes", False):
+            raise ConfigError(f"model.attention.kind={kind!r} has no decoding cache yet, so "
+                              "efflm generate cannot sample from this model")
+
+
+def init_cache(model: LM, variables, batch: int, max_len: int):
+    """An empty cache for `batch` sequences of up to `max_len` tokens (no computation:
+    its shapes come from tracing one call)."""
+    dummy = jnp.zeros((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda v: model.apply(v, dummy, dummy, mutable=["cache"])[1]["cache"], variables)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _choose(logits, key, temperature: float, top_k: int):
+    """Next token from the last position's logits (batch, vocab)."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
+
+
+class Decoder:
+    """Jitted prefill and one-token step for `model`; reuse one Decoder to reuse its
+    compilations (the step compiles once per batch and cache length)."""
+
+    def __init__(self, model: LM, temperature: float, top_k: int):
+        check_decodes(model)
+        self.model = model
+
+        def run(variables, cache, tokens, positions, key):
+            logits, mutated = model.apply({**variables, "cache": cache}, tokens, positions,
+                                          mutable=["cache"])
+            return _choose(logits[:, -1], key, temperature, top_k), mutated["cache"]
+
+        self.prefill = jax.jit(run, donate_argnums=(1,))
+        self.step = jax.jit(run, donate_argnums=(1,))
+
+    def generate(self, variables, ids: list[int], max_new_tokens: int, seed: int,
+                 stop_id: int | None = None) -> list[int]:
+        """Up to `max_new_tokens` tokens after `ids` (which fit the cache)."""
+        length = self.model.cfg.max_seq_len
+        cache = init_cache(self.model, variables, 1, length)
+        key = jax.random.key(seed)
+        key, sub = jax.random.split(key)
+        tokens = jnp.asarray([ids], jnp.int32)
+        tok, cache = self.prefill(variables, cache, tokens, jnp.arange(len(ids))[None], sub)
+        out, pos = [], len(ids)  # `tok` is the token for position `pos`
+        while True:
+            token = int(tok[0])
+            if stop_id is not None and token == stop_id:
+                break
+            out.append(token)
+            if len(out) == max_new_tokens or pos + 1 == length:
+                break
+            key, sub = jax.random.split(key)
+            tok, cache = self.step(variables, cache, jnp.full((1, 1), token, jnp.int32),
+                                   jnp.full((1, 1), pos, jnp.int32), sub)
+            pos += 1
+        return out
+
+
+def _with_bos(model: LM, prompt_ids, bos_id: int | None) -> list[int]:
+    ids = ([] if bos_id is None else [bos_id]) + [int(i) for i in prompt_ids]
     length = model.cfg.max_seq_len
     if len(prompt_ids) == 0:
         raise ConfigError("the prompt is empty; pass some text with --prompt")
-    if len(prompt_ids) >= length:
-        raise ConfigError(f"the prompt has {len(prompt_ids)} tokens but the model supports "
-                          f"{length} (model.max_seq_len); shorten it")
+    if len(ids) >= length:
+        raise ConfigError(f"the prompt has {len(ids)} tokens with its BOS but the model "
+                          f"supports {length} (model.max_seq_len); shorten it")
+    return ids
+
+
+def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
+           temperature: float, top_k: int, seed: int, stop_id: int | None = None,
+           bos_id: int | None = None) -> list[int]:
+    """Extend `prompt_ids` by up to `max_new_tokens` sampled tokens (stopping early at
+    `stop_id` or at `model.max_seq_len`); `bos_id` goes before the prompt."""
     if temperature < 0 or top_k < 0:
         raise ConfigError("temperature and top-k must be >= 0")
+    ids = _with_bos(model, prompt_ids, bos_id)
+    return Decoder(model, temperature, top_k).generate(variables, ids, max_new_tokens,
+                                                       seed, stop_id)
+
+
+def greedy_reference(model: LM, variables, prompt_ids, max_new_tokens: int,
+                     bos_id: int | None = None, forward=None) -> list[int]:
+    """Greedy tokens from a full forward pass over the whole sequence for each token
+    (`forward`: a jitted `model.apply` to reuse across calls)."""
+    ids = _with_bos(model, prompt_ids, bos_id)
+    length = model.cfg.max_seq_len
     buf = np.zeros((1, length), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
-
-    @jax.jit
-    def next_token(variables, tokens, pos, key):
-        logits = model.apply(variables, tokens)[0, pos].astype(jnp.float32)
-        if temperature == 0:
-            return jnp.argmax(logits)
-        logits = logits / temperature
-        if top_k:
-            kth = jax.lax.top_k(logits, top_k)[0][-1]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits)
-
-    key = jax.random.key(seed)
-    pos = len(prompt_ids)
-    out = []
+    buf[0, :len(ids)] = ids
+    forward = forward or jax.jit(model.apply)
+    out, pos = [], len(ids)
     while len(out) < max_new_tokens and pos < length:
-        key, sub = jax.random.split(key)
-        tok = int(next_token(variables, buf, pos - 1, sub))
-        if stop_id is not None and tok == stop_id:
-            break
-        buf[0, pos] = tok
-        out.append(tok)
+        token = int(jnp.argmax(forward(variables, buf)[0, pos - 1]))
+        out.append(token)
+        buf[0, pos] = token
         pos += 1
     return out

@@ -1,4 +1,4 @@
-"""Feed-forward blocks. Registered in `efflm.layers.MLP` by `model.mlp.kind`."""
+"""The SwiGLU feed-forward block (`model.mlp.kind=swiglu`)."""
 
 import flax.linen as nn
 import jax
@@ -11,6 +11,10 @@ class SwiGLU(nn.Module):
     """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
 
     cfg: ModelConfig
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        return 2 * 3 * cfg.d_model * cfg.mlp.d_ff
 
     @nn.compact
     def __call__(self, x):

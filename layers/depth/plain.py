@@ -1,4 +1,4 @@
-"""How blocks are stacked. Registered in `efflm.layers.DEPTH` by `model.depth.kind`.
+"""The plain stack (`model.depth.kind=none`): every layer of the plan, in order.
 
 A depth module receives the block class and the layer plan (one spec per layer,
 `efflm.models.plan`) and runs the plan; adaptive depth (mixture-of-depths,
@@ -22,7 +22,7 @@ REMAT_POLICIES = {
 
 # Every collection a block may write is stacked along the scanned axis; every random
 # stream is split, so that each layer draws its own key.
-SCAN_VARIABLE_AXES = {c: 0 for c in ("params", "intermediates", LOSSES, STATS,
+SCAN_VARIABLE_AXES = {c: 0 for c in ("params", "intermediates", "cache", LOSSES, STATS,
                                      *STATE_COLLECTIONS)}
 SCAN_SPLIT_RNGS = {s: True for s in ("params", *RNG_STREAMS)}
 
@@ -74,6 +74,11 @@ class PlainStack(nn.Module):
     cfg: ModelConfig
     block: type
     plan: tuple
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops: list[float]) -> float:
+        """Forward FLOPs per token, given each layer's: every token runs every layer."""
+        return sum(layer_flops)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):

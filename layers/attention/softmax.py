@@ -1,12 +1,17 @@
-"""Token mixers built on softmax attention. Registered in `efflm.layers.ATTENTION`.
+"""Softmax attention (`model.attention.kind=softmax`): the module, its plain-JAX paths
+(full masked and query-blocked), its FLOPs and its decoding cache.
 
 Every mixer takes `(x, positions, segment_ids, mask)`: `x` (batch, length, d_model),
 `positions` and `segment_ids` (batch, length) int32 (segment 0 is padding), and
 `mask` (batch or 1, 1, length, length) bool from `attention_mask`, computed once per
 forward pass by the model and shared by all layers.
-"""
 
-import warnings
+Decoding: while the `cache` collection is mutable (outside `init`), a mixer that sets
+`decodes = True` keeps what later tokens need there: the cache is created at the batch
+and length of the first such call (`efflm.train.generate.init_cache` makes it without
+computing anything), each call writes its tokens at `positions`, and a `valid` mask
+records the written slots.
+"""
 
 import flax.linen as nn
 import jax
@@ -14,7 +19,7 @@ import jax.numpy as jnp
 
 from efflm.config import ModelConfig, head_dim, num_kv_heads
 from efflm.errors import ConfigError
-from efflm.layers.common import Dense
+from efflm.layers.common import Dense, resolve_impl, warn_once
 from efflm.layers.rotary import apply_rotary
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -74,25 +79,6 @@ def blocked_causal_attention(q, k, v, segment_ids, block: int):
     return jnp.concatenate(outs, axis=1)
 
 
-_warned_impl = set()
-
-
-def resolve_impl(impl: str, available: tuple[str, ...], what: str) -> str:
-    """Map `auto | xla | pallas` to an implementation this build and device provide."""
-    if impl == "auto":
-        if "pallas" in available and jax.default_backend() == "gpu":
-            return "pallas"
-        return "xla"
-    if impl not in available:
-        raise ConfigError(f"{what} has no {impl!r} implementation yet; available: "
-                          f"{', '.join(available)} (or auto)")
-    if impl == "pallas" and jax.default_backend() != "gpu" and what not in _warned_impl:
-        _warned_impl.add(what)
-        warnings.warn(f"{what}: impl=pallas on {jax.default_backend()} runs in interpret mode",
-                      stacklevel=2)
-    return impl
-
-
 def _softmax_impl(impl: str, head_dim: int, dtype) -> str:
     """`resolve_impl` for softmax attention, falling back to XLA where the kernel can't go.
 
@@ -110,16 +96,52 @@ def _softmax_impl(impl: str, head_dim: int, dtype) -> str:
         raise ConfigError(f"model.attention.impl=pallas: {reason}; set "
                           "model.attention.impl=xla (or auto), or change "
                           "model.attention.head_dim / model.dtype")
-    if ("softmax attention fallback", reason) not in _warned_impl:
-        _warned_impl.add(("softmax attention fallback", reason))
-        warnings.warn(f"softmax attention: {reason}; using impl=xla", stacklevel=3)
+    warn_once(f"softmax attention: {reason}; using impl=xla")
     return "xla"
 
 
+def projection_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the q, k, v and output projections."""
+    heads, kv_heads = cfg.attention.num_heads, num_kv_heads(cfg)
+    return 2 * cfg.d_model * head_dim(cfg) * (2 * heads + 2 * kv_heads)
+
+
+def causal_mix_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the scores and the weighted values over the half of the
+    length x length pairs that causality keeps (as FlashAttention reports): work on
+    masked pairs never raises MFU."""
+    return 2 * 2 * (seq_len / 2) * cfg.attention.num_heads * head_dim(cfg)
+
+
+def cached_attention(module: nn.Module, q, k, v, positions):
+    """Write `k`, `v` into the module's cache at `positions` (batch, length), then attend
+    from `q` to every valid cached key at or before each query's position."""
+    b = k.shape[0]
+    cached_k = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    valid = module.variable("cache", "valid", jnp.zeros, k.shape[:2], jnp.bool_)
+    rows = jnp.arange(b)[:, None]
+    cached_k.value = cached_k.value.at[rows, positions].set(k)
+    cached_v.value = cached_v.value.at[rows, positions].set(v)
+    valid.value = valid.value.at[rows, positions].set(True)
+    slots = jnp.arange(valid.value.shape[1])
+    mask = valid.value[:, None, :] & (slots[None, None, :] <= positions[:, :, None])
+    return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
+
+
 class SoftmaxAttention(nn.Module):
-    """Causal multi-head attention with rotary positions and grouped-query K/V heads."""
+    """Causal multi-head attention with rotary positions and grouped-query K/V heads.
+
+    Decodes through a KV cache (keys and values at their positions, K/V heads as
+    grouped), always on the XLA path.
+    """
 
     cfg: ModelConfig
+    decodes = True
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        return projection_flops(cfg) + causal_mix_flops(cfg, seq_len)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
@@ -136,7 +158,9 @@ class SoftmaxAttention(nn.Module):
         theta = cfg.attention.rope_theta
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
         block = cfg.attention.block_size
-        if impl == "pallas":
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            out = cached_attention(self, q, k, v, positions)
+        elif impl == "pallas":
             from efflm.pallas_kernels.flash_attention import partitioned_flash_attention
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         elif block and q.shape[1] > block:

@@ -1,0 +1,7 @@
+"""Token mixers: `model.attention.kind` (and each entry of `model.attention.pattern`) ->
+class. Each kind's file holds the module, its reference, its FLOPs per token and, where
+it can decode, its cache."""
+
+from efflm.layers.attention.softmax import SoftmaxAttention
+
+ATTENTION = {"softmax": SoftmaxAttention}

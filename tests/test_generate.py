@@ -1,0 +1,68 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efflm import layers
+from efflm.errors import ConfigError
+from efflm.models import LM
+from efflm.train.generate import Decoder, greedy_reference, init_cache, sample
+
+# Larger weights than training's init, so greedy choices are clear-cut.
+DECODE = ("model.init_std=0.1", "model.attention.num_kv_heads=2")
+
+
+def _model(small_config, *overrides):
+    cfg = small_config(*DECODE, *overrides)
+    model = LM(cfg.model)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return model, {"params": nn.unbox(model.init(jax.random.key(0), tokens))["params"]}
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.scan_layers=true", "model.num_layers=3"]])
+def test_prefill_and_steps_give_the_full_forward_logits(small_config, overrides):
+    """Logits through the cache (a prefill of 11 tokens, then one token at a time, rows
+    at different positions) equal one forward pass over the whole sequence."""
+    model, variables = _model(small_config, *overrides)
+    b, t, p = 2, 24, 11
+    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 256)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    full = jax.jit(model.apply)(variables, tokens)
+    cache = init_cache(model, variables, b, model.cfg.max_seq_len)
+    assert not any(x.any() for x in jax.tree.leaves(cache))
+    run = jax.jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
+                                                    mutable=["cache"]))
+    logits, mutated = run(cache, tokens[:, :p], positions[:, :p])
+    got = [logits]
+    for i in range(p, t):
+        logits, mutated = run(mutated["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
+        got.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_greedy_generation_equals_uncached(small_config):
+    """Token for token, up to the end of the context (model.max_seq_len=64)."""
+    model, variables = _model(small_config)
+    prompt = [ord(c) for c in "def main():"]
+    cached = sample(model, variables, np.array(prompt), max_new_tokens=100, temperature=0,
+                    top_k=0, seed=0, bos_id=257)
+    reference = greedy_reference(model, variables, prompt, 100, bos_id=257)
+    assert len(reference) == 64 - 1 - len(prompt)
+    assert cached == reference
+    assert sample(model, variables, np.array(prompt), max_new_tokens=5, temperature=0,
+                  top_k=0, seed=0, bos_id=257) == reference[:5]
+
+
+def test_a_mixer_without_a_cache_is_refused(small_config, monkeypatch):
+    class NoCache(nn.Module):
+        cfg: object
+
+        @nn.compact
+        def __call__(self, x, positions, segment_ids, mask):
+            return x
+
+    monkeypatch.setitem(layers.ATTENTION, "no_cache", NoCache)
+    model, _ = _model(small_config, "model.attention.pattern=softmax,no_cache")
+    with pytest.raises(ConfigError, match="'no_cache' has no decoding cache"):
+        Decoder(model, 0.0, 0)
