@@ -74,6 +74,14 @@ def test_xla_cost_analysis_agrees_on_an_unrolled_model(small_config):
     assert traced <= _xla_flops(fn, params, tokens) <= 1.15 * traced
 
 
+def test_every_registered_kind_reports_its_flops():
+    from efflm.layers import ATTENTION, DEPTH, MLP
+
+    for registry in (ATTENTION, MLP, DEPTH):
+        for kind, cls in registry.items():
+            assert callable(getattr(cls, "flops_per_token", None)), kind
+
+
 def test_cpu_peak_is_measured():
     peak, source = peak_flops("float32")
     assert "measured" in source and 1e8 < peak < 1e14

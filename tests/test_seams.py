@@ -30,6 +30,7 @@ class ToyAux(nn.Module):
     """MLP kind that adds nothing to the residual but sows `c * sum(w**2)`."""
 
     cfg: object
+    flops_per_token = staticmethod(lambda cfg, seq_len: 0.0)
 
     @nn.compact
     def __call__(self, x):
@@ -44,14 +45,17 @@ class ToyCounter(nn.Module):
     """Mixer kind that counts its calls in the model state and logs its random keys."""
 
     cfg: object
+    flops_per_token = staticmethod(lambda cfg, seq_len: 0.0)
+    decodes = True  # it mixes nothing across tokens, so it needs no cache
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         calls = self.variable("state", "calls", lambda: jnp.zeros((), jnp.int32))
-        total = self.variable("state", "seen", lambda: jnp.zeros((), jnp.float32))
+        seen = self.variable("state", "seen", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("embed",)), None, (x.shape[-1],))
         if self.is_mutable_collection("state") and not self.is_initializing():
             calls.value += 1
-            total.value += jnp.mean(x)
+            seen.value += jnp.mean(x, axis=(0, 1))
         out = x * self.param("w", nn.initializers.ones, (x.shape[-1],))
         if self.has_rng("dropout"):
             word = jax.random.key_data(self.make_rng("dropout"))[..., -1]
@@ -182,7 +186,7 @@ def test_sown_auxiliary_loss_gets_exactly_its_gradient(small_config, aux_referen
 RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
           "logging.every=1", "checkpoint.every=2", "model.attention.kind=toy_counter",
           "model.scan_layers=true", "model.remat=full", "train.grad_accum=2",
-          "train.batch_size=16"]
+          "train.batch_size=16", "mesh.fsdp=2"]
 
 
 def _rows(workdir):
@@ -193,7 +197,11 @@ def _rows(workdir):
 def test_keys_and_model_state_through_scan_remat_and_resume(tmp_path, capsys):
     """Every step and every layer draws its own key; a counter in the model state
     advances once per step (not per microbatch), is checkpointed, and a resumed run
-    is bitwise the uninterrupted one; eval and generate read the state too."""
+    is bitwise the uninterrupted one; eval and generate read the state too. State is
+    sharded by its logical axis names."""
+    program = build_program(load_config("tiny", RESUME))
+    seen = program.state_shardings.model_state["state"]["blocks"]["layers"]["layer_0"]
+    assert seen["attention"]["seen"].spec == jax.sharding.PartitionSpec(None, "fsdp")
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train(load_config("tiny", [*RESUME, "train.steps=4", "train.eval_every=4",
                                f"train.workdir={straight}"]))

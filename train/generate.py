@@ -32,7 +32,7 @@ def init_cache(model: LM, variables, batch: int, max_len: int):
     its shapes come from tracing one call)."""
     dummy = jnp.zeros((batch, max_len), jnp.int32)
     shapes = jax.eval_shape(
-        lambda v: model.apply(v, dummy, dummy, mutable=["cache"])[1]["cache"], variables)
+        lambda v: model.apply(v, dummy, dummy, mutable=["cache"])[1].get("cache", {}), variables)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -59,7 +59,7 @@ class Decoder:
         def run(variables, cache, tokens, positions, key):
             logits, mutated = model.apply({**variables, "cache": cache}, tokens, positions,
                                           mutable=["cache"])
-            return _choose(logits[:, -1], key, temperature, top_k), mutated["cache"]
+            return _choose(logits[:, -1], key, temperature, top_k), mutated.get("cache", {})
 
         self.prefill = jax.jit(run, donate_argnums=(1,))
         self.step = jax.jit(run, donate_argnums=(1,))
