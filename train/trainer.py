@@ -87,17 +87,20 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
 
 
 def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
-    """Validation loss, perplexity and bits per byte over up to `num_batches` batches."""
+    """Validation loss, perplexity and bits per byte.
+
+    `num_batches` > 0: over a fixed sample of that many batches drawn from across the
+    split (`eval_*` names, as logged during training); 0: over the whole split
+    (`full_eval_*` names).
+    """
     cfg = program.cfg
     it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(), num_batches=num_batches)
     byte_lengths = np.asarray(tokenizer.token_byte_lengths(), np.int32)
     loss_sum = tokens = num_bytes = 0.0
     with program.context():
-        for i, local in enumerate(it):
-            if num_batches and i >= num_batches:
-                break
+        for local in it:
             local = dict(local)
             local["target_bytes"] = np.where(local["segment_ids"] > 0,
                                              byte_lengths[local["targets"]], 0).astype(np.int32)
@@ -109,9 +112,10 @@ def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
         raise EfflmError("the validation split produced no tokens; add data or raise "
                          "data.val_fraction")
     loss = loss_sum / tokens
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-            "eval_tokens": tokens}
+    prefix = "eval_" if num_batches else "full_eval_"
+    return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0)),
+            f"{prefix}bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
+            f"{prefix}tokens": tokens}
 
 
 class _StopFlag:
