@@ -11,6 +11,7 @@ from conftest import SMALL
 from efflm.cli import main
 from efflm.config import load_config
 from efflm.errors import ConfigError
+from efflm.flops import train_flops_per_step
 from efflm.train.trainer import train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
@@ -34,13 +35,16 @@ def uninterrupted(tmp_path_factory):
 
 def test_metrics_and_files_of_a_run(tmp_path, uninterrupted):
     workdir = str(tmp_path)
-    train(load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
-                               "logging.tensorboard=true", f"train.workdir={workdir}"]))
+    cfg = load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
+                               "logging.tensorboard=true", f"train.workdir={workdir}"])
+    train(cfg)
     _, rows = _losses(workdir)
     assert [r["step"] for r in rows] == [2, 4, 4]
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "step_time_s"):
         assert key in rows[1]
-    assert 0 < rows[1]["mfu"] < 1.5 and rows[1]["tokens_per_sec"] > 0
+    assert 0 < rows[1]["mfu"] < 1 and rows[1]["tokens_per_sec"] > 0 and rows[1]["peak_flops"] > 0
+    assert rows[1]["mfu"] == pytest.approx(train_flops_per_step(cfg.model, 32, 8)
+                                           / rows[1]["step_time_s"] / rows[1]["peak_flops"])
     assert rows[2]["eval_loss"] > 0 and rows[2]["eval_bits_per_byte"] > 0
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]

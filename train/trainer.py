@@ -18,7 +18,7 @@ from efflm import mesh as mesh_lib
 from efflm.config import SHAPE_KEYS, Config, config_from_dict, to_dict, to_yaml
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
-from efflm.flops import peak_flops, train_flops_per_step
+from efflm.flops import PeakMeter, train_flops_per_step
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -182,11 +182,11 @@ def train(cfg: Config) -> dict:
                            total_steps=cfg.train.steps, start_step=start)
     n_params = count_params(state.params)
     flops_per_step = train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.train.batch_size)
-    peak, peak_source = peak_flops(cfg.model.dtype)
+    peak = PeakMeter(cfg.model.dtype)
     writer.message(
         f"efflm: {n_params / 1e6:.2f}M parameters, mesh {dict(program.mesh.shape)}, "
         f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
-        f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+        f"peak {peak.peak / 1e9:.1f} GFLOP/s ({peak.source})")
     row: dict = {}
     timer_start, timer_steps = None, 0
     try:
@@ -219,7 +219,8 @@ def train(cfg: Config) -> dict:
                         row["step_time_s"] = step_time
                         row["tokens_per_sec"] = (
                             cfg.train.batch_size * cfg.data.seq_len / step_time)
-                        row["mfu"] = flops_per_step / step_time / peak
+                        row["peak_flops"] = peak.update()
+                        row["mfu"] = flops_per_step / step_time / row["peak_flops"]
                     if not math.isfinite(row["loss"]):
                         raise EfflmError(f"loss became {row['loss']} at step {done}; lower "
                                          "optimizer.lr or raise optimizer.warmup_steps")
