@@ -79,6 +79,9 @@ class OptimizerConfig:
     lr: float = 1e-3
     warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant
+    # Length of warmup + decay; past it the rate holds its final value. 0: train.steps
+    # (a new run saves the resolved value; a resumed run keeps its saved one).
+    decay_steps: int = 0
     min_lr_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -330,6 +333,7 @@ def validate(cfg: Config) -> None:
         ("model.attention.head_dim", a.head_dim),
         ("model.attention.block_size", a.block_size), ("optimizer.warmup_steps",
                                                    cfg.optimizer.warmup_steps),
+        ("optimizer.decay_steps", cfg.optimizer.decay_steps),
         ("optimizer.weight_decay", cfg.optimizer.weight_decay),
         ("optimizer.clip_norm", cfg.optimizer.clip_norm), ("train.z_loss", cfg.train.z_loss),
         ("train.eval_every", cfg.train.eval_every), ("checkpoint.every", cfg.checkpoint.every),

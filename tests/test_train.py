@@ -75,6 +75,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, caplog):
     assert _losses(workdir)[0] == uninterrupted  # rows 4..5 were redone from step 3
 
 
+def test_raising_train_steps_continues_the_schedule(tmp_path):
+    workdir = str(tmp_path)
+    cfg = [*SMALL, "optimizer.warmup_steps=1", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1",
+           "logging.every=1", "train.eval_every=0", f"train.workdir={workdir}"]
+    saved = lambda: load_config(os.path.join(workdir, "config.yaml")).optimizer.decay_steps
+    train(load_config("tiny", [*cfg, "train.steps=4"]))
+    assert saved() == 4  # 0 resolved when the run was first written
+    train(load_config("tiny", [*cfg, "train.steps=6"]))
+    assert saved() == 4
+    lrs = [r["learning_rate"] for r in _losses(workdir)[1]]
+    assert len(lrs) == 6 and lrs[1] > lrs[2] > lrs[3] > lrs[4]  # decaying until step 4,
+    assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # then held, not stretched
+    # An explicit decay_steps is a new plan: it wins over the saved one.
+    train(load_config("tiny", [*cfg, "train.steps=7", "optimizer.decay_steps=20"]))
+    assert saved() == 20 and _losses(workdir)[1][-1]["learning_rate"] > 1e-4
+
+
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
     workdir = str(tmp_path)
     train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",

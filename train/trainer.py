@@ -54,7 +54,11 @@ def load_workdir_config(workdir: str) -> Config:
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
-    """Refuse to resume into an incompatible checkpoint; write the resolved config."""
+    """Refuse to resume into an incompatible checkpoint; write the resolved config.
+
+    Resolves `optimizer.decay_steps=0` in `cfg` in place: a resumed run keeps the
+    schedule it was saved with, a new one decays over `train.steps`.
+    """
     workdir = cfg.train.workdir
     if not workdir.strip():
         raise ConfigError("train.workdir is empty; name a directory, e.g. train.workdir=runs/x")
@@ -71,11 +75,16 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
                 if os.path.exists(os.path.join(workdir, name)):
                     os.remove(os.path.join(workdir, name))
     elif has_checkpoints and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
-        diffs = shape_differences(load_workdir_config(workdir), cfg)
+        saved = load_workdir_config(workdir)
+        diffs = shape_differences(saved, cfg)
         if diffs:
             raise ConfigError(
                 f"{workdir!r} holds checkpoints of a different model ({'; '.join(diffs)}); "
                 "use another train.workdir, or pass train.fresh=true to discard them")
+        if not cfg.optimizer.decay_steps:
+            cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
+    if not cfg.optimizer.decay_steps:
+        cfg.optimizer.decay_steps = cfg.train.steps
     if writer:
         os.makedirs(workdir, exist_ok=True)
         saved = config_from_dict(to_dict(cfg))
