@@ -152,9 +152,15 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-# Keys that describe the model's shape: a workdir's checkpoint only fits a run
-# whose values agree on all of them.
+# Keys that describe the parameters' shapes and layout: a workdir's checkpoint only
+# fits a run whose values agree on all of them, except RESUMABLE_MODEL_KEYS.
 SHAPE_KEYS = ("model", "data.tokenizer")
+# model.* keys that change no parameter (only how it is computed): a resume may change
+# them. model.scan_layers is not one: it stacks the layers' parameters.
+RESUMABLE_MODEL_KEYS = ("model.remat", "model.attention.impl", "model.attention.block_size",
+                        "model.dtype", "model.max_seq_len", "model.init_std")
+# Keys that fix the order of the training data: a saved data position needs them.
+DATA_ORDER_KEYS = ("data.source", "data.seq_len", "train.batch_size", "train.seed")
 
 
 def preset_names() -> list[str]:

@@ -105,6 +105,49 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
     assert load_config(os.path.join(workdir, "config.yaml")).model.d_model == 32
 
 
+def _tree(workdir):
+    """Every path under `workdir` with its size and modification time."""
+    return {os.path.join(r, n): (os.path.getsize(os.path.join(r, n)),
+                                 os.path.getmtime(os.path.join(r, n)))
+            for r, _, names in os.walk(workdir) for n in names}
+
+
+def test_resume_may_change_how_the_model_is_computed(tmp_path):
+    workdir = str(tmp_path)
+    cfg = [*SMALL, "train.eval_every=0", "logging.every=1", f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=2"]))
+    with pytest.raises(ConfigError, match="model.scan_layers: False -> True"):
+        train(load_config("tiny", [*cfg, "train.steps=3", "model.scan_layers=true"]))
+    train(load_config("tiny", [*cfg, "train.steps=3", "model.remat=full",
+                               "model.attention.impl=xla", "model.attention.block_size=16",
+                               "model.dtype=bfloat16", "model.max_seq_len=128",
+                               "model.init_std=0.05"]))
+    assert [r["step"] for r in _losses(workdir)[1]] == [1, 2, 3]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
+def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    cfg = [*SMALL, "train.eval_every=0", f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=2"]))
+    before = _tree(workdir)
+    for change, words in [("train.batch_size=16", "train.batch_size=8 (now 16)"),
+                          ("data.seq_len=16", "data.seq_len=32 (now 16)"),
+                          ("train.seed=3", "train.seed=0 (now 3)")]:
+        assert main(["train", *cfg, "train.steps=3", change]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "to resume, pass" in err and err.count("\n") == 1
+        assert "fresh" not in err
+        assert _tree(workdir) == before
+    # Without the saved config, the checkpoint's own data position names the setting.
+    os.remove(os.path.join(workdir, "config.yaml"))
+    assert main(["train", *cfg, "train.steps=3", "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: saved 8, now 16" in err and "set these back" in err
+    assert not os.path.exists(os.path.join(workdir, "config.yaml"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
 def test_eval_and_generate_cli(tmp_path, capsys):
     workdir = str(tmp_path)
     train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from efflm.config import CheckpointConfig
-from efflm.errors import CheckpointError
+from efflm.errors import CheckpointError, EfflmError
 
 log = logging.getLogger("efflm")
 
@@ -98,6 +98,9 @@ class Checkpointer:
                     items["data"] = DataStateRestore(data_iterator)
                 args = ocp.args.Composite(**items)
                 restored = self.manager.restore(step, args=args)
+            except EfflmError as e:  # readable, but saved by other settings
+                raise CheckpointError(f"the checkpoint at step {step} in {self.directory} "
+                                      f"does not fit this run: {e}") from None
             except Exception as e:  # corrupt or incompatible: report, try an older one
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e)
                 log.warning("checkpoint at step %d in %s could not be read (%s); trying an "

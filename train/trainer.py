@@ -15,7 +15,15 @@ import yaml
 
 from efflm import distributed
 from efflm import mesh as mesh_lib
-from efflm.config import SHAPE_KEYS, Config, config_from_dict, to_dict, to_yaml
+from efflm.config import (
+    DATA_ORDER_KEYS,
+    RESUMABLE_MODEL_KEYS,
+    SHAPE_KEYS,
+    Config,
+    config_from_dict,
+    to_dict,
+    to_yaml,
+)
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, train_flops_per_step
@@ -41,7 +49,14 @@ def shape_differences(old: Config, new: Config) -> list[str]:
     """`key: old -> new` for every model-shape setting that differs."""
     a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k.startswith(SHAPE_KEYS) and a.get(k) != b.get(k)]
+            if k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS
+            and a.get(k) != b.get(k)]
+
+
+def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every setting of the data order that differs."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return [(k, a[k], b[k]) for k in DATA_ORDER_KEYS if a[k] != b[k]]
 
 
 def load_workdir_config(workdir: str) -> Config:
@@ -54,7 +69,7 @@ def load_workdir_config(workdir: str) -> Config:
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
-    """Refuse to resume into an incompatible checkpoint; write the resolved config.
+    """Refuse to resume into an incompatible checkpoint; create the workdir.
 
     Resolves `optimizer.decay_steps=0` in `cfg` in place: a resumed run keeps the
     schedule it was saved with, a new one decays over `train.steps`.
@@ -81,18 +96,34 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
             raise ConfigError(
                 f"{workdir!r} holds checkpoints of a different model ({'; '.join(diffs)}); "
                 "use another train.workdir, or pass train.fresh=true to discard them")
+        order = data_order_differences(saved, cfg)
+        if order:
+            raise ConfigError(
+                f"{workdir!r} holds checkpoints of a run with "
+                + ", ".join(f"{k}={old} (now {new})" for k, old, new in order)
+                + ", and their saved data position fits only that order of the data; to "
+                "resume, pass " + " ".join(f"{k}={old}" for k, old, _ in order)
+                + " (or use another train.workdir to train with the new value)")
         if not cfg.optimizer.decay_steps:
             cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
     if not cfg.optimizer.decay_steps:
         cfg.optimizer.decay_steps = cfg.train.steps
     if writer:
-        os.makedirs(workdir, exist_ok=True)
-        saved = config_from_dict(to_dict(cfg))
-        saved.train.fresh = False  # running the saved config again resumes
-        tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(to_yaml(saved))
-        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.workdir={workdir!r} cannot be created "
+                              f"({e.strerror or e}); name a directory you can write") from None
+
+
+def write_config(cfg: Config) -> None:
+    """Save the resolved config as the workdir's config.yaml (once its checkpoint fits)."""
+    saved = config_from_dict(to_dict(cfg))
+    saved.train.fresh = False  # running the saved config again resumes
+    tmp = os.path.join(cfg.train.workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_yaml(saved))
+    os.replace(tmp, os.path.join(cfg.train.workdir, CONFIG_FILE))
 
 
 def evaluate(program: Program, params, tokenizer, num_batches: int) -> dict:
@@ -185,6 +216,7 @@ def train(cfg: Config) -> dict:
     state, start = restore_or_init(program, checkpointer, data)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
     if is_writer:
+        write_config(cfg)
         truncate_jsonl(metrics_path, start)
     writer = MetricsWriter(cfg.train.workdir, enabled=is_writer,
                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
