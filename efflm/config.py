@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,6 +299,8 @@ def _choice(key: str, value: str, choices) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -332,6 +335,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
         ("train.eval_batches", cfg.train.eval_batches), ("logging.every", cfg.logging.every),
         ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
+        ("model.attention.rope_theta", a.rope_theta), ("model.norm_eps", m.norm_eps),
     ]:
         _positive(key, value)
     for key, value in [
@@ -343,8 +347,12 @@ def validate(cfg: Config) -> None:
         ("optimizer.weight_decay", cfg.optimizer.weight_decay),
         ("optimizer.clip_norm", cfg.optimizer.clip_norm), ("train.z_loss", cfg.train.z_loss),
         ("train.eval_every", cfg.train.eval_every), ("checkpoint.every", cfg.checkpoint.every),
+        ("model.init_std", m.init_std), ("optimizer.eps", cfg.optimizer.eps),
     ]:
         _positive(key, value, allow_zero=True)
+    for key, value in [("optimizer.b1", cfg.optimizer.b1), ("optimizer.b2", cfg.optimizer.b2)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
         raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got "
                           f"{cfg.optimizer.min_lr_ratio}")
@@ -354,6 +362,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                           f"model.attention.num_heads={a.num_heads}; set "
                           "model.attention.head_dim explicitly or change one of them")
+    if head_dim(m) % 2:
+        where = (f"model.attention.head_dim={a.head_dim}" if a.head_dim else
+                 f"model.d_model / model.attention.num_heads = {head_dim(m)}")
+        raise ConfigError(f"{where} is odd, but rotary position embeddings rotate pairs of "
+                          "dimensions; use an even head dimension")
     kv = a.num_kv_heads or a.num_heads
     if a.num_heads % kv:
         raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "

@@ -1,6 +1,9 @@
+import argparse
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -8,10 +11,11 @@ import time
 import pytest
 from conftest import SMALL
 
-from efflm.cli import main
+from efflm.cli import _restore_params, main
 from efflm.config import load_config
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
+from efflm.train.generate import sample
 from efflm.train.trainer import train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
@@ -106,10 +110,10 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
 
 
 def _tree(workdir):
-    """Every path under `workdir` with its size and modification time."""
+    """Every file and folder under `workdir`, with its size and modification time."""
     return {os.path.join(r, n): (os.path.getsize(os.path.join(r, n)),
                                  os.path.getmtime(os.path.join(r, n)))
-            for r, _, names in os.walk(workdir) for n in names}
+            for r, dirs, names in os.walk(workdir) for n in dirs + names}
 
 
 def test_resume_may_change_how_the_model_is_computed(tmp_path):
@@ -148,18 +152,44 @@ def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsy
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
-def test_eval_and_generate_cli(tmp_path, capsys):
-    workdir = str(tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with a 2-step run (a checkpoint at step 2); copy it before changing it."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
     train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",
                                f"train.workdir={workdir}"]))
+    return workdir
+
+
+def test_eval_and_generate_cli(tmp_path, capsys, trained):
+    workdir = trained
+    before = _tree(workdir)
     capsys.readouterr()
     assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 2 and result["eval_bits_per_byte"] > 0
     assert result["eval_perplexity"] == pytest.approx(2.718281828 ** result["eval_loss"])
-    assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
-                 "5", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    # Without --batches: the whole split, under its own names.
+    val = tmp_path / "val.txt"
+    val.write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["eval", "--workdir", workdir, "data.source=files", f"data.paths={val}",
+                 f"data.val_paths={val}"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["full_eval_tokens"] == len(val.read_text()) + 1 and "eval_loss" not in full
+    # Greedy sampling: the continuation is what `sample` gives, whatever the seed.
+    outs = []
+    for seed in ("1", "2"):
+        assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
+                     "5", "--temperature", "0", "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    cfg, program, params, tokenizer, _ = _restore_params(
+        argparse.Namespace(workdir=workdir, overrides=[]))
+    with program.context():
+        ids = sample(program.model, params, tokenizer.encode("def "), max_new_tokens=5,
+                     temperature=0.0, top_k=0, seed=0, stop_id=tokenizer.eos_id)
+    assert len(ids) == 5 and tokenizer.decode(ids)
+    assert outs[0] == outs[1] == "def " + tokenizer.decode(ids) + "\n"
+    assert _tree(workdir) == before  # eval and generate only read
     assert main(["eval", "--workdir", str(tmp_path / "nope")]) == 2
     assert "not a training workdir" in capsys.readouterr().err
 
@@ -171,13 +201,78 @@ def test_eval_and_generate_cli(tmp_path, capsys):
     (["train.batch_size=12"], "not divisible by the 8 data shards"),
     (["data.source=files", "data.paths=/does/not/exist.txt"], "does not exist"),
     (["data.seq_len=100"], "larger than the model supports"),
+    (["model.attention.head_dim=7"], "head_dim=7 is odd"),
+    (["optimizer.lr=nan"], "optimizer.lr must be a finite number"),
+    (["model.attention.rope_theta=0"], "model.attention.rope_theta must be > 0"),
+    (["model.norm_eps=-1"], "model.norm_eps must be > 0"),
+    (["train.workdir={tmp}/file/w"], "cannot be created"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
+    (tmp_path / "file").write_text("not a directory")
+    args = [a.format(tmp=tmp_path) for a in args]
     assert main(["train", "--config", "tiny", *SMALL, f"train.workdir={tmp_path}/w",
                  *args]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert [p for p in _tree(tmp_path) if os.path.isfile(p)] == [str(tmp_path / "file")]
+
+
+@pytest.mark.parametrize("command, config, words", [
+    (["eval", "--batches", "-1"], None, "--batches must be >= 0"),
+    (["generate", "--prompt", "a", "--top-k", "100000"], None, "--top-k 100000 is larger"),
+    (["eval"], "model: [256\n", "cannot be read"),
+    (["eval"], "- model\n- data\n", "must be a mapping of config keys, not a list"),
+    (["eval"], "", "must be a mapping"),
+    (["generate", "--prompt", "a"], "- 1\n", "must be a mapping"),
+    (["eval"], "checkpoints", "has no checkpoint yet"),
+])
+def test_bad_eval_and_generate_input_exits_2_touching_nothing(tmp_path, capsys, trained,
+                                                                command, config, words):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    if config == "checkpoints":
+        shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    elif config is not None:
+        with open(os.path.join(workdir, "config.yaml"), "w") as f:
+            f.write(config)
+    before = _tree(workdir)
+    assert main([command[0], "--workdir", workdir, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert _tree(workdir) == before
+
+
+def test_resumed_run_leaves_no_duplicate_tensorboard_points(tmp_path):
+    workdir = str(tmp_path)
+    cfg = [*SMALL, "train.steps=4", "logging.every=1", "train.eval_every=3",
+           "checkpoint.every=2", "logging.tensorboard=true", f"train.workdir={workdir}"]
+    train(load_config("tiny", cfg))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if it crashed before saving
+    time.sleep(1.1)  # event files are named by the second
+    train(load_config("tiny", cfg))  # resumes at 2: steps 3 and 4 again
+    points = _tensorboard_points(os.path.join(workdir, "tensorboard"))
+    assert sorted(step for tag, step in points if tag == "loss") == [1, 2, 3, 4]
+    assert sorted(step for tag, step in points if tag == "eval_loss") == [3, 4]
+
+
+def _tensorboard_points(logdir):
+    """(tag, step) of every scalar TensorBoard shows: a SessionLog START at step S hides
+    the points logged before it at steps >= S."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    points = []
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.session_log.status == SessionLog.START:
+                points = [(tag, step) for tag, step in points if step < event.step]
+            points += [(v.tag, event.step) for v in event.summary.value]
+    return points
 
 
 def test_empty_data_file_is_an_error(tmp_path, capsys):

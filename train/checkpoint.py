@@ -65,11 +65,16 @@ class Checkpointer:
     """Saves every `cfg.every` steps (async), keeps the last `cfg.keep`, restores the
     newest checkpoint that can be read, falling back to older ones."""
 
-    def __init__(self, directory: str, cfg: CheckpointConfig):
+    def __init__(self, directory: str, cfg: CheckpointConfig, create: bool = True):
+        """`create=False` only reads: the directory must exist and is not written."""
         self.directory = os.path.abspath(directory)
         self.cfg = cfg
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        if create:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 

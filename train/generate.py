@@ -25,6 +25,9 @@ def sample(model: LM, params, prompt_ids: np.ndarray, *, max_new_tokens: int,
                           f"{length} (model.max_seq_len); shorten it")
     if temperature < 0 or top_k < 0:
         raise ConfigError("temperature and top-k must be >= 0")
+    if top_k > model.cfg.vocab_size:
+        raise ConfigError(f"top_k={top_k} is larger than the vocabulary "
+                          f"({model.cfg.vocab_size})")
     buf = np.zeros((1, length), np.int32)
     buf[0, : len(prompt_ids)] = prompt_ids
 

@@ -64,8 +64,19 @@ def load_workdir_config(workdir: str) -> Config:
     if not os.path.isfile(path):
         raise CheckpointError(f"{workdir!r} is not a training workdir (no {CONFIG_FILE}); "
                               "pass the train.workdir of a run")
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(yaml.safe_load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read ({first}); rewrite it, e.g. with "
+                              f"efflm config show --config NAME [key=value ...] > {path}"
+                              ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} must be a mapping of config keys, not a "
+                              f"{type(saved).__name__}; rewrite it, e.g. with efflm config "
+                              f"show --config NAME [key=value ...] > {path}")
+    return config_from_dict(saved)
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
