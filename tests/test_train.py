@@ -137,8 +137,9 @@ def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsy
     before = _tree(workdir)
     for change, words in [("train.batch_size=16", "train.batch_size=8 (now 16)"),
                           ("data.seq_len=16", "data.seq_len=32 (now 16)"),
-                          ("train.seed=3", "train.seed=0 (now 3)")]:
-        assert main(["train", *cfg, "train.steps=3", change]) == 2
+                          ("train.seed=3", "train.seed=0 (now 3)"),
+                          ("data.source=files data.paths=x.txt", "data.source=pycode (now files)")]:
+        assert main(["train", *cfg, "train.steps=3", *change.split()]) == 2
         err = capsys.readouterr().err
         assert words in err and "to resume, pass" in err and err.count("\n") == 1
         assert "fresh" not in err
