@@ -37,7 +37,7 @@ def uninterrupted(tmp_path_factory):
     return _losses(workdir)[0]
 
 
-def test_metrics_and_files_of_a_run(tmp_path, uninterrupted):
+def test_metrics_and_files_of_a_run(tmp_path, uninterrupted, capsys):
     workdir = str(tmp_path)
     cfg = load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
                                "logging.tensorboard=true", f"train.workdir={workdir}"])
@@ -50,6 +50,12 @@ def test_metrics_and_files_of_a_run(tmp_path, uninterrupted):
     assert rows[1]["mfu"] == pytest.approx(train_flops_per_step(cfg.model, 32, 8)
                                            / rows[1]["step_time_s"] / rows[1]["peak_flops"])
     assert rows[2]["eval_loss"] > 0 and rows[2]["eval_bits_per_byte"] > 0
+    # `efflm eval --batches N` evaluates the same sample as training did.
+    capsys.readouterr()
+    assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for key in ("eval_loss", "eval_bits_per_byte", "eval_tokens"):
+        assert again[key] == pytest.approx(rows[2][key], rel=1e-5)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
     assert load_config(os.path.join(workdir, "config.yaml")).train.steps == 4
