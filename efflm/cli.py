@@ -29,10 +29,11 @@ def _restore_state(args):
 
     load_workdir_config(args.workdir)  # a clear error if this is no workdir
     cfg = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
-    checkpointer = Checkpointer(os.path.join(args.workdir, CHECKPOINT_DIR), cfg.checkpoint)
+    directory = os.path.join(args.workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+        raise EfflmError(f"{args.workdir!r} has no checkpoint yet; train first")
+    checkpointer = Checkpointer(directory, cfg.checkpoint, create=False)  # reads only
     try:
-        if not checkpointer.steps():
-            raise EfflmError(f"{args.workdir!r} has no checkpoint yet; train first")
         program = build_program(cfg)
         state, step = restore_or_init(program, checkpointer, None)
     finally:
@@ -43,6 +44,9 @@ def _restore_state(args):
 def _eval(args) -> int:
     from efflm.train.trainer import evaluate
 
+    if args.batches < 0:
+        raise EfflmError(f"--batches must be >= 0 (0: the whole validation split), got "
+                         f"{args.batches}")
     cfg, program, state, tokenizer, step = _restore_state(args)
     result = {"step": step, **evaluate(program, state, tokenizer, args.batches)}
     print(json.dumps(result))
@@ -53,6 +57,10 @@ def _generate(args) -> int:
     from efflm.train.generate import sample
 
     cfg, program, state, tokenizer, _ = _restore_state(args)
+    if args.top_k > cfg.model.vocab_size:
+        raise EfflmError(f"--top-k {args.top_k} is larger than the vocabulary "
+                         f"({cfg.model.vocab_size}); use at most {cfg.model.vocab_size}, "
+                         "or 0 for no limit")
     ids = tokenizer.encode(args.prompt)
     with program.context():
         out = sample(program.model, state.variables(), ids, max_new_tokens=args.max_new_tokens,
@@ -99,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(func=func)
         if name == "eval":
             e.add_argument("--batches", type=int, default=0,
-                           help="evaluate at most this many batches (0: the whole split)")
+                           help="evaluate the fixed sample of this many batches that "
+                                "training evaluates (eval_*); 0: the whole split "
+                                "(full_eval_*)")
         else:
             e.add_argument("--prompt", required=True)
             e.add_argument("--max-new-tokens", type=int, default=200)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,9 @@ class OptimizerConfig:
     lr: float = 1e-3
     warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | linear | constant
+    # Length of warmup + decay; past it the rate holds its final value. 0: train.steps
+    # (a new run saves the resolved value; a resumed run keeps its saved one).
+    decay_steps: int = 0
     min_lr_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -153,9 +157,15 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-# Keys that describe the model's shape: a workdir's checkpoint only fits a run
-# whose values agree on all of them.
+# Keys that describe the parameters' shapes and layout: a workdir's checkpoint only
+# fits a run whose values agree on all of them, except RESUMABLE_MODEL_KEYS.
 SHAPE_KEYS = ("model", "data.tokenizer")
+# model.* keys that change no parameter (only how it is computed): a resume may change
+# them. model.scan_layers is not one: it stacks the layers' parameters.
+RESUMABLE_MODEL_KEYS = ("model.remat", "model.attention.impl", "model.attention.block_size",
+                        "model.dtype", "model.max_seq_len", "model.init_std")
+# Keys that fix the order of the training data: a saved data position needs them.
+DATA_ORDER_KEYS = ("data.source", "data.seq_len", "train.batch_size", "train.seed")
 
 
 def preset_names() -> list[str]:
@@ -293,6 +303,8 @@ def _choice(key: str, value: str, choices) -> None:
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
@@ -333,6 +345,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
         ("train.eval_batches", cfg.train.eval_batches), ("logging.every", cfg.logging.every),
         ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
+        ("model.attention.rope_theta", a.rope_theta), ("model.norm_eps", m.norm_eps),
     ]:
         _positive(key, value)
     for key, value in [
@@ -340,11 +353,16 @@ def validate(cfg: Config) -> None:
         ("model.attention.head_dim", a.head_dim),
         ("model.attention.block_size", a.block_size), ("optimizer.warmup_steps",
                                                    cfg.optimizer.warmup_steps),
+        ("optimizer.decay_steps", cfg.optimizer.decay_steps),
         ("optimizer.weight_decay", cfg.optimizer.weight_decay),
         ("optimizer.clip_norm", cfg.optimizer.clip_norm), ("train.z_loss", cfg.train.z_loss),
         ("train.eval_every", cfg.train.eval_every), ("checkpoint.every", cfg.checkpoint.every),
+        ("model.init_std", m.init_std), ("optimizer.eps", cfg.optimizer.eps),
     ]:
         _positive(key, value, allow_zero=True)
+    for key, value in [("optimizer.b1", cfg.optimizer.b1), ("optimizer.b2", cfg.optimizer.b2)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
         raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got "
                           f"{cfg.optimizer.min_lr_ratio}")
@@ -354,6 +372,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by "
                           f"model.attention.num_heads={a.num_heads}; set "
                           "model.attention.head_dim explicitly or change one of them")
+    if head_dim(m) % 2:
+        where = (f"model.attention.head_dim={a.head_dim}" if a.head_dim else
+                 f"model.d_model / model.attention.num_heads = {head_dim(m)}")
+        raise ConfigError(f"{where} is odd, but rotary position embeddings rotate pairs of "
+                          "dimensions; use an even head dimension")
     kv = a.num_kv_heads or a.num_heads
     if a.num_heads % kv:
         raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "

@@ -70,24 +70,32 @@ def traced_matmul_flops(fn, *args) -> float:
     return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-# Dense peak FLOP/s per chip by compute dtype (vendor datasheets, no sparsity).
+# Dense peak FLOP/s per chip by compute dtype (vendor datasheets, no sparsity), keyed
+# by the text of jax's `device_kind` (TPU v5e is "TPU v5 lite", v5p is "TPU v5").
 PEAK_FLOPS = {
     "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12},
     "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
     "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
 
 
-@functools.cache
-def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+def datasheet_name(kind: str) -> str | None:
+    """The PEAK_FLOPS entry for a device kind; the longest (most specific) match wins."""
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return name
+    return None
+
+
+def measure_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` square matmuls on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
+    f, a = _matmul(dtype, n)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -96,13 +104,27 @@ def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5
     return 2 * n**3 / best
 
 
+@functools.cache
+def _matmul(dtype: str, n: int):
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    return f, a
+
+
+@functools.cache
+def measured_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """`measure_matmul_peak`, measured once per process."""
+    return measure_matmul_peak(dtype, n, repeats)
+
+
 def peak_flops_per_device(dtype: str) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure came from)."""
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
-    for name, peaks in PEAK_FLOPS.items():
-        if name.lower() in kind.lower() and dtype in peaks:
-            return peaks[dtype], f"datasheet {name}"
+    name = datasheet_name(kind)
+    if name is not None and dtype in PEAK_FLOPS[name]:
+        return PEAK_FLOPS[name][dtype], f"datasheet {name}"
     return measured_matmul_peak(dtype), f"measured {dtype} matmul on {kind or device.platform}"
 
 
@@ -113,6 +135,32 @@ def peak_flops(dtype: str) -> tuple[float, str]:
     cores, so on CPU the measured peak is the whole machine's, not one device's.
     """
     per_device, source = peak_flops_per_device(dtype)
-    if jax.default_backend() == "cpu":
-        return per_device, source
-    return per_device * jax.device_count(), source
+    return per_device * _devices_counted(), source
+
+
+def _devices_counted() -> int:
+    return 1 if jax.default_backend() == "cpu" else jax.device_count()
+
+
+class PeakMeter:
+    """The peak FLOP/s that MFU divides by.
+
+    A datasheet figure is fixed. A measured one (CPU) is the best reading so far: a
+    busy moment at start-up would understate the peak and inflate MFU, so `update`
+    measures again (one matmul) when at least `interval_s` passed since the last
+    reading, and keeps the maximum.
+    """
+
+    def __init__(self, dtype: str, interval_s: float = 30.0):
+        self.dtype, self.interval_s = dtype, interval_s
+        self.peak, self.source = peak_flops(dtype)
+        self.measured = self.source.startswith("measured")
+        self._last = time.perf_counter()
+
+    def update(self) -> float:
+        now = time.perf_counter()
+        if self.measured and now - self._last >= self.interval_s:
+            reading = measure_matmul_peak(self.dtype, repeats=1) * _devices_counted()
+            self.peak = max(self.peak, reading)
+            self._last = time.perf_counter()
+        return self.peak

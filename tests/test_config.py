@@ -37,6 +37,10 @@ def test_overrides_are_typed():
     ("data.seq_len=4096", ["larger than the model supports", "max_seq_len"]),
     ("train.batch_size=0", ["train.batch_size", "> 0"]),
     ("mesh.data=-1", []),
+    ("model.d_model=28", ["model.d_model / model.attention.num_heads = 7 is odd", "even"]),
+    ("optimizer.b2=1.0", ["optimizer.b2", "[0, 1)"]),
+    ("optimizer.eps=inf", ["optimizer.eps must be a finite number"]),
+    ("optimizer.decay_steps=-1", ["optimizer.decay_steps", ">= 0"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_overrides_name_the_key(override, words):

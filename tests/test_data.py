@@ -242,6 +242,33 @@ def test_eval_is_deterministic_finite_and_sharded(tmp_path):
             np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), w[k])
 
 
+def test_eval_sample_is_fixed_and_drawn_from_the_whole_split(tmp_path):
+    texts = random_texts(60, seed=7, max_len=100)
+    val = write_jsonl(tmp_path / "val.jsonl", texts)
+    cfg = files_cfg([val], val_paths=[val], seq_len=16)
+    everything = [ex for t in texts for ex in reference_examples(t, 16)]
+    first = [ex for b in list(make_eval_iterator(cfg, TOK, global_batch=4))[:3]
+             for ex in row_examples(b)]
+    sample = list(make_eval_iterator(cfg, TOK, global_batch=4, num_batches=3))
+    found = [ex for b in sample for ex in row_examples(b)]
+    assert 0 < len(sample) <= 3 and len(found) >= 12
+    assert not collections.Counter(found) - collections.Counter(everything)  # a subset
+    # Not the first batches in file order: documents from all over the split.
+    docs = {i for i, t in enumerate(texts) for ex in reference_examples(t, 16) if ex in found}
+    assert set(found) != set(first) and max(docs) - min(docs) > 30
+    assert_same_batches(list(make_eval_iterator(cfg, TOK, global_batch=4, num_batches=3)),
+                        sample)
+    parts = [list(make_eval_iterator(cfg, TOK, global_batch=4, num_batches=3,
+                                     process_index=p, process_count=2)) for p in range(2)]
+    for w, p0, p1 in zip(sample, *parts):
+        for k in KEYS:
+            np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), w[k])
+    # A sample as large as the split is the whole split.
+    whole = [ex for b in make_eval_iterator(cfg, TOK, global_batch=4, num_batches=10**4)
+             for ex in row_examples(b)]
+    assert collections.Counter(whole) == collections.Counter(everything)
+
+
 def test_train_batches_have_the_right_examples(tmp_path):
     texts = random_texts(25, seed=3, max_len=300)
     path = write_jsonl(tmp_path / "train.jsonl", texts)

@@ -1,8 +1,11 @@
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
+from efflm import flops
 from efflm.flops import (
     forward_flops_per_token,
     peak_flops,
@@ -85,3 +88,33 @@ def test_every_registered_kind_reports_its_flops():
 def test_cpu_peak_is_measured():
     peak, source = peak_flops("float32")
     assert "measured" in source and 1e8 < peak < 1e14
+
+
+@pytest.mark.parametrize("kind, name", [
+    ("TPU v5 lite", "TPU v5 lite"),  # v5e
+    ("TPU v5", "TPU v5"),  # v5p
+    ("TPU v4", "TPU v4"),
+    ("TPU v6 lite", "TPU v6 lite"),
+    ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA L4", "L4"),
+    ("cpu", None),
+])
+def test_device_kinds_find_their_datasheet(monkeypatch, kind, name):
+    assert flops.datasheet_name(kind) == name
+    if name is not None:
+        monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind=kind)])
+        peak, source = flops.peak_flops_per_device("bfloat16")
+        assert source == f"datasheet {name}" and peak == flops.PEAK_FLOPS[name]["bfloat16"]
+
+
+def test_measured_peak_keeps_the_best_reading(monkeypatch):
+    monkeypatch.setattr(flops, "peak_flops", lambda dtype: (1e9, "measured float32 matmul"))
+    readings = iter([3e9, 2e9])
+    monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a, **k: next(readings))
+    meter = flops.PeakMeter("float32", interval_s=0.0)
+    assert meter.peak == 1e9  # a busy start-up reading ...
+    assert meter.update() == 3e9  # ... is replaced by a better one,
+    assert meter.update() == 3e9  # which a worse one does not lower
+    slow = flops.PeakMeter("float32", interval_s=3600.0)
+    assert slow.update() == 1e9  # no new reading before interval_s

@@ -33,3 +33,17 @@ def test_schedule_warms_up_then_decays(schedule):
     assert float(lr(300)) == pytest.approx(end, rel=1e-4)
     if schedule == "cosine":  # half-way through the decay: the mean of peak and floor
         assert float(lr(165)) == pytest.approx(5.5e-4, rel=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_has_its_own_length_and_then_holds(schedule):
+    cfg = OptimizerConfig(lr=1e-3, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1,
+                          decay_steps=110)
+    lr = learning_rate_schedule(cfg, 300)  # train.steps does not stretch it
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(5.5e-4, rel=1e-4)  # half-way in both shapes
+    for step in (110, 200, 300, 10**6):
+        assert float(lr(step)) == pytest.approx(1e-4, rel=1e-4)
+    default = learning_rate_schedule(OptimizerConfig(schedule=schedule, warmup_steps=10), 110)
+    assert float(default(60)) == pytest.approx(float(learning_rate_schedule(
+        OptimizerConfig(schedule=schedule, warmup_steps=10, decay_steps=110), 999)(60)))

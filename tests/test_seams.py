@@ -209,7 +209,7 @@ def test_keys_and_model_state_through_scan_remat_and_resume(tmp_path, capsys):
                                f"train.workdir={resumed}"]))
     train(load_config("tiny", [*RESUME, "train.steps=4", "train.eval_every=4",
                                f"train.workdir={resumed}"]))
-    timing = ("step_time_s", "tokens_per_sec", "mfu")
+    timing = ("step_time_s", "tokens_per_sec", "mfu", "peak_flops")
     rows, again = ([{k: v for k, v in r.items() if k not in timing} for r in _rows(w)
                     if "loss" in r] for w in (straight, resumed))
     assert rows == again

@@ -25,13 +25,13 @@ def _batches(cfg, n, seed=0):
     return out * n
 
 
-def _losses(cfg, devices, steps=3):
+def _losses(cfg, devices, steps=3, rows=lambda batch: batch):
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     program = build_program(cfg, mesh)
     with program.context():
         state = program.init(jax.random.key(0))
         losses = []
-        for batch in _batches(cfg, steps):
+        for batch in map(rows, _batches(cfg, steps)):
             state, m = program.train_step(state, mesh_lib.global_batch(batch, mesh))
             losses.append(float(m["loss"]))
     return np.array(losses), program, state
@@ -73,10 +73,26 @@ def test_sharded_training_matches_one_device(small_config, one_device_losses, me
         assert (x.shape[0] // shard[0], x.shape[1] // shard[1]) == expected
 
 
+def _uneven(batch):
+    """Rows 0..7 keep 4..11 tokens, rows 8.. all: the microbatches of grad_accum=2 hold
+    very different token counts, so averaging per microbatch would weigh them wrongly."""
+    seg = batch["segment_ids"].copy()
+    for i in range(len(seg)):
+        seg[i] = 1 if i >= 8 else (np.arange(seg.shape[1]) < 4 + i)
+    return {**batch, "segment_ids": seg}
+
+
 def test_gradient_accumulation_matches_full_batch(small_config):
-    ref, _, _ = _losses(small_config(), jax.devices()[:1])
-    got, _, _ = _losses(small_config("train.grad_accum=4"), jax.devices()[:1])
-    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    over = ("train.batch_size=16", "optimizer.warmup_steps=0", "optimizer.lr=1e-3")
+    ref, _, ref_state = _losses(small_config(*over), jax.devices(), rows=_uneven)
+    got, _, state = _losses(small_config(*over, "train.grad_accum=2"), jax.devices(),
+                            rows=_uneven)
+    assert len(jax.devices()) == 8
+    assert ref[-1] < ref[0] - 0.05  # a real learning rate: the steps move the loss
+    np.testing.assert_allclose(got, ref, rtol=2e-5)  # per-microbatch averaging: ~3e-3
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        # Adam's steps are about lr = 1e-3; averaging per microbatch moves them by ~6e-3.
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -1,6 +1,9 @@
+import argparse
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -8,9 +11,11 @@ import time
 import pytest
 from conftest import SMALL
 
-from efflm.cli import main
+from efflm.cli import _restore_state, main
 from efflm.config import load_config
 from efflm.errors import ConfigError
+from efflm.flops import train_flops_per_step
+from efflm.train.generate import sample
 from efflm.train.trainer import train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
@@ -32,16 +37,25 @@ def uninterrupted(tmp_path_factory):
     return _losses(workdir)[0]
 
 
-def test_metrics_and_files_of_a_run(tmp_path, uninterrupted):
+def test_metrics_and_files_of_a_run(tmp_path, uninterrupted, capsys):
     workdir = str(tmp_path)
-    train(load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
-                               "logging.tensorboard=true", f"train.workdir={workdir}"]))
+    cfg = load_config("tiny", [*SMALL, "train.steps=4", "logging.every=2", "train.eval_every=4",
+                               "logging.tensorboard=true", f"train.workdir={workdir}"])
+    train(cfg)
     _, rows = _losses(workdir)
     assert [r["step"] for r in rows] == [2, 4, 4]
     for key in ("loss", "grad_norm", "learning_rate", "tokens_per_sec", "mfu", "step_time_s"):
         assert key in rows[1]
-    assert 0 < rows[1]["mfu"] < 1.5 and rows[1]["tokens_per_sec"] > 0
+    assert 0 < rows[1]["mfu"] < 1 and rows[1]["tokens_per_sec"] > 0 and rows[1]["peak_flops"] > 0
+    assert rows[1]["mfu"] == pytest.approx(train_flops_per_step(cfg.model, 32, 8)
+                                           / rows[1]["step_time_s"] / rows[1]["peak_flops"])
     assert rows[2]["eval_loss"] > 0 and rows[2]["eval_bits_per_byte"] > 0
+    # `efflm eval --batches N` evaluates the same sample as training did.
+    capsys.readouterr()
+    assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for key in ("eval_loss", "eval_bits_per_byte", "eval_tokens"):
+        assert again[key] == pytest.approx(rows[2][key], rel=1e-5)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
     assert load_config(os.path.join(workdir, "config.yaml")).train.steps == 4
@@ -71,6 +85,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, caplog):
     assert _losses(workdir)[0] == uninterrupted  # rows 4..5 were redone from step 3
 
 
+def test_raising_train_steps_continues_the_schedule(tmp_path):
+    workdir = str(tmp_path)
+    cfg = [*SMALL, "optimizer.warmup_steps=1", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1",
+           "logging.every=1", "train.eval_every=0", f"train.workdir={workdir}"]
+    saved = lambda: load_config(os.path.join(workdir, "config.yaml")).optimizer.decay_steps
+    train(load_config("tiny", [*cfg, "train.steps=4"]))
+    assert saved() == 4  # 0 resolved when the run was first written
+    train(load_config("tiny", [*cfg, "train.steps=6"]))
+    assert saved() == 4
+    lrs = [r["learning_rate"] for r in _losses(workdir)[1]]
+    assert len(lrs) == 6 and lrs[1] > lrs[2] > lrs[3] > lrs[4]  # decaying until step 4,
+    assert lrs[4] == lrs[5] == pytest.approx(1e-4)  # then held, not stretched
+    # An explicit decay_steps is a new plan: it wins over the saved one.
+    train(load_config("tiny", [*cfg, "train.steps=7", "optimizer.decay_steps=20"]))
+    assert saved() == 20 and _losses(workdir)[1][-1]["learning_rate"] > 1e-4
+
+
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
     workdir = str(tmp_path)
     train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",
@@ -84,18 +115,89 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
     assert load_config(os.path.join(workdir, "config.yaml")).model.d_model == 32
 
 
-def test_eval_and_generate_cli(tmp_path, capsys):
+def _tree(workdir):
+    """Every file and folder under `workdir`, with its size and modification time."""
+    return {os.path.join(r, n): (os.path.getsize(os.path.join(r, n)),
+                                 os.path.getmtime(os.path.join(r, n)))
+            for r, dirs, names in os.walk(workdir) for n in dirs + names}
+
+
+def test_resume_may_change_how_the_model_is_computed(tmp_path):
     workdir = str(tmp_path)
+    cfg = [*SMALL, "train.eval_every=0", "logging.every=1", f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=2"]))
+    with pytest.raises(ConfigError, match="model.scan_layers: False -> True"):
+        train(load_config("tiny", [*cfg, "train.steps=3", "model.scan_layers=true"]))
+    train(load_config("tiny", [*cfg, "train.steps=3", "model.remat=full",
+                               "model.attention.impl=xla", "model.attention.block_size=16",
+                               "model.dtype=bfloat16", "model.max_seq_len=128",
+                               "model.init_std=0.05"]))
+    assert [r["step"] for r in _losses(workdir)[1]] == [1, 2, 3]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
+def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    cfg = [*SMALL, "train.eval_every=0", f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=2"]))
+    before = _tree(workdir)
+    for change, words in [("train.batch_size=16", "train.batch_size=8 (now 16)"),
+                          ("data.seq_len=16", "data.seq_len=32 (now 16)"),
+                          ("train.seed=3", "train.seed=0 (now 3)"),
+                          ("data.source=files data.paths=x.txt", "data.source=pycode (now files)")]:
+        assert main(["train", *cfg, "train.steps=3", *change.split()]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "to resume, pass" in err and err.count("\n") == 1
+        assert "fresh" not in err
+        assert _tree(workdir) == before
+    # Without the saved config, the checkpoint's own data position names the setting.
+    os.remove(os.path.join(workdir, "config.yaml"))
+    assert main(["train", *cfg, "train.steps=3", "train.batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: saved 8, now 16" in err and "set these back" in err
+    assert not os.path.exists(os.path.join(workdir, "config.yaml"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir with a 2-step run (a checkpoint at step 2); copy it before changing it."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
     train(load_config("tiny", [*SMALL, "train.steps=2", "train.eval_every=0",
                                f"train.workdir={workdir}"]))
+    return workdir
+
+
+def test_eval_and_generate_cli(tmp_path, capsys, trained):
+    workdir = trained
+    before = _tree(workdir)
     capsys.readouterr()
     assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 2 and result["eval_bits_per_byte"] > 0
     assert result["eval_perplexity"] == pytest.approx(2.718281828 ** result["eval_loss"])
-    assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
-                 "5", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    # Without --batches: the whole split, under its own names.
+    val = tmp_path / "val.txt"
+    val.write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["eval", "--workdir", workdir, "data.source=files", f"data.paths={val}",
+                 f"data.val_paths={val}"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["full_eval_tokens"] == len(val.read_text()) + 1 and "eval_loss" not in full
+    # Greedy sampling: the continuation is what `sample` gives, whatever the seed.
+    outs = []
+    for seed in ("1", "2"):
+        assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
+                     "5", "--temperature", "0", "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    cfg, program, state, tokenizer, _ = _restore_state(
+        argparse.Namespace(workdir=workdir, overrides=[]))
+    with program.context():
+        ids = sample(program.model, state.variables(), tokenizer.encode("def "),
+                     max_new_tokens=5, temperature=0.0, top_k=0, seed=0,
+                     stop_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
+    assert len(ids) == 5 and tokenizer.decode(ids)
+    assert outs[0] == outs[1] == "def " + tokenizer.decode(ids) + "\n"
+    assert _tree(workdir) == before  # eval and generate only read
     assert main(["eval", "--workdir", str(tmp_path / "nope")]) == 2
     assert "not a training workdir" in capsys.readouterr().err
 
@@ -107,13 +209,78 @@ def test_eval_and_generate_cli(tmp_path, capsys):
     (["train.batch_size=12"], "not divisible by the 8 data shards"),
     (["data.source=files", "data.paths=/does/not/exist.txt"], "does not exist"),
     (["data.seq_len=100"], "larger than the model supports"),
+    (["model.attention.head_dim=7"], "head_dim=7 is odd"),
+    (["optimizer.lr=nan"], "optimizer.lr must be a finite number"),
+    (["model.attention.rope_theta=0"], "model.attention.rope_theta must be > 0"),
+    (["model.norm_eps=-1"], "model.norm_eps must be > 0"),
+    (["train.workdir={tmp}/file/w"], "cannot be created"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
+    (tmp_path / "file").write_text("not a directory")
+    args = [a.format(tmp=tmp_path) for a in args]
     assert main(["train", "--config", "tiny", *SMALL, f"train.workdir={tmp_path}/w",
                  *args]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+    assert [p for p in _tree(tmp_path) if os.path.isfile(p)] == [str(tmp_path / "file")]
+
+
+@pytest.mark.parametrize("command, config, words", [
+    (["eval", "--batches", "-1"], None, "--batches must be >= 0"),
+    (["generate", "--prompt", "a", "--top-k", "100000"], None, "--top-k 100000 is larger"),
+    (["eval"], "model: [256\n", "cannot be read"),
+    (["eval"], "- model\n- data\n", "must be a mapping of config keys, not a list"),
+    (["eval"], "", "must be a mapping"),
+    (["generate", "--prompt", "a"], "- 1\n", "must be a mapping"),
+    (["eval"], "checkpoints", "has no checkpoint yet"),
+])
+def test_bad_eval_and_generate_input_exits_2_touching_nothing(tmp_path, capsys, trained,
+                                                                command, config, words):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    if config == "checkpoints":
+        shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    elif config is not None:
+        with open(os.path.join(workdir, "config.yaml"), "w") as f:
+            f.write(config)
+    before = _tree(workdir)
+    assert main([command[0], "--workdir", workdir, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert _tree(workdir) == before
+
+
+def test_resumed_run_leaves_no_duplicate_tensorboard_points(tmp_path):
+    workdir = str(tmp_path)
+    cfg = [*SMALL, "train.steps=4", "logging.every=1", "train.eval_every=3",
+           "checkpoint.every=2", "logging.tensorboard=true", f"train.workdir={workdir}"]
+    train(load_config("tiny", cfg))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if it crashed before saving
+    time.sleep(1.1)  # event files are named by the second
+    train(load_config("tiny", cfg))  # resumes at 2: steps 3 and 4 again
+    points = _tensorboard_points(os.path.join(workdir, "tensorboard"))
+    assert sorted(step for tag, step in points if tag == "loss") == [1, 2, 3, 4]
+    assert sorted(step for tag, step in points if tag == "eval_loss") == [3, 4]
+
+
+def _tensorboard_points(logdir):
+    """(tag, step) of every scalar TensorBoard shows: a SessionLog START at step S hides
+    the points logged before it at steps >= S."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    points = []
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            if event.session_log.status == SessionLog.START:
+                points = [(tag, step) for tag, step in points if step < event.step]
+            points += [(v.tag, event.step) for v in event.summary.value]
+    return points
 
 
 def test_empty_data_file_is_an_error(tmp_path, capsys):

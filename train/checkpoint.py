@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from efflm.config import CheckpointConfig
-from efflm.errors import CheckpointError
+from efflm.errors import CheckpointError, EfflmError
 
 log = logging.getLogger("efflm")
 
@@ -66,11 +66,16 @@ class Checkpointer:
     """Saves every `cfg.every` steps (async), keeps the last `cfg.keep`, restores the
     newest checkpoint that can be read, falling back to older ones."""
 
-    def __init__(self, directory: str, cfg: CheckpointConfig):
+    def __init__(self, directory: str, cfg: CheckpointConfig, create: bool = True):
+        """`create=False` only reads: the directory must exist and is not written."""
         self.directory = os.path.abspath(directory)
         self.cfg = cfg
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        if create:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 
@@ -100,6 +105,9 @@ class Checkpointer:
                     items["data"] = DataStateRestore(data_iterator)
                 args = ocp.args.Composite(**items)
                 restored = self.manager.restore(step, args=args)
+            except EfflmError as e:  # readable, but saved by other settings
+                raise CheckpointError(f"the checkpoint at step {step} in {self.directory} "
+                                      f"does not fit this run: {e}") from None
             except Exception as e:  # corrupt or incompatible: report, try an older one
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e)
                 log.warning("checkpoint at step %d in %s could not be read (%s); trying an "

@@ -106,6 +106,9 @@ def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
     `stop_id` or at `model.max_seq_len`); `bos_id` goes before the prompt."""
     if temperature < 0 or top_k < 0:
         raise ConfigError("temperature and top-k must be >= 0")
+    if top_k > model.cfg.vocab_size:
+        raise ConfigError(f"top_k={top_k} is larger than the vocabulary "
+                          f"({model.cfg.vocab_size})")
     ids = _with_bos(model, prompt_ids, bos_id)
     return Decoder(model, temperature, top_k).generate(variables, ids, max_new_tokens,
                                                        seed, stop_id)

@@ -43,7 +43,9 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # TensorBoard hides the points a run logged after the step it resumes from.
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                    purge_step=start_step + 1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                             unit="step", desc="train")

@@ -8,8 +8,11 @@ from efflm.config import OptimizerConfig
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    warmup = min(cfg.warmup_steps, total_steps)
-    decay_steps = max(total_steps - warmup, 1)
+    """Warmup then decay over `cfg.decay_steps` steps (0: `total_steps`); past them the
+    rate holds its final value."""
+    length = cfg.decay_steps or total_steps
+    warmup = min(cfg.warmup_steps, length)
+    decay_steps = max(length - warmup, 1)
     end = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)

@@ -15,10 +15,18 @@ import yaml
 
 from efflm import distributed
 from efflm import mesh as mesh_lib
-from efflm.config import SHAPE_KEYS, Config, config_from_dict, to_dict, to_yaml
+from efflm.config import (
+    DATA_ORDER_KEYS,
+    RESUMABLE_MODEL_KEYS,
+    SHAPE_KEYS,
+    Config,
+    config_from_dict,
+    to_dict,
+    to_yaml,
+)
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
-from efflm.flops import peak_flops, train_flops_per_step
+from efflm.flops import PeakMeter, train_flops_per_step
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -41,7 +49,14 @@ def shape_differences(old: Config, new: Config) -> list[str]:
     """`key: old -> new` for every model-shape setting that differs."""
     a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k.startswith(SHAPE_KEYS) and a.get(k) != b.get(k)]
+            if k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS
+            and a.get(k) != b.get(k)]
+
+
+def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every setting of the data order that differs."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    return [(k, a[k], b[k]) for k in DATA_ORDER_KEYS if a[k] != b[k]]
 
 
 def load_workdir_config(workdir: str) -> Config:
@@ -49,12 +64,27 @@ def load_workdir_config(workdir: str) -> Config:
     if not os.path.isfile(path):
         raise CheckpointError(f"{workdir!r} is not a training workdir (no {CONFIG_FILE}); "
                               "pass the train.workdir of a run")
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(yaml.safe_load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read ({first}); rewrite it, e.g. with "
+                              f"efflm config show --config NAME [key=value ...] > {path}"
+                              ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} must be a mapping of config keys, not a "
+                              f"{type(saved).__name__}; rewrite it, e.g. with efflm config "
+                              f"show --config NAME [key=value ...] > {path}")
+    return config_from_dict(saved)
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
-    """Refuse to resume into an incompatible checkpoint; write the resolved config."""
+    """Refuse to resume into an incompatible checkpoint; create the workdir.
+
+    Resolves `optimizer.decay_steps=0` in `cfg` in place: a resumed run keeps the
+    schedule it was saved with, a new one decays over `train.steps`.
+    """
     workdir = cfg.train.workdir
     if not workdir.strip():
         raise ConfigError("train.workdir is empty; name a directory, e.g. train.workdir=runs/x")
@@ -71,34 +101,58 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
                 if os.path.exists(os.path.join(workdir, name)):
                     os.remove(os.path.join(workdir, name))
     elif has_checkpoints and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
-        diffs = shape_differences(load_workdir_config(workdir), cfg)
+        saved = load_workdir_config(workdir)
+        diffs = shape_differences(saved, cfg)
         if diffs:
             raise ConfigError(
                 f"{workdir!r} holds checkpoints of a different model ({'; '.join(diffs)}); "
                 "use another train.workdir, or pass train.fresh=true to discard them")
+        order = data_order_differences(saved, cfg)
+        if order:
+            raise ConfigError(
+                f"{workdir!r} holds checkpoints of a run with "
+                + ", ".join(f"{k}={old} (now {new})" for k, old, new in order)
+                + ", and their saved data position fits only that order of the data; to "
+                "resume, pass " + " ".join(f"{k}={old}" for k, old, _ in order)
+                + " (or use another train.workdir to train with the new value)")
+        if not cfg.optimizer.decay_steps:
+            cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
+    if not cfg.optimizer.decay_steps:
+        cfg.optimizer.decay_steps = cfg.train.steps
     if writer:
-        os.makedirs(workdir, exist_ok=True)
-        saved = config_from_dict(to_dict(cfg))
-        saved.train.fresh = False  # running the saved config again resumes
-        tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(to_yaml(saved))
-        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.workdir={workdir!r} cannot be created "
+                              f"({e.strerror or e}); name a directory you can write") from None
+
+
+def write_config(cfg: Config) -> None:
+    """Save the resolved config as the workdir's config.yaml (once its checkpoint fits)."""
+    saved = config_from_dict(to_dict(cfg))
+    saved.train.fresh = False  # running the saved config again resumes
+    tmp = os.path.join(cfg.train.workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(to_yaml(saved))
+    os.replace(tmp, os.path.join(cfg.train.workdir, CONFIG_FILE))
 
 
 def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
     """Validation loss, perplexity and bits per byte of the model in the TrainState
-    `state` (parameters and model state) over up to `num_batches` batches."""
+    `state` (parameters and model state).
+
+    `num_batches` > 0: over a fixed sample of that many batches drawn from across the
+    split (`eval_*` names, as logged during training); 0: over the whole split
+    (`full_eval_*` names).
+    """
     cfg = program.cfg
     it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(), num_batches=num_batches)
     byte_lengths = np.asarray(tokenizer.token_byte_lengths(), np.int32)
     loss_sum = tokens = num_bytes = 0.0
     with program.context():
-        for i, local in enumerate(it):
-            if num_batches and i >= num_batches:
-                break
+        for local in it:
             local = dict(local)
             local["target_bytes"] = np.where(local["segment_ids"] > 0,
                                              byte_lengths[local["targets"]], 0).astype(np.int32)
@@ -111,9 +165,10 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
         raise EfflmError("the validation split produced no tokens; add data or raise "
                          "data.val_fraction")
     loss = loss_sum / tokens
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-            "eval_tokens": tokens}
+    prefix = "eval_" if num_batches else "full_eval_"
+    return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0)),
+            f"{prefix}bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
+            f"{prefix}tokens": tokens}
 
 
 class _StopFlag:
@@ -174,17 +229,18 @@ def train(cfg: Config) -> dict:
     state, start = restore_or_init(program, checkpointer, data)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
     if is_writer:
+        write_config(cfg)
         truncate_jsonl(metrics_path, start)
     writer = MetricsWriter(cfg.train.workdir, enabled=is_writer,
                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                            total_steps=cfg.train.steps, start_step=start)
     n_params = count_params(state.params)
     flops_per_step = train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.train.batch_size)
-    peak, peak_source = peak_flops(cfg.model.dtype)
+    peak = PeakMeter(cfg.model.dtype)
     writer.message(
         f"efflm: {n_params / 1e6:.2f}M parameters, mesh {dict(program.mesh.shape)}, "
         f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
-        f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source})")
+        f"peak {peak.peak / 1e9:.1f} GFLOP/s ({peak.source})")
     row: dict = {}
     timer_start, timer_steps = None, 0
     try:
@@ -218,7 +274,8 @@ def train(cfg: Config) -> dict:
                         row["step_time_s"] = step_time
                         row["tokens_per_sec"] = (
                             cfg.train.batch_size * cfg.data.seq_len / step_time)
-                        row["mfu"] = flops_per_step / step_time / peak
+                        row["peak_flops"] = peak.update()
+                        row["mfu"] = flops_per_step / step_time / row["peak_flops"]
                     if not math.isfinite(row["loss"]):
                         raise EfflmError(f"loss became {row['loss']} at step {done}; lower "
                                          "optimizer.lr or raise optimizer.warmup_steps")

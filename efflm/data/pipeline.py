@@ -107,13 +107,19 @@ class DataIterator:
 
     def set_state(self, state: dict) -> None:
         spec = state.get("spec", {})
-        diff = [f"{k}: saved {spec.get(k)!r}, now {v!r}" for k, v in self.spec.items()
-                if spec.get(k) != v]
+        diff = [f"{SPEC_NAMES.get(k, k)}: saved {spec.get(k)!r}, now {v!r}"
+                for k, v in self.spec.items() if spec.get(k) != v]
         if diff:
             raise DataError("the saved data iterator state does not fit this pipeline ("
-                            + "; ".join(diff) + "); resume with the same data settings, "
-                            "batch size, seed and process count")
+                            + "; ".join(diff) + "); to resume, set these back to their "
+                            "saved values")
         self._iterator.set_state(state["grain"])
+
+
+# What each field of an iterator's spec is called in the config.
+SPEC_NAMES = {"seq_len": "data.seq_len", "global_batch": "train.batch_size",
+              "seed": "train.seed", "source": "data.source",
+              "process_count": "number of processes", "process_index": "process index"}
 
 
 def make_train_iterator(cfg, tokenizer, *, global_batch: int, seed: int,
@@ -153,20 +159,73 @@ def _pad_and_shard(batch: dict, *, global_batch: int, pad_id: int, start: int,
     return out
 
 
+# The in-run evaluation sample is drawn with this seed, whatever train.seed is, so that
+# runs on the same data evaluate on the same windows.
+EVAL_SAMPLE_SEED = 0
+_EXAMPLE_COUNTS: dict = {}
+
+
+def examples_per_document(cfg, tokenizer, source) -> np.ndarray:
+    """How many examples each document of the validation `source` gives (cached)."""
+    key = (cfg.source, tuple(cfg.paths), tuple(cfg.val_paths), cfg.val_fraction,
+           cfg.seq_len, type(tokenizer).__name__)
+    if key not in _EXAMPLE_COUNTS:
+        lengths = [len(encode_document(tokenizer, source[i])) for i in range(len(source))]
+        _EXAMPLE_COUNTS[key] = -(-(np.array(lengths, np.int64) - 1) // cfg.seq_len)
+    return _EXAMPLE_COUNTS[key]
+
+
+class SampledExamples:
+    """A fixed, seeded sample of `count` examples drawn uniformly from all examples of
+    the validation split, in split order (a random-access source for grain)."""
+
+    def __init__(self, cfg, tokenizer, count: int):
+        self.source, self.tokenizer = make_source(cfg, "val"), tokenizer
+        self.chunk = ChunkDocument(cfg.seq_len)
+        counts = examples_per_document(cfg, tokenizer, self.source)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        rng = np.random.default_rng(_derive_seed(EVAL_SAMPLE_SEED, 2))
+        total = int(starts[-1])
+        chosen = np.sort(rng.choice(total, size=min(count, total), replace=False))
+        self.docs = np.searchsorted(starts, chosen, side="right") - 1
+        self.parts = chosen - starts[self.docs]
+        self._cached = (-1, None)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, index: int) -> dict:
+        doc = int(self.docs[index])
+        if self._cached[0] != doc:  # the sample is sorted: one document at a time
+            text = self.source[doc]
+            self._cached = (doc, self.chunk.flat_map(encode_document(self.tokenizer, text)))
+        return self._cached[1][int(self.parts[index])]
+
+
 def make_eval_iterator(cfg, tokenizer, *, global_batch: int, process_index: int = 0,
-                       process_count: int = 1) -> DataIterator:
-    """One pass over the validation documents in order, as full-shape batches.
+                       process_count: int = 1, num_batches: int = 0) -> DataIterator:
+    """Full-shape validation batches: with `num_batches` 0, one pass over every
+    validation document in order; else at most `num_batches` batches packed from a fixed
+    sample of num_batches * global_batch examples drawn from across the whole split
+    (the same for every call, so every in-run evaluation sees the same windows).
 
     Every process packs the same global batches and keeps its own rows, so all
     processes see the same number of batches; the last is padded with empty rows.
     """
     local = _local_batch(global_batch, process_index, process_count)
-    docs = grain.MapDataset.source(make_source(cfg, "val"))
-    rows = pack(examples(docs, tokenizer, cfg.seq_len), tokenizer, cfg.seq_len, global_batch)
+    if num_batches < 0:
+        raise DataError(f"the number of evaluation batches must be >= 0, got {num_batches}")
+    if num_batches:
+        sample = SampledExamples(cfg, tokenizer, num_batches * global_batch)
+        ds = grain.MapDataset.source(sample).to_iter_dataset(READ_OPTIONS)
+    else:
+        ds = examples(grain.MapDataset.source(make_source(cfg, "val")), tokenizer,
+                      cfg.seq_len)
+    rows = pack(ds, tokenizer, cfg.seq_len, global_batch)
     shard = functools.partial(_pad_and_shard, global_batch=global_batch,
                               pad_id=tokenizer.pad_id, start=process_index * local,
                               stop=(process_index + 1) * local)
     spec = {"split": "val", "source": cfg.source, "seq_len": cfg.seq_len,
             "global_batch": global_batch, "process_index": process_index,
-            "process_count": process_count}
+            "process_count": process_count, "num_batches": num_batches}
     return DataIterator(rows.batch(global_batch).map(shard), spec)
