@@ -42,6 +42,36 @@ class MLPConfig:
     kind: str = "swiglu"
     pattern: str = ""  # comma-separated MLP kinds repeated over the depth; empty: `kind`
     d_ff: int = 1024
+    # Where `kind` goes when it is not swiglu (e.g. moe): after the first `first_dense`
+    # layers, in every `every`-th layer (layers first_dense + every - 1, + 2 * every - 1,
+    # ...); the other layers keep a dense swiglu MLP. Ignored when `pattern` is set.
+    every: int = 1
+    first_dense: int = 0
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts (`model.mlp.kind=moe`): SwiGLU experts, a router, a dispatch."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_d_ff: int = 512  # each expert's hidden width (small: fine-grained experts)
+    num_shared_experts: int = 0  # experts every token uses, beside the routed ones
+    router: str = "topk"
+    renormalize: bool = True  # divide the k gates by their sum
+    jitter: float = 0.0  # training only: router input times uniform(1 - jitter, 1 + jitter)
+    balance_loss: float = 0.01  # weight of E * sum_i f_i * P_i
+    router_z_loss: float = 0.001  # weight of mean(logsumexp(logits)^2)
+    # dropless: every (token, expert) pair is computed; capacity: each expert takes at
+    # most ceil(capacity_factor * tokens * top_k / num_experts), first choices first.
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    # dropless backend. xla: each expert's rows padded to `block_rows` and one batched
+    # matmul over the blocks (only useful work plus padding); ragged: jax.lax.ragged_dot
+    # (computed densely by XLA:CPU); pallas: the grouped matmul kernel. auto: pallas on
+    # GPU, xla elsewhere.
+    impl: str = "auto"
+    block_rows: int = 64
 
 
 @dataclass
@@ -65,6 +95,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
 
 
@@ -293,7 +324,7 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _choice(key: str, value: str, choices) -> None:
+def check_choice(key: str, value: str, choices) -> None:
     choices = sorted(choices)
     if value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
@@ -302,7 +333,7 @@ def _choice(key: str, value: str, choices) -> None:
                           f"{', '.join(choices)}")
 
 
-def _positive(key: str, value, allow_zero: bool = False) -> None:
+def check_positive(key: str, value, allow_zero: bool = False) -> None:
     if not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
@@ -319,24 +350,40 @@ def validate(cfg: Config) -> None:
     from efflm.layers import ATTENTION, DEPTH, MLP
 
     m, a = cfg.model, cfg.model.attention
-    _choice("model.attention.kind", a.kind, ATTENTION)
-    _choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
-    _choice("model.mlp.kind", m.mlp.kind, MLP)
+    check_choice("model.attention.kind", a.kind, ATTENTION)
+    check_choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
+    check_choice("model.mlp.kind", m.mlp.kind, MLP)
     from efflm.models.plan import pattern_kinds
 
     for key, pattern, registry in (("model.attention.pattern", a.pattern, ATTENTION),
                                    ("model.mlp.pattern", m.mlp.pattern, MLP)):
         for kind in pattern_kinds(pattern):
-            _choice(f"{key} entry", kind, registry)
-    _choice("model.depth.kind", m.depth.kind, DEPTH)
-    _choice("model.dtype", m.dtype, DTYPES)
-    _choice("model.param_dtype", m.param_dtype, DTYPES)
-    _choice("model.remat", m.remat, REMAT_POLICIES)
-    _choice("data.source", cfg.data.source, SOURCES)
-    _choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
-    _choice("train.loss_impl", cfg.train.loss_impl, ("auto", "naive", "xla", "pallas"))
-    _choice("optimizer.name", cfg.optimizer.name, ("adamw",))
-    _choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "linear", "constant"))
+            check_choice(f"{key} entry", kind, registry)
+    check_choice("model.depth.kind", m.depth.kind, DEPTH)
+    check_positive("model.mlp.every", m.mlp.every)
+    check_positive("model.mlp.first_dense", m.mlp.first_dense, allow_zero=True)
+    from efflm.models.plan import layer_plan
+
+    plan = layer_plan(m)
+    if not pattern_kinds(m.mlp.pattern) and m.mlp.kind not in {s.mlp for s in plan}:
+        raise ConfigError(f"model.mlp.first_dense={m.mlp.first_dense} and model.mlp.every="
+                          f"{m.mlp.every} leave no layer of the {m.num_layers} with "
+                          f"model.mlp.kind={m.mlp.kind!r}; lower them")
+    # Each kind the model uses checks its own settings.
+    kinds = {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}
+    kinds.add(DEPTH[m.depth.kind])
+    for cls in sorted(kinds, key=lambda c: c.__name__):
+        check = getattr(cls, "validate_config", None)
+        if check is not None:
+            check(m)
+    check_choice("model.dtype", m.dtype, DTYPES)
+    check_choice("model.param_dtype", m.param_dtype, DTYPES)
+    check_choice("model.remat", m.remat, REMAT_POLICIES)
+    check_choice("data.source", cfg.data.source, SOURCES)
+    check_choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
+    check_choice("train.loss_impl", cfg.train.loss_impl, ("auto", "naive", "xla", "pallas"))
+    check_choice("optimizer.name", cfg.optimizer.name, ("adamw",))
+    check_choice("optimizer.schedule", cfg.optimizer.schedule, ("cosine", "linear", "constant"))
     for key, value in [
         ("model.d_model", m.d_model), ("model.num_layers", m.num_layers),
         ("model.max_seq_len", m.max_seq_len), ("model.vocab_multiple", m.vocab_multiple),
@@ -347,7 +394,7 @@ def validate(cfg: Config) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
         ("model.attention.rope_theta", a.rope_theta), ("model.norm_eps", m.norm_eps),
     ]:
-        _positive(key, value)
+        check_positive(key, value)
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.attention.num_kv_heads", a.num_kv_heads),
         ("model.attention.head_dim", a.head_dim),
@@ -359,7 +406,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_every", cfg.train.eval_every), ("checkpoint.every", cfg.checkpoint.every),
         ("model.init_std", m.init_std), ("optimizer.eps", cfg.optimizer.eps),
     ]:
-        _positive(key, value, allow_zero=True)
+        check_positive(key, value, allow_zero=True)
     for key, value in [("optimizer.b1", cfg.optimizer.b1), ("optimizer.b2", cfg.optimizer.b2)]:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")

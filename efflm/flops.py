@@ -34,6 +34,17 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
             + MLP[s.mlp].flops_per_token(cfg, seq_len) for s in layer_plan(cfg)]
 
 
+def inactive_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not use (experts it is not routed to), by the plan's
+    kinds (`inactive_params` on the class; none for dense kinds)."""
+    from efflm.layers import ATTENTION, MLP
+    from efflm.models.plan import layer_plan
+
+    return sum(getattr(registry[kind], "inactive_params", lambda c: 0)(cfg)
+               for spec in layer_plan(cfg)
+               for registry, kind in ((ATTENTION, spec.mixer), (MLP, spec.mlp)))
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     from efflm.layers import DEPTH
 

@@ -30,11 +30,26 @@ def _per_layer(pattern: str, default: str, num_layers: int) -> list[str]:
     return [kinds[i % len(kinds)] for i in range(num_layers)]
 
 
+DENSE_MLP = "swiglu"
+
+
+def _mlp_placement(cfg: ModelConfig) -> list[str]:
+    """`model.mlp.kind` after the first `first_dense` layers, every `every`-th layer;
+    the dense MLP elsewhere."""
+    m = cfg.mlp
+    return [m.kind if i >= m.first_dense and (i - m.first_dense + 1) % m.every == 0
+            else DENSE_MLP for i in range(cfg.num_layers)]
+
+
 def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
     """One spec per layer: `model.attention.pattern` and `model.mlp.pattern` repeat over
-    the depth; an empty pattern means `kind` in every layer."""
+    the depth; an empty pattern means `kind` in every layer (for the MLP, in the layers
+    that `model.mlp.every` and `first_dense` place it)."""
     mixers = _per_layer(cfg.attention.pattern, cfg.attention.kind, cfg.num_layers)
-    mlps = _per_layer(cfg.mlp.pattern, cfg.mlp.kind, cfg.num_layers)
+    if pattern_kinds(cfg.mlp.pattern):
+        mlps = _per_layer(cfg.mlp.pattern, cfg.mlp.kind, cfg.num_layers)
+    else:
+        mlps = _mlp_placement(cfg)
     return tuple(LayerSpec(a, m) for a, m in zip(mixers, mlps))
 
 

@@ -26,7 +26,7 @@ from efflm.config import (
 )
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
-from efflm.flops import PeakMeter, train_flops_per_step
+from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -235,10 +235,12 @@ def train(cfg: Config) -> dict:
                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                            total_steps=cfg.train.steps, start_step=start)
     n_params = count_params(state.params)
+    inactive = inactive_params(cfg.model)
+    active = f" ({(n_params - inactive) / 1e6:.2f}M active per token)" if inactive else ""
     flops_per_step = train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.train.batch_size)
     peak = PeakMeter(cfg.model.dtype)
     writer.message(
-        f"efflm: {n_params / 1e6:.2f}M parameters, mesh {dict(program.mesh.shape)}, "
+        f"efflm: {n_params / 1e6:.2f}M parameters{active}, mesh {dict(program.mesh.shape)}, "
         f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
         f"peak {peak.peak / 1e9:.1f} GFLOP/s ({peak.source})")
     row: dict = {}

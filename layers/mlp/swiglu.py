@@ -11,6 +11,7 @@ class SwiGLU(nn.Module):
     """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
 
     cfg: ModelConfig
+    d_ff: int = 0  # hidden width; 0: model.mlp.d_ff
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -20,9 +21,9 @@ class SwiGLU(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        d_ff = cfg.mlp.d_ff
+        d_ff = self.d_ff or cfg.mlp.d_ff
         gate = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="gate", **kw)(x)
         up = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="up", **kw)(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp")[-x.ndim:])
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("mlp", "embed"), std=out_std, name="out", **kw)(h)

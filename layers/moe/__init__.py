@@ -1,0 +1,8 @@
+"""Mixture-of-Experts parts: `model.moe.router` -> router class, `model.moe.dispatch`
+-> dispatch function. The MoE layer itself is the `moe` entry of `efflm.layers.mlp.MLP`."""
+
+from efflm.layers.moe.dispatch import capacity_dispatch, dropless_dispatch
+from efflm.layers.moe.routers import TopKRouter
+
+ROUTERS = {"topk": TopKRouter}
+DISPATCH = {"dropless": dropless_dispatch, "capacity": capacity_dispatch}

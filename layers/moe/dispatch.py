@@ -1,0 +1,109 @@
+"""Dispatch: send each (token, expert) pair to its expert and combine the outputs.
+
+Every dispatch takes the tokens `x` (tokens, d), the router's choices `experts` and
+`gates` (tokens, k), the expert weights `(gate, up, out)` shaped (E, d, f), (E, d, f),
+(E, f, d), and the config; it returns the combined output (tokens, d) and the fraction
+of pairs dropped.
+
+- `dropless_dispatch` ("MegaBlocks: Efficient Sparse Training with Mixture-of-Experts"):
+  the pairs sorted by expert, every pair computed, un-sorted, weighted by its gate.
+  Backends (`model.moe.impl`): `xla` pads each expert's rows to a multiple of
+  `block_rows` and runs one batched matmul over the row blocks, each block with its
+  expert's weights (the useful work plus at most `block_rows - 1` padding rows per
+  expert); `ragged` is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas`
+  the grouped matmul kernel.
+- `capacity_dispatch` (GShard, Switch): each expert has
+  `ceil(capacity_factor * tokens * k / E)` slots, filled by first choices before
+  second choices, each in token order; pairs beyond a full expert are dropped.
+  Gather/scatter in and out of an (E, capacity, d) buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig
+from efflm.layers.common import resolve_impl
+
+
+def expert_ffn(rows, gate, up, out, spec: str = "nbd,ndf->nbf", back: str = "nbf,nfd->nbd"):
+    """SwiGLU `(silu(x W_gate) * x W_up) W_out`, batched over a leading axis."""
+    h = jax.nn.silu(jnp.einsum(spec, rows, gate)) * jnp.einsum(spec, rows, up)
+    return jnp.einsum(back, h, out)
+
+
+def _sorted_pairs(flat_experts, num_experts: int):
+    """(order, sizes, starts, rank): a stable sort of the pairs by expert, each expert's
+    pair count and first sorted position, and each sorted pair's rank in its expert."""
+    order = jnp.argsort(flat_experts, stable=True)
+    sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_experts].add(1)
+    starts = jnp.cumsum(sizes) - sizes
+    rank = jnp.arange(flat_experts.shape[0]) - starts[flat_experts[order]]
+    return order, sizes, starts, rank
+
+
+def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
+    """Rows sorted by expert -> expert outputs, via row blocks of one expert each."""
+    pairs, d = x_sorted.shape
+    num_experts = sizes.shape[0]
+    padded = -(-sizes // block) * block
+    padded_starts = jnp.cumsum(padded) - padded
+    total = -(-pairs // block) * block + num_experts * block  # >= sum(padded), static
+    dest = padded_starts[sorted_experts] + rank
+    rows = jnp.zeros((total, d), x_sorted.dtype).at[dest].set(x_sorted)
+    block_starts = jnp.arange(total // block) * block
+    block_expert = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), num_experts - 1)
+    gate, up, out = (w[block_expert] for w in weights)
+    y = expert_ffn(rows.reshape(-1, block, d), gate, up, out).reshape(total, d)
+    return y[dest]
+
+
+def _grouped(x_sorted, sizes, weights, impl: str):
+    from efflm.pallas_kernels.grouped_matmul import grouped_matmul
+
+    gate, up, out = weights
+    mm = lambda a, w: grouped_matmul(a, w, sizes, impl=impl)  # noqa: E731
+    return mm(jax.nn.silu(mm(x_sorted, gate)) * mm(x_sorted, up), out)
+
+
+def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig):
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    order, sizes, _, rank = _sorted_pairs(flat, cfg.moe.num_experts)
+    x_sorted = x[order // k]
+    impl = cfg.moe.impl
+    if impl != "ragged":
+        impl = resolve_impl(impl, ("xla", "pallas"), "MoE dropless dispatch")
+    if impl == "xla":
+        y = _blocked(x_sorted, flat[order], rank, sizes, weights, cfg.moe.block_rows)
+    else:
+        y = _grouped(x_sorted, sizes, weights, "xla" if impl == "ragged" else "pallas")
+    pair_out = jnp.zeros_like(y).at[order].set(y).reshape(tokens, k, -1)
+    out = jnp.einsum("tkd,tk->td", pair_out, gates.astype(pair_out.dtype))
+    return out, jnp.zeros((), jnp.float32)
+
+
+def expert_capacity(cfg: ModelConfig, tokens: int) -> int:
+    moe = cfg.moe
+    return max(1, math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts))
+
+
+def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig):
+    tokens, k = experts.shape
+    capacity = expert_capacity(cfg, tokens)
+    flat = experts.T.reshape(-1)  # choice-major: all first choices, then second, ...
+    order, _, _, sorted_rank = _sorted_pairs(flat, cfg.moe.num_experts)
+    rank = jnp.zeros_like(flat).at[order].set(sorted_rank.astype(flat.dtype))
+    keep = rank < capacity
+    token = jnp.arange(flat.shape[0]) % tokens
+    buffer = jnp.zeros((cfg.moe.num_experts, capacity, x.shape[-1]), x.dtype)
+    buffer = buffer.at[flat, rank].set(x[token], mode="drop")
+    y = expert_ffn(buffer, *weights)
+    pair_out = jnp.where(keep[:, None], y[flat, jnp.minimum(rank, capacity - 1)], 0)
+    out = jnp.einsum("ktd,kt->td", pair_out.reshape(k, tokens, -1),
+                     gates.T.astype(pair_out.dtype))
+    return out, 1.0 - jnp.mean(keep.astype(jnp.float32))

@@ -1,0 +1,133 @@
+"""The Mixture-of-Experts MLP (`model.mlp.kind=moe`, settings under `model.moe`).
+
+SwiGLU experts of their own width (`expert_d_ff`; many small ones are fine-grained
+experts, "Towards Greater Leverage: Scaling Laws for Efficient Mixture-of-Experts
+Language Models"), optional shared experts that every token uses, a router from
+`efflm.layers.moe.ROUTERS` and a dispatch from `DISPATCH`. `moe_reference` is the
+plain per-token loop the fast paths are tested against.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efflm.config import ModelConfig, check_choice, check_positive
+from efflm.errors import ConfigError
+from efflm.layers.common import param_dtype, sow_stat
+from efflm.layers.mlp.swiglu import SwiGLU
+
+IMPLS = ("auto", "xla", "ragged", "pallas")
+
+
+def _expert_init(std: float, axes):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+class MoE(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        from efflm.layers.moe import DISPATCH, ROUTERS
+
+        cfg, moe = self.cfg, self.cfg.moe
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = ROUTERS[moe.router](cfg, name="router")(tokens)
+        e, d, f = moe.num_experts, cfg.d_model, moe.expert_d_ff
+        pdt = param_dtype(cfg.param_dtype)
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        weights = (
+            self.param("gate", _expert_init(cfg.init_std, ("expert", "embed", "mlp")),
+                       (e, d, f), pdt),
+            self.param("up", _expert_init(cfg.init_std, ("expert", "embed", "mlp")),
+                       (e, d, f), pdt),
+            self.param("out", _expert_init(out_std, ("expert", "mlp", "embed")), (e, f, d),
+                       pdt))
+        weights = tuple(w.astype(cfg.dtype) for w in weights)
+        out, dropped = DISPATCH[moe.dispatch](tokens.astype(cfg.dtype), routing.experts,
+                                              routing.gates, weights, cfg)
+        if moe.num_shared_experts:
+            out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(tokens)
+        self._statistics(routing, dropped)
+        return out.reshape(shape).astype(cfg.dtype)
+
+    def _statistics(self, routing, dropped):
+        moe = self.cfg.moe
+        load = jnp.zeros((moe.num_experts,), jnp.float32).at[
+            routing.experts.reshape(-1)].add(1.0)
+        load = load / jnp.mean(load)  # 1 = an even share
+        sow_stat(self, "expert_load_max", jnp.max(load), reduce="max")
+        sow_stat(self, "expert_load_min", jnp.min(load), reduce="min")
+        sow_stat(self, "expert_load_cv", jnp.std(load))
+        sow_stat(self, "moe_dropped_fraction", dropped)
+        p = routing.probs
+        entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
+        sow_stat(self, "router_entropy", jnp.mean(entropy))
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """Active FLOPs: the router, the k routed experts and the shared ones. Dispatch
+        padding (capacity slots, dropless row blocks) is not counted."""
+        from efflm.layers.moe import ROUTERS
+
+        moe = cfg.moe
+        expert = 2 * 3 * cfg.d_model * moe.expert_d_ff
+        return (ROUTERS[moe.router].flops_per_token(cfg)
+                + (moe.top_k + moe.num_shared_experts) * expert)
+
+    @staticmethod
+    def inactive_params(cfg: ModelConfig) -> int:
+        """Parameters a token does not use: the experts it is not routed to."""
+        moe = cfg.moe
+        return (moe.num_experts - moe.top_k) * 3 * cfg.d_model * moe.expert_d_ff
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        from efflm.layers.moe import DISPATCH, ROUTERS
+
+        moe = cfg.moe
+        check_choice("model.moe.router", moe.router, ROUTERS)
+        check_choice("model.moe.dispatch", moe.dispatch, DISPATCH)
+        check_choice("model.moe.impl", moe.impl, IMPLS)
+        for key in ("num_experts", "top_k", "expert_d_ff", "block_rows"):
+            check_positive(f"model.moe.{key}", getattr(moe, key))
+        for key in ("num_shared_experts", "balance_loss", "router_z_loss", "jitter"):
+            check_positive(f"model.moe.{key}", getattr(moe, key), allow_zero=True)
+        if moe.top_k > moe.num_experts:
+            raise ConfigError(f"model.moe.top_k={moe.top_k} is larger than "
+                              f"model.moe.num_experts={moe.num_experts}")
+        if not moe.capacity_factor > 0:
+            raise ConfigError(f"model.moe.capacity_factor must be > 0, got "
+                              f"{moe.capacity_factor}")
+        if moe.jitter >= 1:
+            raise ConfigError(f"model.moe.jitter must be in [0, 1), got {moe.jitter}")
+
+
+def moe_reference(x, experts, gates, weights, capacity: int | None = None):
+    """Token by token: `sum_k gate_k * expert_k(x_t)`. With `capacity`, each expert takes
+    pairs in choice-major, then token, order until full; the rest contribute nothing.
+    `experts` must be concrete (the kept pairs are found by a Python loop)."""
+    experts = np.asarray(experts)
+    tokens, k = experts.shape
+    keep = np.ones((tokens, k), bool)
+    if capacity is not None:
+        taken = np.zeros(weights[0].shape[0], int)
+        for j in range(k):
+            for t in range(tokens):
+                keep[t, j] = taken[experts[t, j]] < capacity
+                taken[experts[t, j]] += 1
+    gate_w, up_w, out_w = weights
+    rows = []
+    for t in range(tokens):
+        y = jnp.zeros((x.shape[-1],), jnp.float32)
+        for j in range(k):
+            if keep[t, j]:
+                e = experts[t, j]
+                h = jax.nn.silu(x[t] @ gate_w[e]) * (x[t] @ up_w[e])
+                y = y + gates[t, j] * (h @ out_w[e])
+        rows.append(y)
+    return jnp.stack(rows), 1.0 - keep.mean()

@@ -1,0 +1,71 @@
+"""Routers: which experts each token uses, and with what weight (`model.moe.router`).
+
+A router maps the tokens `x` (tokens, d_model) to `Routing`: the chosen experts
+(tokens, top_k), their gates, the full probabilities and the logits (float32). It
+sows its own auxiliary losses; the MoE layer sows the load statistics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig
+from efflm.layers.common import sow_loss
+
+
+class Routing(NamedTuple):
+    experts: jax.Array  # (tokens, k) int32
+    gates: jax.Array  # (tokens, k) float32
+    probs: jax.Array  # (tokens, num_experts) float32
+    logits: jax.Array  # (tokens, num_experts) float32
+
+
+def balance_loss(experts, probs, num_experts: int):
+    """`E * sum_i f_i * P_i`: f_i the fraction of the (token, choice) pairs sent to
+    expert i, P_i its mean router probability (1 when both are uniform)."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+    fraction = counts / experts.size
+    return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
+
+
+def z_loss(logits):
+    """`mean(logsumexp(logits)^2)` ("ST-MoE"): keeps router logits small."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+class TopKRouter(nn.Module):
+    """Token choice ("Switch Transformers", GShard): softmax over experts in float32,
+    each token takes its top-k; gates optionally renormalised over the k."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x) -> Routing:
+        moe = self.cfg.moe
+        x = x.astype(jnp.float32)
+        if moe.jitter and self.has_rng("router"):
+            noise = jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
+                                       1.0 - moe.jitter, 1.0 + moe.jitter)
+            x = x * noise
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.cfg.init_std), ("embed", None)),
+            (x.shape[-1], moe.num_experts), jnp.float32)
+        logits = x @ kernel
+        probs = jax.nn.softmax(logits, axis=-1)
+        gates, experts = jax.lax.top_k(probs, moe.top_k)
+        if moe.renormalize:
+            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        if moe.balance_loss:
+            sow_loss(self, "balance", moe.balance_loss * balance_loss(experts, probs,
+                                                                     moe.num_experts))
+        if moe.router_z_loss:
+            sow_loss(self, "router_z", moe.router_z_loss * z_loss(logits))
+        return Routing(experts.astype(jnp.int32), gates, probs, logits)
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig) -> float:
+        return 2 * cfg.d_model * cfg.moe.num_experts

@@ -1,0 +1,173 @@
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.flops import traced_matmul_flops
+from efflm.layers.moe.experts import MoE, moe_reference
+from efflm.layers.moe.routers import TopKRouter
+from efflm.train.trainer import train
+
+D, E, K, F, TOKENS = 16, 4, 2, 8, (2, 12)
+LAYER = ("model.mlp.kind=moe", f"model.d_model={D}", f"model.moe.num_experts={E}",
+         f"model.moe.top_k={K}", f"model.moe.expert_d_ff={F}", "model.moe.block_rows=4",
+         "model.init_std=0.5", "model.num_layers=2")
+
+
+def _layer(small_config, *overrides):
+    cfg = small_config(*LAYER, *overrides).model
+    x = jax.random.normal(jax.random.key(1), (*TOKENS, D))
+    params = nn.unbox(MoE(cfg).init(jax.random.key(0), x)["params"])
+    return cfg, x, params
+
+
+def _reference_loss(cfg, params, x, weights_out, capacity, experts):
+    """The per-token loop, with the router's gates (so the router gets gradients) for
+    the experts it chose."""
+    routing = TopKRouter(cfg).apply({"params": params["router"]}, x.reshape(-1, D))
+    out, _ = moe_reference(x.reshape(-1, D), experts, routing.gates,
+                           (params["gate"], params["up"], params["out"]), capacity)
+    return jnp.sum(out * weights_out)
+
+
+@pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+@pytest.mark.parametrize("overrides, capacity", [
+    (["model.moe.dispatch=dropless"], None),
+    (["model.moe.dispatch=dropless", "model.moe.impl=ragged"], None),
+    (["model.moe.dispatch=dropless", "model.moe.impl=pallas"], None),
+    (["model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0"], 12),
+    (["model.moe.dispatch=capacity", "model.moe.capacity_factor=0.5",
+      "model.moe.renormalize=false"], 6),
+])
+def test_topk_dispatch_matches_the_per_token_reference(small_config, overrides, capacity):
+    """Values and gradients (router, experts, inputs); a capacity dispatch drops exactly
+    the pairs the reference drops; the sown losses and statistics are the reference's."""
+    cfg, x, params = _layer(small_config, *overrides)
+    assert capacity is None or capacity == math.ceil(
+        cfg.moe.capacity_factor * 24 * K / E)
+    w = jax.random.normal(jax.random.key(2), (24, D))
+    routing = TopKRouter(cfg).apply({"params": params["router"]}, x.reshape(-1, D))
+    experts = np.asarray(routing.experts)
+    ref, ref_dropped = moe_reference(x.reshape(-1, D), experts, routing.gates,
+                                     (params["gate"], params["up"], params["out"]),
+                                     capacity)
+
+    def loss(p, x):
+        out, sown = MoE(cfg).apply({"params": p}, x, mutable=["losses", "stats"])
+        return jnp.sum(out.reshape(-1, D) * w), (out, sown)
+
+    (_, (out, sown)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+    scale = float(jnp.max(jnp.abs(ref)))
+    np.testing.assert_allclose(out.reshape(-1, D), ref, rtol=1e-5, atol=1e-5 * scale)
+    ref_grads = jax.grad(_reference_loss, (1, 2))(cfg, params, x, w, capacity, experts)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads[0]["router"]))
+
+    stats = {k.split(":")[1]: float(v[0]) for k, v in sown["stats"].items()}
+    assert stats["moe_dropped_fraction"] == pytest.approx(ref_dropped)
+    assert (ref_dropped > 0) == (capacity is not None)
+    load = np.bincount(experts.reshape(-1), minlength=E) / (experts.size / E)
+    probs = np.asarray(routing.probs, np.float64)
+    assert stats["expert_load_max"] == pytest.approx(load.max())
+    assert stats["expert_load_min"] == pytest.approx(load.min())
+    assert stats["expert_load_cv"] == pytest.approx(load.std(), rel=1e-5)
+    assert stats["router_entropy"] == pytest.approx(
+        np.mean(-np.sum(probs * np.log(probs), -1)), rel=1e-5)
+    balance = E * np.sum(load / E * probs.mean(0))
+    lse = np.log(np.exp(np.asarray(routing.logits, np.float64)).sum(-1))
+    assert float(sown["losses"]["router"]["balance"][0]) == pytest.approx(
+        cfg.moe.balance_loss * balance, rel=1e-5)
+    assert float(sown["losses"]["router"]["router_z"][0]) == pytest.approx(
+        cfg.moe.router_z_loss * np.mean(lse**2), rel=1e-5)
+
+
+def test_dropless_equals_capacity_that_drops_nothing(small_config):
+    cfg, x, params = _layer(small_config, "model.moe.num_shared_experts=1")
+    big, _, _ = _layer(small_config, "model.moe.num_shared_experts=1",
+                       "model.moe.dispatch=capacity", f"model.moe.capacity_factor={E}")
+    dropless = MoE(cfg).apply({"params": params}, x, mutable=["losses", "stats"])[0]
+    capacity = MoE(big).apply({"params": params}, x, mutable=["losses", "stats"])[0]
+    np.testing.assert_allclose(dropless, capacity, rtol=1e-5, atol=1e-5)
+    assert "shared" in params
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_flops_count_active_work_and_the_dispatch_overhead_is_stated(small_config, dispatch):
+    """The analytic count is the active work (router + k experts + shared); the traced
+    matmuls are that work plus exactly the padding the dispatch computes (E * capacity
+    slots, or the dropless row blocks) and the gate-weighted sum of the k outputs."""
+    cfg, x, params = _layer(small_config, f"model.moe.dispatch={dispatch}",
+                            "model.moe.num_shared_experts=1")
+    t = x.shape[0] * x.shape[1]
+    traced = traced_matmul_flops(
+        lambda p, x: MoE(cfg).apply({"params": p}, x, mutable=["losses", "stats"])[0],
+        params, x)
+    expert = 6 * D * F
+    assert MoE.flops_per_token(cfg, 0) == 2 * D * E + (K + 1) * expert
+    if dispatch == "capacity":
+        rows = E * math.ceil(cfg.moe.capacity_factor * t * K / E)
+    else:
+        block = cfg.moe.block_rows
+        rows = -(-t * K // block) * block + E * block
+    assert traced == t * (2 * D * E + expert) + rows * expert + 2 * t * K * D
+    assert rows >= t * K
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.moe.top_k=9", "model.moe.top_k=9 is larger than model.moe.num_experts=8"),
+    ("model.moe.capacity_factor=0", "model.moe.capacity_factor must be > 0"),
+    ("model.moe.router=topq", "model.moe.router='topq'"),
+    ("model.moe.dispatch=droples", "did you mean 'dropless'"),
+    ("model.moe.expert_d_ff=0", "model.moe.expert_d_ff must be > 0"),
+    ("model.mlp.first_dense=4", "leave no layer"),
+])
+def test_bad_moe_settings_exit_2_with_one_line(tmp_path, capsys, override, words):
+    assert main(["train", "--config", "tiny_moe", *SMALL, "model.num_layers=4",
+                 f"train.workdir={tmp_path}/w", override]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_placement_every_and_first_dense():
+    from efflm.models.plan import layer_plan
+
+    cfg = load_config("tiny_moe", ["model.num_layers=6", "model.mlp.first_dense=1",
+                                   "model.mlp.every=2"]).model
+    assert [s.mlp for s in layer_plan(cfg)] == ["swiglu", "swiglu", "moe", "swiglu", "moe",
+                                                "swiglu"]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_moe_trains_and_resumes_bitwise(tmp_path, capsys):
+    common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+              "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
+              "checkpoint.every=3", "model.moe.jitter=0.1"]
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    cfg = load_config("tiny_moe", [*common, "train.steps=6", f"train.workdir={straight}"])
+    train(cfg)
+    # d=64, 2 layers: each has 8 experts of 3 * 64 * 512 parameters, 2 of them active.
+    inactive = 2 * 6 * 3 * 64 * 512
+    out = capsys.readouterr().out
+    total = float(out.split("M parameters")[0].split()[-1])
+    assert f"M parameters ({total - inactive / 1e6:.2f}M active per token)" in out
+    train(load_config("tiny_moe", [*common, "train.steps=3", f"train.workdir={resumed}"]))
+    train(load_config("tiny_moe", [*common, "train.steps=6", f"train.workdir={resumed}"]))
+    keys = ("loss", "aux_loss", "expert_load_cv", "router_entropy", "moe_dropped_fraction")
+    rows = [[{k: r[k] for k in keys} for r in _losses(w)] for w in (straight, resumed)]
+    assert rows[0] == rows[1]
+    assert rows[0][-1]["loss"] < rows[0][0]["loss"]
+    assert all(r["aux_loss"] > 0 for r in rows[0])
