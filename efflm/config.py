@@ -66,12 +66,14 @@ class MoEConfig:
     # most ceil(capacity_factor * tokens * top_k / num_experts), first choices first.
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
-    # dropless backend. xla: each expert's rows padded to `block_rows` and one batched
-    # matmul over the blocks (only useful work plus padding); ragged: jax.lax.ragged_dot
-    # (computed densely by XLA:CPU); pallas: the grouped matmul kernel. auto: pallas on
-    # GPU, xla elsewhere.
+    # dropless backend. xla: each expert's rows padded to a multiple of `block_rows` and
+    # a loop of matmuls over the row blocks (only useful work plus padding); ragged:
+    # jax.lax.ragged_dot (computed densely by XLA:CPU); pallas: the grouped matmul
+    # kernel. auto: pallas on GPU, xla elsewhere.
     impl: str = "auto"
-    block_rows: int = 64
+    # 0: the largest power of two (8 to 256) with num_experts * block_rows at most a
+    # quarter of the (token, expert) pairs, which bounds the padding to that quarter.
+    block_rows: int = 0
 
 
 @dataclass

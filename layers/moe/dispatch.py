@@ -8,9 +8,8 @@ of pairs dropped.
 - `dropless_dispatch` ("MegaBlocks: Efficient Sparse Training with Mixture-of-Experts"):
   the pairs sorted by expert, every pair computed, un-sorted, weighted by its gate.
   Backends (`model.moe.impl`): `xla` pads each expert's rows to a multiple of
-  `block_rows` and runs one batched matmul over the row blocks, each block with its
-  expert's weights (the useful work plus at most `block_rows - 1` padding rows per
-  expert); `ragged` is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas`
+  `block_rows` and loops over the row blocks, each a matmul with its expert's weights
+  (the useful work plus at most `block_rows - 1` padding rows per expert); `ragged` is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas`
   the grouped matmul kernel.
 - `capacity_dispatch` (GShard, Switch): each expert has
   `ceil(capacity_factor * tokens * k / E)` slots, filled by first choices before
@@ -57,9 +56,19 @@ def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
     block_starts = jnp.arange(total // block) * block
     block_expert = jnp.minimum(
         jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), num_experts - 1)
-    gate, up, out = (w[block_expert] for w in weights)
-    y = expert_ffn(rows.reshape(-1, block, d), gate, up, out).reshape(total, d)
-    return y[dest]
+
+    def one_block(_, block_and_expert):
+        rows, expert = block_and_expert
+        w = (jax.lax.dynamic_index_in_dim(w, expert, keepdims=False) for w in weights)
+        return None, expert_ffn(rows, *w, spec="bd,df->bf", back="bf,fd->bd")
+
+    # A loop over the blocks reads each block's expert weights in place: gathering them
+    # for one batched matmul would copy (blocks, d, f) weights forward and backward. The
+    # backward recomputes the slices rather than keep them per block.
+    one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.checkpoint_dots,
+                               prevent_cse=False)
+    _, y = jax.lax.scan(one_block, None, (rows.reshape(-1, block, d), block_expert))
+    return y.reshape(total, d)[dest]
 
 
 def _grouped(x_sorted, sizes, weights, impl: str):
@@ -68,6 +77,15 @@ def _grouped(x_sorted, sizes, weights, impl: str):
     gate, up, out = weights
     mm = lambda a, w: grouped_matmul(a, w, sizes, impl=impl)  # noqa: E731
     return mm(jax.nn.silu(mm(x_sorted, gate)) * mm(x_sorted, up), out)
+
+
+def block_rows(cfg: ModelConfig, pairs: int) -> int:
+    """`model.moe.block_rows`, or for 0 the largest power of two from 8 to 256 whose
+    padding (at most block_rows - 1 rows per expert) stays within a quarter of `pairs`."""
+    if cfg.moe.block_rows:
+        return cfg.moe.block_rows
+    fit = max(pairs // (4 * cfg.moe.num_experts), 8)
+    return min(256, 1 << (fit.bit_length() - 1))
 
 
 def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig):
@@ -79,7 +97,8 @@ def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig):
     if impl != "ragged":
         impl = resolve_impl(impl, ("xla", "pallas"), "MoE dropless dispatch")
     if impl == "xla":
-        y = _blocked(x_sorted, flat[order], rank, sizes, weights, cfg.moe.block_rows)
+        y = _blocked(x_sorted, flat[order], rank, sizes, weights,
+                     block_rows(cfg, flat.shape[0]))
     else:
         y = _grouped(x_sorted, sizes, weights, "xla" if impl == "ragged" else "pallas")
     pair_out = jnp.zeros_like(y).at[order].set(y).reshape(tokens, k, -1)

@@ -93,9 +93,10 @@ class MoE(nn.Module):
         check_choice("model.moe.router", moe.router, ROUTERS)
         check_choice("model.moe.dispatch", moe.dispatch, DISPATCH)
         check_choice("model.moe.impl", moe.impl, IMPLS)
-        for key in ("num_experts", "top_k", "expert_d_ff", "block_rows"):
+        for key in ("num_experts", "top_k", "expert_d_ff"):
             check_positive(f"model.moe.{key}", getattr(moe, key))
-        for key in ("num_shared_experts", "balance_loss", "router_z_loss", "jitter"):
+        for key in ("num_shared_experts", "balance_loss", "router_z_loss", "jitter",
+                    "block_rows"):
             check_positive(f"model.moe.{key}", getattr(moe, key), allow_zero=True)
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"model.moe.top_k={moe.top_k} is larger than "
