@@ -9,8 +9,9 @@ of pairs dropped.
   the pairs sorted by expert, every pair computed, un-sorted, weighted by its gate.
   Backends (`model.moe.impl`): `xla` pads each expert's rows to a multiple of
   `block_rows` and loops over the row blocks, each a matmul with its expert's weights
-  (the useful work plus at most `block_rows - 1` padding rows per expert); `ragged` is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas`
-  the grouped matmul kernel.
+  (the useful work plus at most `block_rows - 1` padding rows per expert); `ragged`
+  is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas` the grouped
+  matmul kernel.
 - `capacity_dispatch` (GShard, Switch): each expert has
   `ceil(capacity_factor * tokens * k / E)` slots, filled by first choices before
   second choices, each in token order; pairs beyond a full expert are dropped.
