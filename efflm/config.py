@@ -78,7 +78,20 @@ class MoEConfig:
 
 @dataclass
 class DepthConfig:
-    kind: str = "none"
+    kind: str = "none"  # none | recursive | mod
+    # recursive: `unique_layers` blocks applied `recursions` times; sharing `cycle`
+    # (ABCABC: depth unique * recursions) or `middle_cycle` (first and last unique, the
+    # middle unique - 2 cycled: depth 2 + (unique - 2) * recursions). model.num_layers
+    # must equal that depth.
+    unique_layers: int = 2
+    recursions: int = 2
+    sharing: str = "cycle"
+    # mod (Mixture-of-Depths): every `every`-th layer is routed; the top `capacity`
+    # fraction of each sequence's tokens go through it, the rest skip it.
+    every: int = 2
+    capacity: float = 0.5
+    predictor_loss: float = 0.01  # weight of the causal predictor's BCE loss
+    predictor_hidden: int = 64
 
 
 @dataclass

@@ -25,13 +25,19 @@ import jax.numpy as jnp
 from efflm.config import ModelConfig
 
 
-def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
-    """Forward FLOPs per token of each layer of the plan (mixer + MLP)."""
+def layer_flops_per_token(cfg: ModelConfig):
+    """`f(i, seq_len)`: forward FLOPs per token of layer i of the plan (mixer + MLP) over
+    a sequence of seq_len tokens."""
     from efflm.layers import ATTENTION, MLP
     from efflm.models.plan import layer_plan
 
-    return [ATTENTION[s.mixer].flops_per_token(cfg, seq_len)
-            + MLP[s.mlp].flops_per_token(cfg, seq_len) for s in layer_plan(cfg)]
+    plan = layer_plan(cfg)
+
+    def flops(i: int, seq_len: int) -> float:
+        return (ATTENTION[plan[i].mixer].flops_per_token(cfg, seq_len)
+                + MLP[plan[i].mlp].flops_per_token(cfg, seq_len))
+
+    return flops
 
 
 def inactive_params(cfg: ModelConfig) -> int:
@@ -48,8 +54,7 @@ def inactive_params(cfg: ModelConfig) -> int:
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     from efflm.layers import DEPTH
 
-    blocks = DEPTH[cfg.depth.kind].flops_per_token(
-        cfg, seq_len, layer_flops_per_token(cfg, seq_len))
+    blocks = DEPTH[cfg.depth.kind].flops_per_token(cfg, seq_len, layer_flops_per_token(cfg))
     return blocks + 2 * cfg.d_model * cfg.vocab_size  # + the output head
 
 

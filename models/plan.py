@@ -18,6 +18,7 @@ class LayerSpec:
 
     mixer: str
     mlp: str
+    routed: bool = False  # only some tokens go through it (mixture-of-depths)
 
 
 def pattern_kinds(pattern: str) -> list[str]:
@@ -50,7 +51,10 @@ def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
         mlps = _per_layer(cfg.mlp.pattern, cfg.mlp.kind, cfg.num_layers)
     else:
         mlps = _mlp_placement(cfg)
-    return tuple(LayerSpec(a, m) for a, m in zip(mixers, mlps))
+    from efflm.layers import DEPTH
+
+    routed = getattr(DEPTH[cfg.depth.kind], "routed_layers", lambda c: set())(cfg)
+    return tuple(LayerSpec(a, m, i in routed) for i, (a, m) in enumerate(zip(mixers, mlps)))
 
 
 def repeating_group(plan: tuple[LayerSpec, ...]) -> tuple[int, int]:

@@ -113,9 +113,10 @@ def causal_mix_flops(cfg: ModelConfig, seq_len: int) -> float:
     return 2 * 2 * (seq_len / 2) * cfg.attention.num_heads * head_dim(cfg)
 
 
-def cached_attention(module: nn.Module, q, k, v, positions):
+def cached_attention(module: nn.Module, q, k, v, positions, segment_ids=None):
     """Write `k`, `v` into the module's cache at `positions` (batch, length), then attend
-    from `q` to every valid cached key at or before each query's position."""
+    from `q` to every valid cached key at or before each query's position. Tokens whose
+    `segment_ids` is 0 (a layer they skip) are written as not valid."""
     b = k.shape[0]
     cached_k = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_v = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -123,7 +124,8 @@ def cached_attention(module: nn.Module, q, k, v, positions):
     rows = jnp.arange(b)[:, None]
     cached_k.value = cached_k.value.at[rows, positions].set(k)
     cached_v.value = cached_v.value.at[rows, positions].set(v)
-    valid.value = valid.value.at[rows, positions].set(True)
+    written = True if segment_ids is None else segment_ids > 0
+    valid.value = valid.value.at[rows, positions].set(written)
     slots = jnp.arange(valid.value.shape[1])
     mask = valid.value[:, None, :] & (slots[None, None, :] <= positions[:, :, None])
     return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
@@ -159,7 +161,7 @@ class SoftmaxAttention(nn.Module):
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
         block = cfg.attention.block_size
         if self.is_mutable_collection("cache") and not self.is_initializing():
-            out = cached_attention(self, q, k, v, positions)
+            out = cached_attention(self, q, k, v, positions, segment_ids)
         elif impl == "pallas":
             from efflm.pallas_kernels.flash_attention import partitioned_flash_attention
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)

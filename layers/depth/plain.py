@@ -33,9 +33,20 @@ def _remat(module, cfg: ModelConfig, **kw):
     return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], **kw)
 
 
+def make_layer(block: type, cfg: ModelConfig, spec, name: str, remat: bool = False):
+    """The module for one layer of the plan: the block, inside the token router of
+    `efflm.layers.depth.mod` when the spec is routed."""
+    if spec.routed:
+        from efflm.layers.depth.mod import RoutedBlock
+
+        return (_remat(RoutedBlock, cfg) if remat else RoutedBlock)(cfg, spec, block,
+                                                                    name=name)
+    return (_remat(block, cfg) if remat else block)(cfg, spec, name=name)
+
+
 class _Group(nn.Module):
-    """One repeat of the plan's repeating group, in `nn.scan`'s (carry, x) -> (carry, y)
-    form: layer j of the group is `layer_j`."""
+    """Layers applied in order, in `nn.scan`'s (carry, x) -> (carry, y) form: layer j
+    is `layer_j`."""
 
     cfg: ModelConfig
     block: type
@@ -45,7 +56,7 @@ class _Group(nn.Module):
     def __call__(self, state, positions, segment_ids, mask):
         x, carry = state
         for j, spec in enumerate(self.specs):
-            x, carry = self.block(self.cfg, spec, name=f"layer_{j}")(
+            x, carry = make_layer(self.block, self.cfg, spec, f"layer_{j}")(
                 x, carry, positions, segment_ids, mask)
         return (x, carry), None
 
@@ -76,9 +87,10 @@ class PlainStack(nn.Module):
     plan: tuple
 
     @staticmethod
-    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops: list[float]) -> float:
-        """Forward FLOPs per token, given each layer's: every token runs every layer."""
-        return sum(layer_flops)
+    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops) -> float:
+        """Forward FLOPs per token, given `layer_flops(i, seq_len)` for layer i over a
+        sequence of seq_len tokens: every token runs every layer."""
+        return sum(layer_flops(i, seq_len) for i in range(cfg.num_layers))
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
@@ -98,8 +110,7 @@ class PlainStack(nn.Module):
                 (x, carry), _ = scanned(cfg, self.block, plan[:period], name="layers")(
                     (x, carry), positions, segment_ids, mask)
                 first = period * repeats
-        block = _remat(self.block, cfg)
         for i in range(first, len(plan)):
-            x, carry = block(cfg, plan[i], name=f"layer_{i}")(
+            x, carry = make_layer(self.block, cfg, plan[i], f"layer_{i}", remat=True)(
                 x, carry, positions, segment_ids, mask)
         return x

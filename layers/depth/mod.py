@@ -1,0 +1,118 @@
+"""Mixture-of-Depths (`model.depth.kind=mod`; "Mixture-of-Depths: Dynamically
+allocating compute in transformer-based language models").
+
+Every `model.depth.every`-th layer of the plan is routed: a linear router scores the
+tokens, the top `capacity` fraction of each sequence is gathered (in its original
+order, with its positions and segment ids, so attention among the chosen tokens stays
+causal and inside its documents), goes through the block as `x + r * (Block(x) - x)`
+with `r = sigmoid(router score)` (so the router learns), and is scattered back; the
+other tokens skip the layer.
+
+Top-k over a sequence is not causal. A small predictor (an MLP on the detached block
+input, trained with a BCE loss to predict top-k membership) decides instead while
+decoding; tokens it skips are written into the routed layer's cache as not valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig
+from efflm.errors import ConfigError
+from efflm.layers.attention.softmax import attention_mask
+from efflm.layers.common import Dense, sow_loss, sow_stat
+from efflm.layers.depth.plain import PlainStack
+
+
+def capacity_tokens(capacity: float, length: int) -> int:
+    return max(1, math.ceil(capacity * length))
+
+
+def _gather(a, idx):
+    return None if a is None else jnp.take_along_axis(a, idx.reshape(
+        idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+class RoutedBlock(nn.Module):
+    cfg: ModelConfig
+    spec: object
+    block: type
+
+    @nn.compact
+    def __call__(self, x, carry, positions, segment_ids, mask):
+        cfg, depth = self.cfg, self.cfg.depth
+        kw = dict(dtype="float32", param_dtype=cfg.param_dtype, std=cfg.init_std)
+        logits = Dense((1,), ("embed", None), name="router", **kw)(x)[..., 0]
+        weight = jax.nn.sigmoid(logits)
+        hidden = jax.nn.gelu(Dense((depth.predictor_hidden,), ("embed", None),
+                                   name="predictor_in", **kw)(jax.lax.stop_gradient(x)))
+        predicted = Dense((1,), (None, None), name="predictor_out", **kw)(hidden)[..., 0]
+        block = self.block(cfg, self.spec, name="block")
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            chosen = predicted > 0  # decoding: the causal predictor routes
+            y, carry = block(x, carry, positions, chosen.astype(jnp.int32), None)
+            mixed = x + weight[..., None].astype(x.dtype) * (y - x)
+            return jnp.where(chosen[..., None], mixed, x), carry
+
+        b, t = logits.shape
+        keep = capacity_tokens(depth.capacity, t)
+        idx = jnp.sort(jax.lax.top_k(logits, keep)[1], axis=-1)  # original order
+        rows = jnp.arange(b)[:, None]
+        member = jnp.zeros((b, t), jnp.float32).at[rows, idx].set(1.0)
+        self._predictor_terms(predicted, member, weight)
+        xs, seg = _gather(x, idx), _gather(segment_ids, idx)
+        y, carry = block(xs, carry, _gather(positions, idx), seg,
+                         attention_mask(seg, keep))
+        ws = _gather(weight, idx)[..., None].astype(x.dtype)
+        if segment_ids is not None:
+            sow_stat(self, "mod_capacity_use", jnp.mean(seg > 0), reduce="per_layer")
+        return x.at[rows, idx].set(xs + ws * (y - xs)), carry
+
+    def _predictor_terms(self, predicted, member, weight):
+        depth = self.cfg.depth
+        bce = jnp.mean(jnp.maximum(predicted, 0) - predicted * member
+                       + jnp.log1p(jnp.exp(-jnp.abs(predicted))))
+        if depth.predictor_loss:
+            sow_loss(self, "mod_predictor", depth.predictor_loss * bce)
+        sow_stat(self, "mod_predictor_accuracy",
+                 jnp.mean((predicted > 0) == (member > 0)))
+        p = jnp.clip(weight, 1e-6, 1 - 1e-6)
+        sow_stat(self, "mod_router_entropy",
+                 jnp.mean(-p * jnp.log(p) - (1 - p) * jnp.log(1 - p)))
+
+
+class ModStack(PlainStack):
+    """The plain stack whose every `model.depth.every`-th layer is a `RoutedBlock`."""
+
+    @staticmethod
+    def routed_layers(cfg: ModelConfig) -> set[int]:
+        every = cfg.depth.every
+        return {i for i in range(cfg.num_layers) if (i + 1) % every == 0}
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops) -> float:
+        """Routed layers at their capacity: a fraction c of the tokens runs the layer
+        over a sequence of c * seq_len (attention's mix scales as c^2); plus every
+        token's router and predictor."""
+        depth, d = cfg.depth, cfg.d_model
+        routed = ModStack.routed_layers(cfg)
+        keep = capacity_tokens(depth.capacity, seq_len)
+        extra = 2 * d + 2 * d * depth.predictor_hidden + 2 * depth.predictor_hidden
+        return sum(keep / seq_len * layer_flops(i, keep) + extra if i in routed
+                   else layer_flops(i, seq_len) for i in range(cfg.num_layers))
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        depth = cfg.depth
+        if not 0 < depth.capacity <= 1:
+            raise ConfigError(f"model.depth.capacity must be in (0, 1], got {depth.capacity}")
+        if not 1 <= depth.every <= cfg.num_layers:
+            raise ConfigError(f"model.depth.every={depth.every} must be between 1 and "
+                              f"model.num_layers={cfg.num_layers}")
+        if depth.predictor_hidden < 1 or depth.predictor_loss < 0:
+            raise ConfigError("model.depth.predictor_hidden must be > 0 and "
+                              "model.depth.predictor_loss >= 0")

@@ -1,0 +1,84 @@
+"""Recursive transformers (`model.depth.kind=recursive`): a few unique blocks applied
+several times ("Relaxed Recursive Transformers: Effective Parameter Sharing with
+Layer-wise LoRA"; the sharing schemes of "Mixture-of-Recursions").
+
+`cycle`: blocks A B C applied as A B C A B C (depth unique * recursions);
+`middle_cycle`: the first and last layers unique, the unique - 2 middle blocks cycled
+(depth 2 + (unique - 2) * recursions). The shared blocks run as one `nn.scan` over the
+recursions with their parameters broadcast, so compile time does not grow with the
+number of recursions; each recursion keeps its own decoding cache.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from efflm.config import ModelConfig, check_choice, check_positive
+from efflm.errors import ConfigError
+from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
+from efflm.layers.depth.plain import PlainStack, _Group, _remat, initial_carry, make_layer
+
+SHARING = ("cycle", "middle_cycle")
+
+
+def shared_range(cfg: ModelConfig) -> tuple[int, int]:
+    """(first, stop): the plan's layers first .. stop - 1 are the shared blocks."""
+    unique = cfg.depth.unique_layers
+    return (0, unique) if cfg.depth.sharing == "cycle" else (1, unique - 1)
+
+
+def recursive_depth(cfg: ModelConfig) -> int:
+    first, stop = shared_range(cfg)
+    return cfg.depth.unique_layers - (stop - first) + (stop - first) * cfg.depth.recursions
+
+
+class RecursiveStack(PlainStack):
+    """Unique layers `first`/`last` (middle_cycle) around `shared`, the scanned blocks
+    named `layer_j` inside it."""
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        cfg, plan = self.cfg, self.plan
+        first, stop = shared_range(cfg)
+        carry = initial_carry(plan, x)
+        args = (positions, segment_ids, mask)
+        if first:
+            x, carry = make_layer(self.block, cfg, plan[0], "first", remat=True)(x, carry,
+                                                                                 *args)
+        axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS, *STATE_COLLECTIONS)}
+        scanned = nn.scan(
+            _remat(_Group, cfg, prevent_cse=False), variable_axes=axes,
+            variable_broadcast="params",
+            split_rngs={"params": False, **{s: True for s in RNG_STREAMS}},
+            in_axes=(nn.broadcast,) * 3, length=cfg.depth.recursions)
+        (x, carry), _ = scanned(cfg, self.block, plan[first:stop], name="shared")(
+            (x, carry), *args)
+        if first:
+            x, carry = make_layer(self.block, cfg, plan[-1], "last", remat=True)(x, carry,
+                                                                                 *args)
+        return x
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        depth = cfg.depth
+        check_choice("model.depth.sharing", depth.sharing, SHARING)
+        check_positive("model.depth.recursions", depth.recursions)
+        check_positive("model.depth.unique_layers", depth.unique_layers)
+        if depth.sharing == "middle_cycle" and depth.unique_layers < 3:
+            raise ConfigError("model.depth.sharing=middle_cycle needs "
+                              "model.depth.unique_layers >= 3 (first, last and at least "
+                              f"one shared), got {depth.unique_layers}")
+        want = recursive_depth(cfg)
+        if cfg.num_layers != want:
+            raise ConfigError(
+                f"model.depth.unique_layers={depth.unique_layers} with "
+                f"model.depth.recursions={depth.recursions} ({depth.sharing}) makes "
+                f"{want} layers; set model.num_layers={want}")
+        from efflm.models.plan import layer_plan
+
+        plan = layer_plan(cfg)
+        first, stop = shared_range(cfg)
+        period = stop - first
+        if any(plan[i] != plan[first + (i - first) % period] for i in range(first, want - first)):
+            raise ConfigError("the attention/MLP pattern must repeat with the shared blocks "
+                              f"(every {period} layers) under model.depth.kind=recursive")

@@ -1,0 +1,218 @@
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.flops import forward_flops_per_token, traced_matmul_flops
+from efflm.layers.attention.softmax import attention_mask, causal_mix_flops
+from efflm.layers.depth.mod import ModStack, RoutedBlock, capacity_tokens
+from efflm.models import LM, Block
+from efflm.models.plan import layer_plan
+from efflm.train.trainer import train
+
+
+def _init(cfg, x):
+    model = LM(cfg.model)
+    return model, nn.unbox(model.init(jax.random.key(0), x)["params"])
+
+
+def _tokens(cfg, b=2):
+    return jax.random.randint(jax.random.key(3), (b, cfg.data.seq_len), 0, 256)
+
+
+@pytest.mark.parametrize("sharing, unique, recursions, order", [
+    ("cycle", 4, 1, ["shared/layer_0", "shared/layer_1", "shared/layer_2", "shared/layer_3"]),
+    ("middle_cycle", 4, 1, ["first", "shared/layer_0", "shared/layer_1", "last"]),
+    ("cycle", 2, 2, ["shared/layer_0", "shared/layer_1", "shared/layer_0", "shared/layer_1"]),
+    ("middle_cycle", 3, 2, ["first", "shared/layer_0", "shared/layer_0", "last"]),
+])
+def test_recursive_equals_the_plain_stack_of_its_layers(small_config, sharing, unique,
+                                                        recursions, order):
+    """One recursion is the plain stack; more recursions are the plain stack with the
+    shared blocks repeated (ABAB), parameters shared."""
+    cfg = small_config("model.depth.kind=recursive", f"model.depth.sharing={sharing}",
+                       f"model.depth.unique_layers={unique}",
+                       f"model.depth.recursions={recursions}", "model.num_layers=4")
+    x = _tokens(cfg)
+    model, params = _init(cfg, x)
+    plain_cfg = small_config("model.num_layers=4")
+    plain = dict(params)
+    blocks = params["blocks"]
+    pick = lambda path: blocks[path] if "/" not in path else blocks["shared"][  # noqa: E731
+        path.split("/")[1]]
+    plain["blocks"] = {f"layer_{i}": pick(p) for i, p in enumerate(order)}
+    np.testing.assert_allclose(model.apply({"params": params}, x),
+                               LM(plain_cfg.model).apply({"params": plain}, x),
+                               rtol=2e-5, atol=2e-5)
+    n = sum(v.size for v in jax.tree.leaves(params["blocks"]))
+    assert 4 * n == unique * sum(v.size for v in jax.tree.leaves(plain["blocks"]))
+
+
+def _stack(cfg, params, x, seg=None, mutable=()):
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    stack = ModStack(cfg.model, Block, layer_plan(cfg.model))
+    return stack.apply({"params": params}, x, pos, seg, attention_mask(seg, x.shape[1]),
+                       mutable=list(mutable))
+
+
+def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_config):
+    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=1.0",
+                       "model.num_layers=4")
+    x = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.d_model))
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    causal = attention_mask(None, 16)
+    plan = layer_plan(cfg.model)
+    assert [s.routed for s in plan] == [False, True, False, True]
+    params = nn.unbox(ModStack(cfg.model, Block, plan).init(
+        jax.random.key(0), x, pos, None, None)["params"])
+    by_hand = x
+    for i, spec in enumerate(plan):
+        p = params[f"layer_{i}"]
+        if spec.routed:
+            r = jax.nn.sigmoid(by_hand @ p["router"]["kernel"])
+            y, _ = Block(cfg.model, spec).apply({"params": p["block"]}, by_hand, {}, pos,
+                                                None, causal)
+            by_hand = by_hand + r * (y - by_hand)
+        else:
+            by_hand, _ = Block(cfg.model, spec).apply({"params": p}, by_hand, {}, pos, None,
+                                                      causal)
+    got, _ = _stack(cfg, params, x, mutable=["losses", "stats"])
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_tokens_equal_the_masked_full_computation(small_config):
+    """Values and gradients, with packed segments: the chosen tokens attend to the chosen
+    tokens of their own document only."""
+    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=0.5")
+    b, t, d = 2, 16, cfg.model.d_model
+    x = jax.random.normal(jax.random.key(1), (b, t, d))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], b, 0), jnp.int32)
+    spec = layer_plan(cfg.model)[1]
+    layer = RoutedBlock(cfg.model, spec, Block)
+    params = nn.unbox(layer.init(jax.random.key(0), x, {}, pos, seg, None)["params"])
+
+    def gathered(p, x):
+        (out, _), _ = layer.apply({"params": p}, x, {}, pos, seg, None,
+                                  mutable=["losses", "stats"])
+        return out
+
+    def masked(p, x):
+        logits = (x @ p["router"]["kernel"])[..., 0]
+        idx = jax.lax.top_k(jax.lax.stop_gradient(logits), capacity_tokens(0.5, t))[1]
+        chosen = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(True)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = (causal & (seg[:, :, None] == seg[:, None, :]) & chosen[:, None, :])[:, None]
+        y, _ = Block(cfg.model, spec).apply({"params": p["block"]}, x, {}, pos, seg, mask)
+        r = jax.nn.sigmoid(logits)[..., None]
+        return jnp.where(chosen[..., None], x + r * (y - x), x)
+
+    w = jax.random.normal(jax.random.key(2), (b, t, d))
+    np.testing.assert_allclose(gathered(params, x), masked(params, x), rtol=1e-5, atol=1e-5)
+    ga = jax.jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x) * w), (0, 1)))(params, x)
+    gm = jax.jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
+    for a, r in zip(jax.tree.leaves(ga), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+    router = ga[0]["router"]["kernel"]
+    assert np.all(np.isfinite(router)) and np.abs(router).max() > 0
+
+
+def test_mod_decoding_follows_the_causal_predictor(small_config):
+    """Through the cache (a prefill, then one token at a time), a routed layer sends the
+    tokens its predictor picks through the block, attending to earlier picked tokens
+    only: the masked full computation with the predictor's choices."""
+    cfg = small_config("model.depth.kind=mod", "model.init_std=0.3")
+    b, t, d = 2, 12, cfg.model.d_model
+    x = jax.random.normal(jax.random.key(1), (b, t, d))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    spec = layer_plan(cfg.model)[1]
+    layer = RoutedBlock(cfg.model, spec, Block)
+    params = nn.unbox(layer.init(jax.random.key(0), x, {}, pos, None, None)["params"])
+    hidden = jax.nn.gelu(x @ params["predictor_in"]["kernel"])
+    chosen = (hidden @ params["predictor_out"]["kernel"])[..., 0] > 0
+    assert 0 < int(chosen.sum()) < b * t
+    mask = (jnp.tril(jnp.ones((t, t), bool)) & chosen[:, None, :])[:, None]
+    y, _ = Block(cfg.model, spec).apply({"params": params["block"]}, x, {}, pos, None, mask)
+    r = jax.nn.sigmoid(x @ params["router"]["kernel"])
+    expected = jnp.where(chosen[..., None], x + r * (y - x), x)
+
+    run = jax.jit(lambda cache, x, pos: layer.apply(
+        {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
+    shapes = jax.eval_shape(run, {}, x, pos)[1]["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (out, _), mutated = run(cache, x[:, :5], pos[:, :5])
+    got = [out]
+    for i in range(5, t):
+        (out, _), mutated = run(mutated["cache"], x[:, i:i + 1], pos[:, i:i + 1])
+        got.append(out)
+    np.testing.assert_allclose(jnp.concatenate(got, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mod_flops_count_the_work_done(small_config):
+    """Forward matmuls traced through an unrolled model: routed layers run their chosen
+    tokens only (attention among them: the c^2 term), plus router and predictor; the
+    one full masked softmax at these lengths does 2x the causal half counted."""
+    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=0.5",
+                       "model.num_layers=4")
+    b, t = 2, cfg.data.seq_len
+    x = _tokens(cfg, b)
+    model, params = _init(cfg, x)
+    traced = traced_matmul_flops(
+        lambda p, x: model.apply({"params": p}, x, mutable=["losses", "stats"])[0],
+        params, x)
+    keep = capacity_tokens(0.5, t)
+    mix = 2 * t * causal_mix_flops(cfg.model, t) + 2 * keep * causal_mix_flops(cfg.model, keep)
+    assert traced == pytest.approx(forward_flops_per_token(cfg.model, t) * b * t + mix * b,
+                                   rel=1e-12)
+    # tiny with every second block at c = 0.5: about 3/4 of the dense forward pass.
+    mod, dense = load_config("tiny_mod").model, load_config("tiny").model
+    ratio = forward_flops_per_token(mod, 256) / forward_flops_per_token(dense, 256)
+    assert 0.74 < ratio < 0.77
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("preset, stats", [
+    ("tiny_mod", ("mod_predictor_accuracy", "mod_router_entropy",
+                  "mod_capacity_use/layer_1")),
+    ("tiny_recursive", ()),
+])
+def test_presets_train_under_fsdp_and_resume_bitwise(tmp_path, preset, stats):
+    common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+              "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
+              "checkpoint.every=3", "mesh.fsdp=2", "train.batch_size=16",
+              "model.num_layers=4"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(load_config(preset, [*common, "train.steps=6", f"train.workdir={a}"]))
+    train(load_config(preset, [*common, "train.steps=3", f"train.workdir={b}"]))
+    train(load_config(preset, [*common, "train.steps=6", f"train.workdir={b}"]))
+    keys = ("loss", "grad_norm", *stats)
+    rows = [[{k: r[k] for k in keys} for r in _rows(w)] for w in (a, b)]
+    assert rows[0] == rows[1]
+    assert rows[0][-1]["loss"] < rows[0][0]["loss"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.depth.kind=mod", "model.depth.capacity=1.5"], "model.depth.capacity"),
+    (["model.depth.kind=mod", "model.depth.every=9"], "model.depth.every=9"),
+    (["model.depth.kind=recursive", "model.depth.recursions=0"], "model.depth.recursions"),
+    (["model.depth.kind=recursive", "model.depth.unique_layers=3"],
+     "set model.num_layers=6"),
+    (["model.depth.kind=recursive", "model.depth.sharing=middle_cycle",
+      "model.depth.unique_layers=2"], "unique_layers >= 3"),
+])
+def test_bad_depth_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
+    assert main(["train", "--config", "tiny", *SMALL, "model.num_layers=4",
+                 f"train.workdir={tmp_path}/w", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
