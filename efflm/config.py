@@ -71,6 +71,14 @@ class MoEConfig:
     # jax.lax.ragged_dot (computed densely by XLA:CPU); pallas: the grouped matmul
     # kernel. auto: pallas on GPU, xla elsewhere.
     impl: str = "auto"
+    # With mesh.expert > 1 the experts are split over the `expert` mesh axis and tokens
+    # are exchanged, inside shard_map. gather_scatter: every device gathers its expert
+    # group's tokens, computes its experts' share, and the outputs are reduce-scattered
+    # (dropless). all_to_all: the pairs are sent to their experts' devices, at most
+    # ceil(ep_capacity_factor * pairs / mesh.expert) to each, the rest dropped and
+    # counted. Under expert parallelism the local experts run the dropless dispatch.
+    ep_exchange: str = "gather_scatter"
+    ep_capacity_factor: float = 2.0
     # 0: the largest power of two (8 to 256) with num_experts * block_rows at most a
     # quarter of the (token, expert) pairs, which bounds the padding to that quarter.
     block_rows: int = 0

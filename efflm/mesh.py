@@ -97,6 +97,24 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
         if value % mesh.shape[axis]:
             raise ConfigError(f"{key}={value} is not divisible by mesh.{axis}="
                               f"{mesh.shape[axis]}")
+    # Each kind the model uses checks what it shards itself.
+    from efflm.layers import ATTENTION, MLP
+    from efflm.models.plan import layer_plan
+
+    plan = layer_plan(m)
+    for cls in {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}:
+        check = getattr(cls, "check_mesh", None)
+        if check is not None:
+            check(m, dict(mesh.shape))
+
+
+def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the active logical rules give to axis `name`, or ()
+    when their product does not divide `size` (a batch of one at init stays whole)."""
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
 def shardings_of(abstract_boxed, mesh: Mesh, rules):

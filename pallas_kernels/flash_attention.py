@@ -18,7 +18,6 @@ float32. Tests compare the two on values and gradients.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -532,17 +531,6 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
 
 
-def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) the active logical rules give to axis `name`, or ()
-    when their product does not divide `size` (a batch of one at init stays whole)."""
-    import flax.linen as nn
-
-    axes = nn.logical_to_mesh_axes((name,))[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
-
-
 def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     """`flash_attention` under the active mesh: one kernel call per (batch, heads) shard.
 
@@ -555,6 +543,8 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     whole. Without a mesh of more than one device this is `flash_attention`.
     """
     from jax.sharding import PartitionSpec as P
+
+    from efflm.mesh import mesh_axes_of
 
     if kwargs.get("return_lse"):
         raise ValueError("partitioned_flash_attention returns the output only")

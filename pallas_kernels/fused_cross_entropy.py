@@ -433,7 +433,7 @@ def partitioned_linear_cross_entropy(h, w, targets, mask, **kwargs):
     """
     from jax.sharding import PartitionSpec as P
 
-    from efflm.pallas_kernels.flash_attention import mesh_axes_of
+    from efflm.mesh import mesh_axes_of
 
     mesh = jax.sharding.get_abstract_mesh()
     batch = () if mesh.empty else mesh_axes_of(mesh, "batch", h.shape[0])

@@ -187,7 +187,8 @@ def _rows(workdir):
                   "mod_capacity_use/layer_1")),
     ("tiny_recursive", ()),
 ])
-def test_presets_train_under_fsdp_and_resume_bitwise(tmp_path, preset, stats):
+def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, preset,
+                                                              stats):
     common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
               "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
               "checkpoint.every=3", "mesh.fsdp=2", "train.batch_size=16",
@@ -200,6 +201,10 @@ def test_presets_train_under_fsdp_and_resume_bitwise(tmp_path, preset, stats):
     rows = [[{k: r[k] for k in keys} for r in _rows(w)] for w in (a, b)]
     assert rows[0] == rows[1]
     assert rows[0][-1]["loss"] < rows[0][0]["loss"]
+    capsys.readouterr()
+    assert main(["generate", "--workdir", a, "--prompt", "def", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -20,12 +20,15 @@ of pairs dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from efflm.config import ModelConfig
+from efflm.errors import ConfigError
 from efflm.layers.common import resolve_impl
 
 
@@ -127,3 +130,97 @@ def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig):
     out = jnp.einsum("ktd,kt->td", pair_out.reshape(k, tokens, -1),
                      gates.T.astype(pair_out.dtype))
     return out, 1.0 - jnp.mean(keep.astype(jnp.float32))
+
+
+# -- expert parallelism ------------------------------------------------------------------
+
+EP_EXCHANGES = ("gather_scatter", "all_to_all", "ragged")
+
+
+def _local_cfg(cfg: ModelConfig, num_experts: int) -> ModelConfig:
+    moe = dataclasses.replace(cfg.moe, num_experts=num_experts, dispatch="dropless")
+    return dataclasses.replace(cfg, moe=moe)
+
+
+def _gather_weights(weights, embed_axes):
+    """This device's experts with their `embed` dimension whole again (FSDP)."""
+    if not embed_axes:
+        return weights
+    gate, up, out = weights
+    gather = lambda w, axis: jax.lax.all_gather(w, embed_axes, axis=axis, tiled=True)  # noqa: E731
+    return gather(gate, 1), gather(up, 1), gather(out, 2)
+
+
+def _gather_scatter(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes):
+    gate, up, out = weights = _gather_weights(weights, embed_axes)
+    local = gate.shape[0]
+    xs, es, gs = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                  for a in (x, experts, gates))
+    first = jax.lax.axis_index("expert") * local
+    mine = (es >= first) & (es < first + local)
+    y, _ = dropless_dispatch(xs, jnp.where(mine, es - first, 0), jnp.where(mine, gs, 0),
+                             weights, _local_cfg(cfg, local))
+    if mlp_axes:
+        y = jax.lax.psum(y, mlp_axes)
+    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True), \
+        jnp.zeros((), jnp.float32)
+
+
+def _all_to_all(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, ep, all_axes):
+    weights = _gather_weights(weights, embed_axes)
+    local = weights[0].shape[0]
+    tokens, k = experts.shape
+    capacity = max(1, math.ceil(cfg.moe.ep_capacity_factor * tokens * k / ep))
+    flat = experts.reshape(-1)
+    device = flat // local
+    order, _, _, sorted_rank = _sorted_pairs(device, ep)
+    rank = jnp.zeros_like(flat).at[order].set(sorted_rank.astype(flat.dtype))
+    keep = rank < capacity
+    send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[device, rank].set(
+        x[jnp.arange(flat.shape[0]) // k], mode="drop")
+    send_ids = jnp.full((ep, capacity), -1, flat.dtype).at[device, rank].set(
+        flat % local, mode="drop")
+    exchange = lambda a: jax.lax.all_to_all(a, "expert", 0, 0)  # noqa: E731
+    rows, ids = exchange(send).reshape(ep * capacity, -1), exchange(send_ids).reshape(-1)
+    valid = ids >= 0
+    y, _ = dropless_dispatch(rows, jnp.where(valid, ids, 0)[:, None],
+                             valid[:, None].astype(jnp.float32), weights,
+                             _local_cfg(cfg, local))
+    if mlp_axes:
+        y = jax.lax.psum(y, mlp_axes)
+    back = exchange(y.reshape(ep, capacity, -1))
+    pair_out = jnp.where(keep[:, None], back[device, jnp.minimum(rank, capacity - 1)], 0)
+    out = jnp.einsum("tkd,tk->td", pair_out.reshape(tokens, k, -1),
+                     gates.astype(pair_out.dtype))
+    return out, jax.lax.pmean(1.0 - jnp.mean(keep.astype(jnp.float32)), all_axes)
+
+
+def expert_parallel_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
+    """The dispatch with the experts split over the `expert` mesh axis, in shard_map:
+    tokens split as the batch is, expert weights as their logical axes say (their
+    `embed` dimension gathered inside for FSDP, their gradients reduce-scattered by the
+    transpose)."""
+    from jax.sharding import PartitionSpec as P
+
+    from efflm.mesh import mesh_axes_of
+
+    exchange = cfg.moe.ep_exchange
+    if exchange == "ragged":
+        raise ConfigError("model.moe.ep_exchange=ragged (jax.lax.ragged_all_to_all) is not "
+                          "implemented: XLA:CPU lacks the collective and it has not run on "
+                          "GPUs; use gather_scatter or all_to_all")
+    ep = mesh.shape["expert"]
+    token_axes = mesh_axes_of(mesh, "batch", x.shape[0])
+    embed_axes = mesh_axes_of(mesh, "embed", cfg.d_model)
+    mlp_axes = mesh_axes_of(mesh, "mlp", cfg.moe.expert_d_ff)
+    tok = P(token_axes or None, None)
+    w_in = P("expert", embed_axes or None, mlp_axes or None)
+    w_out = P("expert", mlp_axes or None, embed_axes or None)
+    kw = dict(cfg=cfg, embed_axes=embed_axes, mlp_axes=mlp_axes)
+    if exchange == "all_to_all":
+        body = functools.partial(_all_to_all, ep=ep, all_axes=tuple(mesh.axis_names), **kw)
+    else:
+        body = functools.partial(_gather_scatter, **kw)
+    return jax.shard_map(lambda x, e, g, *w: body(x, e, g, w), mesh=mesh,
+                         in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()),
+                         check_vma=False)(x, experts, gates, *weights)

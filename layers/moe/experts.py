@@ -18,6 +18,7 @@ from efflm.config import ModelConfig, check_choice, check_positive
 from efflm.errors import ConfigError
 from efflm.layers.common import param_dtype, sow_stat
 from efflm.layers.mlp.swiglu import SwiGLU
+from efflm.layers.moe.dispatch import expert_parallel_dispatch
 
 IMPLS = ("auto", "xla", "ragged", "pallas")
 
@@ -26,7 +27,20 @@ def _expert_init(std: float, axes):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
+def _expert_parallel(mesh, tokens: int) -> bool:
+    """Whether the experts are split over a mesh `expert` axis that also splits these
+    tokens (a batch the axis does not divide, as at init, runs without it)."""
+    from efflm.mesh import mesh_axes_of
+
+    if mesh.empty or mesh.shape.get("expert", 1) == 1:
+        return False
+    return "expert" in mesh_axes_of(mesh, "batch", tokens)
+
+
 class MoE(nn.Module):
+    """Mixture-of-Experts MLP; with `mesh.expert` > 1 its experts are split over devices
+    (`expert_parallel_dispatch`)."""
+
     cfg: ModelConfig
 
     @nn.compact
@@ -48,8 +62,12 @@ class MoE(nn.Module):
             self.param("out", _expert_init(out_std, ("expert", "mlp", "embed")), (e, f, d),
                        pdt))
         weights = tuple(w.astype(cfg.dtype) for w in weights)
-        out, dropped = DISPATCH[moe.dispatch](tokens.astype(cfg.dtype), routing.experts,
-                                              routing.gates, weights, cfg)
+        args = (tokens.astype(cfg.dtype), routing.experts, routing.gates, weights, cfg)
+        mesh = jax.sharding.get_abstract_mesh()
+        if _expert_parallel(mesh, tokens.shape[0]):
+            out, dropped = expert_parallel_dispatch(*args, mesh)
+        else:
+            out, dropped = DISPATCH[moe.dispatch](*args)
         if moe.num_shared_experts:
             out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(tokens)
         self._statistics(routing, dropped)
@@ -86,10 +104,29 @@ class MoE(nn.Module):
         return (moe.num_experts - moe.top_k) * 3 * cfg.d_model * moe.expert_d_ff
 
     @staticmethod
+    def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        moe, ep = cfg.moe, mesh_shape.get("expert", 1)
+        if moe.num_experts % ep:
+            raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
+                              f"mesh.expert={ep}")
+        if ep > 1 and moe.dispatch != "dropless":
+            raise ConfigError(f"model.moe.dispatch={moe.dispatch} under mesh.expert={ep}: "
+                              "the experts of each device run dropless; the all_to_all "
+                              "exchange has its own model.moe.ep_capacity_factor")
+        if moe.expert_d_ff % mesh_shape.get("tensor", 1):
+            raise ConfigError(f"model.moe.expert_d_ff={moe.expert_d_ff} is not divisible by "
+                              f"mesh.tensor={mesh_shape['tensor']}")
+
+    @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
         from efflm.layers.moe import DISPATCH, ROUTERS
+        from efflm.layers.moe.dispatch import EP_EXCHANGES
 
         moe = cfg.moe
+        check_choice("model.moe.ep_exchange", moe.ep_exchange, EP_EXCHANGES)
+        if not moe.ep_capacity_factor > 0:
+            raise ConfigError(f"model.moe.ep_capacity_factor must be > 0, got "
+                              f"{moe.ep_capacity_factor}")
         check_choice("model.moe.router", moe.router, ROUTERS)
         check_choice("model.moe.dispatch", moe.dispatch, DISPATCH)
         check_choice("model.moe.impl", moe.impl, IMPLS)

@@ -1,0 +1,95 @@
+"""Expert parallelism on 8 CPU devices: experts split over the `expert` mesh axis, tokens
+exchanged inside shard_map; forward and gradients equal one device."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from efflm import mesh as mesh_lib
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.train.step import build_program
+
+MOE = [*SMALL, "model.moe.expert_d_ff=64", "optimizer.warmup_steps=0",
+       "model.moe.ep_capacity_factor=8"]
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    seg = np.ones((b, t), np.int32)
+    seg[::2, t // 2:] = 2
+    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "segment_ids": seg, "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+def _run(overrides, devices, steps=0):
+    """(grads, metrics) of one step's objective, the compiled HLO, and the losses of
+    `steps` train steps (then the grads are not computed)."""
+    cfg = load_config("tiny_moe", [*MOE, *overrides])
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:devices])
+    program = build_program(cfg, mesh)
+    with program.context():
+        state = program.init(jax.random.key(0))
+        batch = mesh_lib.global_batch(_batch(cfg), mesh)
+        if steps:
+            losses = []
+            for _ in range(steps):
+                state, m = program.train_step(state, batch)
+                losses.append(float(m["loss"]))
+            return losses
+        grads_fn = jax.jit(program.grads).lower(state, batch).compile()
+        grads, metrics, _ = grads_fn(state, batch)
+    return jax.device_get((grads, metrics)), grads_fn.as_text(), program
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return _run([], 1)
+
+
+@pytest.mark.parametrize("exchange, collective", [("gather_scatter", "reduce-scatter"),
+                                                  ("all_to_all", "all-to-all")])
+@pytest.mark.parametrize("mesh", [["mesh.expert=4", "mesh.data=2"],
+                                  ["mesh.expert=2", "mesh.fsdp=2", "mesh.data=2"]])
+def test_expert_parallel_equals_one_device(one_device, mesh, exchange, collective):
+    (ref_grads, ref_metrics), _, _ = one_device
+    (grads, metrics), hlo, program = _run([*mesh, f"model.moe.ep_exchange={exchange}"], 8)
+    assert collective in hlo
+    gate = program.state_shardings.params["blocks"]["layer_0"]["mlp"]["gate"]
+    assert gate.spec[0] == "expert"
+    assert metrics["stats"]["moe_dropped_fraction"] == 0
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7)
+
+
+def test_a_short_expert_parallel_run_follows_one_device():
+    ref = _run([], 1, steps=3)
+    got = _run(["mesh.expert=4", "mesh.data=2", "model.moe.ep_exchange=gather_scatter"], 8,
+               steps=3)
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    assert got[-1] < got[0]
+
+
+def test_all_to_all_drops_beyond_the_per_device_capacity():
+    (_, metrics), _, _ = _run(["mesh.expert=4", "mesh.data=2",
+                               "model.moe.ep_exchange=all_to_all",
+                               "model.moe.ep_capacity_factor=0.25"], 8)
+    assert 0 < metrics["stats"]["moe_dropped_fraction"] < 1
+    assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["mesh.expert=8", "model.moe.num_experts=4"], "not divisible by mesh.expert=8"),
+    (["model.moe.ep_exchange=alltoall"], "model.moe.ep_exchange='alltoall'"),
+    (["model.moe.ep_capacity_factor=0"], "model.moe.ep_capacity_factor must be > 0"),
+    (["mesh.expert=4", "model.moe.ep_exchange=ragged"], "ragged_all_to_all"),
+])
+def test_bad_expert_parallel_settings_exit_2(tmp_path, capsys, overrides, words):
+    assert main(["train", "--config", "tiny_moe", *SMALL, f"train.workdir={tmp_path}/w",
+                 "train.steps=1", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
