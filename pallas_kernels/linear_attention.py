@@ -10,6 +10,11 @@ gates, "Gated Linear Attention Transformers with Hardware-Efficient Training"),
 shaped (batch, length, heads, dk). No feature map, normaliser or scale is
 applied: callers do that.
 
+Packed documents: `segment_ids` (batch, length) restarts the state wherever the id
+changes from one token to the next (the initial state belongs to the first segment),
+so no token attends across a boundary. The reference and the `xla` form take it; the
+Pallas kernels do not yet (they raise).
+
 Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
   * `linear_attention_recurrent`: a `jax.lax.scan` over tokens (the reference);
   * `xla`: the chunkwise-parallel form in pure JAX: masked quadratic attention
@@ -87,19 +92,40 @@ def _defaults(q, v, log_decay, initial_state):
 # Reference: recurrent scan over tokens.
 
 
-def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None):
-    """The obviously correct form: one state update per token. Returns (out, final_state)."""
+def segment_starts(segment_ids):
+    """(batch, length) bool: True where a token's segment id differs from the previous
+    token's (never at position 0)."""
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def segment_index(segment_ids):
+    """(batch, length) int32: how many segment starts lie at or before each token, so
+    two tokens share a segment exactly when their indices are equal."""
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
+def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None,
+                               segment_ids=None):
+    """The obviously correct form: one state update per token (zeroed at each segment
+    start). Returns (out, final_state)."""
     _check(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
     f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time first
+    if segment_ids is None:
+        starts = jnp.zeros(q.shape[:2], bool)
+    else:
+        starts = segment_starts(segment_ids)
 
     def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs  # (batch, heads, d), g_t (batch, heads[, dk])
+        q_t, k_t, v_t, g_t, start = inputs  # (batch, heads, d), g_t (batch, heads[, dk])
         decay = jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]
-        state = decay * state + k_t[..., :, None] * v_t[..., None, :]
+        state = jnp.where(start[:, None, None, None], 0.0, decay * state)
+        state = state + k_t[..., :, None] * v_t[..., None, :]
         return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
-    state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay)))
+    state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay),
+                                            jnp.moveaxis(starts, 1, 0)))
     return jnp.moveaxis(out, 0, 1).astype(q.dtype), state
 
 
@@ -125,34 +151,58 @@ def _from_chunks(out, length):
     return out[:, :length]
 
 
-def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64):
+def _segment_chunks(segment_ids, batch, length, chunk):
+    """Per chunk: each token's segment index (chunks, batch, 1, chunk) and the index of
+    the token before the chunk (chunks, batch, 1, 1); the first chunk's "before" is its
+    first token, so the initial state reaches the first segment. Padding repeats the
+    last index. Without segment ids everything is one segment."""
+    if segment_ids is None:
+        seg = jnp.zeros((batch, length), jnp.int32)
+    else:
+        seg = segment_index(segment_ids)
+    pad = -length % chunk
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
+    seg = jnp.moveaxis(seg.reshape(batch, -1, chunk), 1, 0)  # (chunks, batch, chunk)
+    before = jnp.concatenate([seg[:1, :, :1], seg[:-1, :, -1:]], axis=0)
+    return seg[:, :, None], before[:, :, None]
+
+
+def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64,
+                                 segment_ids=None):
     """Chunkwise form: masked attention with decay inside a chunk, state between chunks.
 
     Zero padding to a whole number of chunks is exact: padded tokens have k = v = 0
-    and log decay 0, so they leave the state unchanged.
+    and log decay 0, so they leave the state unchanged. With `segment_ids`, scores
+    across a segment boundary are masked, the incoming state reaches only the tokens
+    of the segment it belongs to, and a chunk with a boundary keeps only its last
+    segment's keys in the state it passes on.
     """
     _check(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
+    seg = _segment_chunks(segment_ids, q.shape[0], q.shape[1], chunk)
     if log_decay.ndim == 4:
-        return _gla_chunked_xla(q, k, v, log_decay, state, chunk)
+        return _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg)
     length = q.shape[1]
     qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
     bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
 
     def step(state, inputs):
-        q_c, k_c, v_c, b = inputs
-        b_last = b[..., -1:]
-        diff = jnp.where(causal, b[..., :, None] - b[..., None, :], -jnp.inf)
+        q_c, k_c, v_c, b, s, before = inputs  # s (batch, 1, chunk), before (batch, 1, 1)
+        b_last, s_last = b[..., -1:], s[..., -1:]
+        keep = causal & (s[..., :, None] == s[..., None, :])
+        diff = jnp.where(keep, b[..., :, None] - b[..., None, :], -jnp.inf)
         scores = jnp.einsum("bhik,bhjk->bhij", q_c, k_c) * jnp.exp(diff)
+        carried = jnp.where(s == before, jnp.exp(b), 0.0)  # the state's share per query
         out = (jnp.einsum("bhij,bhjv->bhiv", scores, v_c)
-               + jnp.exp(b)[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
-        k_decayed = k_c * jnp.exp(b_last - b)[..., None]
-        state = (jnp.exp(b_last)[..., None] * state
+               + carried[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
+        k_decayed = k_c * jnp.where(s == s_last, jnp.exp(b_last - b), 0.0)[..., None]
+        kept = jnp.where(s_last == before, jnp.exp(b_last), 0.0)
+        state = (kept[..., None] * state
                  + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
         return state, out
 
-    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
     return _from_chunks(out, length).astype(q.dtype), state
 
 
@@ -162,7 +212,7 @@ def _sub_chunk(chunk: int) -> int:
     return 16 if chunk > 16 and chunk % 16 == 0 else chunk
 
 
-def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
+def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
     """Chunkwise form with one gate per key dimension (GLA), numerically safe.
 
     With b the cumulative log gate inside a chunk (non-increasing), the score of
@@ -185,30 +235,36 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
 
     @jax.checkpoint
     def step(state, inputs):
-        q_c, k_c, v_c, b = inputs  # (b, h, chunk, dk|dv)
+        q_c, k_c, v_c, b, s, before = inputs  # (b, h, chunk, dk|dv); s (b, 1, chunk)
         split = lambda a: a.reshape(*a.shape[:2], n, sub, a.shape[-1])
         q_s, k_s, v_s, b_s = split(q_c), split(k_c), split(v_c), split(b)
+        s_s = s.reshape(*s.shape[:2], n, sub)
+        same = s_s[..., :, None] == s[..., None, None, :]  # (b, 1, n, sub, chunk)
+        same_sub = s_s[..., :, None] == s_s[..., None, :]  # (b, 1, n, sub, sub)
         # r: b at the position before each query sub-chunk (0 for the first, unused).
         r = jnp.concatenate([jnp.zeros_like(b_s[:, :, :1, -1]), b_s[:, :, :-1, -1]], axis=2)
         q_r = q_s * jnp.exp(b_s - r[:, :, :, None])
         k_exp = jnp.where(earlier[None, None, :, :, None],
                           r[:, :, :, None] - b[:, :, None], -jnp.inf)
         k_r = k_c[:, :, None] * jnp.exp(k_exp)  # (b, h, n, chunk, dk)
-        scores = jnp.einsum("bhnik,bhnjk->bhnij", q_r, k_r)
+        scores = jnp.where(same, jnp.einsum("bhnik,bhnjk->bhnij", q_r, k_r), 0.0)
         out = jnp.einsum("bhnij,bhjv->bhniv", scores, v_c)
         diff = jnp.where(inside[:, :, None], b_s[..., :, None, :] - b_s[..., None, :, :],
                          -jnp.inf)  # (b, h, n, sub, sub, dk)
         diag = jnp.einsum("bhnik,bhnjk,bhnijk->bhnij", q_s, k_s, jnp.exp(diff))
-        out = out + jnp.einsum("bhnij,bhnjv->bhniv", diag, v_s)
+        out = out + jnp.einsum("bhnij,bhnjv->bhniv", jnp.where(same_sub, diag, 0.0), v_s)
         out = out.reshape(*out.shape[:2], chunk, out.shape[-1])
-        out = out + jnp.einsum("bhik,bhkv->bhiv", q_c * jnp.exp(b), state)
-        b_last = b[:, :, -1]
-        k_decayed = k_c * jnp.exp(b_last[:, :, None] - b)
-        state = (jnp.exp(b_last)[..., None] * state
+        carried = jnp.where((s == before)[..., None], q_c * jnp.exp(b), 0.0)
+        out = out + jnp.einsum("bhik,bhkv->bhiv", carried, state)
+        b_last, s_last = b[:, :, -1], s[..., -1:]
+        k_decayed = k_c * jnp.where((s == s_last)[..., None],
+                                    jnp.exp(b_last[:, :, None] - b), 0.0)
+        kept = jnp.where(s_last == before, jnp.exp(b_last), 0.0)  # (b, h, dk)
+        state = (kept[..., None] * state
                  + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
         return state, out
 
-    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
     return _from_chunks(out, length).astype(q.dtype), state
 
 
@@ -462,14 +518,17 @@ _linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chunk: int = 64,
-                             impl: str = "auto", interpret: bool | None = None):
+                             impl: str = "auto", interpret: bool | None = None,
+                             segment_ids=None):
     """Causal (optionally decayed) linear attention. Returns (out, final_state).
 
     q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
     log_decay: per-step log decay g_t <= 0, (batch, length, heads) for one gate per
     head or (batch, length, heads, dk) for one per key dimension (GLA; with Pallas
     on a GPU the chunk must be a multiple of 16), None for no decay;
-    initial_state: (batch, heads, dk, dv) (None: zeros). The state is float32; out
+    initial_state: (batch, heads, dk, dv) (None: zeros); segment_ids: (batch, length)
+    ints, the state restarting where they change (None: one segment; `xla` only, so
+    under `auto` on a GPU they select `xla`). The state is float32; out
     has q's dtype. Any length works (padded to whole chunks).
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
     `pallas` (interpreted unless on GPU, or as `interpret` says).
@@ -481,10 +540,14 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
         raise ValueError(f"chunk must be a positive number of tokens; got {chunk}")
     on_gpu = jax.default_backend() == "gpu"
     if impl == "auto":
-        impl = "pallas" if on_gpu else "xla"
+        impl = "pallas" if on_gpu and segment_ids is None else "xla"
     if impl == "xla":
         return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
-                                            initial_state=initial_state, chunk=chunk)
+                                            initial_state=initial_state, chunk=chunk,
+                                            segment_ids=segment_ids)
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not supported by impl='pallas' yet; use "
+                         "impl='xla' (or auto)")
     if interpret is None:
         interpret = not on_gpu
     if log_decay is not None and log_decay.ndim == 4 and chunk % 16 and not interpret:

@@ -275,3 +275,36 @@ def test_gated_kernel_splits_the_value_dimension(on_keys):
         np.testing.assert_allclose(jnp.moveaxis(split[0], 1, 2)[:, :40], want, rtol=1e-4,
                                    atol=1e-4)
         np.testing.assert_allclose(split[1], want_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gates", ["none", "head", "key_dim"])
+def test_segments_restart_the_state(gates):
+    """Packed segments: chunked XLA equals the recurrent scan (values and grads, a length
+    that is no chunk multiple, boundaries inside and at the edges of chunks), and a
+    segment's outputs equal a separate pass over it alone."""
+    length, chunk = 23, 8
+    q, k, v, _, state, d_out, d_state = _inputs(length=length, seed=3)
+    g = jax.random.normal(jax.random.key(9), (BATCH, length, HEADS, DK))
+    log_decay = {"none": None, "head": -jax.nn.softplus(g[..., 0]),
+                 "key_dim": -jax.nn.softplus(g)}[gates]
+    seg = jnp.array([[1] * 5 + [2] * 3 + [3] * 13 + [0] * 2, [4] * 16 + [5] * 7])
+
+    def run(fn):
+        def objective(q, k, v, state):
+            out, final = fn(q, k, v, log_decay=log_decay, initial_state=state,
+                            segment_ids=seg)
+            return jnp.sum(out * d_out) + jnp.sum(final * d_state), (out, final)
+        (_, aux), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3),
+                                                     has_aux=True))(q, k, v, state)
+        return (*aux, *grads)
+
+    expected = run(linear_attention_recurrent)
+    got = run(functools.partial(linear_attention_chunked_xla, chunk=chunk))
+    for a, b in zip(got, expected):
+        _close(a, b, 2e-5)
+    alone, _ = linear_attention_recurrent(
+        q[:1, 8:21], k[:1, 8:21], v[:1, 8:21],
+        log_decay=None if log_decay is None else log_decay[:1, 8:21])
+    _close(got[0][:1, 8:21], alone, 2e-5)
+    with pytest.raises(ValueError, match="segment_ids are not supported by impl='pallas'"):
+        chunked_linear_attention(q, k, v, segment_ids=seg, impl="pallas")
