@@ -35,6 +35,20 @@ class AttentionConfig:
     # impl=xla: queries in blocks of this many, each over the keys up to its own block
     # (skips what causality masks); 0: one full masked softmax.
     block_size: int = 128
+    # Linear kinds (linear, gla, based): tokens per chunk of the chunked form.
+    chunk_size: int = 64
+    # linear: feature map elu (elu+1) | relu | identity, and whether outputs are divided
+    # by phi(q).sum(phi(k)) (refused with identity, where it can be zero or negative).
+    feature_map: str = "elu"
+    normalize: bool = True
+    # gla: data (per-key-dimension gates from x, GLA) | fixed (per-head decay, RetNet).
+    decay: str = "data"
+    gate_rank: int = 16  # gla: rank of the gate projection
+    gate_temperature: float = 16.0  # gla: log gates are logsigmoid(.) / this
+    # based: projected feature dim d of the Taylor map (1 + d + d^2 features) and the
+    # width of its sliding-window softmax branch, in tokens.
+    feature_dim: int = 16
+    window: int = 64
 
 
 @dataclass
@@ -163,7 +177,8 @@ SHAPE_KEYS = ("model", "data.tokenizer")
 # model.* keys that change no parameter (only how it is computed): a resume may change
 # them. model.scan_layers is not one: it stacks the layers' parameters.
 RESUMABLE_MODEL_KEYS = ("model.remat", "model.attention.impl", "model.attention.block_size",
-                        "model.dtype", "model.max_seq_len", "model.init_std")
+                        "model.dtype", "model.max_seq_len", "model.init_std",
+                        "model.attention.chunk_size")
 # Keys that fix the order of the training data: a saved data position needs them.
 DATA_ORDER_KEYS = ("data.source", "data.seq_len", "train.batch_size", "train.seed")
 
@@ -329,6 +344,8 @@ def validate(cfg: Config) -> None:
         for kind in pattern_kinds(pattern):
             _choice(f"{key} entry", kind, registry)
     _choice("model.depth.kind", m.depth.kind, DEPTH)
+    _choice("model.attention.feature_map", a.feature_map, ("elu", "relu", "identity"))
+    _choice("model.attention.decay", a.decay, ("data", "fixed"))
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat", m.remat, REMAT_POLICIES)
@@ -346,6 +363,9 @@ def validate(cfg: Config) -> None:
         ("train.eval_batches", cfg.train.eval_batches), ("logging.every", cfg.logging.every),
         ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
         ("model.attention.rope_theta", a.rope_theta), ("model.norm_eps", m.norm_eps),
+        ("model.attention.chunk_size", a.chunk_size), ("model.attention.gate_rank", a.gate_rank),
+        ("model.attention.gate_temperature", a.gate_temperature),
+        ("model.attention.feature_dim", a.feature_dim), ("model.attention.window", a.window),
     ]:
         _positive(key, value)
     for key, value in [
@@ -381,6 +401,7 @@ def validate(cfg: Config) -> None:
     if a.num_heads % kv:
         raise ConfigError(f"model.attention.num_heads={a.num_heads} must be a multiple of "
                           f"model.attention.num_kv_heads={kv}")
+    _validate_linear_kinds(m)
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is larger than the model supports "
                           f"(model.max_seq_len={m.max_seq_len}); lower data.seq_len or raise "
@@ -399,6 +420,25 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.source=files needs data.paths, e.g. "
                           "data.paths=[corpus/a.txt,corpus/b.jsonl]")
+
+
+def _validate_linear_kinds(m: ModelConfig) -> None:
+    """Settings that only matter when the plan uses a linear kind."""
+    from efflm.models.plan import pattern_kinds
+
+    a = m.attention
+    kinds = set(pattern_kinds(a.pattern) or [a.kind])
+    if "linear" in kinds and a.feature_map == "identity" and a.normalize:
+        raise ConfigError("model.attention.feature_map=identity cannot be normalised (its "
+                          "phi(q).sum(phi(k)) can be zero or negative); set "
+                          "model.attention.normalize=false or another feature_map")
+    if "based" in kinds and a.window > m.max_seq_len:
+        raise ConfigError(f"model.attention.window={a.window} is larger than "
+                          f"model.max_seq_len={m.max_seq_len}; lower it")
+    if ("gla" in kinds and a.decay == "data" and a.impl == "pallas"
+            and a.chunk_size % 16):
+        raise ConfigError(f"model.attention.chunk_size={a.chunk_size}: gla's Pallas kernel "
+                          "needs a multiple of 16; change it or set model.attention.impl=xla")
 
 
 def head_dim(cfg: ModelConfig) -> int:
