@@ -3,7 +3,8 @@ Fast Autoregressive Transformers with Linear Attention", and the machinery the l
 kinds share (gla.py, based.py): the chunked mix over packed segments, the running
 normaliser, the recurrent decoding state and the FLOPs of the chunked form.
 
-    o_t = phi(q_t) S_t [/ phi(q_t) . z_t],  S_t = S_{t-1} + phi(k_t) v_t^T,  z_t = z_{t-1} + phi(k_t)
+    o_t = phi(q_t) S_t [/ phi(q_t) . z_t],  S_t = S_{t-1} + phi(k_t) v_t^T,
+    z_t = z_{t-1} + phi(k_t)
 
 Training runs `efflm.pallas_kernels.linear_attention.chunked_linear_attention`: quadratic
 inside a chunk of `model.attention.chunk_size` tokens, a float32 state between chunks,
