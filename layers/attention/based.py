@@ -109,6 +109,8 @@ class BasedAttention(nn.Module):
     layer (see the module docstring)."""
 
     cfg: ModelConfig
+    # The token scan and a full masked softmax instead of the chunked and blocked forms.
+    reference: bool = False
     decodes = True
 
     @staticmethod
@@ -137,13 +139,19 @@ class BasedAttention(nn.Module):
         v = Dense((h, d), axes, name="value", **kw)(x)
         qf = taylor_features(qf * f ** -0.5).astype(cfg.dtype)
         kf = taylor_features(kf).astype(cfg.dtype)
-        if not decoding(self) and mix_impl(cfg, segment_ids, "based attention") == "pallas":
+        training = not decoding(self) and not self.reference
+        if training and mix_impl(cfg, segment_ids, "based attention") == "pallas":
             qf, kf = pad_to_power_of_two(qf), pad_to_power_of_two(kf)
         linear = linear_mix(self, cfg, qf, kf, v, segment_ids, normalize=True,
-                            what="based attention")
+                            what="based attention", reference=self.reference)
         q, k = apply_rotary(q, positions, a.rope_theta), apply_rotary(k, positions, a.rope_theta)
         if decoding(self):
             local = cached_window_attention(self, q, k, v, positions, a.window)
+        elif self.reference:
+            t = x.shape[1]
+            idx = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
+            mask = window_mask(idx, idx, a.window, segment_ids, segment_ids)
+            local = dot_product_attention(q, k, v, mask)
         else:
             local = sliding_window_attention(q, k, v, segment_ids, a.window)
         out = nn.with_logical_constraint(linear + local, ("batch", "length", "heads",

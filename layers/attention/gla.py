@@ -47,6 +47,7 @@ class GatedLinearAttention(nn.Module):
     or RetNet's fixed per-head decay, with the output gate and per-head RMSNorm."""
 
     cfg: ModelConfig
+    reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
 
     @staticmethod
@@ -80,7 +81,7 @@ class GatedLinearAttention(nn.Module):
         else:
             log_decay = jnp.broadcast_to(jnp.asarray(retnet_log_decay(h)), x.shape[:2] + (h,))
         out = linear_mix(self, cfg, q, k, v, segment_ids, log_decay=log_decay,
-                         what="gated linear attention")
+                         what="gated linear attention", reference=self.reference)
         gate = Dense((h, d), axes, name="output_gate", **kw)(x)
         out = (jax.nn.silu(gate.astype(jnp.float32)) * HeadRMSNorm(name="norm")(out))
         out = nn.with_logical_constraint(out.astype(cfg.dtype),

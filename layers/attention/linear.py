@@ -65,7 +65,8 @@ def segment_cumsum(x, segment_ids):
 
 
 def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_decay=None,
-               normalize: bool = False, what: str = "linear attention"):
+               normalize: bool = False, what: str = "linear attention",
+               reference: bool = False):
     """The causal mix of every linear kind: q, k (batch, length, heads, dk) (features
     already applied), v (..., dv), log_decay None, (batch, length, heads) or
     (..., heads, dk). With `normalize`, outputs are divided by q_t . z_t, z_t the sum of
@@ -73,6 +74,7 @@ def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_de
 
     While decoding, the state S (batch, heads, dk, dv) and z (batch, heads, dk), float32,
     live in the cache, and each call continues them (segments are not used).
+    `reference`: the token scan instead, q . z as a scan with values of one.
     """
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -88,6 +90,13 @@ def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_de
             z = module.variable("cache", "normaliser", jnp.zeros, (b, h, dk), jnp.float32)
             sums = z.value[:, None] + jnp.cumsum(k.astype(jnp.float32), axis=1)
             z.value = sums[:, -1]
+    elif reference:
+        kw = dict(log_decay=log_decay, segment_ids=segment_ids)
+        out, _ = linear_attention_recurrent(q, k, v, **kw)
+        if normalize:
+            ones = jnp.ones((b, t, h, 1), jnp.float32)
+            den = linear_attention_recurrent(q.astype(jnp.float32), k, ones, **kw)[0]
+            return (out.astype(jnp.float32) / (den + 1e-6)).astype(v.dtype)
     else:
         impl = mix_impl(cfg, segment_ids, what)
         out, _ = chunked_linear_attention(q, k, v, log_decay=log_decay, chunk=chunk,
@@ -125,6 +134,7 @@ class LinearAttention(nn.Module):
     the normaliser cancels). No rotary positions; K/V heads as many as query heads."""
 
     cfg: ModelConfig
+    reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
 
     @staticmethod
@@ -146,7 +156,8 @@ class LinearAttention(nn.Module):
         phi = FEATURE_MAPS[cfg.attention.feature_map]
         q = phi(q) * jnp.asarray(d ** -0.5, q.dtype)
         k = phi(k)
-        out = linear_mix(self, cfg, q, k, v, segment_ids, normalize=cfg.attention.normalize)
+        out = linear_mix(self, cfg, q, k, v, segment_ids, normalize=cfg.attention.normalize,
+                         reference=self.reference)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
