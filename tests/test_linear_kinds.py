@@ -208,3 +208,15 @@ def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
     assert main(["config", "show", "--config", "tiny", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.{key}" in err[0], err
+
+
+def test_auto_takes_xla_for_packed_segments_on_a_gpu(small_config, monkeypatch):
+    """Under `auto` on a GPU the kernel is Pallas, except for packed segments, which it
+    cannot mask yet: those run on XLA (with a warning)."""
+    from efflm.layers.attention.linear import mix_impl
+
+    cfg = small_config("model.attention.kind=gla").model
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert mix_impl(cfg, None, "gla") == "pallas"
+    with pytest.warns(UserWarning, match="packed segments run on impl=xla"):
+        assert mix_impl(cfg, SEGMENTS, "gla") == "xla"
