@@ -12,8 +12,11 @@ applied: callers do that.
 
 Packed documents: `segment_ids` (batch, length) restarts the state wherever the id
 changes from one token to the next (the initial state belongs to the first segment),
-so no token attends across a boundary. The reference and the `xla` form take it; the
-Pallas kernels do not yet (they raise).
+so no token attends across a boundary. Every form takes it: scores across segments
+are masked, the incoming state reaches only its own segment's tokens, and a chunk
+with a boundary passes on only its last segment's keys. The Pallas backward's
+reversed passes take the reversed segment indices (the masks are symmetric), and the
+log-decay gradient formula below holds unchanged, masked terms being zero.
 
 Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
   * `linear_attention_recurrent`: a `jax.lax.scan` over tokens (the reference);
@@ -272,8 +275,10 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
 # Pallas forward kernel.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_chunks: int):
-    """One (batch, head): walk the chunks, state (dk, dv) in float32."""
+def _forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
+                    num_chunks: int):
+    """One (batch, head): walk the chunks, state (dk, dv) in float32. seg holds each
+    token's segment index: scores across segments are masked and the state restarts."""
     out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     rows = jnp.arange(chunk)
     causal = rows[:, None] >= rows[None, :]
@@ -285,13 +290,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_c
         v = v_ref[span, :].astype(jnp.float32)
         b = b_ref[span].astype(jnp.float32)  # cumulative log decay inside the chunk
         b_last = b_ref[c * chunk + chunk - 1]
-        diff = jnp.where(causal, b[:, None] - b[None, :], -jnp.inf)
+        seg, seg_last = seg_ref[span], seg_ref[c * chunk + chunk - 1]
+        before = seg_ref[jnp.maximum(c * chunk - 1, 0)]  # the incoming state's segment
+        keep = causal & (seg[:, None] == seg[None, :])
+        diff = jnp.where(keep, b[:, None] - b[None, :], -jnp.inf)
         scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * jnp.exp(diff)
+        carried = jnp.where(seg == before, jnp.exp(b), 0.0)
         out = (jnp.dot(scores, v, preferred_element_type=jnp.float32)
-               + jnp.exp(b)[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
+               + carried[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
         out_ref[span, :] = out.astype(out_ref.dtype)
-        k_decayed = k * jnp.exp(b_last - b)[:, None]
-        return (jnp.exp(b_last) * state
+        k_decayed = k * jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)[:, None]
+        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)
+        return (kept * state
                 + jnp.dot(k_decayed.T, v, preferred_element_type=jnp.float32))
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
@@ -316,32 +326,38 @@ def _kernel_layout(q, k, v, log_decay, chunk):
     return qh, kh, vh, b
 
 
-def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None):
+def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
+                  seg=None):
     """The kernel on `_kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
 
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
-    tests: filled with NaN, they show every element is written).
+    tests: filled with NaN, they show every element is written). seg: segment indices
+    (batch, padded) int32 (`_kernel_segments`; None: one segment).
     """
     padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
     return _per_head_call(
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
         initial_state, dv, interpret, _triton_params(dk, dv), "chunked_linear_attention_fwd",
-        initial_outputs)
+        initial_outputs, seg)
 
 
 def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
-                   params, name, initial_outputs):
+                   params, name, initial_outputs, seg=None):
     """One program per (batch, head, slice of block_dv value columns): q and k whole, v,
-    the state and the output sliced, the gates as `b_spec` says."""
+    the state and the output sliced, the gates as `b_spec` says, the segment indices of
+    the batch row."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
+    if seg is None:
+        seg = jnp.zeros((batch, padded), jnp.int32)
     whole = pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0))
     sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
     state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
+    seg_spec = pl.BlockSpec((None, padded), lambda i, j, n: (i, 0))
     out_specs = [sliced, state_spec]
     args, in_specs, aliases = alias_initial_outputs(
-        [qh, kh, vh, b, initial_state], [whole, whole, sliced, b_spec, state_spec],
+        [qh, kh, vh, b, seg, initial_state], [whole, whole, sliced, b_spec, seg_spec, state_spec],
         out_specs, initial_outputs)
     return pl.pallas_call(
         kernel,
@@ -357,16 +373,24 @@ def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, inter
     )(*args)
 
 
-def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret, on_keys=True):
+def _kernel_segments(seg, chunk):
+    """Segment indices (batch, length) int32 -> edge-padded to whole chunks."""
+    pad = -seg.shape[1] % chunk
+    return jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
+
+
+def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on_keys=True):
     """q, k (batch, length, heads, dk), v (..., dv), log_decay f32 (batch, length, heads)
     or, per dimension, (..., dk) gating state rows (`on_keys`) or (..., dv) gating its
-    columns; initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
+    columns; initial_state (batch, heads, dk, dv) f32; seg (batch, length) int32 segment
+    indices -> (out, final_state)."""
     qh, kh, vh, b = _kernel_layout(q, k, v, log_decay, chunk)
+    seg = _kernel_segments(seg, chunk)
     if log_decay.ndim == 4:
         out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
-                                         on_keys)
+                                         on_keys, seg=seg)
     else:
-        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret)
+        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg)
     return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
 
 
@@ -376,14 +400,15 @@ def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret, on_keys
 # Pallas kernel for per-dimension gates (GLA).
 
 
-def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, sub: int,
-                          num_chunks: int, on_keys: bool):
+def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
+                          sub: int, num_chunks: int, on_keys: bool):
     """One (batch, head) with one gate per state row (`on_keys`: per key dimension, GLA's
     forward) or per state column (per value dimension: the backward's dq and dk passes).
 
     b holds the cumulative log gate inside each chunk. Scores against earlier
     sub-chunks are factorised around r, b just before the query sub-chunk, so every
-    exponent is <= 0; inside a sub-chunk one key at a time is taken directly.
+    exponent is <= 0; inside a sub-chunk one key at a time is taken directly. Scores
+    across segments (seg: segment indices) are masked and the state restarts.
     """
     out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     f32 = lambda a: a.astype(jnp.float32)
@@ -394,27 +419,36 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int,
         start = c * chunk
         span = pl.ds(pl.multiple_of(start, chunk), chunk)
         k, v, b = f32(k_ref[span, :]), f32(v_ref[span, :]), b_ref[span, :]
+        seg = seg_ref[span][:, None]  # (chunk, 1)
+        seg_last = seg_ref[pl.ds(start + chunk - 1, 1)][:, None]  # (1, 1)
+        before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
         for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
             rows = pl.ds(start + first, sub)
             q_i, b_i = f32(q_ref[rows, :]), b_ref[rows, :]
+            seg_i = seg_ref[rows][:, None]  # (sub, 1)
             if on_keys:
                 out = mm(q_i * jnp.exp(b_i), state)
             else:
                 out = jnp.exp(b_i) * mm(q_i, state)
+            out = jnp.where(seg_i == before, out, 0.0)
             if first:
                 r = b_ref[pl.ds(start + first - 1, 1), :]
                 decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
+                same = seg_i == seg.T  # (sub, chunk)
                 if on_keys:
                     scores = mm(q_i * jnp.exp(b_i - r), k * decay, trans_b=True)
-                    out = out + mm(scores, v)
+                    out = out + mm(jnp.where(same, scores, 0.0), v)
                 else:
-                    scores = jnp.where(positions.T < first, mm(q_i, k, trans_b=True), 0.0)
+                    scores = jnp.where((positions.T < first) & same,
+                                       mm(q_i, k, trans_b=True), 0.0)
                     out = out + jnp.exp(b_i - r) * mm(scores, v * decay)
 
-            def one_key(j, out, first=first, q_i=q_i, b_i=b_i):
+            def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
                 row = pl.ds(start + first + j, 1)
                 k_j, v_j, b_j = f32(k_ref[row, :]), f32(v_ref[row, :]), b_ref[row, :]
-                gate = jnp.exp(jnp.where(within >= j, b_i - b_j, -jnp.inf))
+                seg_j = seg_ref[row][:, None]  # (1, 1)
+                gate = jnp.exp(jnp.where((within >= j) & (seg_i == seg_j), b_i - b_j,
+                                         -jnp.inf))
                 if on_keys:
                     return out + jnp.sum(q_i * k_j * gate, axis=1, keepdims=True) * v_j
                 return out + jnp.sum(q_i * k_j, axis=1, keepdims=True) * v_j * gate
@@ -422,17 +456,18 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int,
             out = jax.lax.fori_loop(0, sub, one_key, out)
             out_ref[rows, :] = out.astype(out_ref.dtype)
         b_last = b_ref[pl.ds(start + chunk - 1, 1), :]
+        tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)  # (chunk, G)
+        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)  # (1, G)
         if on_keys:
-            return (jnp.exp(b_last).T * state
-                    + mm(k * jnp.exp(b_last - b), v, trans_a=True))
-        return state * jnp.exp(b_last) + mm(k, v * jnp.exp(b_last - b), trans_a=True)
+            return kept.T * state + mm(k * tail, v, trans_a=True)
+        return state * kept + mm(k, v * tail, trans_a=True)
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
     state_ref[...] = state
 
 
 def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
-                        initial_outputs=None, block_dv=64):
+                        initial_outputs=None, block_dv=64, seg=None):
     """`_gated_forward_kernel` on `_kernel_layout`'s arrays (b: (batch, heads, padded, G)).
 
     The value dimension is split over programs, block_dv columns of the state each
@@ -447,29 +482,32 @@ def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
                           num_chunks=padded // chunk, on_keys=on_keys),
         qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
         "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
-        initial_outputs)
+        initial_outputs, seg)
 
 
 # ----------------------------------------------------------------------------
 # custom_vjp: the backward reuses the forward kernel.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
-    return _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret):
+    return _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)
 
 
-def _pallas_fwd(q, k, v, log_decay, initial_state, chunk, interpret):
-    out, state = _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
-    return (out, state), (q, k, v, log_decay, initial_state, state)
+def _pallas_fwd(q, k, v, log_decay, initial_state, seg, chunk, interpret):
+    out, state = _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)
+    return (out, state), (q, k, v, log_decay, initial_state, seg, state)
 
 
 def _pallas_bwd(chunk, interpret, residuals, cotangents):
-    q, k, v, log_decay, initial_state, final_state = residuals
+    q, k, v, log_decay, initial_state, seg, final_state = residuals
     d_out, d_state = cotangents
     d_out = d_out.astype(jnp.float32)
     d_state = d_state.astype(jnp.float32)
-    run = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    # Segment masks are symmetric, so the reversed passes take the reversed indices.
+    forward = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    run = lambda *a, **kw: forward(*a, seg, **kw)  # noqa: E731
+    run_reversed = lambda *a, **kw: forward(*a, jnp.flip(seg, axis=1), **kw)  # noqa: E731
     f32 = lambda a: a.astype(jnp.float32)
 
     per_dim = log_decay.ndim == 4  # then the dq and dk passes gate their state's columns
@@ -485,9 +523,10 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     reverse = lambda a: jnp.flip(a, axis=1)
     shifted = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
     g_rev = reverse(shifted)
-    dk_rev, _ = run(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
-                    jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
-    dv_rev, d_initial = run(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev, d_state)
+    dk_rev, _ = run_reversed(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
+                             jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
+    dv_rev, d_initial = run_reversed(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev,
+                                     d_state)
     dk, dv = reverse(dk_rev), reverse(dv_rev)
     # The reversed pass decays the start state by everything but g_0.
     first_decay = jnp.exp(log_decay[:, 0])
@@ -507,7 +546,7 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     d_cumulative = d_cumulative.at[:, -1].add(last)
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cumulative, 1), axis=1), 1)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype))
+            d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype), None)
 
 
 _linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)
@@ -540,18 +579,19 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
         raise ValueError(f"chunk must be a positive number of tokens; got {chunk}")
     on_gpu = jax.default_backend() == "gpu"
     if impl == "auto":
-        impl = "pallas" if on_gpu and segment_ids is None else "xla"
+        impl = "pallas" if on_gpu else "xla"
     if impl == "xla":
         return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
                                             initial_state=initial_state, chunk=chunk,
                                             segment_ids=segment_ids)
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by impl='pallas' yet; use "
-                         "impl='xla' (or auto)")
     if interpret is None:
         interpret = not on_gpu
     if log_decay is not None and log_decay.ndim == 4 and chunk % 16 and not interpret:
         raise ValueError(f"per-key-dimension gates under impl='pallas' need a chunk that is "
                          f"a multiple of 16 (Triton's smallest matmul); got {chunk}")
     log_decay, initial_state = _defaults(q, v, log_decay, initial_state)
-    return _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+    if segment_ids is None:
+        seg = jnp.zeros(q.shape[:2], jnp.int32)
+    else:
+        seg = segment_index(segment_ids)
+    return _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)

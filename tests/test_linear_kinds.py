@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from efflm.cli import main
-from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token, traced_matmul_flops
 from efflm.layers import ATTENTION
 from efflm.layers.attention.softmax import causal_mix_flops
@@ -84,17 +83,15 @@ def test_kind_matches_its_token_scan_reference(small_config, kind, dtype, tol):
 @pytest.mark.parametrize("kind", ["linear", "gla", "based"])
 def test_pallas_path_in_interpret_mode(small_config, kind):
     """impl=pallas (interpreted on CPU; based's 21 features padded to 32) equals the
-    reference on one segment, values and gradients, over a chunk of 16 and a partial one;
-    packed segments are refused."""
+    reference over packed segments, values and gradients, over a chunk of 16 and a
+    partial one."""
     cfg = small_config(*LAYER, *KINDS[kind], "model.attention.impl=pallas",
                        "model.attention.chunk_size=16").model
-    out, grads, _ = _layer_run(cfg, None, reference=False)
-    ref_out, ref_grads, _ = _layer_run(cfg, None, reference=True)
+    out, grads, _ = _layer_run(cfg, SEGMENTS, reference=False)
+    ref_out, ref_grads, _ = _layer_run(cfg, SEGMENTS, reference=True)
     _close(out, ref_out, 2e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         _close(a, b, 2e-5)
-    with pytest.raises(ConfigError, match="no Pallas masking of packed segments"):
-        _layer_run(cfg, SEGMENTS, reference=False)
 
 
 DECODE = ("model.init_std=0.1", "model.attention.chunk_size=8",
@@ -208,15 +205,3 @@ def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
     assert main(["config", "show", "--config", "tiny", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.{key}" in err[0], err
-
-
-def test_auto_takes_xla_for_packed_segments_on_a_gpu(small_config, monkeypatch):
-    """Under `auto` on a GPU the kernel is Pallas, except for packed segments, which it
-    cannot mask yet: those run on XLA (with a warning)."""
-    from efflm.layers.attention.linear import mix_impl
-
-    cfg = small_config("model.attention.kind=gla").model
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert mix_impl(cfg, None, "gla") == "pallas"
-    with pytest.warns(UserWarning, match="packed segments run on impl=xla"):
-        assert mix_impl(cfg, SEGMENTS, "gla") == "xla"

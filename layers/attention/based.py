@@ -140,7 +140,7 @@ class BasedAttention(nn.Module):
         qf = taylor_features(qf * f ** -0.5).astype(cfg.dtype)
         kf = taylor_features(kf).astype(cfg.dtype)
         training = not decoding(self) and not self.reference
-        if training and mix_impl(cfg, segment_ids, "based attention") == "pallas":
+        if training and mix_impl(cfg, "based attention") == "pallas":
             qf, kf = pad_to_power_of_two(qf), pad_to_power_of_two(kf)
         linear = linear_mix(self, cfg, qf, kf, v, segment_ids, normalize=True,
                             what="based attention", reference=self.reference)

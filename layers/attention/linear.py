@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from efflm.config import ModelConfig, head_dim
-from efflm.errors import ConfigError
-from efflm.layers.common import Dense, resolve_impl, warn_once
+from efflm.layers.common import Dense, resolve_impl
 from efflm.pallas_kernels.linear_attention import (
     chunked_linear_attention,
     linear_attention_recurrent,
@@ -36,17 +35,9 @@ def decoding(module: nn.Module) -> bool:
     return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
-def mix_impl(cfg: ModelConfig, segment_ids, what: str) -> str:
-    """`resolve_impl` for the chunked kernel: its Pallas form has no segment masking yet,
-    so packed inputs take the XLA form (under `auto`) or are refused (`impl=pallas`)."""
-    impl = resolve_impl(cfg.attention.impl, ("xla", "pallas"), what)
-    if impl == "pallas" and segment_ids is not None:
-        if cfg.attention.impl == "pallas":
-            raise ConfigError(f"model.attention.impl=pallas: {what} has no Pallas masking of "
-                              "packed segments yet; set model.attention.impl=xla (or auto)")
-        warn_once(f"{what}: packed segments run on impl=xla")
-        impl = "xla"
-    return impl
+def mix_impl(cfg: ModelConfig, what: str) -> str:
+    """`resolve_impl` for the chunked kernel (both forms mask packed segments)."""
+    return resolve_impl(cfg.attention.impl, ("xla", "pallas"), what)
 
 
 def segment_cumsum(x, segment_ids):
@@ -98,7 +89,7 @@ def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_de
             den = linear_attention_recurrent(q.astype(jnp.float32), k, ones, **kw)[0]
             return (out.astype(jnp.float32) / (den + 1e-6)).astype(v.dtype)
     else:
-        impl = mix_impl(cfg, segment_ids, what)
+        impl = mix_impl(cfg, what)
         out, _ = chunked_linear_attention(q, k, v, log_decay=log_decay, chunk=chunk,
                                           impl=impl, segment_ids=segment_ids)
         if normalize:
