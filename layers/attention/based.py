@@ -115,6 +115,8 @@ class BasedAttention(nn.Module):
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """The XLA forms': 1 + d + d^2 features in the chunked mix (the Pallas path pads
+        them to a power of two), 2 window keys a query in the window branch."""
         a = cfg.attention
         h, d, f = a.num_heads, head_dim(cfg), a.feature_dim
         projections = 2 * cfg.d_model * h * (2 * f + 4 * d)  # q, k features; q, k, v, out
