@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from efflm.cli import main
+from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token, traced_matmul_flops
 from efflm.layers import ATTENTION
 from efflm.layers.attention.softmax import causal_mix_flops
@@ -206,3 +207,16 @@ def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
     assert main(["config", "show", "--config", "tiny", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.{key}" in err[0], err
+
+
+def test_gla_chunk_the_gpu_kernel_cannot_take(small_config, monkeypatch):
+    """Under `auto` on a GPU (Pallas), a GLA chunk that is no multiple of 16 is refused
+    with the key named; on CPU (XLA) it runs."""
+    cfg = small_config(*LAYER, *KINDS["gla"], "model.attention.chunk_size=12").model
+    x = jnp.zeros((1, 8, cfg.d_model))
+    positions = jnp.zeros((1, 8), jnp.int32)
+    layer = ATTENTION["gla"](cfg)
+    layer.init(jax.random.key(0), x, positions, None, None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="model.attention.chunk_size=12"):
+        layer.init(jax.random.key(0), x, positions, None, None)

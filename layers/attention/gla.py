@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.config import ModelConfig, head_dim
-from efflm.layers.attention.linear import chunked_mix_flops, linear_mix
+from efflm.errors import ConfigError
+from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, mix_impl
 from efflm.layers.common import Dense
 from efflm.pallas_kernels.linear_attention import _sub_chunk
 
@@ -71,6 +72,11 @@ class GatedLinearAttention(nn.Module):
         q = Dense((h, d), axes, name="query", **kw)(x) * jnp.asarray(d ** -0.5, cfg.dtype)
         k = Dense((h, d), axes, name="key", **kw)(x)
         v = Dense((h, d), axes, name="value", **kw)(x)
+        if (a.decay == "data" and a.chunk_size % 16 and jax.default_backend() == "gpu"
+                and mix_impl(cfg, "gated linear attention") == "pallas"):
+            raise ConfigError(f"model.attention.chunk_size={a.chunk_size}: gla's Pallas kernel "
+                              "needs a multiple of 16 on a GPU; change it or set "
+                              "model.attention.impl=xla")
         if a.decay == "data":
             low = Dense((a.gate_rank,), ("embed", None), name="gate_down", **kw)(x)
             logits = Dense((h, d), (None, "heads", "head_dim"), name="gate_up", **kw)(low)
