@@ -35,6 +35,20 @@ class AttentionConfig:
     # impl=xla: queries in blocks of this many, each over the keys up to its own block
     # (skips what causality masks); 0: one full masked softmax.
     block_size: int = 128
+    # Linear kinds (linear, gla, based): tokens per chunk of the chunked form.
+    chunk_size: int = 64
+    # linear: feature map elu (elu+1) | relu | identity, and whether outputs are divided
+    # by phi(q).sum(phi(k)) (refused with identity, where it can be zero or negative).
+    feature_map: str = "elu"
+    normalize: bool = True
+    # gla: data (per-key-dimension gates from x, GLA) | fixed (per-head decay, RetNet).
+    decay: str = "data"
+    gate_rank: int = 16  # gla: rank of the gate projection
+    gate_temperature: float = 16.0  # gla: log gates are logsigmoid(.) / this
+    # based: projected feature dim d of the Taylor map (1 + d + d^2 features) and the
+    # width of its sliding-window softmax branch, in tokens.
+    feature_dim: int = 16
+    window: int = 64
 
 
 @dataclass
@@ -217,7 +231,8 @@ SHAPE_KEYS = ("model", "data.tokenizer")
 # model.* keys that change no parameter (only how it is computed): a resume may change
 # them. model.scan_layers is not one: it stacks the layers' parameters.
 RESUMABLE_MODEL_KEYS = ("model.remat", "model.attention.impl", "model.attention.block_size",
-                        "model.dtype", "model.max_seq_len", "model.init_std")
+                        "model.dtype", "model.max_seq_len", "model.init_std",
+                        "model.attention.chunk_size")
 # Keys that fix the order of the training data: a saved data position needs them.
 DATA_ORDER_KEYS = ("data.source", "data.seq_len", "train.batch_size", "train.seed")
 
@@ -399,6 +414,8 @@ def validate(cfg: Config) -> None:
         check = getattr(cls, "validate_config", None)
         if check is not None:
             check(m)
+    check_choice("model.attention.feature_map", a.feature_map, ("elu", "relu", "identity"))
+    check_choice("model.attention.decay", a.decay, ("data", "fixed"))
     check_choice("model.dtype", m.dtype, DTYPES)
     check_choice("model.param_dtype", m.param_dtype, DTYPES)
     check_choice("model.remat", m.remat, REMAT_POLICIES)
@@ -416,6 +433,9 @@ def validate(cfg: Config) -> None:
         ("train.eval_batches", cfg.train.eval_batches), ("logging.every", cfg.logging.every),
         ("checkpoint.keep", cfg.checkpoint.keep), ("optimizer.lr", cfg.optimizer.lr),
         ("model.attention.rope_theta", a.rope_theta), ("model.norm_eps", m.norm_eps),
+        ("model.attention.chunk_size", a.chunk_size), ("model.attention.gate_rank", a.gate_rank),
+        ("model.attention.gate_temperature", a.gate_temperature),
+        ("model.attention.feature_dim", a.feature_dim), ("model.attention.window", a.window),
     ]:
         check_positive(key, value)
     for key, value in [

@@ -10,6 +10,14 @@ gates, "Gated Linear Attention Transformers with Hardware-Efficient Training"),
 shaped (batch, length, heads, dk). No feature map, normaliser or scale is
 applied: callers do that.
 
+Packed documents: `segment_ids` (batch, length) restarts the state wherever the id
+changes from one token to the next (the initial state belongs to the first segment),
+so no token attends across a boundary. Every form takes it: scores across segments
+are masked, the incoming state reaches only its own segment's tokens, and a chunk
+with a boundary passes on only its last segment's keys. The Pallas backward's
+reversed passes take the reversed segment indices (the masks are symmetric), and the
+log-decay gradient formula below holds unchanged, masked terms being zero.
+
 Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
   * `linear_attention_recurrent`: a `jax.lax.scan` over tokens (the reference);
   * `xla`: the chunkwise-parallel form in pure JAX: masked quadratic attention
@@ -87,19 +95,40 @@ def _defaults(q, v, log_decay, initial_state):
 # Reference: recurrent scan over tokens.
 
 
-def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None):
-    """The obviously correct form: one state update per token. Returns (out, final_state)."""
+def segment_starts(segment_ids):
+    """(batch, length) bool: True where a token's segment id differs from the previous
+    token's (never at position 0)."""
+    first = jnp.zeros_like(segment_ids[:, :1], dtype=bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def segment_index(segment_ids):
+    """(batch, length) int32: how many segment starts lie at or before each token, so
+    two tokens share a segment exactly when their indices are equal."""
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
+def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None,
+                               segment_ids=None):
+    """The obviously correct form: one state update per token (zeroed at each segment
+    start). Returns (out, final_state)."""
     _check(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
     f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time first
+    if segment_ids is None:
+        starts = jnp.zeros(q.shape[:2], bool)
+    else:
+        starts = segment_starts(segment_ids)
 
     def step(state, inputs):
-        q_t, k_t, v_t, g_t = inputs  # (batch, heads, d), g_t (batch, heads[, dk])
+        q_t, k_t, v_t, g_t, start = inputs  # (batch, heads, d), g_t (batch, heads[, dk])
         decay = jnp.exp(g_t)[..., None] if g_t.ndim == 3 else jnp.exp(g_t)[..., None, None]
-        state = decay * state + k_t[..., :, None] * v_t[..., None, :]
+        state = jnp.where(start[:, None, None, None], 0.0, decay * state)
+        state = state + k_t[..., :, None] * v_t[..., None, :]
         return state, jnp.einsum("bhk,bhkv->bhv", q_t, state)
 
-    state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay)))
+    state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(log_decay),
+                                            jnp.moveaxis(starts, 1, 0)))
     return jnp.moveaxis(out, 0, 1).astype(q.dtype), state
 
 
@@ -125,34 +154,58 @@ def _from_chunks(out, length):
     return out[:, :length]
 
 
-def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64):
+def _segment_chunks(segment_ids, batch, length, chunk):
+    """Per chunk: each token's segment index (chunks, batch, 1, chunk) and the index of
+    the token before the chunk (chunks, batch, 1, 1); the first chunk's "before" is its
+    first token, so the initial state reaches the first segment. Padding repeats the
+    last index. Without segment ids everything is one segment."""
+    if segment_ids is None:
+        seg = jnp.zeros((batch, length), jnp.int32)
+    else:
+        seg = segment_index(segment_ids)
+    pad = -length % chunk
+    seg = jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
+    seg = jnp.moveaxis(seg.reshape(batch, -1, chunk), 1, 0)  # (chunks, batch, chunk)
+    before = jnp.concatenate([seg[:1, :, :1], seg[:-1, :, -1:]], axis=0)
+    return seg[:, :, None], before[:, :, None]
+
+
+def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None, chunk=64,
+                                 segment_ids=None):
     """Chunkwise form: masked attention with decay inside a chunk, state between chunks.
 
     Zero padding to a whole number of chunks is exact: padded tokens have k = v = 0
-    and log decay 0, so they leave the state unchanged.
+    and log decay 0, so they leave the state unchanged. With `segment_ids`, scores
+    across a segment boundary are masked, the incoming state reaches only the tokens
+    of the segment it belongs to, and a chunk with a boundary keeps only its last
+    segment's keys in the state it passes on.
     """
     _check(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
+    seg = _segment_chunks(segment_ids, q.shape[0], q.shape[1], chunk)
     if log_decay.ndim == 4:
-        return _gla_chunked_xla(q, k, v, log_decay, state, chunk)
+        return _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg)
     length = q.shape[1]
     qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
     bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
 
     def step(state, inputs):
-        q_c, k_c, v_c, b = inputs
-        b_last = b[..., -1:]
-        diff = jnp.where(causal, b[..., :, None] - b[..., None, :], -jnp.inf)
+        q_c, k_c, v_c, b, s, before = inputs  # s (batch, 1, chunk), before (batch, 1, 1)
+        b_last, s_last = b[..., -1:], s[..., -1:]
+        keep = causal & (s[..., :, None] == s[..., None, :])
+        diff = jnp.where(keep, b[..., :, None] - b[..., None, :], -jnp.inf)
         scores = jnp.einsum("bhik,bhjk->bhij", q_c, k_c) * jnp.exp(diff)
+        carried = jnp.where(s == before, jnp.exp(b), 0.0)  # the state's share per query
         out = (jnp.einsum("bhij,bhjv->bhiv", scores, v_c)
-               + jnp.exp(b)[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
-        k_decayed = k_c * jnp.exp(b_last - b)[..., None]
-        state = (jnp.exp(b_last)[..., None] * state
+               + carried[..., None] * jnp.einsum("bhik,bhkv->bhiv", q_c, state))
+        k_decayed = k_c * jnp.where(s == s_last, jnp.exp(b_last - b), 0.0)[..., None]
+        kept = jnp.where(s_last == before, jnp.exp(b_last), 0.0)
+        state = (kept[..., None] * state
                  + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
         return state, out
 
-    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
     return _from_chunks(out, length).astype(q.dtype), state
 
 
@@ -162,7 +215,7 @@ def _sub_chunk(chunk: int) -> int:
     return 16 if chunk > 16 and chunk % 16 == 0 else chunk
 
 
-def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
+def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
     """Chunkwise form with one gate per key dimension (GLA), numerically safe.
 
     With b the cumulative log gate inside a chunk (non-increasing), the score of
@@ -185,30 +238,36 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
 
     @jax.checkpoint
     def step(state, inputs):
-        q_c, k_c, v_c, b = inputs  # (b, h, chunk, dk|dv)
+        q_c, k_c, v_c, b, s, before = inputs  # (b, h, chunk, dk|dv); s (b, 1, chunk)
         split = lambda a: a.reshape(*a.shape[:2], n, sub, a.shape[-1])
         q_s, k_s, v_s, b_s = split(q_c), split(k_c), split(v_c), split(b)
+        s_s = s.reshape(*s.shape[:2], n, sub)
+        same = s_s[..., :, None] == s[..., None, None, :]  # (b, 1, n, sub, chunk)
+        same_sub = s_s[..., :, None] == s_s[..., None, :]  # (b, 1, n, sub, sub)
         # r: b at the position before each query sub-chunk (0 for the first, unused).
         r = jnp.concatenate([jnp.zeros_like(b_s[:, :, :1, -1]), b_s[:, :, :-1, -1]], axis=2)
         q_r = q_s * jnp.exp(b_s - r[:, :, :, None])
         k_exp = jnp.where(earlier[None, None, :, :, None],
                           r[:, :, :, None] - b[:, :, None], -jnp.inf)
         k_r = k_c[:, :, None] * jnp.exp(k_exp)  # (b, h, n, chunk, dk)
-        scores = jnp.einsum("bhnik,bhnjk->bhnij", q_r, k_r)
+        scores = jnp.where(same, jnp.einsum("bhnik,bhnjk->bhnij", q_r, k_r), 0.0)
         out = jnp.einsum("bhnij,bhjv->bhniv", scores, v_c)
         diff = jnp.where(inside[:, :, None], b_s[..., :, None, :] - b_s[..., None, :, :],
                          -jnp.inf)  # (b, h, n, sub, sub, dk)
         diag = jnp.einsum("bhnik,bhnjk,bhnijk->bhnij", q_s, k_s, jnp.exp(diff))
-        out = out + jnp.einsum("bhnij,bhnjv->bhniv", diag, v_s)
+        out = out + jnp.einsum("bhnij,bhnjv->bhniv", jnp.where(same_sub, diag, 0.0), v_s)
         out = out.reshape(*out.shape[:2], chunk, out.shape[-1])
-        out = out + jnp.einsum("bhik,bhkv->bhiv", q_c * jnp.exp(b), state)
-        b_last = b[:, :, -1]
-        k_decayed = k_c * jnp.exp(b_last[:, :, None] - b)
-        state = (jnp.exp(b_last)[..., None] * state
+        carried = jnp.where((s == before)[..., None], q_c * jnp.exp(b), 0.0)
+        out = out + jnp.einsum("bhik,bhkv->bhiv", carried, state)
+        b_last, s_last = b[:, :, -1], s[..., -1:]
+        k_decayed = k_c * jnp.where((s == s_last)[..., None],
+                                    jnp.exp(b_last[:, :, None] - b), 0.0)
+        kept = jnp.where(s_last == before, jnp.exp(b_last), 0.0)  # (b, h, dk)
+        state = (kept[..., None] * state
                  + jnp.einsum("bhjk,bhjv->bhkv", k_decayed, v_c))
         return state, out
 
-    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc))
+    state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
     return _from_chunks(out, length).astype(q.dtype), state
 
 
@@ -216,8 +275,10 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk):
 # Pallas forward kernel.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_chunks: int):
-    """One (batch, head): walk the chunks, state (dk, dv) in float32."""
+def _forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
+                    num_chunks: int):
+    """One (batch, head): walk the chunks, state (dk, dv) in float32. seg holds each
+    token's segment index: scores across segments are masked and the state restarts."""
     out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     rows = jnp.arange(chunk)
     causal = rows[:, None] >= rows[None, :]
@@ -229,13 +290,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, num_c
         v = v_ref[span, :].astype(jnp.float32)
         b = b_ref[span].astype(jnp.float32)  # cumulative log decay inside the chunk
         b_last = b_ref[c * chunk + chunk - 1]
-        diff = jnp.where(causal, b[:, None] - b[None, :], -jnp.inf)
+        seg, seg_last = seg_ref[span], seg_ref[c * chunk + chunk - 1]
+        before = seg_ref[jnp.maximum(c * chunk - 1, 0)]  # the incoming state's segment
+        keep = causal & (seg[:, None] == seg[None, :])
+        diff = jnp.where(keep, b[:, None] - b[None, :], -jnp.inf)
         scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * jnp.exp(diff)
+        carried = jnp.where(seg == before, jnp.exp(b), 0.0)
         out = (jnp.dot(scores, v, preferred_element_type=jnp.float32)
-               + jnp.exp(b)[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
+               + carried[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
         out_ref[span, :] = out.astype(out_ref.dtype)
-        k_decayed = k * jnp.exp(b_last - b)[:, None]
-        return (jnp.exp(b_last) * state
+        k_decayed = k * jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)[:, None]
+        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)
+        return (kept * state
                 + jnp.dot(k_decayed.T, v, preferred_element_type=jnp.float32))
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
@@ -260,32 +326,38 @@ def _kernel_layout(q, k, v, log_decay, chunk):
     return qh, kh, vh, b
 
 
-def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None):
+def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
+                  seg=None):
     """The kernel on `_kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
 
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
-    tests: filled with NaN, they show every element is written).
+    tests: filled with NaN, they show every element is written). seg: segment indices
+    (batch, padded) int32 (`_kernel_segments`; None: one segment).
     """
     padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
     return _per_head_call(
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
         initial_state, dv, interpret, _triton_params(dk, dv), "chunked_linear_attention_fwd",
-        initial_outputs)
+        initial_outputs, seg)
 
 
 def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
-                   params, name, initial_outputs):
+                   params, name, initial_outputs, seg=None):
     """One program per (batch, head, slice of block_dv value columns): q and k whole, v,
-    the state and the output sliced, the gates as `b_spec` says."""
+    the state and the output sliced, the gates as `b_spec` says, the segment indices of
+    the batch row."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
+    if seg is None:
+        seg = jnp.zeros((batch, padded), jnp.int32)
     whole = pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0))
     sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
     state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
+    seg_spec = pl.BlockSpec((None, padded), lambda i, j, n: (i, 0))
     out_specs = [sliced, state_spec]
     args, in_specs, aliases = alias_initial_outputs(
-        [qh, kh, vh, b, initial_state], [whole, whole, sliced, b_spec, state_spec],
+        [qh, kh, vh, b, seg, initial_state], [whole, whole, sliced, b_spec, seg_spec, state_spec],
         out_specs, initial_outputs)
     return pl.pallas_call(
         kernel,
@@ -301,16 +373,24 @@ def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, inter
     )(*args)
 
 
-def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret, on_keys=True):
+def _kernel_segments(seg, chunk):
+    """Segment indices (batch, length) int32 -> edge-padded to whole chunks."""
+    pad = -seg.shape[1] % chunk
+    return jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
+
+
+def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on_keys=True):
     """q, k (batch, length, heads, dk), v (..., dv), log_decay f32 (batch, length, heads)
     or, per dimension, (..., dk) gating state rows (`on_keys`) or (..., dv) gating its
-    columns; initial_state (batch, heads, dk, dv) f32 -> (out, final_state)."""
+    columns; initial_state (batch, heads, dk, dv) f32; seg (batch, length) int32 segment
+    indices -> (out, final_state)."""
     qh, kh, vh, b = _kernel_layout(q, k, v, log_decay, chunk)
+    seg = _kernel_segments(seg, chunk)
     if log_decay.ndim == 4:
         out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
-                                         on_keys)
+                                         on_keys, seg=seg)
     else:
-        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret)
+        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg)
     return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
 
 
@@ -320,14 +400,15 @@ def _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret, on_keys
 # Pallas kernel for per-dimension gates (GLA).
 
 
-def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int, sub: int,
-                          num_chunks: int, on_keys: bool):
+def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
+                          sub: int, num_chunks: int, on_keys: bool):
     """One (batch, head) with one gate per state row (`on_keys`: per key dimension, GLA's
     forward) or per state column (per value dimension: the backward's dq and dk passes).
 
     b holds the cumulative log gate inside each chunk. Scores against earlier
     sub-chunks are factorised around r, b just before the query sub-chunk, so every
-    exponent is <= 0; inside a sub-chunk one key at a time is taken directly.
+    exponent is <= 0; inside a sub-chunk one key at a time is taken directly. Scores
+    across segments (seg: segment indices) are masked and the state restarts.
     """
     out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     f32 = lambda a: a.astype(jnp.float32)
@@ -338,27 +419,36 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int,
         start = c * chunk
         span = pl.ds(pl.multiple_of(start, chunk), chunk)
         k, v, b = f32(k_ref[span, :]), f32(v_ref[span, :]), b_ref[span, :]
+        seg = seg_ref[span][:, None]  # (chunk, 1)
+        seg_last = seg_ref[pl.ds(start + chunk - 1, 1)][:, None]  # (1, 1)
+        before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
         for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
             rows = pl.ds(start + first, sub)
             q_i, b_i = f32(q_ref[rows, :]), b_ref[rows, :]
+            seg_i = seg_ref[rows][:, None]  # (sub, 1)
             if on_keys:
                 out = mm(q_i * jnp.exp(b_i), state)
             else:
                 out = jnp.exp(b_i) * mm(q_i, state)
+            out = jnp.where(seg_i == before, out, 0.0)
             if first:
                 r = b_ref[pl.ds(start + first - 1, 1), :]
                 decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
+                same = seg_i == seg.T  # (sub, chunk)
                 if on_keys:
                     scores = mm(q_i * jnp.exp(b_i - r), k * decay, trans_b=True)
-                    out = out + mm(scores, v)
+                    out = out + mm(jnp.where(same, scores, 0.0), v)
                 else:
-                    scores = jnp.where(positions.T < first, mm(q_i, k, trans_b=True), 0.0)
+                    scores = jnp.where((positions.T < first) & same,
+                                       mm(q_i, k, trans_b=True), 0.0)
                     out = out + jnp.exp(b_i - r) * mm(scores, v * decay)
 
-            def one_key(j, out, first=first, q_i=q_i, b_i=b_i):
+            def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
                 row = pl.ds(start + first + j, 1)
                 k_j, v_j, b_j = f32(k_ref[row, :]), f32(v_ref[row, :]), b_ref[row, :]
-                gate = jnp.exp(jnp.where(within >= j, b_i - b_j, -jnp.inf))
+                seg_j = seg_ref[row][:, None]  # (1, 1)
+                gate = jnp.exp(jnp.where((within >= j) & (seg_i == seg_j), b_i - b_j,
+                                         -jnp.inf))
                 if on_keys:
                     return out + jnp.sum(q_i * k_j * gate, axis=1, keepdims=True) * v_j
                 return out + jnp.sum(q_i * k_j, axis=1, keepdims=True) * v_j * gate
@@ -366,17 +456,18 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, *refs, chunk: int,
             out = jax.lax.fori_loop(0, sub, one_key, out)
             out_ref[rows, :] = out.astype(out_ref.dtype)
         b_last = b_ref[pl.ds(start + chunk - 1, 1), :]
+        tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)  # (chunk, G)
+        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)  # (1, G)
         if on_keys:
-            return (jnp.exp(b_last).T * state
-                    + mm(k * jnp.exp(b_last - b), v, trans_a=True))
-        return state * jnp.exp(b_last) + mm(k, v * jnp.exp(b_last - b), trans_a=True)
+            return kept.T * state + mm(k * tail, v, trans_a=True)
+        return state * kept + mm(k, v * tail, trans_a=True)
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
     state_ref[...] = state
 
 
 def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
-                        initial_outputs=None, block_dv=64):
+                        initial_outputs=None, block_dv=64, seg=None):
     """`_gated_forward_kernel` on `_kernel_layout`'s arrays (b: (batch, heads, padded, G)).
 
     The value dimension is split over programs, block_dv columns of the state each
@@ -391,29 +482,32 @@ def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
                           num_chunks=padded // chunk, on_keys=on_keys),
         qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
         "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
-        initial_outputs)
+        initial_outputs, seg)
 
 
 # ----------------------------------------------------------------------------
 # custom_vjp: the backward reuses the forward kernel.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret):
-    return _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret):
+    return _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)
 
 
-def _pallas_fwd(q, k, v, log_decay, initial_state, chunk, interpret):
-    out, state = _forward_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
-    return (out, state), (q, k, v, log_decay, initial_state, state)
+def _pallas_fwd(q, k, v, log_decay, initial_state, seg, chunk, interpret):
+    out, state = _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)
+    return (out, state), (q, k, v, log_decay, initial_state, seg, state)
 
 
 def _pallas_bwd(chunk, interpret, residuals, cotangents):
-    q, k, v, log_decay, initial_state, final_state = residuals
+    q, k, v, log_decay, initial_state, seg, final_state = residuals
     d_out, d_state = cotangents
     d_out = d_out.astype(jnp.float32)
     d_state = d_state.astype(jnp.float32)
-    run = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    # Segment masks are symmetric, so the reversed passes take the reversed indices.
+    forward = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    run = lambda *a, **kw: forward(*a, seg, **kw)  # noqa: E731
+    run_reversed = lambda *a, **kw: forward(*a, jnp.flip(seg, axis=1), **kw)  # noqa: E731
     f32 = lambda a: a.astype(jnp.float32)
 
     per_dim = log_decay.ndim == 4  # then the dq and dk passes gate their state's columns
@@ -429,9 +523,10 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     reverse = lambda a: jnp.flip(a, axis=1)
     shifted = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
     g_rev = reverse(shifted)
-    dk_rev, _ = run(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
-                    jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
-    dv_rev, d_initial = run(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev, d_state)
+    dk_rev, _ = run_reversed(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
+                             jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
+    dv_rev, d_initial = run_reversed(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev,
+                                     d_state)
     dk, dv = reverse(dk_rev), reverse(dv_rev)
     # The reversed pass decays the start state by everything but g_0.
     first_decay = jnp.exp(log_decay[:, 0])
@@ -451,7 +546,7 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     d_cumulative = d_cumulative.at[:, -1].add(last)
     d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(d_cumulative, 1), axis=1), 1)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype))
+            d_log_decay.astype(log_decay.dtype), d_initial.astype(initial_state.dtype), None)
 
 
 _linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)
@@ -462,14 +557,17 @@ _linear_attention_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chunk: int = 64,
-                             impl: str = "auto", interpret: bool | None = None):
+                             impl: str = "auto", interpret: bool | None = None,
+                             segment_ids=None):
     """Causal (optionally decayed) linear attention. Returns (out, final_state).
 
     q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
     log_decay: per-step log decay g_t <= 0, (batch, length, heads) for one gate per
     head or (batch, length, heads, dk) for one per key dimension (GLA; with Pallas
     on a GPU the chunk must be a multiple of 16), None for no decay;
-    initial_state: (batch, heads, dk, dv) (None: zeros). The state is float32; out
+    initial_state: (batch, heads, dk, dv) (None: zeros); segment_ids: (batch, length)
+    ints, the state restarting where they change (None: one segment; `xla` only, so
+    under `auto` on a GPU they select `xla`). The state is float32; out
     has q's dtype. Any length works (padded to whole chunks).
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
     `pallas` (interpreted unless on GPU, or as `interpret` says).
@@ -484,11 +582,16 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
         impl = "pallas" if on_gpu else "xla"
     if impl == "xla":
         return linear_attention_chunked_xla(q, k, v, log_decay=log_decay,
-                                            initial_state=initial_state, chunk=chunk)
+                                            initial_state=initial_state, chunk=chunk,
+                                            segment_ids=segment_ids)
     if interpret is None:
         interpret = not on_gpu
     if log_decay is not None and log_decay.ndim == 4 and chunk % 16 and not interpret:
         raise ValueError(f"per-key-dimension gates under impl='pallas' need a chunk that is "
                          f"a multiple of 16 (Triton's smallest matmul); got {chunk}")
     log_decay, initial_state = _defaults(q, v, log_decay, initial_state)
-    return _linear_attention_pallas(q, k, v, log_decay, initial_state, chunk, interpret)
+    if segment_ids is None:
+        seg = jnp.zeros(q.shape[:2], jnp.int32)
+    else:
+        seg = segment_index(segment_ids)
+    return _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)

@@ -2,6 +2,10 @@
 class. Each kind's file holds the module, its reference, its FLOPs per token and, where
 it can decode, its cache."""
 
+from efflm.layers.attention.based import BasedAttention
+from efflm.layers.attention.gla import GatedLinearAttention
+from efflm.layers.attention.linear import LinearAttention
 from efflm.layers.attention.softmax import SoftmaxAttention
 
-ATTENTION = {"softmax": SoftmaxAttention}
+ATTENTION = {"softmax": SoftmaxAttention, "linear": LinearAttention,
+             "gla": GatedLinearAttention, "based": BasedAttention}
