@@ -33,7 +33,7 @@ def test_overrides_are_typed():
     ("train.stepz=3", ["unknown config key", "did you mean 'steps'"]),
     ("train.steps=abc", ["train.steps", "abc"]),
     ("model.attention.kind=softmaxx", ["softmaxx", "choose one of", "softmax"]),
-    ("model.mlp.kind=moe", ["model.mlp.kind", "swiglu"]),
+    ("model.mlp.kind=mo", ["model.mlp.kind", "did you mean 'moe'", "swiglu"]),
     ("data.seq_len=4096", ["larger than the model supports", "max_seq_len"]),
     ("train.batch_size=0", ["train.batch_size", "> 0"]),
     ("mesh.data=-1", []),
