@@ -35,8 +35,8 @@ def _batch(cfg) -> dict:
             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-def measure(cfg, steps: int, warmup: int) -> dict:
-    program = build_program(cfg)
+def measure(cfg, steps: int, warmup: int, program=None) -> dict:
+    program = program or build_program(cfg)
     with program.context():
         state = program.init(jax.random.key(0))
         batch = mesh_lib.global_batch(_batch(cfg), program.mesh)

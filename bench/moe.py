@@ -1,17 +1,25 @@
 """Train-step time and memory of Mixture-of-Experts against the dense model.
 
     efflm bench moe [--steps 10] [--warmup 2] [--out FILE] [key=value ...]
+    efflm bench moe --ep [--steps 10] [--out FILE]      (needs 8 devices)
 
 Side by side in one run: `tiny` (dense) and `tiny_moe` (8 experts, top-2, equal
 active parameters) with each dropless backend and with capacity dispatch at factors
 1.0 and 1.25. Each step is compiled once, run `--warmup` times, then timed over
 `--steps` runs (median); temp memory is the compiled step's `memory_analysis()`.
 The ratio is step time over the dense model's.
+
+`--ep`: `tiny_moe` on 8 devices (`mesh.expert=4 mesh.data=2`; on a CPU run with
+XLA_FLAGS=--xla_force_host_platform_device_count=8) with each expert-parallel
+exchange, against data parallelism alone (`mesh.data=8`): step time and the bytes each
+kind of collective moves per step, read from the compiled step's HLO (the result
+shapes of its all-to-all, all-gather, reduce-scatter and all-reduce ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from efflm.bench.mfu import measure
@@ -29,6 +37,61 @@ VARIANTS = [
 ]
 
 
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")
+_SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes in the results of each kind of collective op of an HLO module."""
+    out = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo.splitlines():
+        if "=" not in line:
+            continue
+        lhs, rhs = line.split("=", 1)
+        for op in COLLECTIVES:
+            if re.search(rf"\s{op}(-start)?\(", rhs):
+                shapes = rhs.split(f" {op}")[0]
+                for dtype, dims in _SHAPE.findall(shapes):
+                    size = _BYTES.get(dtype) or int(dtype[1:]) // 8
+                    for d in filter(None, dims.split(",")):
+                        size *= int(d)
+                    out[op] += size
+    return out
+
+
+def _ep_table(args, argv) -> list[str]:
+    import jax
+
+    from efflm import mesh as mesh_lib
+    from efflm.bench.mfu import _batch
+    from efflm.train.step import build_program
+
+    if jax.device_count() < 8:
+        raise SystemExit("efflm bench moe --ep needs 8 devices; on a CPU set "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    variants = [("data parallel (mesh.data=8)", ["mesh.data=8"]),
+                ("ep gather_scatter", ["mesh.expert=4", "mesh.data=2",
+                                       "model.moe.ep_exchange=gather_scatter"]),
+                ("ep all_to_all", ["mesh.expert=4", "mesh.data=2",
+                                   "model.moe.ep_exchange=all_to_all"])]
+    lines = [*header("moe", argv), "tiny_moe on 8 devices; MiB per step moved by each "
+             "collective (result sizes summed over the ops in the compiled step)", "",
+             "| variant | step s | " + " | ".join(COLLECTIVES) + " |",
+             "|---|---|" + "---|" * len(COLLECTIVES)]
+    for label, extra in variants:
+        cfg = load_config("tiny_moe", ["logging.progress=false", *args.overrides, *extra])
+        program = build_program(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8]))
+        with program.context():
+            state = program.init(jax.random.key(0))
+            batch = mesh_lib.global_batch(_batch(cfg), program.mesh)
+            moved = collective_bytes(program.train_step.lower(state, batch).compile().as_text())
+        r = measure(cfg, args.steps, args.warmup, program)
+        lines.append(f"| {label} | {r['step_time']:.3f} | "
+                     + " | ".join(f"{moved[op] / 2**20:.1f}" for op in COLLECTIVES) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("--ep", action="store_true", help="expert parallelism on 8 devices")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = p.parse_intermixed_args(argv)
+    if args.ep:
+        emit(_ep_table(args, argv if argv is not None else sys.argv[1:]), args.out)
+        return 0
     rows = []
     for label, preset, extra in VARIANTS:
         cfg = load_config(preset, ["logging.progress=false", *args.overrides, *extra])

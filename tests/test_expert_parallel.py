@@ -50,16 +50,19 @@ def one_device():
     return _run([], 1)
 
 
-@pytest.mark.parametrize("exchange, collective", [("gather_scatter", "reduce-scatter"),
-                                                  ("all_to_all", "all-to-all")])
-@pytest.mark.parametrize("mesh", [["mesh.expert=4", "mesh.data=2"],
-                                  ["mesh.expert=2", "mesh.fsdp=2", "mesh.data=2"]])
+@pytest.mark.parametrize("mesh, exchange, collective", [
+    (["mesh.expert=4", "mesh.data=2"], "gather_scatter", "reduce-scatter"),
+    (["mesh.expert=4", "mesh.data=2"], "all_to_all", "all-to-all"),
+    (["mesh.expert=2", "mesh.fsdp=2", "mesh.data=2"], "gather_scatter", "reduce-scatter"),
+    (["mesh.expert=2", "mesh.fsdp=2", "mesh.data=2"], "all_to_all", "all-to-all"),
+    (["mesh.data=4", "mesh.fsdp=2"], "gather_scatter", "all-gather"),  # per-shard dispatch
+])
 def test_expert_parallel_equals_one_device(one_device, mesh, exchange, collective):
     (ref_grads, ref_metrics), _, _ = one_device
     (grads, metrics), hlo, program = _run([*mesh, f"model.moe.ep_exchange={exchange}"], 8)
     assert collective in hlo
     gate = program.state_shardings.params["blocks"]["layer_0"]["mlp"]["gate"]
-    assert gate.spec[0] == "expert"
+    assert gate.spec[0] == "expert"  # split over the axis where it is > 1
     assert metrics["stats"]["moe_dropped_fraction"] == 0
     assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):

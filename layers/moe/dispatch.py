@@ -195,17 +195,30 @@ def _all_to_all(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, ep, al
     return out, jax.lax.pmean(1.0 - jnp.mean(keep.astype(jnp.float32)), all_axes)
 
 
-def expert_parallel_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
-    """The dispatch with the experts split over the `expert` mesh axis, in shard_map:
-    tokens split as the batch is, expert weights as their logical axes say (their
-    `embed` dimension gathered inside for FSDP, their gradients reduce-scattered by the
-    transpose)."""
+def _per_shard(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, all_axes):
+    from efflm.layers.moe import DISPATCH
+
+    y, dropped = DISPATCH[cfg.moe.dispatch](x, experts, gates,
+                                            _gather_weights(weights, embed_axes), cfg)
+    if mlp_axes:
+        y = jax.lax.psum(y, mlp_axes)
+    return y, jax.lax.pmean(dropped, all_axes)
+
+
+def sharded_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
+    """The dispatch under a mesh, in shard_map: tokens split as the batch is (XLA would
+    otherwise partition the sort and scatter of a global dispatch poorly), expert weights
+    as their logical axes say (their `embed` dimension gathered inside for FSDP, their
+    gradients reduce-scattered by the transpose). With `mesh.expert` > 1 the experts are
+    split over that axis and tokens exchanged (`model.moe.ep_exchange`); otherwise each
+    shard runs `model.moe.dispatch` on its own tokens (a capacity then applies per
+    shard)."""
     from jax.sharding import PartitionSpec as P
 
     from efflm.mesh import mesh_axes_of
 
     exchange = cfg.moe.ep_exchange
-    if exchange == "ragged":
+    if exchange == "ragged" and mesh.shape["expert"] > 1:
         raise ConfigError("model.moe.ep_exchange=ragged (jax.lax.ragged_all_to_all) is not "
                           "implemented: XLA:CPU lacks the collective and it has not run on "
                           "GPUs; use gather_scatter or all_to_all")
@@ -217,8 +230,11 @@ def expert_parallel_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh)
     w_in = P("expert", embed_axes or None, mlp_axes or None)
     w_out = P("expert", mlp_axes or None, embed_axes or None)
     kw = dict(cfg=cfg, embed_axes=embed_axes, mlp_axes=mlp_axes)
-    if exchange == "all_to_all":
-        body = functools.partial(_all_to_all, ep=ep, all_axes=tuple(mesh.axis_names), **kw)
+    all_axes = tuple(mesh.axis_names)
+    if ep == 1:
+        body = functools.partial(_per_shard, all_axes=all_axes, **kw)
+    elif exchange == "all_to_all":
+        body = functools.partial(_all_to_all, ep=ep, all_axes=all_axes, **kw)
     else:
         body = functools.partial(_gather_scatter, **kw)
     return jax.shard_map(lambda x, e, g, *w: body(x, e, g, w), mesh=mesh,

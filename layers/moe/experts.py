@@ -18,7 +18,7 @@ from efflm.config import ModelConfig, check_choice, check_positive
 from efflm.errors import ConfigError
 from efflm.layers.common import param_dtype, sow_stat
 from efflm.layers.mlp.swiglu import SwiGLU
-from efflm.layers.moe.dispatch import expert_parallel_dispatch
+from efflm.layers.moe.dispatch import sharded_dispatch
 
 IMPLS = ("auto", "xla", "ragged", "pallas")
 
@@ -27,19 +27,21 @@ def _expert_init(std: float, axes):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-def _expert_parallel(mesh, tokens: int) -> bool:
-    """Whether the experts are split over a mesh `expert` axis that also splits these
-    tokens (a batch the axis does not divide, as at init, runs without it)."""
+def _sharded(mesh, tokens: int) -> bool:
+    """Whether the dispatch runs per shard: under a mesh of several devices whose batch
+    axes split these tokens, the `expert` axis among them when it is > 1 (a batch they
+    do not divide, as at init, runs as one global dispatch)."""
     from efflm.mesh import mesh_axes_of
 
-    if mesh.empty or mesh.shape.get("expert", 1) == 1:
+    if mesh.empty or mesh.size == 1:
         return False
-    return "expert" in mesh_axes_of(mesh, "batch", tokens)
+    axes = mesh_axes_of(mesh, "batch", tokens)
+    return bool(axes) and (mesh.shape.get("expert", 1) == 1 or "expert" in axes)
 
 
 class MoE(nn.Module):
-    """Mixture-of-Experts MLP; with `mesh.expert` > 1 its experts are split over devices
-    (`expert_parallel_dispatch`)."""
+    """Mixture-of-Experts MLP; under a mesh the dispatch runs per shard, its experts
+    split over devices with `mesh.expert` > 1 (`sharded_dispatch`)."""
 
     cfg: ModelConfig
 
@@ -64,8 +66,8 @@ class MoE(nn.Module):
         weights = tuple(w.astype(cfg.dtype) for w in weights)
         args = (tokens.astype(cfg.dtype), routing.experts, routing.gates, weights, cfg)
         mesh = jax.sharding.get_abstract_mesh()
-        if _expert_parallel(mesh, tokens.shape[0]):
-            out, dropped = expert_parallel_dispatch(*args, mesh)
+        if _sharded(mesh, tokens.shape[0]):
+            out, dropped = sharded_dispatch(*args, mesh)
         else:
             out, dropped = DISPATCH[moe.dispatch](*args)
         if moe.num_shared_experts:
