@@ -43,3 +43,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
+    """Logits of random tokens through the decoding cache (a prefill, then one token at a
+    time) and from one forward pass over the whole sequence."""
+    import jax.numpy as jnp
+
+    from efflm.train.generate import init_cache
+
+    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 256)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    full = jax.jit(model.apply)(variables, tokens)
+    cache = init_cache(model, variables, b, model.cfg.max_seq_len)
+    assert not any(x.any() for x in jax.tree.leaves(cache))
+    run = jax.jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
+                                                    mutable=["cache"]))
+    logits, mutated = run(cache, tokens[:, :prefill], positions[:, :prefill])
+    got = [logits]
+    for i in range(prefill, t):
+        logits, mutated = run(mutated["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
+        got.append(logits)
+    return jnp.concatenate(got, axis=1), full

@@ -3,11 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cached_and_full_logits
 
 from efflm import layers
 from efflm.errors import ConfigError
 from efflm.models import LM
-from efflm.train.generate import Decoder, greedy_reference, init_cache, sample
+from efflm.train.generate import Decoder, greedy_reference, sample
 
 # Larger weights than training's init, so greedy choices are clear-cut.
 DECODE = ("model.init_std=0.1", "model.attention.num_kv_heads=2")
@@ -28,20 +29,8 @@ def test_prefill_and_steps_give_the_full_forward_logits(small_config, overrides)
     """Logits through the cache (a prefill of 11 tokens, then one token at a time, rows
     at different positions) equal one forward pass over the whole sequence."""
     model, variables = _model(small_config, *overrides)
-    b, t, p = 2, 24, 11
-    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 256)
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    full = jax.jit(model.apply)(variables, tokens)
-    cache = init_cache(model, variables, b, model.cfg.max_seq_len)
-    assert not any(x.any() for x in jax.tree.leaves(cache))
-    run = jax.jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
-                                                    mutable=["cache"]))
-    logits, mutated = run(cache, tokens[:, :p], positions[:, :p])
-    got = [logits]
-    for i in range(p, t):
-        logits, mutated = run(mutated["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
-        got.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, rtol=1e-5, atol=1e-5)
+    cached, full = cached_and_full_logits(model, variables)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
 
 
 def test_cached_greedy_generation_equals_uncached(small_config):

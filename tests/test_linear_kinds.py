@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cached_and_full_logits
 
 from efflm.cli import main
 from efflm.errors import ConfigError
@@ -15,7 +16,7 @@ from efflm.layers import ATTENTION
 from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.models import LM
 from efflm.models.plan import layer_plan
-from efflm.train.generate import greedy_reference, init_cache, sample
+from efflm.train.generate import greedy_reference, sample
 
 KINDS = {
     "linear": ["model.attention.kind=linear"],
@@ -115,19 +116,8 @@ def test_prefill_and_steps_give_the_full_forward_logits(small_config, overrides)
     """Logits through the recurrent state (and based's ring buffer of 4, which wraps)
     from a prefill of 11 tokens, then one token at a time, equal one forward pass."""
     model, variables = _model(small_config, *overrides)
-    b, t, p = 2, 24, 11
-    tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 256)
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    full = jax.jit(model.apply)(variables, tokens)
-    cache = init_cache(model, variables, b, model.cfg.max_seq_len)
-    run = jax.jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
-                                                    mutable=["cache"]))
-    logits, mutated = run(cache, tokens[:, :p], positions[:, :p])
-    got = [logits]
-    for i in range(p, t):
-        logits, mutated = run(mutated["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
-        got.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, rtol=1e-4, atol=1e-4)
+    cached, full = cached_and_full_logits(model, variables)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
 def test_hybrid_generation_equals_uncached(small_config):
