@@ -1,10 +1,15 @@
 """Low-precision layers: int8 and ternary formats, N:M sparsity with SR-STE, the hook
 that routes every targeted matmul through them, export, and their config errors."""
 
+import json
+import os
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -13,6 +18,7 @@ from efflm.layers.quant import int8 as int8_lib
 from efflm.layers.quant import ternary as ternary_lib
 from efflm.layers.quant.matmul import quantized_matmul, reference_matmul
 from efflm.layers.quant.nm import nm_mask, sr_ste, sr_ste_reference
+from efflm.models import LM
 from efflm.train.step import build_program
 
 FORMATS = ["int8", "ternary"]
@@ -238,3 +244,72 @@ def test_nm_override_is_read_as_text(small_config):
     cfg = small_config("model.quant.kind=ternary", "model.sparsity.nm=2:4")
     assert cfg.model.sparsity.nm == "2:4"
     assert cfg.model.quant.targets == ["attention", "mlp"]
+
+
+# -- export -------------------------------------------------------------------------
+
+
+def _snapshot(workdir):
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, workdir)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_workdirs(tmp_path_factory):
+    dirs = {}
+    for kind in ("int8", "ternary", "none"):
+        workdir = str(tmp_path_factory.mktemp(f"export_{kind}"))
+        assert main(["train", "--config", "tiny", *SMALL, "train.steps=2",
+                     f"train.workdir={workdir}", f"model.quant.kind={kind}",
+                     "model.quant.targets=[attention,mlp,head]", "model.sparsity.nm=2:4",
+                     "train.eval_every=0"]) == 0
+        dirs[kind] = workdir
+    return dirs
+
+
+@pytest.mark.parametrize("kind", ["int8", "ternary"])
+def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, capsys,
+                                                        tmp_path):
+    from efflm.cli import _restore_state
+    from efflm.train.export import load_export
+
+    workdir = trained_workdirs[kind]
+    before = _snapshot(workdir)
+    out = str(tmp_path / "q.npz")
+    assert main(["export", "--workdir", workdir, "--out", out]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert _snapshot(workdir) == before  # the workdir is untouched
+    # int8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
+    ratio = report["quantized_bytes"] / report["quantized_as_bf16_bytes"]
+    assert (0.5 < ratio < 0.55) if kind == "int8" else (0.125 <= ratio < 0.13), ratio
+
+    with np.load(out) as data:
+        weights = [k for k in data.files if k.endswith("/weight")]
+        assert weights and all(data[k].dtype == np.uint8 if kind == "ternary"
+                               else data[k].dtype == np.int8 for k in weights)
+    cfg, variables = load_export(out)
+    args = types.SimpleNamespace(workdir=workdir, overrides=[])
+    _, program, state, _, _ = _restore_state(args)
+    tokens = jnp.asarray(_batch(cfg)["inputs"])
+    with program.context():
+        expected = program.model.apply(state.variables(), tokens)
+        got = LM(cfg.model).apply(variables, tokens)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The latent kernels the export replaced really are not read.
+    assert all(float(jnp.max(jnp.abs(k))) == 0.0 for k in jax.tree.leaves(
+        variables["params"]["blocks"]) if k.ndim >= 2)
+
+
+def test_export_errors_are_one_line_exit_2(trained_workdirs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for workdir, words in ((str(tmp_path / "missing"), ""), (str(empty), ""),
+                           (trained_workdirs["none"], "model.quant.kind=none")):
+        assert main(["export", "--workdir", workdir]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("efflm: error:") and words in err
+    assert not os.path.exists(os.path.join(trained_workdirs["none"], "export"))

@@ -2,6 +2,7 @@
 attention and MLP Dense layers, the output head) computes `x @ w` here, through the
 N:M mask (`nm.py`) and the number format of `model.quant.kind`."""
 
+import math
 from functools import partial
 from typing import Any
 
@@ -105,10 +106,7 @@ class QuantMatmul(nn.Module):
 
     def _operands(self, x, w, in_dims):
         """(x as (tokens, in), w as (in, out) after the N:M mask) and the output shape."""
-        lead, inner = x.shape[:-in_dims], x.shape[-in_dims:]
-        width = 1
-        for d in inner:
-            width *= d
+        lead, width = x.shape[:-in_dims], math.prod(x.shape[-in_dims:])
         w2d = w.reshape(width, -1)
         if self.sparsity.nm:
             w2d = self._sparsify(w2d, w.shape)
@@ -122,14 +120,17 @@ class QuantMatmul(nn.Module):
             return self._fake_operands(x, w)
         if not self.active():
             return flat_matmul(x.astype(self.dtype), w.astype(self.dtype), in_dims)
-        x2d, w2d, out_shape = self._operands(x, w, in_dims)
         fmt = QUANT[self.quant.kind]
+        if fmt is not None and self.has_variable(QUANTIZED, "weight"):  # a reloaded export
+            x2d = x.reshape(-1, math.prod(x.shape[-in_dims:]))
+            wq = self.get_variable(QUANTIZED, "weight")
+            xq, sx = fmt.quantize_activation(x2d)
+            y = _int_matmul(xq, sx, wq.reshape(x2d.shape[1], -1),
+                            self.get_variable(QUANTIZED, "scale"))
+            return y.astype(self.dtype).reshape(*x.shape[:-in_dims], *wq.shape[in_dims:])
+        x2d, w2d, out_shape = self._operands(x, w, in_dims)
         if fmt is None:
             y = x2d.astype(self.dtype) @ w2d.astype(self.dtype)
-        elif self.has_variable(QUANTIZED, "weight"):  # a reloaded export
-            xq, sx = fmt.quantize_activation(x2d)
-            wq = self.get_variable(QUANTIZED, "weight")
-            y = _int_matmul(xq, sx, wq.reshape(w2d.shape), self.get_variable(QUANTIZED, "scale"))
         else:
             if self.is_mutable_collection(QUANTIZED):
                 wq, sw = fmt.quantize_weight(w2d)
