@@ -88,12 +88,12 @@ def _config_show(args) -> int:
 
 def _bench(args) -> int:
     from efflm.bench import compile as compile_bench
-    from efflm.bench import generate, kernels, mfu, moe
+    from efflm.bench import generate, kernels, mfu, moe, quant
 
     which = args.rest[0] if args.rest else "mfu"
     benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
                "linear": kernels.main, "compile": compile_bench.main,
-               "generate": generate.main, "moe": moe.main}
+               "generate": generate.main, "moe": moe.main, "quant": quant.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

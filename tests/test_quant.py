@@ -13,6 +13,7 @@ from conftest import SMALL
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
+from efflm.config import load_config
 from efflm.layers.quant import QUANT
 from efflm.layers.quant import int8 as int8_lib
 from efflm.layers.quant import ternary as ternary_lib
@@ -313,3 +314,29 @@ def test_export_errors_are_one_line_exit_2(trained_workdirs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("efflm: error:") and words in err
     assert not os.path.exists(os.path.join(trained_workdirs["none"], "export"))
+
+
+@pytest.mark.parametrize("kind", [["model.quant.kind=int8"], ["model.quant.kind=ternary"],
+                                  ["model.sparsity.nm=2:4"]], ids=["int8", "ternary", "2:4"])
+def test_flops_are_the_same_matmul_counts(small_config, kind):
+    """A quantised or sparse matmul counts as the float one, in the accounting (MFU)
+    and in the traced forward pass."""
+    from efflm.flops import forward_flops_per_token, traced_matmul_flops
+
+    def forward_flops(cfg):
+        model = LM(cfg.model)
+        tokens = jnp.asarray(_batch(cfg)["inputs"][:2])
+        variables = model.init(jax.random.key(0), tokens)
+        return traced_matmul_flops(lambda v, x: model.apply(v, x), variables, tokens)
+
+    plain = small_config()
+    cfg = small_config("model.quant.targets=[attention,mlp,head]", *kind)
+    assert forward_flops(cfg) == forward_flops(plain) > 0
+    t = cfg.data.seq_len
+    assert forward_flops_per_token(cfg.model, t) == forward_flops_per_token(plain.model, t)
+
+
+def test_a_yaml_preset_reads_a_quoted_nm(tmp_path):
+    path = tmp_path / "sparse.yaml"
+    path.write_text('extends: tiny\nmodel:\n  sparsity:\n    nm: "2:4"\n')
+    assert load_config(str(path)).model.sparsity.nm == "2:4"
