@@ -95,7 +95,8 @@ class SparsityConfig:
     """N:M weight sparsity with SR-STE (`layers/quant/nm.py`) on model.quant.targets."""
 
     nm: str = ""  # e.g. "2:4": keep the 2 largest of every 4 along the input; empty: dense
-    decay: float = 2e-4  # SR-STE lambda: adds decay * (pruned weight) to its gradient
+    # SR-STE lambda: adds decay * (pruned weight) to its gradient, once per microbatch.
+    decay: float = 2e-4
 
 
 @dataclass
