@@ -280,10 +280,17 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
 
     workdir = trained_workdirs[kind]
     before = _snapshot(workdir)
-    out = str(tmp_path / "q.npz")
-    assert main(["export", "--workdir", workdir, "--out", out]) == 0
+    if kind == "int8":  # the default place, beside the run's files
+        out = os.path.join(workdir, "export", "quantized.npz")
+        assert main(["export", "--workdir", workdir]) == 0
+    else:
+        out = str(tmp_path / "q.npz")
+        assert main(["export", "--workdir", workdir, "--out", out]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert _snapshot(workdir) == before  # the workdir is untouched
+    assert report["path"] == out and os.path.isfile(out)
+    after = _snapshot(workdir)
+    after.pop(os.path.join("export", "quantized.npz"), None)
+    assert after == before  # checkpoints, metrics and config untouched
     # int8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
     ratio = report["quantized_bytes"] / report["quantized_as_bf16_bytes"]
     assert (0.5 < ratio < 0.55) if kind == "int8" else (0.125 <= ratio < 0.13), ratio
