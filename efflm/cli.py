@@ -1,4 +1,4 @@
-"""The `efflm` command line: train, eval, generate, config show, bench."""
+"""The `efflm` command line: train, eval, generate, export, config show, bench."""
 
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from efflm.train.export import export_quantized
+
+    cfg, program, state, _, step = _restore_state(args)
+    out = args.out or os.path.join(args.workdir, "export", "quantized.npz")
+    print(json.dumps({"step": step, **export_quantized(program, state, out)}))
+    return 0
+
+
 def _config_show(args) -> int:
     from efflm.config import load_config, to_yaml
 
@@ -78,14 +87,14 @@ def _config_show(args) -> int:
 
 
 def _bench(args) -> int:
-    from efflm.bench import attention, depth, generate, kernels, mfu, moe
+    from efflm.bench import attention, depth, generate, kernels, mfu, moe, quant
     from efflm.bench import compile as compile_bench
 
     which = args.rest[0] if args.rest else "mfu"
     benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
                "linear": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
-               "attention": attention.main}
+               "attention": attention.main, "quant": quant.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)
@@ -117,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--temperature", type=float, default=0.8)
             e.add_argument("--top-k", type=int, default=40)
             e.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser("export", help="write the quantised weights of the latest checkpoint")
+    x.add_argument("--workdir", required=True, help="train.workdir of a run")
+    x.add_argument("--out", default="", help=".npz path (default: WORKDIR/export/quantized.npz)")
+    x.add_argument("overrides", nargs="*", help="key=value overrides")
+    x.set_defaults(func=_export)
 
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="action", required=True)

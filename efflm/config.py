@@ -117,6 +117,24 @@ class DepthConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Number format of the matmuls (`layers/quant/`); parameters stay float32."""
+
+    kind: str = "none"  # none | int8 | ternary
+    # Which matmuls the format (and model.sparsity.nm) applies to: attention, mlp, head.
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+
+
+@dataclass
+class SparsityConfig:
+    """N:M weight sparsity with SR-STE (`layers/quant/nm.py`) on model.quant.targets."""
+
+    nm: str = ""  # e.g. "2:4": keep the 2 largest of every 4 along the input; empty: dense
+    # SR-STE lambda: adds decay * (pruned weight) to its gradient, once per microbatch.
+    decay: float = 2e-4
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 256
     num_layers: int = 4
@@ -134,6 +152,8 @@ class ModelConfig:
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 @dataclass
@@ -315,6 +335,10 @@ def _parse_override(item: str, schema: DictConfig) -> DictConfig:
         target = OmegaConf.select(schema, key, throw_on_missing=False)
     except OmegaConfBaseException:
         target = None
+    if isinstance(target, str) and not isinstance(OmegaConf.select(parsed, key), str):
+        # A string field keeps the text as typed (YAML would read 2:4 as the integer 124).
+        parsed = OmegaConf.from_dotlist([])
+        OmegaConf.update(parsed, key, value, force_add=True)
     if isinstance(target, ListConfig):
         v = OmegaConf.select(parsed, key)
         if not isinstance(v, ListConfig):
@@ -489,6 +513,53 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.source=files needs data.paths, e.g. "
                           "data.paths=[corpus/a.txt,corpus/b.jsonl]")
+    _validate_quant(m, kinds)
+
+
+QUANT_TARGETS = ("attention", "mlp", "head")
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+    """`"N:M"` -> (N, M); raises ConfigError unless 0 < N < M."""
+    parts = nm.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"model.sparsity.nm={nm!r} must look like N:M, e.g. 2:4")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ConfigError(f"model.sparsity.nm={nm!r}: need 0 < N < M (keep N of every M)")
+    return n, m
+
+
+def _validate_quant(m: ModelConfig, kinds) -> None:
+    from efflm.layers.quant import QUANT
+
+    q, sp = m.quant, m.sparsity
+    check_choice("model.quant.kind", q.kind, QUANT)
+    for t in q.targets:
+        check_choice("model.quant.targets entry", t, QUANT_TARGETS)
+    check_positive("model.sparsity.decay", sp.decay, allow_zero=True)
+    if q.kind == "none" and not sp.nm:
+        return
+    if not q.targets:
+        raise ConfigError("model.quant.targets is empty; name at least one of "
+                          f"{', '.join(QUANT_TARGETS)}")
+    # A kind routes its matmuls through the hook when its class names its target.
+    present = {"head"} | {getattr(c, "quant_target", None) for c in kinds}
+    for t in q.targets:
+        if t not in present:
+            raise ConfigError(f"model.quant.targets entry {t!r} matches no layer of this "
+                              "model (its layers of that role do not use the quantised "
+                              "matmul); drop it")
+    if sp.nm:
+        _, group = parse_nm(sp.nm)
+        widths = {"attention": (m.d_model, m.attention.num_heads * head_dim(m)),
+                  "mlp": (m.d_model, m.mlp.d_ff), "head": (m.d_model,)}
+        for t in q.targets:
+            for width in widths[t]:
+                if width % group:
+                    raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={group} does not "
+                                      f"divide the input width {width} of the {t} "
+                                      "matmuls; choose M dividing it")
 
 
 def head_dim(cfg: ModelConfig) -> int:

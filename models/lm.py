@@ -6,8 +6,9 @@ import jax.numpy as jnp
 from efflm.config import ModelConfig
 from efflm.layers import ATTENTION, DEPTH, MLP
 from efflm.layers.attention.softmax import attention_mask
-from efflm.layers.common import flat_matmul, param_dtype
+from efflm.layers.common import param_dtype
 from efflm.layers.norms import RMSNorm
+from efflm.layers.quant.matmul import QuantMatmul
 from efflm.models.plan import LayerSpec, layer_plan
 
 
@@ -64,6 +65,9 @@ class LM(nn.Module):
         self.blocks = DEPTH[cfg.depth.kind](cfg, Block, layer_plan(cfg), name="blocks")
         self.final_norm = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype)
+        # The head's matmul, through the quantised-matmul hook (no parameters of its own).
+        self.head_matmul = QuantMatmul(cfg.quant, cfg.sparsity, "head", ("embed", "vocab"),
+                                       cfg.dtype)
 
     def hidden(self, inputs, positions=None, segment_ids=None):
         """Final normalised hidden states (batch, length, d_model)."""
@@ -83,8 +87,13 @@ class LM(nn.Module):
         w = self.embedding.T if cfg.tie_embeddings else self.head
         return w.astype(cfg.dtype)
 
+    def head_operands(self, h):
+        """(h, head weight) for the fused cross-entropy, masked and fake-quantised when
+        the head is one of model.quant.targets."""
+        return self.head_matmul(h, self.head_weight(), operands=True)
+
     def logits(self, h):
-        out = flat_matmul(h, self.head_weight())
+        out = self.head_matmul(h, self.head_weight())
         return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
     def __call__(self, inputs, positions=None, segment_ids=None):

@@ -109,7 +109,7 @@ class Program:
         else:
             (h, w), sown = self.model.apply(
                 variables, *args, rngs=rngs, mutable=mutable,
-                method=lambda lm, *a: (lm.hidden(*a), lm.head_weight()))
+                method=lambda lm, *a: lm.head_operands(lm.hidden(*a)))
             loss_sum, z_sum, count = linear_cross_entropy_terms(
                 h, w, batch["targets"], mask, self.cfg.train.z_loss, impl)
         stats = sown_lib.reduce_stats(sown.get(STATS, {}), self.period)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from efflm.config import ModelConfig, head_dim, num_kv_heads
 from efflm.errors import ConfigError
-from efflm.layers.common import Dense, resolve_impl, warn_once
+from efflm.layers.common import Dense, quant_kw, resolve_impl, warn_once
 from efflm.layers.rotary import apply_rotary
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -140,6 +140,7 @@ class SoftmaxAttention(nn.Module):
 
     cfg: ModelConfig
     decodes = True
+    quant_target = "attention"  # its projections go through the quantised-matmul hook
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -150,7 +151,8 @@ class SoftmaxAttention(nn.Module):
         cfg = self.cfg
         heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
         impl = _softmax_impl(cfg.attention.impl, dim, cfg.dtype)
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
+                  **quant_kw(cfg, "attention"))
         q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
         k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
         v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
@@ -173,4 +175,4 @@ class SoftmaxAttention(nn.Module):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
-                     name="out")(out)
+                     name="out", **quant_kw(cfg, "attention"))(out)

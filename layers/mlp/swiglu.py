@@ -4,11 +4,13 @@ import flax.linen as nn
 import jax
 
 from efflm.config import ModelConfig
-from efflm.layers.common import Dense
+from efflm.layers.common import Dense, quant_kw
 
 
 class SwiGLU(nn.Module):
     """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
+
+    quant_target = "mlp"  # its projections go through the quantised-matmul hook
 
     cfg: ModelConfig
     d_ff: int = 0  # hidden width; 0: model.mlp.d_ff
@@ -20,7 +22,7 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, **quant_kw(cfg, "mlp"))
         d_ff = self.d_ff or cfg.mlp.d_ff
         gate = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="gate", **kw)(x)
         up = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="up", **kw)(x)

@@ -1,0 +1,91 @@
+"""Validation bits per byte, step time and exported size of each number format.
+
+    efflm bench quant [--steps 300] [--out FILE] [key=value ...]
+
+Side by side in one run: `tiny` on `pycode` trained for `--steps` steps in float32,
+int8, ternary and with 2:4 sparsity (model.quant.targets at its default, attention and
+MLP; the head stays float32), each from the same seed and data order. Then its
+validation bits per byte over `train.eval_batches` batches, its median step time (from
+metrics.jsonl, which leaves out the compiling first step) and, for the integer formats, the size of
+`efflm export` against the same weights in bf16. The latent weights stay float32 while
+training, so training memory does not fall; int8 and ternary are simulated with int32
+accumulation, not run on faster hardware units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import types
+
+from efflm.bench.report import emit, header
+from efflm.config import load_config
+
+VARIANTS = [
+    ("float32", []),
+    ("int8", ["model.quant.kind=int8"]),
+    ("ternary", ["model.quant.kind=ternary"]),
+    ("2:4 sparse (float32)", ["model.sparsity.nm=2:4"]),
+]
+
+
+def _run(label: str, overrides: list[str], steps: int, root: str) -> dict:
+    from efflm.cli import _restore_state
+    from efflm.train.export import export_quantized
+    from efflm.train.trainer import evaluate, train
+
+    workdir = os.path.join(root, label.split()[0].replace(":", "_"))
+    cfg = load_config("tiny", ["logging.progress=false", "logging.tensorboard=false",
+                               f"train.steps={steps}", f"train.workdir={workdir}",
+                               "train.eval_every=0", f"checkpoint.every={steps}",
+                               *overrides])
+    train(cfg)
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    cfg, program, state, tokenizer, _ = _restore_state(
+        types.SimpleNamespace(workdir=workdir, overrides=[]))
+    result = {"bpb": evaluate(program, state, tokenizer,
+                              cfg.train.eval_batches)["eval_bits_per_byte"],
+              "step_time": statistics.median(times) if times else float("nan")}
+    if cfg.model.quant.kind != "none":
+        report = export_quantized(program, state, os.path.join(workdir, "export.npz"))
+        result["export"] = report
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="efflm bench quant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="quant", choices=["quant"])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every config")
+    args = p.parse_intermixed_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for label, extra in VARIANTS:
+            rows.append((label, _run(label, [*args.overrides, *extra], args.steps, root)))
+    base = rows[0][1]["step_time"]
+    lines = [*header("quant", argv if argv is not None else sys.argv[1:]),
+             f"`tiny` on pycode, {args.steps} steps; targets attention and MLP.", "",
+             "| format | val bits/byte | step s | vs float32 | exported targets | "
+             "vs bf16 | whole file | vs all bf16 |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        e = r.get("export")
+        size = (f"{e['quantized_bytes'] / 2**20:.2f} MiB | "
+                f"{e['quantized_bytes'] / e['quantized_as_bf16_bytes']:.3f} | "
+                f"{e['file_bytes'] / 2**20:.2f} MiB | {e['ratio_vs_bf16']:.3f}"
+                if e else "— | — | — | —")
+        lines.append(f"| {label} | {r['bpb']:.4f} | {r['step_time']:.3f} | "
+                     f"{r['step_time'] / base:.2f}x | {size} |")
+    emit(lines, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Number formats of the matmuls: `model.quant.kind` -> format (None: plain float)."""
+
+from efflm.layers.quant.int8 import Int8
+from efflm.layers.quant.ternary import Ternary
+
+QUANT = {"none": None, "int8": Int8, "ternary": Ternary}
