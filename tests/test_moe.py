@@ -152,7 +152,7 @@ def _losses(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_tiny_moe_trains_and_resumes_bitwise(tmp_path, capsys):
+def test_tiny_moe_trains_resumes_bitwise_and_generates(tmp_path, capsys):
     common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
               "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
               "checkpoint.every=3", "model.moe.jitter=0.1"]
@@ -171,3 +171,7 @@ def test_tiny_moe_trains_and_resumes_bitwise(tmp_path, capsys):
     assert rows[0] == rows[1]
     assert rows[0][-1]["loss"] < rows[0][0]["loss"]
     assert all(r["aux_loss"] > 0 for r in rows[0])
+    capsys.readouterr()
+    assert main(["generate", "--workdir", straight, "--prompt", "def", "--max-new-tokens",
+                 "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
