@@ -61,8 +61,9 @@ class Decoder:
                                           mutable=["cache"])
             return _choose(logits[:, -1], key, temperature, top_k), mutated.get("cache", {})
 
-        self.prefill = jax.jit(run, donate_argnums=(1,))
-        self.step = jax.jit(run, donate_argnums=(1,))
+        # One jitted function: the prefill and the one-token step each compile once, for
+        # their own shapes.
+        self.run = jax.jit(run, donate_argnums=(1,))
 
     def generate(self, variables, ids: list[int], max_new_tokens: int, seed: int,
                  stop_id: int | None = None) -> list[int]:
@@ -72,7 +73,7 @@ class Decoder:
         key = jax.random.key(seed)
         key, sub = jax.random.split(key)
         tokens = jnp.asarray([ids], jnp.int32)
-        tok, cache = self.prefill(variables, cache, tokens, jnp.arange(len(ids))[None], sub)
+        tok, cache = self.run(variables, cache, tokens, jnp.arange(len(ids))[None], sub)
         out, pos = [], len(ids)  # `tok` is the token for position `pos`
         while True:
             token = int(tok[0])
@@ -82,7 +83,7 @@ class Decoder:
             if len(out) == max_new_tokens or pos + 1 == length:
                 break
             key, sub = jax.random.split(key)
-            tok, cache = self.step(variables, cache, jnp.full((1, 1), token, jnp.int32),
+            tok, cache = self.run(variables, cache, jnp.full((1, 1), token, jnp.int32),
                                    jnp.full((1, 1), pos, jnp.int32), sub)
             pos += 1
         return out

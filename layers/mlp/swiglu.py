@@ -26,6 +26,6 @@ class SwiGLU(nn.Module):
         d_ff = self.d_ff or cfg.mlp.d_ff
         gate = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="gate", **kw)(x)
         up = Dense((d_ff,), ("embed", "mlp"), std=cfg.init_std, name="up", **kw)(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp")[-x.ndim:])
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("mlp", "embed"), std=out_std, name="out", **kw)(h)

@@ -70,10 +70,11 @@ class MoE(nn.Module):
             out, dropped = sharded_dispatch(*args, mesh)
         else:
             out, dropped = DISPATCH[moe.dispatch](*args)
-        if moe.num_shared_experts:
-            out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(tokens)
+        out = out.reshape(shape).astype(cfg.dtype)
+        if moe.num_shared_experts:  # on (batch, length, d): its sharding constraints fit
+            out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(x)
         self._statistics(routing, dropped)
-        return out.reshape(shape).astype(cfg.dtype)
+        return out
 
     def _statistics(self, routing, dropped):
         moe = self.cfg.moe
