@@ -15,15 +15,11 @@ accumulation, not run on faster hardware units.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import types
 
-from efflm.bench.report import emit, header
-from efflm.config import load_config
+from efflm.bench.report import emit, header, train_and_evaluate
 
 VARIANTS = [
     ("float32", []),
@@ -34,27 +30,14 @@ VARIANTS = [
 
 
 def _run(label: str, overrides: list[str], steps: int, root: str) -> dict:
-    from efflm.cli import _restore_state
     from efflm.train.export import export_quantized
-    from efflm.train.trainer import evaluate, train
 
     workdir = os.path.join(root, label.split()[0].replace(":", "_"))
-    cfg = load_config("tiny", ["logging.progress=false", "logging.tensorboard=false",
-                               f"train.steps={steps}", f"train.workdir={workdir}",
-                               "train.eval_every=0", f"checkpoint.every={steps}",
-                               *overrides])
-    train(cfg)
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r]
-    cfg, program, state, tokenizer, _ = _restore_state(
-        types.SimpleNamespace(workdir=workdir, overrides=[]))
-    result = {"bpb": evaluate(program, state, tokenizer,
-                              cfg.train.eval_batches)["eval_bits_per_byte"],
-              "step_time": statistics.median(times) if times else float("nan")}
+    result = train_and_evaluate("tiny", overrides, steps, workdir)
+    cfg, program, state = result.pop("restored")
     if cfg.model.quant.kind != "none":
-        report = export_quantized(program, state, os.path.join(workdir, "export.npz"))
-        result["export"] = report
+        result["export"] = export_quantized(program, state,
+                                            os.path.join(workdir, "export.npz"))
     return result
 
 

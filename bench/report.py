@@ -1,8 +1,11 @@
 """Printing a benchmark's markdown table and recording it under bench/results/."""
 
 import datetime
+import json
 import os
 import platform
+import statistics
+import types
 
 import jax
 
@@ -25,3 +28,30 @@ def header(name: str, argv: list[str]) -> list[str]:
     return [f"efflm bench {name} — {datetime.date.today()} — {jax.device_count()} x {kind} "
             f"({cpu}, {os.cpu_count()} cores), jax {jax.__version__}",
             f"command: efflm bench {' '.join(argv)}", ""]
+
+
+def train_and_evaluate(preset: str, overrides: list[str], steps: int, workdir: str) -> dict:
+    """Train `preset` for `steps` steps in `workdir`, then evaluate the final state.
+
+    Returns validation bits per byte over `train.eval_batches` batches, the median step
+    time from metrics.jsonl (the compiling first step is not logged there), and the
+    `(cfg, program, state)` restored from the final checkpoint for further reporting.
+    """
+    from efflm.cli import _restore_state
+    from efflm.config import load_config
+    from efflm.train.trainer import evaluate, train
+
+    cfg = load_config(preset, ["logging.progress=false", "logging.tensorboard=false",
+                               f"train.steps={steps}", f"train.workdir={workdir}",
+                               "train.eval_every=0", f"checkpoint.every={steps}",
+                               *overrides])
+    train(cfg)
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    cfg, program, state, tokenizer, _ = _restore_state(
+        types.SimpleNamespace(workdir=workdir, overrides=[]))
+    return {"bpb": evaluate(program, state, tokenizer,
+                            cfg.train.eval_batches)["eval_bits_per_byte"],
+            "step_time": statistics.median(times) if times else float("nan"),
+            "restored": (cfg, program, state)}
