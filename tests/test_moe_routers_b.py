@@ -100,11 +100,11 @@ def test_expert_choice_matches_the_per_token_reference(small_config):
     assert stats["moe_dropped_fraction"] == 0 and stats["expert_load_cv"] == 0
 
 
-@pytest.mark.parametrize("bound", [E, 1.0])
-def test_relu_matches_the_per_token_reference_and_counts_overflow(small_config, bound):
+def test_relu_matches_the_per_token_reference_and_counts_overflow(small_config):
     """Gates RMSNorm(ReLU(x W_r)) over the experts, a variable number of experts per
     token; with a bound of 1 row per token the active pairs that do not fit (token order,
     largest gate first) are dropped exactly as the loop drops them, and counted."""
+    bound = 1
     cfg, x, params = _layer(small_config, "model.moe.router=relu",
                             f"model.moe.relu_rows_per_token={bound}")
     router = params["router"]
@@ -120,7 +120,7 @@ def test_relu_matches_the_per_token_reference_and_counts_overflow(small_config, 
                               cfg.norm_eps)
 
     stats = _stats(_check_against_reference(cfg, params, x, reference))
-    assert (dropped > 0) == (bound == 1.0)
+    assert dropped > 0 and len(kept) == bound * x.shape[0] * x.shape[1]
     assert stats["relu_overflow_fraction"] == pytest.approx(dropped / active)
     assert stats["relu_active_per_token"] == pytest.approx(per_token)
 
@@ -147,6 +147,62 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     # one active expert: normalised gate sqrt(E) = 2; token 15: (1, 3) / sqrt(10 / 4)
     l1 = (15 * 2 + 4 / math.sqrt(10 / 4)) / 16
     assert float(sown["losses"]["relu_l1"][0]) == pytest.approx(0.5 * l1, rel=1e-5)
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "relu"])
+def test_relu_stays_causal_when_its_bound_drops_pairs_and_expert_choice_does_not(
+        small_config, router):
+    """Changing the last tokens of each sequence leaves the earlier outputs of a relu
+    layer as they were, even with a bound (1 row per token) that drops pairs; under
+    expert choice the earlier outputs change (hence its causal=false flag)."""
+    overrides = EXPERT_CHOICE if router == "expert_choice" else (
+        "model.moe.router=relu", "model.moe.relu_rows_per_token=1")
+    cfg, x, params = _layer(small_config, *overrides)
+    later = x.at[:, 5:].set(-3.0 * x[:, 5:])
+    apply = jax.jit(lambda x: _apply(cfg, params, x))
+    (out, sown), (out_later, _) = apply(x), apply(later)
+    earlier_same = np.allclose(out[:, :5], out_later[:, :5], rtol=0, atol=0)
+    assert earlier_same == (router == "relu")
+    assert not np.allclose(out[:, 5:], out_later[:, 5:])
+    if router == "relu":
+        assert _stats(sown)["relu_overflow_fraction"] > 0
+
+
+@pytest.mark.parametrize("overrides, mesh", [
+    (EXPERT_CHOICE, ("mesh.data=4", "mesh.fsdp=2")),
+    (("model.moe.router=relu", "model.moe.relu_rows_per_token=1"),
+     ("mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")),
+])
+def test_rows_dispatched_per_shard_equal_one_device(small_config, overrides, mesh):
+    """On 8 devices each batch shard dispatches its own sequences' rows (expert choice:
+    capacity dispatch, exact per shard; relu: experts split over mesh.expert): outputs
+    and gradients equal the unsharded layer, and no row is dropped."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from efflm import mesh as mesh_lib
+
+    full = small_config(*LAYER, *overrides, *mesh)
+    cfg, _, params = _layer(small_config, *overrides)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(8, SHAPE[1], D)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
+
+    def loss(p, x):
+        out, sown = _apply(cfg, p, x)
+        return jnp.sum(out * w), sown["stats"]
+
+    step = jax.value_and_grad(loss, (0, 1), has_aux=True)
+    (ref, _), ref_grads = jax.jit(step)(params, x)
+    devices = mesh_lib.make_mesh(full.mesh, jax.devices()[:8])
+    with jax.set_mesh(devices), nn.logical_axis_rules(mesh_lib.logical_rules(full, devices)):
+        xs = jax.device_put(x, NamedSharding(devices, P(("data", "fsdp", "expert"))))
+        lowered = jax.jit(step).lower(params, xs)
+        (got, stats), grads = lowered.compile()(params, xs)
+    assert "manual_computation" in lowered.as_text()  # shard_map: dispatched per shard
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert float(stats["mean:moe_dropped_fraction"][0]) == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("router", ["expert_choice", "relu"])
@@ -213,7 +269,8 @@ def test_tiny_moe_trains_with_the_router_and_expert_choice_is_flagged(tmp_path, 
     train(load_config("tiny_moe", [
         *SMALL, *overrides, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
         "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=5", "train.steps=5",
-        "checkpoint.every=5", "model.num_layers=1", f"train.workdir={workdir}"]))
+        "train.eval_batches=1", "checkpoint.every=5", "model.num_layers=1",
+        f"train.workdir={workdir}"]))
     rows = _rows(workdir)
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 5 and steps[-1]["loss"] < steps[0]["loss"]
