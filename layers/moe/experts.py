@@ -164,7 +164,12 @@ class MoE(nn.Module):
 
     @staticmethod
     def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        from efflm.layers.moe import ROUTERS
+
         moe, ep = cfg.moe, mesh_shape.get("expert", 1)
+        router_check = getattr(ROUTERS[moe.router], "check_mesh", None)
+        if router_check is not None:
+            router_check(cfg, mesh_shape)
         if moe.num_experts % ep:
             raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
                               f"mesh.expert={ep}")
