@@ -15,10 +15,7 @@ from conftest import SMALL
 from efflm.cli import main
 from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
-from efflm.layers.moe.expert_choice import (
-    expert_choice_picks,
-    expert_choice_reference,
-)
+from efflm.layers.moe.expert_choice import expert_choice_picks, expert_choice_reference
 from efflm.layers.moe.experts import MoE
 from efflm.layers.moe.relu_router import ReluRouter, relu_gates, relu_picks, relu_reference
 
@@ -55,7 +52,7 @@ def _stats(sown):
 def _check_against_reference(cfg, params, x, reference):
     """Values and gradients (experts, router, inputs) of the layer against `reference`
     (params, x) -> output; returns the sown collections."""
-    w = jax.random.normal(jax.random.key(2), x.shape)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
 
     def loss(p, x):
         out, sown = _apply(cfg, p, x)
@@ -283,7 +280,7 @@ def test_tiny_moe_trains_with_the_router_and_expert_choice_is_flagged(tmp_path, 
     out = capsys.readouterr().out
     if router == "relu":
         assert "causal" not in ev and "not causal" not in out
-        assert all(r["relu_overflow_fraction"] >= 0 for r in steps)
+        assert all(0 <= r["relu_overflow_fraction"] <= 1 for r in steps)
         return
     assert "warning: model.moe.router=expert_choice is not causal" in out
     assert ev["causal"] is False and "eval_loss" in out and "(not causal" in out
