@@ -27,8 +27,8 @@ def check_decodes(model: LM) -> None:
             raise ConfigError(f"model.attention.kind={kind!r} has no decoding cache yet, so "
                               "efflm generate cannot sample from this model")
     for reason in not_causal(model.cfg):
-        raise ConfigError(f"{reason}, so efflm generate cannot sample from this model "
-                          "one token at a time")
+        raise ConfigError(f"efflm generate cannot sample from this model one token at a "
+                          f"time: {reason}")
 
 
 def init_cache(model: LM, variables, batch: int, max_len: int):
