@@ -165,15 +165,32 @@ def test_relu_stays_causal_when_its_bound_drops_pairs_and_expert_choice_does_not
         assert _stats(sown)["relu_overflow_fraction"] > 0
 
 
-@pytest.mark.parametrize("overrides, mesh", [
-    (EXPERT_CHOICE, ("mesh.data=4", "mesh.fsdp=2")),
-    (("model.moe.router=relu", "model.moe.relu_rows_per_token=1"),
-     ("mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")),
-])
-def test_rows_dispatched_per_shard_equal_one_device(small_config, overrides, mesh):
-    """On 8 devices each batch shard dispatches its own sequences' rows (expert choice:
-    capacity dispatch, exact per shard; relu: experts split over mesh.expert): outputs
-    and gradients equal the unsharded layer, and no row is dropped."""
+def test_relu_model_decodes_as_its_full_pass_when_the_bound_cannot_bind(small_config):
+    """With relu_rows_per_token = num_experts no pair is ever dropped, so logits through
+    the decoding cache (a prefill, then one token at a time, each call with its own row
+    bound) equal one forward pass over the whole sequence."""
+    from conftest import cached_and_full_logits
+
+    from efflm.models import LM
+
+    cfg = small_config("model.mlp.kind=moe", "model.moe.router=relu",
+                       f"model.moe.num_experts={E}", f"model.moe.relu_rows_per_token={E}",
+                       f"model.moe.expert_d_ff={F}", "model.d_model=32", "model.num_layers=1")
+    model = LM(cfg.model)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                     jnp.zeros((1, 8), jnp.int32)))["params"]
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.normal(size=s.shape), s.dtype),
+                          shapes)
+    cached, full = cached_and_full_logits(model, {"params": params}, t=16, prefill=9)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_dispatched_per_shard_equal_one_device(small_config):
+    """On 8 devices (mesh.data=4, mesh.fsdp=2) each batch shard dispatches its own
+    sequences' rows; expert choice's capacity dispatch is exact per shard: outputs and
+    gradients equal the unsharded layer, and no row is dropped."""
+    overrides, mesh = EXPERT_CHOICE, ("mesh.data=4", "mesh.fsdp=2")
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
