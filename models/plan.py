@@ -62,7 +62,8 @@ def not_causal(cfg: ModelConfig) -> list[str]:
     (`not_causal(cfg)` on its class returns a non-empty reason); [] for a causal model."""
     from efflm.layers import ATTENTION, MLP
 
-    kinds = {ATTENTION[s.mixer] for s in layer_plan(cfg)} | {MLP[s.mlp] for s in layer_plan(cfg)}
+    plan = layer_plan(cfg)
+    kinds = {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}
     reasons = {getattr(k, "not_causal", lambda c: "")(cfg) for k in kinds}
     return sorted(r for r in reasons if r)
 

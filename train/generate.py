@@ -26,9 +26,10 @@ def check_decodes(model: LM) -> None:
         if not getattr(ATTENTION[kind], "decodes", False):
             raise ConfigError(f"model.attention.kind={kind!r} has no decoding cache yet, so "
                               "efflm generate cannot sample from this model")
-    for reason in not_causal(model.cfg):
+    reasons = not_causal(model.cfg)
+    if reasons:
         raise ConfigError(f"efflm generate cannot sample from this model one token at a "
-                          f"time: {reason}")
+                          f"time: {'; '.join(reasons)}")
 
 
 def init_cache(model: LM, variables, batch: int, max_len: int):
