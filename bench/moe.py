@@ -4,8 +4,9 @@
     efflm bench moe --ep [--steps 10] [--out FILE]      (needs 8 devices)
 
 Side by side in one run: `tiny` (dense) and `tiny_moe` (8 experts, top-2, equal
-active parameters) with each dropless backend and with capacity dispatch at factors
-1.0 and 1.25. Each step is compiled once, run `--warmup` times, then timed over
+active parameters) with each dropless backend, with capacity dispatch at factors
+1.0 and 1.25, and with the expert_choice (factor 1.0) and relu (2 rows per token)
+routers at the same expert rows. Each step is compiled once, run `--warmup` times, then timed over
 `--steps` runs (median); temp memory is the compiled step's `memory_analysis()`.
 The ratio is step time over the dense model's.
 
@@ -34,6 +35,11 @@ VARIANTS = [
                                       "model.moe.capacity_factor=1.0"]),
     ("moe capacity 1.25", "tiny_moe", ["model.moe.dispatch=capacity",
                                        "model.moe.capacity_factor=1.25"]),
+    ("moe expert_choice 1.0", "tiny_moe", ["model.moe.router=expert_choice",
+                                           "model.moe.dispatch=capacity",
+                                           "model.moe.capacity_factor=1.0"]),
+    ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
+                                            "model.moe.relu_rows_per_token=2"]),
 ]
 
 

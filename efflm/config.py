@@ -96,6 +96,18 @@ class MoEConfig:
     # 0: the largest power of two (8 to 256) with num_experts * block_rows at most a
     # quarter of the (token, expert) pairs, which bounds the padding to that quarter.
     block_rows: int = 0
+    # router=expert_choice ("Mixture-of-Experts with Expert Choice Routing"): each expert
+    # takes the min(length, ceil(capacity_factor * length * top_k / num_experts)) tokens
+    # of each sequence with the highest softmax affinity for it; dispatch=capacity only.
+    # NOT CAUSAL: an expert's choice sees the later tokens of the sequence (and the other
+    # documents packed into it), so its eval losses are flagged causal=false and
+    # efflm generate refuses the model.
+    # router=relu (BlockFFN): gates RMSNorm(ReLU(x W_r)) over the experts, any number of
+    # experts per token; dispatch=dropless only. Each sequence computes at most
+    # ceil(relu_rows_per_token * length) (token, expert) rows, filled in token order
+    # (a token's largest gates first); active pairs beyond that are dropped and counted.
+    relu_rows_per_token: float = 2.0
+    relu_l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
 
 
 @dataclass

@@ -57,6 +57,17 @@ def layer_plan(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
     return tuple(LayerSpec(a, m, i in routed) for i, (a, m) in enumerate(zip(mixers, mlps)))
 
 
+def not_causal(cfg: ModelConfig) -> list[str]:
+    """Why the model's outputs depend on later tokens, one reason per kind that says so
+    (`not_causal(cfg)` on its class returns a non-empty reason); [] for a causal model."""
+    from efflm.layers import ATTENTION, MLP
+
+    plan = layer_plan(cfg)
+    kinds = {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}
+    reasons = {getattr(k, "not_causal", lambda c: "")(cfg) for k in kinds}
+    return sorted(r for r in reasons if r)
+
+
 def repeating_group(plan: tuple[LayerSpec, ...]) -> tuple[int, int]:
     """(period, repeats): the shortest prefix of the plan that, repeated `repeats`
     times, gives its first `period * repeats` layers; the rest is a partial group.

@@ -27,6 +27,7 @@ from efflm.config import (
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
+from efflm.models.plan import not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -166,9 +167,12 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
                          "data.val_fraction")
     loss = loss_sum / tokens
     prefix = "eval_" if num_batches else "full_eval_"
-    return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0)),
-            f"{prefix}bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-            f"{prefix}tokens": tokens}
+    result = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0)),
+              f"{prefix}bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
+              f"{prefix}tokens": tokens}
+    if not_causal(cfg.model):  # the loss saw later tokens: not comparable to causal runs
+        result["causal"] = False
+    return result
 
 
 class _StopFlag:
@@ -243,6 +247,9 @@ def train(cfg: Config) -> dict:
         f"efflm: {n_params / 1e6:.2f}M parameters{active}, mesh {dict(program.mesh.shape)}, "
         f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
         f"peak {peak.peak / 1e9:.1f} GFLOP/s ({peak.source})")
+    for reason in not_causal(cfg.model):
+        writer.message(f"efflm: warning: {reason}; its losses see later tokens (eval rows "
+                       "carry causal=false) and efflm generate refuses it")
     row: dict = {}
     timer_start, timer_steps = None, 0
     try:
@@ -288,7 +295,9 @@ def train(cfg: Config) -> dict:
                     row = {"step": done, **ev}
                     writer.write(row)
                     writer.message(f"step {done}: eval_loss {ev['eval_loss']:.4f}, "
-                                   f"bits/byte {ev['eval_bits_per_byte']:.4f}")
+                                   f"bits/byte {ev['eval_bits_per_byte']:.4f}"
+                                   + (" (not causal: sees later tokens)"
+                                      if ev.get("causal") is False else ""))
                     timer_start, timer_steps = time.perf_counter(), 0
                 checkpointer.save(done, state, data, force=is_last or bool(stop.signum))
                 if stop.signum:

@@ -2,7 +2,10 @@
 -> dispatch function. The MoE layer itself is the `moe` entry of `efflm.layers.mlp.MLP`."""
 
 from efflm.layers.moe.dispatch import capacity_dispatch, dropless_dispatch
+from efflm.layers.moe.expert_choice import ExpertChoiceRouter
+from efflm.layers.moe.relu_router import ReluRouter
 from efflm.layers.moe.routers import TopKRouter
 
 ROUTERS = {"topk": TopKRouter}
+ROUTERS.update(expert_choice=ExpertChoiceRouter, relu=ReluRouter)
 DISPATCH = {"dropless": dropless_dispatch, "capacity": capacity_dispatch}

@@ -9,6 +9,8 @@ plain per-token loop the fast paths are tested against.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,12 +49,14 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        from efflm.layers.moe import DISPATCH, ROUTERS
+        from efflm.layers.moe import ROUTERS
 
         cfg, moe = self.cfg, self.cfg.moe
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = ROUTERS[moe.router](cfg, name="router")(tokens)
+        router = ROUTERS[moe.router]
+        per_sequence = getattr(router, "per_sequence", False)
+        routing = router(cfg, name="router")(x if per_sequence else tokens)
         e, d, f = moe.num_experts, cfg.d_model, moe.expert_d_ff
         pdt = param_dtype(cfg.param_dtype)
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -64,23 +68,55 @@ class MoE(nn.Module):
             self.param("out", _expert_init(out_std, ("expert", "mlp", "embed")), (e, f, d),
                        pdt))
         weights = tuple(w.astype(cfg.dtype) for w in weights)
-        args = (tokens.astype(cfg.dtype), routing.experts, routing.gates, weights, cfg)
-        mesh = jax.sharding.get_abstract_mesh()
-        if _sharded(mesh, tokens.shape[0]):
-            out, dropped = sharded_dispatch(*args, mesh)
+        if routing.rows is None:
+            out, dropped = self._dispatch(tokens, routing.experts, routing.gates, weights,
+                                          cfg, tokens.shape[0])
         else:
-            out, dropped = DISPATCH[moe.dispatch](*args)
+            out, dropped = self._dispatch_rows(x, routing, weights)
         out = out.reshape(shape).astype(cfg.dtype)
         if moe.num_shared_experts:  # on (batch, length, d): its sharding constraints fit
             out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(x)
         self._statistics(routing, dropped)
         return out
 
+    @staticmethod
+    def _dispatch(tokens, experts, gates, weights, cfg, batch: int):
+        from efflm.layers.moe import DISPATCH
+
+        args = (tokens.astype(cfg.dtype), experts, gates, weights, cfg)
+        mesh = jax.sharding.get_abstract_mesh()
+        if _sharded(mesh, batch):
+            return sharded_dispatch(*args, mesh)
+        return DISPATCH[cfg.moe.dispatch](*args)
+
+    def _dispatch_rows(self, x, routing, weights):
+        """A per-sequence router's rows: each row one (token, expert) pair, gathered from
+        its sequence, dispatched as a token with one choice, summed back into its token.
+        A capacity dispatch gets each expert's share of the rows as its capacity (exact
+        for expert choice, whose experts have equal rows in every sequence; the sharded
+        path splits whole sequences)."""
+        cfg = self.cfg
+        batch, length, d = x.shape
+        rows = routing.rows.shape[1]
+        x_rows = jnp.take_along_axis(x, routing.rows[..., None], axis=1).reshape(-1, d)
+        one = dataclasses.replace(cfg, moe=dataclasses.replace(
+            cfg.moe, top_k=1, capacity_factor=1.0))
+        out_rows, dropped = self._dispatch(
+            x_rows, routing.experts.reshape(-1, 1), routing.gates.reshape(-1, 1), weights,
+            one, batch)
+        out = jnp.zeros((batch, length, d), jnp.float32).at[
+            jnp.arange(batch)[:, None], routing.rows].add(
+            out_rows.reshape(batch, rows, d).astype(jnp.float32))
+        return out, dropped
+
     def _statistics(self, routing, dropped):
         moe = self.cfg.moe
+        # Rows with gate 0 (a per-sequence router's unused rows) carry no load.
+        used = 1.0 if routing.rows is None else (routing.gates != 0).astype(jnp.float32)
         load = jnp.zeros((moe.num_experts,), jnp.float32).at[
-            routing.experts.reshape(-1)].add(1.0)
-        load = load / jnp.mean(load)  # 1 = an even share
+            routing.experts.reshape(-1)].add(jnp.broadcast_to(used, routing.experts.shape)
+                                             .reshape(-1))
+        load = load / jnp.maximum(jnp.mean(load), 1e-9)  # 1 = an even share
         sow_stat(self, "expert_load_max", jnp.max(load), reduce="max")
         sow_stat(self, "expert_load_min", jnp.min(load), reduce="min")
         sow_stat(self, "expert_load_cv", jnp.std(load))
@@ -90,25 +126,50 @@ class MoE(nn.Module):
         sow_stat(self, "router_entropy", jnp.mean(entropy))
 
     @staticmethod
+    def routed_rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
+        """Expert rows a token costs: top_k, or what a per-sequence router computes per
+        token (`rows_per_token` on its class: its static rows over the sequence)."""
+        from efflm.layers.moe import ROUTERS
+
+        rows = getattr(ROUTERS[cfg.moe.router], "rows_per_token", None)
+        return cfg.moe.top_k if rows is None else rows(cfg, seq_len)
+
+    @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-        """Active FLOPs: the router, the k routed experts and the shared ones. Dispatch
-        padding (capacity slots, dropless row blocks) is not counted."""
+        """Active FLOPs: the router, the routed expert rows and the shared experts.
+        Dispatch padding (capacity slots, dropless row blocks) is not counted; a
+        per-sequence router's rows are all counted, used or not."""
         from efflm.layers.moe import ROUTERS
 
         moe = cfg.moe
         expert = 2 * 3 * cfg.d_model * moe.expert_d_ff
         return (ROUTERS[moe.router].flops_per_token(cfg)
-                + (moe.top_k + moe.num_shared_experts) * expert)
+                + (MoE.routed_rows_per_token(cfg, seq_len) + moe.num_shared_experts) * expert)
 
     @staticmethod
     def inactive_params(cfg: ModelConfig) -> int:
-        """Parameters a token does not use: the experts it is not routed to."""
+        """Parameters a token does not use: the experts it is not routed to (for a
+        per-sequence router, the experts beyond its rows per token, long-sequence limit)."""
         moe = cfg.moe
-        return (moe.num_experts - moe.top_k) * 3 * cfg.d_model * moe.expert_d_ff
+        unused = moe.num_experts - MoE.routed_rows_per_token(cfg)
+        return round(unused * 3 * cfg.d_model * moe.expert_d_ff)
+
+    @staticmethod
+    def not_causal(cfg: ModelConfig) -> str:
+        """Why this layer's outputs depend on later tokens ("" when they do not)."""
+        from efflm.layers.moe import ROUTERS
+
+        reason = getattr(ROUTERS[cfg.moe.router], "not_causal", None)
+        return reason(cfg) if reason is not None else ""
 
     @staticmethod
     def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        from efflm.layers.moe import ROUTERS
+
         moe, ep = cfg.moe, mesh_shape.get("expert", 1)
+        router_check = getattr(ROUTERS[moe.router], "check_mesh", None)
+        if router_check is not None:
+            router_check(cfg, mesh_shape)
         if moe.num_experts % ep:
             raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
                               f"mesh.expert={ep}")
@@ -146,6 +207,9 @@ class MoE(nn.Module):
                               f"{moe.capacity_factor}")
         if moe.jitter >= 1:
             raise ConfigError(f"model.moe.jitter must be in [0, 1), got {moe.jitter}")
+        router_check = getattr(ROUTERS[moe.router], "validate_config", None)
+        if router_check is not None:
+            router_check(cfg)
 
 
 def moe_reference(x, experts, gates, weights, capacity: int | None = None):

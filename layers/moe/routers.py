@@ -3,6 +3,10 @@
 A router maps the tokens `x` (tokens, d_model) to `Routing`: the chosen experts
 (tokens, top_k), their gates, the full probabilities and the logits (float32). It
 sows its own auxiliary losses; the MoE layer sows the load statistics.
+
+A router class with `per_sequence = True` gets `x` as (batch, length, d_model) instead
+and chooses a static list of rows itself (`Routing.rows`): expert choice
+(`expert_choice.py`) and BlockFFN's ReLU router (`relu_router.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ class Routing(NamedTuple):
     gates: jax.Array  # (tokens, k) float32
     probs: jax.Array  # (tokens, num_experts) float32
     logits: jax.Array  # (tokens, num_experts) float32
+    # Per-sequence routers: (batch, rows) int32, the position in its sequence of each
+    # row's token; `experts` and `gates` are then (batch, rows), one (token, expert) pair
+    # per row, and a row with gate 0 adds nothing (its work is still done: the row count
+    # is static). None: the (tokens, k) choices above.
+    rows: jax.Array | None = None
 
 
 def balance_loss(experts, probs, num_experts: int):

@@ -1,0 +1,185 @@
+"""BlockFFN's ReLU router (`model.moe.router=relu`), "BlockFFN: Towards End-Side
+Acceleration-Friendly Mixture-of-Experts with Chunk-Level Activation Sparsity".
+
+The gates are `RMSNorm(ReLU(x W_r))`, the norm taken over the expert axis (a learned
+scale per expert, initialised to 1): differentiable, and a token uses every expert whose
+ReLU is positive, any number from 0 to num_experts.
+
+Static work: each sequence of `length` tokens computes at most
+`rows = min(num_experts * length, ceil(model.moe.relu_rows_per_token * length))`
+(token, expert) rows. They are filled in token order, within a token its largest gates
+first; active pairs beyond the bound are dropped and counted
+(`relu_overflow_fraction`), so the heaviest cost of an overflow falls on the last
+tokens of a sequence. The rule keeps the layer causal: which of a token's experts run
+depends only on it and the tokens before it in its sequence. Rows left over have gate 0
+(computed, adding nothing). When decoding, each call's tokens get the bound of their own
+count (one token: `ceil(relu_rows_per_token)` rows), so a token that overflows there may
+have run more experts in a full-sequence pass, or fewer.
+
+Sparsity loss: `model.moe.relu_l1` times the mean over tokens of the L1 norm of the
+RMS-normalised ReLU vector (before the learned scale, so shrinking the router's output
+cannot lower it). BlockFFN's activation-locality and chunk-sparsity losses are not
+implemented. Logged: token-level sparsity (fraction of (token, expert) gates that are
+zero), 8-token chunk-level sparsity (fraction of experts that none of a chunk's 8
+consecutive tokens uses; whole chunks only, a shorter sequence is one chunk) and the
+mean active experts per token. `balance_loss` does not apply.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efflm.config import ModelConfig, check_positive
+from efflm.errors import ConfigError
+from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.moe.routers import Routing
+
+CHUNK = 8  # tokens per chunk of the chunk-level sparsity statistic
+
+
+def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
+    """The static number of (token, expert) rows a sequence of `length` tokens computes."""
+    moe = cfg.moe
+    return min(moe.num_experts * length, math.ceil(moe.relu_rows_per_token * length))
+
+
+def relu_gates(x, kernel, scale, eps: float):
+    """(gates, logits, normalised): `scale * RMSNorm(ReLU(x W_r))` over the experts, the
+    logits `x W_r` and the ReLU output RMS-normalised without the scale; float32."""
+    logits = x.astype(jnp.float32) @ kernel
+    relu = jax.nn.relu(logits)
+    normalised = relu * jax.lax.rsqrt(jnp.mean(relu * relu, axis=-1, keepdims=True) + eps)
+    return normalised * scale, logits, normalised
+
+
+def sparsity(active):
+    """(token-level, chunk-level) sparsity of an activity mask (batch, length, experts)."""
+    batch, length, experts = active.shape
+    chunk = min(CHUNK, length)
+    chunks = length // chunk
+    used = jnp.any(active[:, :chunks * chunk].reshape(batch, chunks, chunk, experts), axis=2)
+    return 1.0 - jnp.mean(active), 1.0 - jnp.mean(used)
+
+
+def select_rows(gates, active, bound: int):
+    """Pack each sequence's active (token, expert) pairs into `bound` rows: token order,
+    largest gate first within a token; the rest dropped. Returns (positions, experts,
+    row_gates) each (batch, bound) and the number of active pairs dropped."""
+    batch, length, num_experts = gates.shape
+    _, order = jax.lax.top_k(jnp.where(active, gates, -jnp.inf), num_experts)
+    flat_active = jnp.take_along_axis(active, order, axis=-1).reshape(batch, -1)
+    flat_gates = jnp.take_along_axis(gates, order, axis=-1).reshape(batch, -1)
+    flat_experts = order.reshape(batch, -1).astype(jnp.int32)
+    flat_positions = jnp.broadcast_to(jnp.repeat(jnp.arange(length, dtype=jnp.int32),
+                                                 num_experts), flat_active.shape)
+    rank = jnp.cumsum(flat_active, axis=1) - 1
+    keep = flat_active & (rank < bound)
+    dest = jnp.where(keep, rank, bound)  # out of range: dropped by the scatters
+    b = jnp.arange(batch)[:, None]
+    positions = jnp.zeros((batch, bound), jnp.int32).at[b, dest].set(flat_positions,
+                                                                     mode="drop")
+    spare = jnp.broadcast_to(jnp.arange(bound, dtype=jnp.int32) % num_experts, (batch, bound))
+    experts = spare.at[b, dest].set(flat_experts, mode="drop")
+    row_gates = jnp.zeros((batch, bound), gates.dtype).at[b, dest].set(flat_gates,
+                                                                       mode="drop")
+    dropped = jnp.sum(flat_active) - jnp.sum(keep)
+    return positions, experts, row_gates, dropped
+
+
+class ReluRouter(nn.Module):
+    """ReLU + RMSNorm gates; a variable number of experts per token under a static bound
+    on the rows of each sequence (`Routing.rows`)."""
+
+    cfg: ModelConfig
+    per_sequence = True
+
+    @nn.compact
+    def __call__(self, x) -> Routing:
+        cfg, moe = self.cfg, self.cfg.moe
+        batch, length, d = x.shape
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("embed", None)),
+            (d, moe.num_experts), jnp.float32)
+        scale = self.param("norm_scale", nn.with_logical_partitioning(
+            nn.initializers.ones, (None,)), (moe.num_experts,), jnp.float32)
+        gates, logits, normalised = relu_gates(x, kernel, scale, cfg.norm_eps)
+        active = logits > 0
+        if moe.relu_l1:
+            sow_loss(self, "relu_l1", moe.relu_l1 * jnp.mean(jnp.sum(normalised, axis=-1)))
+        positions, experts, row_gates, dropped = select_rows(
+            gates, active, rows_per_sequence(cfg, length))
+        token_sparsity, chunk_sparsity = sparsity(active)
+        sow_stat(self, "relu_token_sparsity", token_sparsity)
+        sow_stat(self, "relu_chunk_sparsity", chunk_sparsity)
+        sow_stat(self, "relu_active_per_token", jnp.mean(jnp.sum(active, axis=-1)))
+        sow_stat(self, "relu_overflow_fraction", dropped / jnp.maximum(jnp.sum(active), 1))
+        total = jnp.sum(gates, axis=-1, keepdims=True)
+        probs = jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
+        return Routing(experts, row_gates, probs.reshape(-1, moe.num_experts),
+                       logits.reshape(-1, moe.num_experts),
+                       rows=positions)
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig) -> float:
+        return 2 * cfg.d_model * cfg.moe.num_experts
+
+    @staticmethod
+    def rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
+        """Expert rows computed per token, whether or not their pairs are active."""
+        if not seq_len:
+            return min(cfg.moe.num_experts, cfg.moe.relu_rows_per_token)
+        return rows_per_sequence(cfg, seq_len) / seq_len
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        moe = cfg.moe
+        check_positive("model.moe.relu_rows_per_token", moe.relu_rows_per_token)
+        check_positive("model.moe.relu_l1", moe.relu_l1, allow_zero=True)
+        if moe.relu_rows_per_token > moe.num_experts:
+            raise ConfigError(f"model.moe.relu_rows_per_token={moe.relu_rows_per_token} is "
+                              f"more than model.moe.num_experts={moe.num_experts} (every "
+                              "pair of every token); lower it")
+        if moe.dispatch != "dropless":
+            raise ConfigError(f"model.moe.router=relu needs model.moe.dispatch=dropless (it "
+                              f"bounds its rows itself, model.moe.relu_rows_per_token), got "
+                              f"{moe.dispatch!r}")
+
+
+def relu_picks(gates, active, bound: int):
+    """(kept, dropped): for each sequence, by a plain loop over its tokens in order and
+    each token's active experts by decreasing gate, the (b, t, e) pairs that fit in
+    `bound` rows, and the number of active pairs that did not (concrete inputs)."""
+    g, a = np.asarray(gates), np.asarray(active)
+    kept, dropped = set(), 0
+    for b in range(g.shape[0]):
+        used = 0
+        for t in range(g.shape[1]):
+            for e in sorted(np.flatnonzero(a[b, t]), key=lambda e: -g[b, t, e]):
+                if used < bound:
+                    kept.add((b, t, int(e)))
+                    used += 1
+                else:
+                    dropped += 1
+    return kept, dropped
+
+
+def relu_reference(x, kernel, scale, weights, kept, eps: float):
+    """Every expert on every token, kept for the pairs in `kept` (`relu_picks`, fixed so
+    that gradients can be taken), weighted by the gate computed per token as
+    `scale * relu / sqrt(mean(relu^2) + eps)`, `relu = max(x_t W_r, 0)`; summed per
+    token. `x` (batch, length, d)."""
+    gate_w, up_w, out_w = weights
+    relu = jnp.maximum(x.astype(jnp.float32) @ kernel, 0.0)
+    gates = scale * relu / jnp.sqrt(jnp.mean(relu ** 2, axis=-1, keepdims=True) + eps)
+    mask = np.zeros(gates.shape, np.float32)
+    for b, t, e in kept:
+        mask[b, t, e] = 1.0
+    h = jax.nn.silu(jnp.einsum("bld,edf->blef", x, gate_w)) * jnp.einsum(
+        "bld,edf->blef", x, up_w)
+    every = jnp.einsum("blef,efd->bled", h, out_w)
+    return jnp.einsum("bled,ble->bld", every, gates * mask)
