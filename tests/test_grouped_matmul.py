@@ -119,6 +119,35 @@ def test_every_row_inside_a_group_is_written():
         _close(out[:total], grouped_matmul_reference(x, w, sizes)[:total], 1e-5)
 
 
+def _transposed_operand_shapes(jaxpr):
+    """Operand shapes of every transpose in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transpose":
+            found.append(eqn.invars[0].aval.shape)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _transposed_operand_shapes(inner)
+    return found
+
+
+def test_backward_reads_the_weight_without_a_transposed_copy():
+    """dx = dy @ w[g]^T indexes w's blocks transposed in the kernel: the backward
+    program holds no transpose of the weight."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+
+    def grads(x, w, dy):
+        _, pullback = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl="pallas",
+                                                          **BLOCKS), x, w)
+        return pullback(dy)
+
+    jaxpr = jax.make_jaxpr(grads)(x, w, dy).jaxpr
+    assert "pallas_call" in str(jaxpr)
+    assert w.shape not in _transposed_operand_shapes(jaxpr)
+
+
 def test_tgmm_matches_reference():
     x, _, sizes, dy = _inputs(*CASES["mixed"], seed=2)
     expected = tgmm_reference(x, dy, sizes)
