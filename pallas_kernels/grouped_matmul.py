@@ -170,14 +170,30 @@ def _full_spec(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def check_blocks(block_m: int, block_n: int, block_k: int) -> None:
+    """Triton's arrays have power-of-two sizes: a ValueError naming the block that is not
+    one (blocks of 8 and up lower and compile for sm_90a, `efflm bench compile`)."""
+    for name, block in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"grouped_matmul: {name}={block} must be a power of two "
+                             f"(e.g. 16, 32, 64, 128) for the Pallas (Triton) kernels")
+
+
+def _operand_blocks(k: int, n: int, block_n: int, block_k: int, interpret: bool):
+    """(block_k, block_n) of one call. Interpreted, blocks shrink to the (8-rounded)
+    operand; compiled, they stay the given powers of two and the operands are padded."""
+    if not interpret:
+        return block_k, block_n
+    return min(block_k, _round_up(k, 8)), min(block_n, _round_up(n, 8))
+
+
 def _gmm_pallas(x, w, group_sizes, *, block_m, block_n, block_k, interpret, fill=0.0,
                 transpose_w=False):
     """Pallas forward: x @ w[g], or with `transpose_w` x @ w[g]^T, reading w (groups, n,
     k) in place. `fill` is what rows outside every group hold (tests use NaN)."""
     tokens, k = x.shape
     groups, n = w.shape[0], w.shape[1 if transpose_w else 2]
-    bk = min(block_k, _round_up(k, 8)) if not _on_gpu() else block_k
-    bn = min(block_n, _round_up(n, 8)) if not _on_gpu() else block_n
+    bk, bn = _operand_blocks(k, n, block_n, block_k, interpret)
     m_pad, k_pad, n_pad = _round_up(tokens, block_m), _round_up(k, bk), _round_up(n, bn)
     xp = _pad_to(x, (m_pad, k_pad))
     w_shape = (groups, n_pad, k_pad) if transpose_w else (groups, k_pad, n_pad)
@@ -232,8 +248,7 @@ def _tgmm_pallas(x, dy, group_sizes, *, block_m, block_n, block_k, interpret):
     tokens, k = x.shape
     n = dy.shape[1]
     groups = group_sizes.shape[0]
-    bk = min(block_k, _round_up(k, 8)) if not _on_gpu() else block_k
-    bn = min(block_n, _round_up(n, 8)) if not _on_gpu() else block_n
+    bk, bn = _operand_blocks(k, n, block_n, block_k, interpret)
     m_pad, k_pad, n_pad = _round_up(tokens, block_m), _round_up(k, bk), _round_up(n, bn)
     xp = _pad_to(x, (m_pad, k_pad))
     dyp = _pad_to(dy.astype(x.dtype), (m_pad, n_pad))
@@ -301,7 +316,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     x: (tokens, k); w: (groups, k, n); group_sizes: (groups,) int32. Output dtype is
     x's, accumulation in float32. Differentiable in x and w.
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (`jax.lax.ragged_dot`) or
-    `pallas` (interpreted unless on GPU, or as `interpret` says).
+    `pallas` (interpreted unless on GPU, or as `interpret` says). Pallas blocks must be
+    powers of two (`check_blocks`: a ValueError otherwise).
     """
     _check(x, w, group_sizes)
     impl, interpret = _resolve(impl, interpret)
@@ -309,6 +325,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     if impl == "xla":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes,
                                   preferred_element_type=jnp.float32).astype(x.dtype)
+    check_blocks(block_m, block_n, block_k)
     return _gmm_diff(x, w, group_sizes, block_m, block_n, block_k, interpret)
 
 
@@ -328,5 +345,6 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, impl: str = "au
         zeros = jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), x.dtype)
         _, pullback = jax.vjp(forward, zeros)
         return pullback(dy.astype(jnp.float32))[0].astype(x.dtype)
+    check_blocks(block_m, block_n, block_k)
     return _tgmm_pallas(x, dy, group_sizes, block_m=block_m, block_n=block_n,
                         block_k=block_k, interpret=interpret)

@@ -181,6 +181,35 @@ def test_bad_inputs_and_impl():
         grouped_matmul(x[:, :-1], w, sizes)
 
 
+@pytest.mark.parametrize("interpret", [True, False])
+@pytest.mark.parametrize("block", ["block_m", "block_n", "block_k"])
+def test_pallas_blocks_that_are_no_power_of_two_are_refused(block, interpret):
+    """Triton cannot lower a block of 48: refused naming it, compiled or interpreted,
+    for the grouped matmul and its transpose."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+    blocks = {**BLOCKS, block: 48}
+    with pytest.raises(ValueError, match=f"{block}=48 must be a power of two"):
+        grouped_matmul(x, w, sizes, impl="pallas", interpret=interpret, **blocks)
+    with pytest.raises(ValueError, match=f"{block}=48 must be a power of two"):
+        tgmm(x, dy, sizes, impl="pallas", interpret=interpret, **blocks)
+
+
+def test_compiled_blocks_stay_powers_of_two_on_any_host():
+    """Lowered for a GPU from a CPU host, operands that are no block multiple (k = 20,
+    n = 12) are padded to the blocks, not the blocks shrunk to them (which Triton would
+    refuse)."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+
+    def value_and_grads(x, w, sizes, dy):
+        fn = lambda x, w: grouped_matmul(x, w, sizes, impl="pallas", interpret=False)
+        out, pullback = jax.vjp(fn, x, w)
+        return (out, *pullback(dy))
+
+    text = jax.jit(value_and_grads).trace(x, w, sizes, dy).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 3
+
+
 def test_auto_is_xla_on_cpu():
     if jax.default_backend() == "gpu":
         pytest.skip("auto picks pallas on GPU")
