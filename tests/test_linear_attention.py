@@ -363,10 +363,10 @@ def test_large_states_split_the_value_columns():
     assert [la_module.value_block(d, d) for d in (16, 64, 128, 256)] == [16, 64, 128, 64]
     assert la_module.value_block(256, 32) == 32 and la_module.value_block(24, 40) == 40
     keys = jax.random.split(jax.random.key(11), 5)
-    q, k = (jax.random.normal(key, (1, 40, 2, 16)) for key in keys[:2])
-    v = jax.random.normal(keys[2], (1, 40, 2, 32))
-    gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 40, 2)))
-    state = jax.random.normal(keys[4], (1, 2, 16, 32))
+    q, k = (jax.random.normal(key, (1, 32, 1, 16)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (1, 32, 1, 32))
+    gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 32, 1)))
+    state = jax.random.normal(keys[4], (1, 1, 16, 32))
     layout = la_module._kernel_layout(q, k, v, gates, 16)
     run = functools.partial(la_module._forward_call, chunk=16, interpret=True)
     split, whole = run(*layout, state, block_dv=16), run(*layout, state)
