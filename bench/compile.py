@@ -249,6 +249,8 @@ CASES = {
     "linear": {
         "linear d64": lambda dt: _linear_case(dt, 64),
         "linear d128": lambda dt: _linear_case(dt, 128),
+        "linear d256 (value columns split)": lambda dt: _linear_case(dt, 256),
+        "linear d80 (padded to 128)": lambda dt: _linear_case(dt, 80),
         "GLA gates d64": lambda dt: _linear_case(dt, 64, per_dim=True),
         "GLA gates d128": lambda dt: _linear_case(dt, 128, per_dim=True),
     },

@@ -31,7 +31,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from efflm.pallas_kernels.flash_attention import (
-    _MASKED,
     _next_power_of_2,
     _Static,
     backward_calls,
@@ -41,11 +40,8 @@ from efflm.pallas_kernels.flash_attention import (
     forward_call,
     forward_specs,
     forward_step,
+    store_rows,
 )
-
-# A row whose running max stayed at or below this saw only masked scores.
-_EMPTY_BELOW = 0.5 * _MASKED
-
 
 # ---------------------------------------------------------------------------------------
 # Masks.
@@ -184,11 +180,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: _Static, has_segme
     row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
     row_sum = jnp.zeros((s.block_q,), jnp.float32)
     acc, row_max, row_sum = lax.fori_loop(0, table_ref[0], body, (acc, row_max, row_sum))
-    empty = row_max <= _EMPTY_BELOW  # also -inf: no block visited
-    safe_sum = jnp.where(empty, 1.0, row_sum)
-    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_sum[:, None]).astype(o_ref.dtype)
-    # lse = +inf makes exp(score - lse) = 0 in the backward: no gradient through empty rows.
-    lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
+    store_rows(o_ref, lse_ref, acc, row_max, row_sum)
 
 
 def _segment_args(q_seg, k_seg):

@@ -8,9 +8,14 @@ from the saved log-sum-exp: one kernel per key block accumulates dK and dV over 
 blocks (summing over the query heads that share a K/V head), one per query block
 accumulates dQ over key blocks.
 
-Masks: causal (query i sees keys <= i), a sliding window (`window` > 0: keys
-i - window + 1 .. i), and packed-sequence segment ids. Key blocks that a mask hides
-entirely are skipped by the loop bounds, not visited and masked.
+Masks: causal, a sliding window and packed-sequence segment ids. Queries are aligned
+to the last keys (bottom-right): with q_len queries and kv_len keys, query i sits at
+position i + kv_len - q_len, so a short query block (prefill after a cache, decoding)
+is the end of the sequence. Causal: query i sees keys j <= its position; a window
+(`window` > 0) keeps only keys position - window + 1 .. position. A query whose
+position is negative (q_len > kv_len) sees no key: rows that see no key give 0 with a
+log-sum-exp of +inf, and no gradient. Key blocks that a mask hides entirely are skipped
+by the loop bounds, not visited and masked.
 
 `reference_attention` is the obviously-correct version: one full masked softmax in
 float32. Tests compare the two on values and gradients.
@@ -25,7 +30,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from efflm.layers.attention.softmax import dot_product_attention
 from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
@@ -38,6 +42,8 @@ def dkv_params(head_dim: int):
     return _TRITON if head_dim < 128 else plgpu.CompilerParams(num_warps=8, num_stages=2)
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# A row whose running max stayed at or below this saw only masked scores.
+_EMPTY_BELOW = 0.5 * _MASKED
 
 
 def _next_power_of_2(n: int) -> int:
@@ -46,14 +52,15 @@ def _next_power_of_2(n: int) -> int:
 
 def _full_mask(segment_ids, q_len: int, kv_len: int, causal: bool, window: int,
                kv_segment_ids=None):
-    """Boolean mask (batch or 1, 1, q_len, kv_len) for queries and keys both from 0."""
-    q_idx = jnp.arange(q_len)[:, None]
+    """Boolean mask (batch or 1, 1, q_len, kv_len); query i sits at position
+    i + kv_len - q_len (aligned to the last keys), keys at 0 .. kv_len - 1."""
+    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
     k_idx = jnp.arange(kv_len)[None, :]
     allowed = jnp.ones((q_len, kv_len), bool)
     if causal:
-        allowed = q_idx >= k_idx
+        allowed = q_pos >= k_idx
     if window:
-        allowed = allowed & (q_idx - k_idx < window)
+        allowed = allowed & (q_pos - k_idx < window)
     mask = allowed[None, None]
     if segment_ids is not None:
         kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
@@ -66,25 +73,31 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_
                         block_q=None, block_k=None, interpret=None, return_lse=False):
     """Full masked softmax attention in float32: what `flash_attention` must equal.
 
-    Same arguments as `flash_attention` (the block sizes and `interpret` are ignored).
-    Returns the output in q.dtype, and with `return_lse` also the log-sum-exp of the
-    masked, scaled scores, (batch, heads, length) float32.
+    Same arguments and masks as `flash_attention` (the block sizes and `interpret` are
+    ignored): queries aligned to the last keys, rows that see no key give 0 with a
+    log-sum-exp of +inf and no gradient. Returns the output in q.dtype, and with
+    `return_lse` also the log-sum-exp of the masked, scaled scores, (batch, heads,
+    length) float32.
     """
     del block_q, block_k, interpret
     _check_args(q, k, v, segment_ids, causal, window)
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    mask = _full_mask(segment_ids, t, s, causal, window)
-    qf = q.astype(jnp.float32) * scale * d ** 0.5  # dot_product_attention divides by sqrt(d)
-    out = dot_product_attention(qf, k.astype(jnp.float32), v.astype(jnp.float32), mask)
-    out = out.astype(q.dtype)
-    if not return_lse:
-        return out
+    mask = _full_mask(segment_ids, t, s, causal, window)[:, :, None]  # (b|1, 1, 1, t, s)
     qg = (q.astype(jnp.float32) * scale).reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32))
-    scores = jnp.where(mask[:, :, None], scores, _MASKED)
-    lse = jax.nn.logsumexp(scores, axis=-1).reshape(b, h, t)
+    # A finite fill keeps every exponent finite, so an empty row's zero probabilities
+    # (and log-sum-exp, replaced by +inf below) pass back zero gradient, not NaN.
+    scores = jnp.where(mask, scores, _MASKED)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    out = out.reshape(b, t, h, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    empty = ~jnp.any(mask, axis=-1)
+    lse = jnp.where(empty, jnp.inf, lse).reshape(b, h, t)
     return out, lse
 
 
@@ -143,18 +156,28 @@ class _Static:
     q_len: int  # before padding
     kv_len: int
     interpret: bool
+    # Position of query 0 among the keys: kv_len - q_len for flash attention (queries
+    # aligned to the last keys); 0 counts queries and keys both from 0.
+    q_offset: int = 0
 
 
 # ---------------------------------------------------------------------------------------
 # Shared pieces of the kernels.
 
 
+def _first_block_after(position, block: int):
+    """Index of the block holding `position` plus one, 0 for a negative position."""
+    return jnp.where(position < 0, 0, lax.div(jnp.maximum(position, 0), block) + 1)
+
+
 def _key_block_range(s: _Static, q_block, num_k_blocks):
-    """Key blocks [lo, hi) that queries q_block*block_q .. + block_q can see."""
-    q_first = q_block * s.block_q
+    """Key blocks [lo, hi) that queries q_block*block_q .. + block_q can see (hi <= lo:
+    none)."""
+    q_first = q_block * s.block_q + s.q_offset  # the block's first query position
     hi = num_k_blocks
     if s.causal:
-        hi = jnp.minimum(lax.div(q_first + s.block_q - 1, s.block_k) + 1, num_k_blocks)
+        hi = jnp.minimum(_first_block_after(q_first + s.block_q - 1, s.block_k),
+                         num_k_blocks)
     lo = 0
     if s.window:
         lo = lax.div(jnp.maximum(q_first - s.window + 1, 0), s.block_k)
@@ -162,22 +185,23 @@ def _key_block_range(s: _Static, q_block, num_k_blocks):
 
 
 def _query_block_range(s: _Static, k_block, num_q_blocks):
-    """Query blocks [lo, hi) that can see keys k_block*block_k .. + block_k."""
-    k_first = k_block * s.block_k
+    """Query blocks [lo, hi) that can see keys k_block*block_k .. + block_k (hi <= lo:
+    none)."""
+    k_first = k_block * s.block_k - s.q_offset  # as a query index
     lo = 0
     if s.causal:
-        lo = lax.div(k_first, s.block_q)
+        lo = lax.div(jnp.maximum(k_first, 0), s.block_q)
     hi = num_q_blocks
     if s.window:
         last_query = k_first + s.block_k - 1 + s.window - 1
-        hi = jnp.minimum(lax.div(last_query, s.block_q) + 1, num_q_blocks)
+        hi = jnp.minimum(_first_block_after(last_query, s.block_q), num_q_blocks)
     return lo, hi
 
 
 def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
     """Scaled, masked scores (block_q, block_k) in float32."""
     scores = mm(q, k, trans_b=True) * s.sm_scale
-    q_idx = q_first + jnp.arange(q.shape[0])[:, None]
+    q_idx = q_first + s.q_offset + jnp.arange(q.shape[0])[:, None]
     k_idx = k_first + jnp.arange(k.shape[0])[None, :]
     mask = None
 
@@ -265,8 +289,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
     row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
     row_sum = jnp.zeros((s.block_q,), jnp.float32)
     acc, row_max, row_sum = lax.fori_loop(lo, hi, body, (acc, row_max, row_sum))
-    o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = row_max + jnp.log(row_sum)
+    store_rows(o_ref, lse_ref, acc, row_max, row_sum)
+
+
+def store_rows(o_ref, lse_ref, acc, row_max, row_sum):
+    """Write the normalised output and the log-sum-exp of an online softmax. Rows that
+    saw no key (max still -inf, or only masked scores) get 0 and lse = +inf, which makes
+    exp(score - lse) = 0 in the backward: no gradient through them."""
+    empty = row_max <= _EMPTY_BELOW
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    o_ref[...] = jnp.where(empty[:, None], 0.0, acc / safe_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
 
 
 def _segment_args(segment_ids):
@@ -487,8 +520,12 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scal
 
     q: (batch, length, heads, head_dim); k, v: (batch, kv_length, kv_heads, head_dim) with
     heads a multiple of kv_heads (query head n reads K/V head n // (heads // kv_heads)).
-    causal: query i sees keys j <= i (both counted from 0). window > 0 (with causal):
-    only keys i - window + 1 .. i. segment_ids (batch, length) int: attention stays inside
+    Queries are aligned to the last keys: query i sits at position
+    p = i + kv_length - length, as a block of queries at the end of the sequence (prefill
+    after a cache, decoding). causal: query i sees keys j <= p. window > 0 (with causal):
+    only keys p - window + 1 .. p. A row that sees no key (p < 0 when length >
+    kv_length) gives 0, lse = +inf and no gradient. Without causal every query sees
+    every key. segment_ids (batch, length) int: attention stays inside
     equal ids (needs length == kv_length). sm_scale defaults to head_dim ** -0.5.
     Lengths need not divide the block sizes (padded here, padded keys masked); a head_dim
     that is not a power of two is zero-padded to one. interpret=None: interpret mode
@@ -527,7 +564,8 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
 
     s = _Static(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
-                block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret))
+                block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret),
+                q_offset=kv_len - t)
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
 
 

@@ -387,6 +387,16 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def check_blocks(block_t: int, block_v: int, block_d: int) -> None:
+    """Triton's arrays have power-of-two sizes: a ValueError naming the Pallas block that
+    is not one (blocks of 8 and up lower and compile for sm_90a, `efflm bench
+    compile`)."""
+    for name, block in (("block_t", block_t), ("block_v", block_v), ("block_d", block_d)):
+        if block < 1 or int(block) & (int(block) - 1):
+            raise ValueError(f"linear_cross_entropy: {name}={block} must be a power of two "
+                             f"(e.g. 16, 32, 64, 128) for the Pallas (Triton) kernels")
+
+
 def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
                          block_v: int | None = None, block_t: int = 64, block_d: int = 64,
                          z_loss: float = 0.0, interpret: bool | None = None):
@@ -397,7 +407,8 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
     `block_v` vocab columns are live at a time (both fast paths; default 512 for xla,
     128 for pallas); `block_t` tokens per Pallas program (the xla path takes all tokens
     at once, so it holds (tokens x block_v) logits); `block_d` the slice of d_model a
-    Pallas matmul step reads. Pallas block sizes must be powers of two (Triton).
+    Pallas matmul step reads. Pallas block sizes must be powers of two (Triton;
+    `check_blocks`, a ValueError otherwise).
     `interpret=None` interprets the Pallas kernels unless on a GPU.
     Under a multi-device mesh, `partitioned_linear_cross_entropy` runs it per batch shard.
     """
@@ -413,6 +424,7 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
     else:
         if interpret is None:
             interpret = not _on_gpu()
+        check_blocks(block_t, block_v or 128, block_d)
         d = h2.shape[1]
         blocks = _Blocks(vocab=w.shape[1], block_t=int(block_t), block_v=int(block_v or 128),
                          block_d=min(int(block_d), max(16, pl.next_power_of_2(d))),

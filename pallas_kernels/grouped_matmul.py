@@ -22,7 +22,8 @@ Three implementations sit side by side:
     (masked store). `tgmm` runs one program per (group, k block, n block) and
     loops over the row blocks the group touches, zeroing rows outside it.
     The backward of `grouped_matmul` is `dx = grouped_matmul(dy, w^T)` and
-    `dw = tgmm(x, dy)`, both Pallas kernels.
+    `dw = tgmm(x, dy)`, both Pallas kernels; the dx kernel reads w's blocks as they
+    are stored and contracts their last axis, so no transposed copy of w is made.
 
 On CPU the Pallas kernels run with `interpret=True` (tests, small shapes).
 """
@@ -35,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from efflm.pallas_kernels.common import mm
 
 __all__ = ["grouped_matmul", "tgmm", "grouped_matmul_reference", "tgmm_reference"]
 
@@ -134,7 +137,8 @@ def _tile_schedule(group_sizes: jax.Array, block_m: int, num_tiles: int):
 
 
 def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, x_ref, w_ref, _init_ref, out_ref, *,
-                block_m: int, block_n: int, block_k: int, num_k_blocks: int):
+                block_m: int, block_n: int, block_k: int, num_k_blocks: int,
+                transpose_w: bool):
     tile = pl.program_id(0)
     n_block = pl.program_id(1)
     group = group_ref[tile]
@@ -150,8 +154,9 @@ def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, x_ref, w_ref, _init_ref, o
         def body(k_block, acc):
             ks = pl.ds(pl.multiple_of(k_block * block_k, block_k), block_k)
             xs = x_ref[rows, ks]
-            ws = w_ref[group, ks, cols]
-            return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
+            if transpose_w:  # w stored (groups, n, k): contract the blocks' last axes
+                return acc + mm(xs, w_ref[group, cols, ks], trans_b=True)
+            return acc + mm(xs, w_ref[group, ks, cols])
 
         acc = jax.lax.fori_loop(0, num_k_blocks, body,
                                 jnp.zeros((block_m, block_n), jnp.float32))
@@ -165,25 +170,44 @@ def _full_spec(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _gmm_pallas(x, w, group_sizes, *, block_m, block_n, block_k, interpret, fill=0.0):
-    """Pallas forward. `fill` is what rows outside every group hold (tests use NaN)."""
+def check_blocks(block_m: int, block_n: int, block_k: int) -> None:
+    """Triton's arrays have power-of-two sizes: a ValueError naming the block that is not
+    one (blocks of 8 and up lower and compile for sm_90a, `efflm bench compile`)."""
+    for name, block in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"grouped_matmul: {name}={block} must be a power of two "
+                             f"(e.g. 16, 32, 64, 128) for the Pallas (Triton) kernels")
+
+
+def _operand_blocks(k: int, n: int, block_n: int, block_k: int, interpret: bool):
+    """(block_k, block_n) of one call. Interpreted, blocks shrink to the (8-rounded)
+    operand; compiled, they stay the given powers of two and the operands are padded."""
+    if not interpret:
+        return block_k, block_n
+    return min(block_k, _round_up(k, 8)), min(block_n, _round_up(n, 8))
+
+
+def _gmm_pallas(x, w, group_sizes, *, block_m, block_n, block_k, interpret, fill=0.0,
+                transpose_w=False):
+    """Pallas forward: x @ w[g], or with `transpose_w` x @ w[g]^T, reading w (groups, n,
+    k) in place. `fill` is what rows outside every group hold (tests use NaN)."""
     tokens, k = x.shape
-    groups, _, n = w.shape
-    bk = min(block_k, _round_up(k, 8)) if not _on_gpu() else block_k
-    bn = min(block_n, _round_up(n, 8)) if not _on_gpu() else block_n
+    groups, n = w.shape[0], w.shape[1 if transpose_w else 2]
+    bk, bn = _operand_blocks(k, n, block_n, block_k, interpret)
     m_pad, k_pad, n_pad = _round_up(tokens, block_m), _round_up(k, bk), _round_up(n, bn)
     xp = _pad_to(x, (m_pad, k_pad))
-    wp = _pad_to(w.astype(x.dtype), (groups, k_pad, n_pad))
+    w_shape = (groups, n_pad, k_pad) if transpose_w else (groups, k_pad, n_pad)
+    wp = _pad_to(w.astype(x.dtype), w_shape)
     num_tiles = m_pad // block_m + groups - 1
     schedule = _tile_schedule(group_sizes, block_m, num_tiles)
     init = jnp.full((m_pad, n_pad), fill, x.dtype)
     kernel = functools.partial(_gmm_kernel, block_m=block_m, block_n=bn, block_k=bk,
-                               num_k_blocks=k_pad // bk)
+                               num_k_blocks=k_pad // bk, transpose_w=transpose_w)
     out = pl.pallas_call(
         kernel,
         grid=(num_tiles, n_pad // bn),
         in_specs=[_full_spec((num_tiles,))] * 4 + [
-            _full_spec((m_pad, k_pad)), _full_spec((groups, k_pad, n_pad)),
+            _full_spec((m_pad, k_pad)), _full_spec(w_shape),
             _full_spec((m_pad, n_pad))],
         out_specs=_full_spec((m_pad, n_pad)),
         out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), x.dtype),
@@ -224,8 +248,7 @@ def _tgmm_pallas(x, dy, group_sizes, *, block_m, block_n, block_k, interpret):
     tokens, k = x.shape
     n = dy.shape[1]
     groups = group_sizes.shape[0]
-    bk = min(block_k, _round_up(k, 8)) if not _on_gpu() else block_k
-    bn = min(block_n, _round_up(n, 8)) if not _on_gpu() else block_n
+    bk, bn = _operand_blocks(k, n, block_n, block_k, interpret)
     m_pad, k_pad, n_pad = _round_up(tokens, block_m), _round_up(k, bk), _round_up(n, bn)
     xp = _pad_to(x, (m_pad, k_pad))
     dyp = _pad_to(dy.astype(x.dtype), (m_pad, n_pad))
@@ -265,8 +288,8 @@ def _gmm_diff_fwd(x, w, group_sizes, block_m, block_n, block_k, interpret):
 def _gmm_diff_bwd(block_m, block_n, block_k, interpret, residuals, dy):
     x, w, group_sizes = residuals
     dy = dy.astype(x.dtype)
-    dx = _gmm_pallas(dy, jnp.swapaxes(w, 1, 2), group_sizes, block_m=block_m,
-                     block_n=block_k, block_k=block_n, interpret=interpret)
+    dx = _gmm_pallas(dy, w, group_sizes, block_m=block_m, block_n=block_k,
+                     block_k=block_n, interpret=interpret, transpose_w=True)
     dw = _tgmm_pallas(x, dy, group_sizes, block_m=block_m, block_n=block_n,
                       block_k=block_k, interpret=interpret)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
@@ -293,7 +316,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     x: (tokens, k); w: (groups, k, n); group_sizes: (groups,) int32. Output dtype is
     x's, accumulation in float32. Differentiable in x and w.
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (`jax.lax.ragged_dot`) or
-    `pallas` (interpreted unless on GPU, or as `interpret` says).
+    `pallas` (interpreted unless on GPU, or as `interpret` says). Pallas blocks must be
+    powers of two (`check_blocks`: a ValueError otherwise).
     """
     _check(x, w, group_sizes)
     impl, interpret = _resolve(impl, interpret)
@@ -301,6 +325,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, impl: 
     if impl == "xla":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes,
                                   preferred_element_type=jnp.float32).astype(x.dtype)
+    check_blocks(block_m, block_n, block_k)
     return _gmm_diff(x, w, group_sizes, block_m, block_n, block_k, interpret)
 
 
@@ -320,5 +345,6 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, impl: str = "au
         zeros = jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), x.dtype)
         _, pullback = jax.vjp(forward, zeros)
         return pullback(dy.astype(jnp.float32))[0].astype(x.dtype)
+    check_blocks(block_m, block_n, block_k)
     return _tgmm_pallas(x, dy, group_sizes, block_m=block_m, block_n=block_n,
                         block_k=block_k, interpret=interpret)

@@ -326,20 +326,35 @@ def _kernel_layout(q, k, v, log_decay, chunk):
     return qh, kh, vh, b
 
 
+# The most state elements (dk x block_dv) one program of the per-head kernel holds.
+_MAX_STATE_BLOCK = 128 * 128
+
+
+def value_block(dk: int, dv: int) -> int:
+    """Value columns per program of the per-head kernel: all dv while the (dk x dv) state
+    is at most 128 x 128, else slices that keep it so. At head dim 256 a whole state
+    asks 320 KiB of shared memory, more than an sm_90 block has (`efflm bench compile`);
+    slices of 64 ask 80 KiB."""
+    block = min(dv, max(16, _MAX_STATE_BLOCK // max(dk, 1)))
+    return block if dv % block == 0 else dv
+
+
 def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
-                  seg=None):
+                  seg=None, block_dv=None):
     """The kernel on `_kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
 
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
     tests: filled with NaN, they show every element is written). seg: segment indices
-    (batch, padded) int32 (`_kernel_segments`; None: one segment).
+    (batch, padded) int32 (`_kernel_segments`; None: one segment). block_dv: value columns
+    per program (None: `value_block`).
     """
     padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
+    block_dv = value_block(dk, dv) if block_dv is None else block_dv
     return _per_head_call(
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
-        initial_state, dv, interpret, _triton_params(dk, dv), "chunked_linear_attention_fwd",
-        initial_outputs, seg)
+        initial_state, block_dv, interpret, _triton_params(dk, block_dv),
+        "chunked_linear_attention_fwd", initial_outputs, seg)
 
 
 def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
@@ -563,14 +578,17 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
 
     q, k: (batch, length, heads, dk); v: (batch, length, heads, dv);
     log_decay: per-step log decay g_t <= 0, (batch, length, heads) for one gate per
-    head or (batch, length, heads, dk) for one per key dimension (GLA; with Pallas
-    on a GPU the chunk must be a multiple of 16), None for no decay;
+    head or (batch, length, heads, dk) for one per key dimension (GLA), None for no
+    decay;
     initial_state: (batch, heads, dk, dv) (None: zeros); segment_ids: (batch, length)
     ints, the state restarting where they change (None: one segment; `xla` only, so
     under `auto` on a GPU they select `xla`). The state is float32; out
     has q's dtype. Any length works (padded to whole chunks).
     impl: `auto` (Pallas on GPU, XLA elsewhere), `xla` (chunked pure JAX) or
-    `pallas` (interpreted unless on GPU, or as `interpret` says).
+    `pallas` (interpreted unless on GPU, or as `interpret` says). Under `pallas`, dk and
+    dv are zero-padded to `padded_head_dim` (a power of two, at least 16); compiled
+    (not interpreted) it needs a chunk that is a power of two (`compiled_chunk_problem`,
+    a ValueError otherwise).
     """
     _check(q, k, v, log_decay, initial_state)
     if impl not in _IMPLS:
@@ -586,12 +604,52 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
                                             segment_ids=segment_ids)
     if interpret is None:
         interpret = not on_gpu
-    if log_decay is not None and log_decay.ndim == 4 and chunk % 16 and not interpret:
-        raise ValueError(f"per-key-dimension gates under impl='pallas' need a chunk that is "
-                         f"a multiple of 16 (Triton's smallest matmul); got {chunk}")
+    reason = compiled_chunk_problem(chunk)
+    if reason is not None and not interpret:
+        raise ValueError(f"{reason}; use one, or impl='xla'")
     log_decay, initial_state = _defaults(q, v, log_decay, initial_state)
     if segment_ids is None:
         seg = jnp.zeros(q.shape[:2], jnp.int32)
     else:
         seg = segment_index(segment_ids)
-    return _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret)
+    dk, dv = q.shape[-1], v.shape[-1]
+    q, k, v, log_decay, initial_state = _pad_head_dims(q, k, v, log_decay, initial_state)
+    out, state = _linear_attention_pallas(q, k, v, log_decay, initial_state, seg, chunk,
+                                          interpret)
+    return out[..., :dv], state[:, :, :dk, :dv]
+
+
+def compiled_chunk_problem(chunk: int, name: str = "chunk") -> str | None:
+    """Why the compiled (Triton) kernels cannot take chunks of `chunk` tokens, or None
+    (`name`: how the message calls the setting).
+
+    Triton's arrays have power-of-two sizes, so a chunk must be a power of two (1 to 256
+    lower and compile for sm_90a through `efflm bench compile`'s toolchain; past 64 the
+    state spills registers); interpret mode takes any chunk.
+    """
+    if chunk < 1 or chunk & (chunk - 1):
+        powers = ", ".join(str(1 << n) for n in range(9))
+        return (f"{name}={chunk}: the compiled Pallas (Triton) linear attention kernel "
+                f"needs a power of two ({powers})")
+    return None
+
+
+def padded_head_dim(dim: int) -> int:
+    """The head dim the Pallas path runs: the next power of two, at least 16 (Triton's
+    arrays have power-of-two sizes)."""
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+def _pad_head_dims(q, k, v, log_decay, initial_state):
+    """Zero-pad dk and dv to `padded_head_dim`. Exact: padded key dimensions are zero in
+    q and k (their gates are 0, i.e. no decay, on state rows that stay zero) and padded
+    value columns are zero in v and the state; the caller slices them off."""
+    dk, dv = q.shape[-1], v.shape[-1]
+    dk_pad, dv_pad = padded_head_dim(dk) - dk, padded_head_dim(dv) - dv
+    if not dk_pad and not dv_pad:
+        return q, k, v, log_decay, initial_state
+    last = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n)])  # noqa: E731
+    if log_decay.ndim == 4:
+        log_decay = last(log_decay, dk_pad)
+    state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, dk_pad), (0, dv_pad)])
+    return last(q, dk_pad), last(k, dk_pad), last(v, dv_pad), log_decay, state

@@ -25,10 +25,11 @@ from efflm.pallas_kernels.flash_attention import (
 pytestmark = pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
 
 
-def _make(seed, batch, length, heads, kv_heads, dim, dtype, segments):
+def _make(seed, batch, length, heads, kv_heads, dim, dtype, segments, kv_length=None):
     rng = np.random.default_rng(seed)
-    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, n, dim)), dtype)
-               for n in (heads, kv_heads, kv_heads))
+    kv_length = length if kv_length is None else kv_length
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, n_len, n, dim)), dtype)
+               for n_len, n in ((length, heads), (kv_length, kv_heads), (kv_length, kv_heads)))
     seg = None
     if segments:  # packed sequences: sorted ids, a few segments per row
         seg = jnp.asarray(np.sort(rng.integers(1, 4, (batch, length)), axis=1), jnp.int32)
@@ -38,16 +39,17 @@ def _make(seed, batch, length, heads, kv_heads, dim, dtype, segments):
 
 
 def _check(length, heads, kv_heads, dim, block_q, block_k, causal, window, segments,
-           dtype, interpret, batch=2, seed=0):
+           dtype, interpret, batch=2, seed=0, kv_length=None):
     q, k, v, seg, w_out, w_lse = _make(seed, batch, length, heads, kv_heads, dim, dtype,
-                                       segments)
+                                       segments, kv_length)
     kw = dict(segment_ids=seg, causal=causal, window=window, block_q=block_q,
               block_k=block_k, return_lse=True)
 
     def loss(fn):  # one compiled program per implementation: outputs and gradients
         def f(q, k, v):
             out, lse = fn(q, k, v, interpret=interpret, **kw)
-            value = jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse)
+            finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see no key: +inf
+            value = jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(finite_lse * w_lse)
             return value, (out, lse)
         return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
 
@@ -88,6 +90,63 @@ def test_matches_reference_bfloat16():
     _check(*CASES["gqa_segments_ragged"], dtype=jnp.bfloat16, interpret=True, batch=1)
 
 
+# Queries and keys of different lengths: queries are the last positions of the sequence.
+LENGTH_CASES = {
+    # length, kv_length, heads, kv_heads, dim, block_q, block_k, causal, window
+    "prefill_after_cache": (24, 56, 4, 2, 16, 16, 16, True, 0),
+    "short_queries_window": (20, 50, 2, 1, 16, 16, 32, True, 12),
+    "decode_one_query_window": (1, 40, 4, 1, 16, 16, 16, True, 12),
+    "noncausal_short_queries": (24, 40, 2, 2, 16, 16, 16, False, 0),
+    "more_queries_causal": (40, 24, 2, 1, 16, 16, 16, True, 0),
+    "more_queries_window": (64, 16, 2, 2, 16, 16, 16, True, 8),
+}
+
+
+def _check_lengths(length, kv_length, heads, kv_heads, dim, block_q, block_k, causal,
+                   window, dtype, batch=2):
+    _check(length, heads, kv_heads, dim, block_q, block_k, causal, window, False, dtype,
+           interpret=True, batch=batch, kv_length=kv_length)
+
+
+@pytest.mark.parametrize("case", list(LENGTH_CASES))
+def test_query_and_key_lengths_differ_float32(case):
+    _check_lengths(*LENGTH_CASES[case], dtype=jnp.float32)
+
+
+def test_query_and_key_lengths_differ_bfloat16():
+    _check_lengths(*LENGTH_CASES["more_queries_window"], dtype=jnp.bfloat16, batch=1)
+
+
+def test_reference_aligns_queries_to_the_last_keys():
+    """Query i of a short block is position i + kv_len - q_len: it sees what the same
+    position sees in the full sequence, so the block's rows equal the full rows."""
+    q, k, v, _, _, _ = _make(6, 1, 40, 2, 1, 16, jnp.float32, False)
+    full, full_lse = reference_attention(q, k, v, window=7, return_lse=True)
+    tail, tail_lse = reference_attention(q[:, 30:], k, v, window=7, return_lse=True)
+    np.testing.assert_allclose(tail, full[:, 30:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tail_lse, full_lse[:, :, 30:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", [reference_attention, flash_attention],
+                         ids=["reference", "kernel"])
+def test_rows_that_see_no_key_are_zero_with_infinite_lse_and_no_gradient(impl):
+    """128 queries on 32 keys: queries 0..95 sit at negative positions and see no key."""
+    q, k, v, _, w_out, _ = _make(8, 1, 128, 2, 1, 16, jnp.float32, False, kv_length=32)
+    w_out = w_out[:, :128]
+
+    def f(q, k, v):
+        out, lse = impl(q, k, v, window=16, block_q=32, block_k=16, return_lse=True)
+        return jnp.sum(out * w_out), (out, lse)
+
+    (_, (out, lse)), (dq, dk, dv) = jax.jit(
+        jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+    assert np.all(np.asarray(out[:, :96]) == 0) and np.all(np.isinf(lse[:, :, :96]))
+    assert np.all(np.asarray(lse[:, :, :96]) > 0)
+    assert np.all(np.isfinite(lse[:, :, 96:])) and np.all(np.abs(out[:, 96:]).sum(-1) > 0)
+    assert np.all(np.asarray(dq[:, :96]) == 0) and np.any(np.asarray(dq[:, 96:]) != 0)
+    assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
+
+
 def test_lse_is_logsumexp_of_scores():
     q, k, v, seg, _, _ = _make(3, 1, 40, 4, 2, 16, jnp.float32, True)
     _, lse = flash_attention(q, k, v, segment_ids=seg, block_q=16, block_k=16,
@@ -108,36 +167,45 @@ def test_every_output_position_is_written():
     nan_lse = jnp.full((1, 4, qp.shape[1]), jnp.nan, jnp.float32)
     out, lse = jax.jit(lambda *a: _forward(*a, s, initial_outputs=(nan_out, nan_lse)))(
         qp, kp, vp, segp)
-    assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
+    # Padded query rows see no key: lse +inf there, but nothing is left unwritten.
+    assert np.all(np.isfinite(out)) and not np.any(np.isnan(lse))
     ref = reference_attention(q, k, v, segment_ids=seg, window=8)
     np.testing.assert_allclose(out[:, :40, :, :24], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal, window, block_q, block_k",
-                         [(True, 0, 16, 16), (True, 0, 16, 32), (True, 0, 32, 16),
-                          (True, 5, 16, 16), (True, 40, 32, 16), (True, 17, 16, 32),
-                          (False, 0, 16, 16)])
-def test_loop_bounds_visit_exactly_the_visible_blocks(causal, window, block_q, block_k):
-    """Forward and dQ skip key blocks (dK/dV skip query blocks) that are fully masked."""
-    length = 96
+@pytest.mark.parametrize("causal, window, block_q, block_k, q_len, kv_len",
+                         [(True, 0, 16, 16, 96, 96), (True, 0, 16, 32, 96, 96),
+                          (True, 0, 32, 16, 96, 96), (True, 5, 16, 16, 96, 96),
+                          (True, 40, 32, 16, 96, 96), (True, 17, 16, 32, 96, 96),
+                          (False, 0, 16, 16, 96, 96), (True, 0, 16, 16, 32, 96),
+                          (True, 12, 16, 32, 32, 128), (True, 0, 16, 16, 96, 32),
+                          (True, 8, 32, 16, 128, 32)])
+def test_loop_bounds_visit_exactly_the_visible_blocks(causal, window, block_q, block_k,
+                                                      q_len, kv_len):
+    """Forward and dQ skip key blocks (dK/dV skip query blocks) that are fully masked;
+    a block that sees nothing gets an empty range."""
     s = _Static(causal=causal, window=window, sm_scale=1.0, block_q=block_q,
-                block_k=block_k, q_len=length, kv_len=length, interpret=True)
-    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
-    visible = np.ones((length, length), bool)
+                block_k=block_k, q_len=q_len, kv_len=kv_len, interpret=True,
+                q_offset=kv_len - q_len)
+    i = np.arange(q_len)[:, None] + kv_len - q_len
+    j = np.arange(kv_len)[None, :]
+    visible = np.ones((q_len, kv_len), bool)
     if causal:
         visible &= i >= j
     if window:
         visible &= i - j < window
-    nq, nk = length // block_q, length // block_k
+    nq, nk = q_len // block_q, kv_len // block_k
     blocks = visible.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
+
+    def visited(lo, hi, n):
+        return [b for b in range(n) if int(lo) <= b < int(hi)]
+
     for qb in range(nq):
-        lo, hi = (int(x) for x in _key_block_range(s, jnp.int32(qb), nk))
-        seen = np.flatnonzero(blocks[qb])
-        assert (lo, hi) == (seen.min(), seen.max() + 1), qb
+        lo, hi = _key_block_range(s, jnp.int32(qb), nk)
+        assert visited(lo, hi, nk) == list(np.flatnonzero(blocks[qb])), qb
     for kb in range(nk):
-        lo, hi = (int(x) for x in _query_block_range(s, jnp.int32(kb), nq))
-        seen = np.flatnonzero(blocks[:, kb])
-        assert (lo, hi) == (seen.min(), seen.max() + 1), kb
+        lo, hi = _query_block_range(s, jnp.int32(kb), nq)
+        assert visited(lo, hi, nq) == list(np.flatnonzero(blocks[:, kb])), kb
 
 
 def _model_inputs(cfg):

@@ -170,6 +170,16 @@ def test_train_steps_match_naive(small_config):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("interpret", [True, False])
+@pytest.mark.parametrize("block", ["block_t", "block_v", "block_d"])
+def test_pallas_blocks_that_are_no_power_of_two_are_refused(block, interpret):
+    """Triton cannot lower a block of 96: refused naming it, compiled or interpreted."""
+    h, w, targets, mask = _inputs(32, 16, 100, jnp.float32)
+    with pytest.raises(ValueError, match=f"{block}=96 must be a power of two"):
+        linear_cross_entropy(h, w, targets, mask, impl="pallas", interpret=interpret,
+                             **{block: 96})
+
+
 def test_config_rejects_unknown_loss_impl(small_config):
     from efflm.errors import ConfigError
 

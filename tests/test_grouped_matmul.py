@@ -119,6 +119,35 @@ def test_every_row_inside_a_group_is_written():
         _close(out[:total], grouped_matmul_reference(x, w, sizes)[:total], 1e-5)
 
 
+def _transposed_operand_shapes(jaxpr):
+    """Operand shapes of every transpose in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transpose":
+            found.append(eqn.invars[0].aval.shape)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _transposed_operand_shapes(inner)
+    return found
+
+
+def test_backward_reads_the_weight_without_a_transposed_copy():
+    """dx = dy @ w[g]^T indexes w's blocks transposed in the kernel: the backward
+    program holds no transpose of the weight."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+
+    def grads(x, w, dy):
+        _, pullback = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl="pallas",
+                                                          **BLOCKS), x, w)
+        return pullback(dy)
+
+    jaxpr = jax.make_jaxpr(grads)(x, w, dy).jaxpr
+    assert "pallas_call" in str(jaxpr)
+    assert w.shape not in _transposed_operand_shapes(jaxpr)
+
+
 def test_tgmm_matches_reference():
     x, _, sizes, dy = _inputs(*CASES["mixed"], seed=2)
     expected = tgmm_reference(x, dy, sizes)
@@ -150,6 +179,35 @@ def test_bad_inputs_and_impl():
         grouped_matmul(x, w, sizes[:-1])
     with pytest.raises(ValueError, match="k="):
         grouped_matmul(x[:, :-1], w, sizes)
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+@pytest.mark.parametrize("block", ["block_m", "block_n", "block_k"])
+def test_pallas_blocks_that_are_no_power_of_two_are_refused(block, interpret):
+    """Triton cannot lower a block of 48: refused naming it, compiled or interpreted,
+    for the grouped matmul and its transpose."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+    blocks = {**BLOCKS, block: 48}
+    with pytest.raises(ValueError, match=f"{block}=48 must be a power of two"):
+        grouped_matmul(x, w, sizes, impl="pallas", interpret=interpret, **blocks)
+    with pytest.raises(ValueError, match=f"{block}=48 must be a power of two"):
+        tgmm(x, dy, sizes, impl="pallas", interpret=interpret, **blocks)
+
+
+def test_compiled_blocks_stay_powers_of_two_on_any_host():
+    """Lowered for a GPU from a CPU host, operands that are no block multiple (k = 20,
+    n = 12) are padded to the blocks, not the blocks shrunk to them (which Triton would
+    refuse)."""
+    x, w, sizes, dy = _inputs(*CASES["mixed"])
+
+    def value_and_grads(x, w, sizes, dy):
+        fn = lambda x, w: grouped_matmul(x, w, sizes, impl="pallas", interpret=False)
+        out, pullback = jax.vjp(fn, x, w)
+        return (out, *pullback(dy))
+
+    text = jax.jit(value_and_grads).trace(x, w, sizes, dy).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 3
 
 
 def test_auto_is_xla_on_cpu():

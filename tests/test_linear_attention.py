@@ -244,11 +244,19 @@ def test_per_key_dim_gates_pallas_match_recurrent(length, chunk, gate_scale):
             raise AssertionError(name) from e
 
 
-def test_per_key_dim_gates_bad_input():
+@pytest.mark.parametrize("gates", ["none", "head", "key_dim"])
+def test_compiled_kernel_refuses_a_chunk_that_is_no_power_of_two(gates):
+    """Triton cannot lower a chunk of 24: refused with the setting and its allowed values
+    before any kernel is built."""
     q, k, v, log_decay, *_ = _gla_inputs(8, 1.0)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    log_decay = {"none": None, "head": log_decay[..., 0], "key_dim": log_decay}[gates]
+    with pytest.raises(ValueError, match=r"chunk=24: .*power of two \(1, 2, 4, .*256\)"):
         chunked_linear_attention(q, k, v, log_decay=log_decay, impl="pallas", chunk=24,
                                  interpret=False)
+
+
+def test_per_key_dim_gates_bad_input():
+    q, k, v, log_decay, *_ = _gla_inputs(8, 1.0)
     with pytest.raises(ValueError, match=r"\(batch, length, heads, dk\)"):
         chunked_linear_attention(q, k, v, log_decay=log_decay[..., :2], impl="xla")
 
@@ -328,6 +336,42 @@ def test_lowers_to_triton_with_segments(gates):
 
     text = jax.jit(grads).trace(q, log_decay).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@__gpu$xla.gpu.triton(") == 4
+
+
+@pytest.mark.parametrize("gates", ["head", "key_dim"])
+def test_head_dims_that_are_no_power_of_two_lower_to_triton(gates):
+    """dk = 24 and dv = 40 are zero-padded to 32 and 64 before the kernels (no GPU
+    needed: unpadded, the Triton lowering refuses them)."""
+    q = jnp.ones((1, 40, 2, 24), jnp.bfloat16)
+    v = jnp.ones((1, 40, 2, 40), jnp.bfloat16)
+    log_decay = jnp.full((1, 40, 2) if gates == "head" else (1, 40, 2, 24), -0.1)
+
+    def grads(q, v, log_decay):
+        fn = lambda q, v, g: chunked_linear_attention(q, q, v, log_decay=g, chunk=16,
+                                                      impl="pallas", interpret=False)
+        return jax.grad(lambda q, v, g: jnp.sum(fn(q, v, g)[0].astype(jnp.float32)),
+                        argnums=(0, 1, 2))(q, v, log_decay)
+
+    text = jax.jit(grads).trace(q, v, log_decay).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 4
+
+
+def test_large_states_split_the_value_columns():
+    """From a 128 x 128 state on, the per-head kernel's programs take slices of the value
+    columns (head dim 256: four of 64, which fit in an sm_90 block's shared memory), and
+    slices give the unsplit result."""
+    assert [la_module.value_block(d, d) for d in (16, 64, 128, 256)] == [16, 64, 128, 64]
+    assert la_module.value_block(256, 32) == 32 and la_module.value_block(24, 40) == 40
+    keys = jax.random.split(jax.random.key(11), 5)
+    q, k = (jax.random.normal(key, (1, 32, 1, 16)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (1, 32, 1, 32))
+    gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 32, 1)))
+    state = jax.random.normal(keys[4], (1, 1, 16, 32))
+    layout = la_module._kernel_layout(q, k, v, gates, 16)
+    run = functools.partial(la_module._forward_call, chunk=16, interpret=True)
+    split, whole = run(*layout, state, block_dv=16), run(*layout, state)
+    for a, b in zip(split, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 
 from efflm.config import ModelConfig, head_dim
 from efflm.errors import ConfigError
-from efflm.layers.attention.linear import chunked_mix_flops, decoding, linear_mix, mix_impl
+from efflm.layers.attention.linear import (
+    chunked_mix_flops,
+    decoding,
+    linear_mix,
+    mix_impl,
+    validate_chunk,
+)
 from efflm.layers.attention.softmax import dot_product_attention
 from efflm.layers.common import Dense
 from efflm.layers.rotary import apply_rotary
@@ -116,6 +122,7 @@ class BasedAttention(nn.Module):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
+        validate_chunk(cfg)
         if cfg.attention.window > cfg.max_seq_len:
             raise ConfigError(f"model.attention.window={cfg.attention.window} is larger than "
                               f"model.max_seq_len={cfg.max_seq_len}; lower it")

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.config import ModelConfig, head_dim
-from efflm.errors import ConfigError
-from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, mix_impl
+from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, validate_chunk
 from efflm.layers.common import Dense
 from efflm.pallas_kernels.linear_attention import _sub_chunk
 
@@ -53,11 +52,7 @@ class GatedLinearAttention(nn.Module):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        a = cfg.attention
-        if a.decay == "data" and a.impl == "pallas" and a.chunk_size % 16:
-            raise ConfigError(f"model.attention.chunk_size={a.chunk_size}: gla's Pallas "
-                              "kernel needs a multiple of 16; change it or set "
-                              "model.attention.impl=xla")
+        validate_chunk(cfg)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -80,11 +75,6 @@ class GatedLinearAttention(nn.Module):
         q = Dense((h, d), axes, name="query", **kw)(x) * jnp.asarray(d ** -0.5, cfg.dtype)
         k = Dense((h, d), axes, name="key", **kw)(x)
         v = Dense((h, d), axes, name="value", **kw)(x)
-        if (a.decay == "data" and a.chunk_size % 16 and jax.default_backend() == "gpu"
-                and mix_impl(cfg, "gated linear attention") == "pallas"):
-            raise ConfigError(f"model.attention.chunk_size={a.chunk_size}: gla's Pallas kernel "
-                              "needs a multiple of 16 on a GPU; change it or set "
-                              "model.attention.impl=xla")
         if a.decay == "data":
             low = Dense((a.gate_rank,), ("embed", None), name="gate_down", **kw)(x)
             logits = Dense((h, d), (None, "heads", "head_dim"), name="gate_up", **kw)(low)

@@ -21,6 +21,7 @@ from efflm.errors import ConfigError
 from efflm.layers.common import Dense, resolve_impl
 from efflm.pallas_kernels.linear_attention import (
     chunked_linear_attention,
+    compiled_chunk_problem,
     linear_attention_recurrent,
     segment_starts,
 )
@@ -37,8 +38,27 @@ def decoding(module: nn.Module) -> bool:
 
 
 def mix_impl(cfg: ModelConfig, what: str) -> str:
-    """`resolve_impl` for the chunked kernel (both forms mask packed segments)."""
-    return resolve_impl(cfg.attention.impl, ("xla", "pallas"), what)
+    """`resolve_impl` for the chunked kernel (both forms mask packed segments). Pallas on
+    a GPU with a chunk the compiled kernel cannot take (under `auto`) is a ConfigError."""
+    impl = resolve_impl(cfg.attention.impl, ("xla", "pallas"), what)
+    if impl == "pallas" and jax.default_backend() == "gpu":
+        check_pallas_chunk(cfg)
+    return impl
+
+
+def check_pallas_chunk(cfg: ModelConfig) -> None:
+    """ConfigError naming model.attention.chunk_size when the compiled Pallas kernel
+    cannot take it (not a power of two)."""
+    reason = compiled_chunk_problem(cfg.attention.chunk_size, "model.attention.chunk_size")
+    if reason is not None:
+        raise ConfigError(f"{reason}; change it or set model.attention.impl=xla")
+
+
+def validate_chunk(cfg: ModelConfig) -> None:
+    """The linear kinds' config check: under model.attention.impl=pallas the chunk must
+    suit the compiled kernel, whatever machine validates the config."""
+    if cfg.attention.impl == "pallas":
+        check_pallas_chunk(cfg)
 
 
 def segment_cumsum(x, segment_ids):
@@ -132,6 +152,7 @@ class LinearAttention(nn.Module):
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
         a = cfg.attention
+        validate_chunk(cfg)
         if a.feature_map == "identity" and a.normalize:
             raise ConfigError("model.attention.feature_map=identity cannot be normalised (its "
                               "phi(q).sum(phi(k)) can be zero or negative); set "
