@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import cached_and_full_logits
+from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
 from efflm.flops import forward_flops_per_token, traced_matmul_flops
@@ -18,7 +19,6 @@ from efflm.layers.attention.deltanet import (
 from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.models import LM
 from efflm.models.plan import layer_plan
-from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 GDN = "model.attention.kind=gated_deltanet"
 # Two whole chunks of 16 and a partial one; segment boundaries at 5, 20 and 33 fall
