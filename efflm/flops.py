@@ -10,9 +10,7 @@ length x length scores that causality keeps (as FlashAttention reports), so work
 spent on masked scores never raises MFU.
 
 `traced_matmul_flops` counts the matmuls a function really runs, from its jaxpr
-(scan bodies times their length), for checking the analytic figures; a triangular
-solve counts as the matmul it replaces (m^2 n for an m x m triangle and n right-hand
-sides, BLAS's count).
+(scan bodies times their length), for checking the analytic figures.
 """
 
 from __future__ import annotations
@@ -73,10 +71,6 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
             out = eqn.outvars[0].aval.shape
             total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
             continue
-        if eqn.primitive.name == "triangular_solve":
-            a, b = (v.aval.shape for v in eqn.invars)
-            total += float(math.prod(b)) * a[-1]
-            continue
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -87,8 +81,7 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
 
 
 def traced_matmul_flops(fn, *args) -> float:
-    """FLOPs of every `dot_general` (and `triangular_solve`) that `fn(*args)` traces to,
-    each scan body counted
+    """FLOPs of every `dot_general` that `fn(*args)` traces to, each scan body counted
     `length` times (XLA:CPU's `cost_analysis` counts a loop body once)."""
     return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
