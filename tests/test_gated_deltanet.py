@@ -11,6 +11,7 @@ from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
 from efflm.flops import forward_flops_per_token, traced_matmul_flops
+from efflm.layers import ATTENTION
 from efflm.layers.attention.deltanet import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
@@ -89,6 +90,47 @@ def test_layer_matches_its_token_scan_reference(small_config, overrides):
         _close(a, b, 2e-5)
     alone = layer.apply({"params": params}, x[:1, 6:15], positions[:1, :9], None, None)
     _close(out[:1, 6:15], alone, 2e-5)
+
+
+def test_layer_computes_the_documented_formula(small_config):
+    """The layer's output, written out from its parameters: the convolution taps (tap j
+    reads j tokens back), SiLU, L2-normalised q and k with q scaled by dk^-1/2, beta and
+    the decay, the gated delta rule, per-head RMSNorm, the output gate and projection;
+    and the decay's initial ranges."""
+    cfg = small_config(*LAYER, GDN, "model.attention.conv_width=3").model
+    layer = ATTENTION["gated_deltanet"](cfg, reference=True)
+    x = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x, positions, None, None))
+    params = params["params"]
+    rate = jnp.exp(params["decay_log_scale"])
+    time_step = jax.nn.softplus(params["decay_bias"])
+    assert (1 <= rate).all() and (rate <= 16).all()
+    assert (1e-3 <= time_step).all() and (time_step <= 0.1 + 1e-6).all()
+    got = jax.jit(layer.apply)({"params": params}, x, positions, None, None)
+
+    def project(name, y=x):
+        return jnp.einsum("btm,m...->bt...", y, params[name]["kernel"])
+
+    def conv(name, y):
+        kernel = params[f"{name}_conv"]["kernel"]
+        padded = jnp.pad(y, [(0, 0), (2, 0), (0, 0), (0, 0)])
+        return sum(kernel[j] * padded[:, 2 - j:14 - j] for j in range(3))
+
+    @jax.jit
+    def formula(params, x):
+        q, k, v = (jax.nn.silu(conv(n, project(n))) for n in ("query", "key", "value"))
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * q.shape[-1] ** -0.5
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(project("beta"))
+        log_alpha = -rate * jax.nn.softplus(project("decay") + params["decay_bias"])
+        o = gated_delta_rule_recurrent(q, k, v, log_alpha, beta)[0]
+        o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
+        o = o * params["norm"]["scale"] * jax.nn.silu(project("output_gate"))
+        return jnp.einsum("bthd,hdm->btm", o, params["out"]["kernel"])
+
+    want = formula(params, x)
+    _close(got, want, 1e-4)
 
 
 def _model(small_config, *overrides):
