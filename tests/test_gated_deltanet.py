@@ -152,12 +152,14 @@ def test_prefill_and_steps_give_the_full_forward_logits(small_config):
 @pytest.mark.parametrize("overrides", [
     [GDN],
     [GDN, "model.attention.output_gate=false"],
-    ["model.attention.pattern=gated_deltanet,softmax", "model.num_layers=4"],
+    ["model.attention.pattern=gated_deltanet,softmax", "model.num_layers=4",
+     "model.attention.num_kv_heads=1"],
 ])
 def test_flops_equal_the_traced_matmuls(small_config, overrides):
     """Exact at a length (40) that is no multiple of the chunk (16): the analytic count
     is the padded chunked form's, forward substitution included. A softmax layer runs one
-    full masked softmax here: twice the causal half it is credited with."""
+    full masked softmax here: twice the causal half it is credited with. num_kv_heads
+    (1 here) narrows only the softmax layers' keys and values."""
     cfg = small_config(*overrides, "data.seq_len=40", "model.attention.chunk_size=16").model
     model = LM(cfg)
     tokens = jnp.zeros((2, 40), jnp.int32)
