@@ -87,14 +87,14 @@ def _config_show(args) -> int:
 
 
 def _bench(args) -> int:
-    from efflm.bench import attention, depth, generate, kernels, mfu, moe, quant
+    from efflm.bench import attention, depth, gdn, generate, kernels, mfu, moe, quant
     from efflm.bench import compile as compile_bench
 
     which = args.rest[0] if args.rest else "mfu"
     benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
                "linear": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
-               "attention": attention.main, "quant": quant.main}
+               "attention": attention.main, "quant": quant.main, "gdn": gdn.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

@@ -35,7 +35,8 @@ class AttentionConfig:
     # impl=xla: queries in blocks of this many, each over the keys up to its own block
     # (skips what causality masks); 0: one full masked softmax.
     block_size: int = 128
-    # Linear kinds (linear, gla, based): tokens per chunk of the chunked form.
+    # Linear kinds (linear, gla, based, gated_deltanet): tokens per chunk of the chunked
+    # form.
     chunk_size: int = 64
     # linear: feature map elu (elu+1) | relu | identity, and whether outputs are divided
     # by phi(q).sum(phi(k)) (refused with identity, where it can be zero or negative).
@@ -49,6 +50,12 @@ class AttentionConfig:
     # width of its sliding-window softmax branch, in tokens.
     feature_dim: int = 16
     window: int = 64
+    # gated_deltanet: a causal depthwise convolution of conv_width taps, then SiLU, on
+    # q, k and v (short_conv=false: SiLU alone); the output gate swish(W_g x) times the
+    # per-head RMSNorm of the output (output_gate=false: the norm alone).
+    short_conv: bool = True
+    conv_width: int = 4
+    output_gate: bool = True
 
 
 @dataclass

@@ -1,0 +1,216 @@
+"""Gated DeltaNet (`model.attention.kind=gated_deltanet`): the chunked form against the
+token scan, the layer against its reference, decoding, FLOPs, presets and bad settings."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import cached_and_full_logits
+from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
+
+from efflm.cli import main
+from efflm.flops import forward_flops_per_token, traced_matmul_flops
+from efflm.layers import ATTENTION
+from efflm.layers.attention.deltanet import (
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+    l2_normalize,
+)
+from efflm.layers.attention.softmax import causal_mix_flops
+from efflm.models import LM
+from efflm.models.plan import layer_plan
+
+GDN = "model.attention.kind=gated_deltanet"
+# Two whole chunks of 16 and a partial one; segment boundaries at 5, 20 and 33 fall
+# inside chunks, the last segment (0) is a padding run.
+LENGTH, CHUNK = 37, 16
+SEGMENT_IDS = jnp.array([[1] * 5 + [2] * 15 + [3] * 13 + [0] * 4, [1] * LENGTH])
+
+
+def _inputs(dtype):
+    """q, k (L2-normalised), v, log decays in [-5, 0] (head 0 at exactly -5 every step),
+    beta in (0, 1), an initial state and cotangents for the output and final state."""
+    b, h, dk, dv = 2, 3, 8, 6
+    keys = jax.random.split(jax.random.key(0), 8)
+    q = jax.random.normal(keys[0], (b, LENGTH, h, dk))
+    k = l2_normalize(jax.random.normal(keys[1], (b, LENGTH, h, dk)))
+    v = jax.random.normal(keys[2], (b, LENGTH, h, dv))
+    log_alpha = -5.0 * jax.random.uniform(keys[3], (b, LENGTH, h)).at[:, :, 0].set(1.0)
+    beta = jax.nn.sigmoid(2 * jax.random.normal(keys[4], (b, LENGTH, h)))
+    state = jax.random.normal(keys[5], (b, h, dk, dv))
+    d_out = jax.random.normal(keys[6], (b, LENGTH, h, dv))
+    d_state = jax.random.normal(keys[7], (b, h, dk, dv))
+    return [a.astype(dtype) for a in (q, k, v)] + [log_alpha, beta, state, d_out, d_state]
+
+
+def _value_and_grads(fn, q, k, v, log_alpha, beta, state, d_out, d_state):
+    def objective(q, k, v, log_alpha, beta, state):
+        out, final = fn(q, k, v, log_alpha, beta, initial_state=state,
+                        segment_ids=SEGMENT_IDS)
+        return (jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(final * d_state),
+                (out, final))
+
+    grad = jax.jit(jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True))
+    (_, (out, final)), grads = grad(q, k, v, log_alpha, beta, state)
+    return out, final, *grads
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+def test_chunked_form_matches_the_token_scan(dtype, tol):
+    """Values, final state and gradients (q, k, v, log alpha, beta, initial state) over
+    packed segments with boundaries inside chunks, a partial last chunk and decays down
+    to e^-5 per step."""
+    inputs = _inputs(dtype)
+    chunked = lambda *a, **kw: gated_delta_rule_chunked(*a, chunk=CHUNK, **kw)  # noqa: E731
+    got = _value_and_grads(chunked, *inputs)
+    want = _value_and_grads(gated_delta_rule_recurrent, *inputs)
+    names = ("out", "final_state", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dstate")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype, name
+        _close(a, b, tol)
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.attention.short_conv=false", "model.attention.output_gate=false"],
+])
+def test_layer_matches_its_token_scan_reference(small_config, overrides):
+    """The layer (chunks of 8 over 21 tokens) equals its token-scan reference over packed
+    segments, values and gradients of every parameter and the input; a segment's outputs
+    equal the layer run on that segment alone (the convolutions restart too)."""
+    cfg = small_config(*LAYER, GDN, *overrides).model
+    out, grads, (layer, params, x, positions) = _layer_run(cfg, SEGMENTS, reference=False)
+    ref_out, ref_grads, _ = _layer_run(cfg, SEGMENTS, reference=True)
+    assert ("query_conv" in params) == cfg.attention.short_conv
+    assert ("output_gate" in params) == cfg.attention.output_gate
+    _close(out, ref_out, 2e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        _close(a, b, 2e-5)
+    alone = layer.apply({"params": params}, x[:1, 6:15], positions[:1, :9], None, None)
+    _close(out[:1, 6:15], alone, 2e-5)
+
+
+def test_layer_computes_the_documented_formula(small_config):
+    """The layer's output, written out from its parameters: the convolution taps (tap j
+    reads j tokens back), SiLU, L2-normalised q and k with q scaled by dk^-1/2, beta and
+    the decay, the gated delta rule, per-head RMSNorm, the output gate and projection;
+    and the decay's initial ranges."""
+    cfg = small_config(*LAYER, GDN, "model.attention.conv_width=3").model
+    layer = ATTENTION["gated_deltanet"](cfg, reference=True)
+    x = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x, positions, None, None))
+    params = params["params"]
+    rate = jnp.exp(params["decay_log_scale"])
+    time_step = jax.nn.softplus(params["decay_bias"])
+    assert (1 <= rate).all() and (rate <= 16).all()
+    assert (1e-3 <= time_step).all() and (time_step <= 0.1 + 1e-6).all()
+    got = jax.jit(layer.apply)({"params": params}, x, positions, None, None)
+
+    def project(name, y=x):
+        return jnp.einsum("btm,m...->bt...", y, params[name]["kernel"])
+
+    def conv(name, y):
+        kernel = params[f"{name}_conv"]["kernel"]
+        padded = jnp.pad(y, [(0, 0), (2, 0), (0, 0), (0, 0)])
+        return sum(kernel[j] * padded[:, 2 - j:14 - j] for j in range(3))
+
+    @jax.jit
+    def formula(params, x):
+        q, k, v = (jax.nn.silu(conv(n, project(n))) for n in ("query", "key", "value"))
+        q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * q.shape[-1] ** -0.5
+        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+        beta = jax.nn.sigmoid(project("beta"))
+        log_alpha = -rate * jax.nn.softplus(project("decay") + params["decay_bias"])
+        o = gated_delta_rule_recurrent(q, k, v, log_alpha, beta)[0]
+        o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + 1e-6)
+        o = o * params["norm"]["scale"] * jax.nn.silu(project("output_gate"))
+        return jnp.einsum("bthd,hdm->btm", o, params["out"]["kernel"])
+
+    want = formula(params, x)
+    _close(got, want, 1e-4)
+
+
+def _model(small_config, *overrides):
+    cfg = small_config("model.init_std=0.1", "model.attention.chunk_size=8", *overrides)
+    model = LM(cfg.model)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    return model, {"params": params}
+
+
+def test_prefill_and_steps_give_the_full_forward_logits(small_config):
+    """Logits of a gated DeltaNet layer and a softmax layer through the recurrent state
+    and the convolutions' last 3 inputs, from a prefill of 11 tokens (a chunk of 8 and a
+    partial one), then one token at a time, equal one forward pass."""
+    model, variables = _model(small_config, "model.attention.pattern=gated_deltanet,softmax")
+    cached, full = cached_and_full_logits(model, variables)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    [GDN],
+    [GDN, "model.attention.output_gate=false"],
+    ["model.attention.pattern=gated_deltanet,softmax", "model.num_layers=4",
+     "model.attention.num_kv_heads=1"],
+])
+def test_flops_equal_the_traced_matmuls(small_config, overrides):
+    """Exact at a length (40) that is no multiple of the chunk (16): the analytic count
+    is the padded chunked form's, forward substitution included. A softmax layer runs one
+    full masked softmax here: twice the causal half it is credited with. num_kv_heads
+    (1 here) narrows only the softmax layers' keys and values."""
+    cfg = small_config(*overrides, "data.seq_len=40", "model.attention.chunk_size=16").model
+    model = LM(cfg)
+    tokens = jnp.zeros((2, 40), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+    traced = traced_matmul_flops(lambda p, x: model.apply({"params": p}, x), params, tokens)
+    softmax_layers = sum(spec.mixer == "softmax" for spec in layer_plan(cfg))
+    expected = forward_flops_per_token(cfg, 40) + softmax_layers * causal_mix_flops(cfg, 40)
+    assert traced == pytest.approx(expected * 2 * 40, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["tiny_gdn", "tiny_gdn_hybrid"])
+def test_preset_trains(small_config, preset):
+    """A few steps of each preset (at test shapes; the hybrid at its 4 layers, one of them
+    softmax) on one packed batch lower the loss."""
+    from efflm import mesh as mesh_lib
+    from efflm.train.step import build_program
+
+    layers = 4 if preset == "tiny_gdn_hybrid" else 2
+    cfg = small_config("optimizer.warmup_steps=0", f"model.num_layers={layers}", preset=preset)
+    assert cfg.train.workdir == f"runs/{preset}"
+    assert {s.mixer for s in layer_plan(cfg.model)} == (
+        {"gated_deltanet", "softmax"} if layers == 4 else {"gated_deltanet"})
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    seg = np.ones((b, t), np.int32)
+    seg[:, t // 2:] = 2
+    seg[:, t - 3:] = 0
+    batch = {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+             "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+             "segment_ids": seg,
+             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+    program = build_program(cfg, mesh)
+    with program.context():
+        state = program.init(jax.random.key(0))
+        losses = []
+        for _ in range(5):
+            state, metrics = program.train_step(state, mesh_lib.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ([GDN, "model.attention.conv_width=0"], "conv_width"),
+    (["model.attention.pattern=gated_deltanet,softmax", "model.attention.conv_width=-2"],
+     "conv_width"),
+    ([GDN, "model.attention.chunk_size=2048"], "chunk_size"),
+    ([GDN, "model.attention.chunk_size=0"], "chunk_size"),
+    ([GDN, "model.attention.impl=pallas"], "impl"),
+])
+def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
+    assert main(["config", "show", "--config", "tiny", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"model.attention.{key}" in err[0], err
