@@ -88,10 +88,13 @@ class ToyCarry(nn.Module):
     """MLP kind that counts the layers it ran in, through the layer carry."""
 
     cfg: object
-    takes_carry = True
 
     @staticmethod
-    def initial_carry(x):
+    def takes_carry(cfg):
+        return True
+
+    @staticmethod
+    def initial_carry(cfg, x):
         return {"depth": jnp.zeros((), x.dtype)}
 
     @nn.compact

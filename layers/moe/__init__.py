@@ -2,7 +2,10 @@
 -> dispatch function. The MoE layer itself is the `moe` entry of `efflm.layers.mlp.MLP`."""
 
 from efflm.layers.moe.dispatch import capacity_dispatch, dropless_dispatch
+from efflm.layers.moe.recurrent import RecurrentRouter
 from efflm.layers.moe.routers import TopKRouter
+from efflm.layers.moe.sigmoid_bias import SigmoidBiasRouter
 
-ROUTERS = {"topk": TopKRouter}
+ROUTERS = {"topk": TopKRouter, "sigmoid_bias": SigmoidBiasRouter,
+           "recurrent": RecurrentRouter}
 DISPATCH = {"dropless": dropless_dispatch, "capacity": capacity_dispatch}
