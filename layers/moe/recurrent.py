@@ -29,6 +29,13 @@ from efflm.layers.moe.routers import jittered, router_kernel, softmax_topk
 CARRY = "moe_router_state"
 
 
+def _constrained(state):
+    """The carried state (batch, length, router_hidden), sharded as the tokens are."""
+    if state.ndim != 3:
+        return state
+    return nn.with_logical_constraint(state, ("batch", "length", None))
+
+
 def gru_cell(x, h, w_input, w_hidden, b_input, b_hidden):
     """One GRU step (the gate layout of torch.nn.GRUCell): `x` and `h` (..., r), each
     kernel (r, 3r) holding the reset, update and candidate blocks in that order."""
@@ -50,7 +57,7 @@ class RecurrentRouter(nn.Module):
     @staticmethod
     def initial_carry(cfg: ModelConfig, x) -> dict:
         state = jnp.zeros((*x.shape[:-1], cfg.moe.router_hidden), jnp.float32)
-        return {CARRY: state}
+        return {CARRY: _constrained(state)}
 
     @nn.compact
     def __call__(self, x, carry: dict, sequences: int = 1):
@@ -67,7 +74,8 @@ class RecurrentRouter(nn.Module):
                      router_kernel(self, "gru_hidden_bias", (3 * r,), (None,),
                                    nn.initializers.zeros))
         logits = h @ router_kernel(self, "kernel", (r, moe.num_experts), (None, None))
-        return softmax_topk(self, logits), {**carry, CARRY: h.reshape(state.shape)}
+        h = h.reshape(state.shape)
+        return softmax_topk(self, logits), {**carry, CARRY: _constrained(h)}
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

@@ -34,22 +34,25 @@ from efflm.layers.moe.routers import Routing, jittered, router_kernel
 BALANCE = "aux_free_balance"  # the model-state variable, named in STEP_UPDATES
 
 
-def expert_counts(experts, num_experts: int):
-    """(token, choice) pairs per expert, float32, summed over the leading axes."""
-    one_hot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)
-    return jnp.sum(one_hot.reshape(-1, num_experts), axis=0)
+def expert_counts(experts, num_experts: int, sequences: int = 1):
+    """(token, choice) pairs per expert, float32: (num_experts,), or per sequence
+    (sequences, num_experts) when `sequences` > 1."""
+    rows = experts.reshape(sequences, -1)
+    counts = jnp.zeros((sequences, num_experts), jnp.float32).at[
+        jnp.arange(sequences)[:, None], rows].add(1.0)
+    return counts[0] if sequences == 1 else counts
 
 
 def sequence_balance_loss(experts, scores, sequences: int, top_k: int):
     """DeepSeek-V3's sequence-wise balance loss (without its weight), averaged over
     `sequences` equal runs of the tokens."""
     num_experts = scores.shape[-1]
-    experts = experts.reshape(sequences, -1, top_k)
+    length = scores.shape[0] // sequences
     share = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    prob = jnp.mean(share.reshape(sequences, -1, num_experts), axis=1)
-    chosen = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=2)
-    f = num_experts / (top_k * experts.shape[1]) * jnp.sum(chosen, axis=1)
-    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * prob, axis=-1))
+    prob = jnp.mean(share.reshape(sequences, length, num_experts), axis=1)
+    counts = expert_counts(experts, num_experts, sequences).reshape(sequences, num_experts)
+    f = num_experts / (top_k * length) * counts
+    return jnp.mean(jnp.sum(f * prob, axis=-1))
 
 
 @step_update(BALANCE)
