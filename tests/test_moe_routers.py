@@ -17,7 +17,7 @@ from efflm.cli import main
 from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.recurrent import CARRY, RecurrentRouter
-from efflm.layers.moe.sigmoid_bias import BALANCE, SigmoidBiasRouter
+from efflm.layers.moe.sigmoid_bias import BALANCE, SigmoidBiasRouter, update_bias
 from efflm.models import LM
 from efflm.models.plan import layer_plan
 from efflm.train.step import build_program
@@ -78,6 +78,10 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
     chosen = np.take_along_axis(scores, experts, -1)
     np.testing.assert_allclose(routing.gates, chosen / chosen.sum(-1, keepdims=True),
                                rtol=1e-5)
+    # Without a mutable state (eval, generation) it routes with the same bias.
+    held = SigmoidBiasRouter(cfg).apply({"params": params, "state": state}, x,
+                                        sequences=sequences, mutable=["losses", "stats"])[0]
+    np.testing.assert_array_equal(held.experts, experts)
     counts = np.bincount(experts.reshape(-1), minlength=E)
     np.testing.assert_array_equal(out["state"][BALANCE]["load"], counts)
     np.testing.assert_array_equal(out["state"][BALANCE]["bias"], bias)
@@ -187,6 +191,21 @@ def test_bias_evens_the_load_of_skewed_data(bias_program):
     assert sum(b < a for a, b in zip(cvs, cvs[1:])) >= 7
     bias, _ = _balance(state, cfg.model.num_layers)
     assert np.abs(bias).max() > 0.01
+
+
+def test_bias_rule_acts_on_each_layer_of_a_scanned_stack(small_config):
+    """Under a scanned stack the state is stacked (layers, experts): the rule moves
+    each layer's bias by its own load."""
+    cfg = small_config(*BIAS_STEP).model
+    load = np.array([[5.0, 1, 1, 1], [2, 2, 2, 2], [0, 3, 1, 4]], np.float32)
+    value = {"bias": jnp.ones((3, E)), "load": jnp.asarray(load)}
+    new = update_bias(cfg, value)
+    for layer in range(3):
+        one = update_bias(cfg, {"bias": jnp.ones(E), "load": jnp.asarray(load[layer])})
+        np.testing.assert_array_equal(new["bias"][layer], one["bias"])
+    np.testing.assert_allclose(new["bias"], 1 + 0.01 * np.array(
+        [[-1, 1, 1, 1], [0, 0, 0, 0], [1, -1, 1, -1]]), rtol=1e-6)
+    np.testing.assert_array_equal(new["load"], load)
 
 
 def _rows(workdir):
