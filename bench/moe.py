@@ -2,12 +2,13 @@
 
     efflm bench moe [--steps 10] [--warmup 2] [--out FILE] [key=value ...]
     efflm bench moe --ep [--steps 10] [--out FILE]      (needs 8 devices)
+    efflm bench moe --quality [--train-steps 300] [--out FILE] [key=value ...]
 
 Side by side in one run: `tiny` (dense) and `tiny_moe` (8 experts, top-2, equal
 active parameters) with each dropless backend, with capacity dispatch at factors
 1.0 and 1.25, and with the expert_choice (factor 1.0) and relu (2 rows per token)
-routers at the same expert rows. Each step is compiled once, run `--warmup` times, then timed over
-`--steps` runs (median); temp memory is the compiled step's `memory_analysis()`.
+routers at the same expert rows. Each step is compiled once, run `--warmup` times,
+then timed over `--steps` runs (median); temp memory is the compiled step's `memory_analysis()`.
 The ratio is step time over the dense model's.
 
 `--ep`: `tiny_moe` on 8 devices (`mesh.expert=4 mesh.data=2`; on a CPU run with
@@ -15,6 +16,13 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8) with each expert-parallel
 exchange, against data parallelism alone (`mesh.data=8`): step time and the bytes each
 kind of collective moves per step, read from the compiled step's HLO (the result
 shapes of its all-to-all, all-gather, reduce-scatter and all-reduce ops).
+
+`--quality`: each router against the dense model at equal active parameters (`tiny`,
+d_ff 1024, against `tiny_moe`, 8 experts of width 512, top-2), each trained for
+`--train-steps` steps on the default corpus (pycode) from the same seed and data order,
+one run each: validation bits per byte over `train.eval_batches` batches, the median
+step time (the compiling first step left out), and the expert load's coefficient of
+variation and largest share (1 = even) at the last step.
 """
 
 from __future__ import annotations
@@ -42,6 +50,14 @@ VARIANTS = [
                                             "model.moe.relu_rows_per_token=2"]),
 ]
 
+# --quality: dense against each router, all at tiny's active parameters.
+QUALITY_VARIANTS = [
+    ("dense (tiny)", "tiny", []),
+    ("moe topk", "tiny_moe", ["model.moe.router=topk"]),
+    ("moe sigmoid_bias", "tiny_moe", ["model.moe.router=sigmoid_bias"]),
+    ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
+                                            "model.moe.relu_rows_per_token=2"]),
+]
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")
 _SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
@@ -98,6 +114,42 @@ def _ep_table(args, argv) -> list[str]:
     return lines
 
 
+def _quality_table(args, argv) -> list[str]:
+    import json
+    import os
+    import tempfile
+
+    from efflm.bench.report import train_and_evaluate
+    from efflm.flops import inactive_params
+    from efflm.train.step import count_params
+
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for i, (label, preset, extra) in enumerate(QUALITY_VARIANTS):
+            workdir = os.path.join(root, f"run{i}")
+            r = train_and_evaluate(preset, [*args.overrides, *extra], args.train_steps,
+                                   workdir)
+            cfg, _, state = r.pop("restored")
+            params = count_params(state.params)
+            r.update(params=params, active=params - inactive_params(cfg.model))
+            with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+                loads = [row for row in map(json.loads, f) if "expert_load_cv" in row]
+            r["load"] = (f"{loads[-1]['expert_load_cv']:.3f} | "
+                         f"{loads[-1]['expert_load_max']:.2f}" if loads else "— | —")
+            rows.append((label, r))
+    dense = rows[0][1]
+    lines = [*header("moe", argv),
+             f"Trained {args.train_steps} steps each on pycode, one run each; load at the "
+             "last step (coefficient of variation, largest expert's share; 1 = even).", "",
+             "| variant | params | active params | val bits/byte | step s | vs dense | "
+             "load CV | load max |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | "
+                     f"{r['bpb']:.4f} | {r['step_time']:.3f} | "
+                     f"{r['step_time'] / dense['step_time']:.2f}x | {r['load']} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,10 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     p.add_argument("--ep", action="store_true", help="expert parallelism on 8 devices")
+    p.add_argument("--quality", action="store_true",
+                   help="train each router and the dense model; validation bits per byte")
+    p.add_argument("--train-steps", type=int, default=300, help="steps per --quality run")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = p.parse_intermixed_args(argv)
     if args.ep:
         emit(_ep_table(args, argv if argv is not None else sys.argv[1:]), args.out)
+        return 0
+    if args.quality:
+        emit(_quality_table(args, argv if argv is not None else sys.argv[1:]), args.out)
         return 0
     rows = []
     for label, preset, extra in VARIANTS:

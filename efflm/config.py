@@ -115,6 +115,15 @@ class MoEConfig:
     # (a token's largest gates first); active pairs beyond that are dropped and counted.
     relu_rows_per_token: float = 2.0
     relu_l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
+    # router=sigmoid_bias (auxiliary-loss-free balancing, DeepSeek-V3; it uses neither
+    # balance_loss nor router_z_loss): after each step every expert's selection bias
+    # moves by bias_rate toward an even load (b += bias_rate * sign(mean load - load));
+    # seq_balance_loss weighs the complementary sequence-wise balance loss (0: off).
+    bias_rate: float = 0.001
+    seq_balance_loss: float = 0.0001
+    # router=recurrent (Layerwise Recurrent Router, RMoE): width of the projected router
+    # input and of the GRU state carried from one MoE layer to the next.
+    router_hidden: int = 64
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -104,6 +105,42 @@ RNG_STREAMS = ("dropout", "router", "quant")
 # the train step, checkpointed, never seen by the optimizer. A layer updates them only
 # when `self.is_mutable_collection(name)`.
 STATE_COLLECTIONS = ("state",)
+
+# Model state that changes once per step, from what the step's forward passes recorded,
+# rather than in each forward pass: a layer keeps it in a STATE_COLLECTIONS variable
+# whose name is a key of STEP_UPDATES (its value any pytree of float arrays). Every
+# forward pass of the train step starts from the step's state and writes the variable
+# (e.g. this microbatch's expert load); the step combines the microbatches' values (their
+# mean, `train.sown.combine_model_state`), then replaces each such variable with
+# `STEP_UPDATES[name](cfg, value)` (cfg: the ModelConfig) before the next step. Under a
+# scanned stack the value carries a leading layer axis, so a rule acts on the last axes.
+# Eval and generation never write the state, so they change nothing.
+STEP_UPDATES: dict = {}
+
+
+def step_update(name: str):
+    """Register `rule(cfg, value) -> value` as the once-per-step update of the
+    model-state variables named `name` (see STEP_UPDATES)."""
+
+    def register(rule):
+        STEP_UPDATES[name] = rule
+        return rule
+
+    return register
+
+
+def apply_step_updates(cfg, model_state):
+    """`model_state` with each variable named in STEP_UPDATES replaced by its rule's
+    update (every other leaf unchanged)."""
+
+    def walk(tree):
+        if not isinstance(tree, Mapping):
+            return tree
+        return type(tree)({k: STEP_UPDATES[k](cfg, v) if k in STEP_UPDATES else walk(v)
+                           for k, v in tree.items()})
+
+    return walk(model_state)
+
 
 # Sown scalars: auxiliary losses (added to the objective, each counted once per step)
 # and statistics (logged by name).

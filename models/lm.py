@@ -13,9 +13,10 @@ from efflm.models.plan import LayerSpec, layer_plan
 
 
 def _call_kind(module, carry, x, *args):
-    """Run a mixer or MLP; a kind whose class sets `takes_carry` also gets and returns
-    the layer-to-layer carry."""
-    if getattr(type(module), "takes_carry", False):
+    """Run a mixer or MLP; a kind whose class's `takes_carry(cfg)` is true for the
+    model's config also gets and returns the layer-to-layer carry."""
+    takes_carry = getattr(type(module), "takes_carry", None)
+    if takes_carry is not None and takes_carry(module.cfg):
         return module(x, carry, *args)
     return module(x, *args), carry
 

@@ -88,10 +88,13 @@ class ToyCarry(nn.Module):
     """MLP kind that counts the layers it ran in, through the layer carry."""
 
     cfg: object
-    takes_carry = True
 
     @staticmethod
-    def initial_carry(x):
+    def takes_carry(cfg):
+        return True
+
+    @staticmethod
+    def initial_carry(cfg, x):
         return {"depth": jnp.zeros((), x.dtype)}
 
     @nn.compact
@@ -334,3 +337,30 @@ def test_checkpoint_from_before_model_state_is_one_line(tmp_path, capsys):
     assert "step 2" in err and "has no model_state" in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path / "checkpoints" / "2" / "state")) == before
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_step_updates_replace_only_the_variables_they_name():
+    """`apply_step_updates` hands each variable named in STEP_UPDATES (any depth, any
+    container) to its rule with the config, and leaves every other leaf as it was."""
+    from flax.core import FrozenDict
+
+    from efflm.layers.common import STEP_UPDATES, apply_step_updates, step_update
+
+    seen = []
+
+    @step_update("toy_step_total")
+    def add_rate(cfg, value):
+        seen.append(cfg)
+        return {**value, "total": value["total"] + value["last"] * cfg}
+
+    try:
+        state = {"state": {"a": FrozenDict({"toy_step_total": {"total": jnp.ones(2),
+                                                                  "last": jnp.arange(2.0)}}),
+                           "b": {"calls": jnp.int32(3)}}}
+        out = apply_step_updates(10.0, state)
+    finally:
+        del STEP_UPDATES["toy_step_total"]
+    assert seen == [10.0] and isinstance(out["state"]["a"], FrozenDict)
+    np.testing.assert_array_equal(out["state"]["a"]["toy_step_total"]["total"], [1.0, 11.0])
+    np.testing.assert_array_equal(out["state"]["a"]["toy_step_total"]["last"], [0.0, 1.0])
+    assert out["state"]["b"]["calls"] == 3

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from efflm import mesh as mesh_lib
 from efflm.config import Config
-from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
+from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS, apply_step_updates
 from efflm.models import LM
 from efflm.models.plan import layer_plan, repeating_group
 from efflm.train import sown as sown_lib
@@ -122,7 +122,9 @@ class Program:
 
         The objective is the token loss (plus z-loss) summed over the global batch and
         divided by its token count, plus each sown auxiliary loss (a per-(micro)batch
-        mean) divided by `train.grad_accum`, so that both count once per step.
+        mean) divided by `train.grad_accum`, so that both count once per step. The
+        model state is what the forward passes wrote (averaged over microbatches), then
+        updated once by the rules of `efflm.layers.common.STEP_UPDATES`.
         """
         accum = self.cfg.train.grad_accum
         denom = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
@@ -150,6 +152,7 @@ class Program:
             (grads, sums), (stats, model_state) = jax.lax.scan(
                 body, zeros, (micro, jnp.arange(accum)))
             model_state = sown_lib.combine_model_state(model_state)
+        model_state = apply_step_updates(self.cfg.model, model_state)
         loss_sum, aux, count = sums
         metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "aux_loss": aux / accum,
                    "tokens": count, "stats": sown_lib.combine_microbatches(stats)}

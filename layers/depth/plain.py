@@ -5,7 +5,10 @@ A depth module receives the block class and the layer plan (one spec per layer,
 mixture-of-recursions) replaces this with routed stacks.
 
 Blocks map `(x, carry, positions, segment_ids, mask) -> (x, carry)`: `carry` is a
-dict passed from layer to layer (empty unless a kind in the plan starts one).
+dict passed from layer to layer (empty unless a kind in the plan starts one). A mixer
+or MLP class takes part through `initial_carry(cfg, x) -> dict` (its entries of the
+starting carry) and `takes_carry(cfg) -> bool` (whether, under this config, it is called
+as `kind(x, carry, ...) -> (y, carry)`); the other layers pass the carry on unchanged.
 """
 
 import flax.linen as nn
@@ -61,15 +64,16 @@ class _Group(nn.Module):
         return (x, carry), None
 
 
-def initial_carry(plan, x) -> dict:
-    """The carry the plan's kinds start from (`initial_carry(cfg, x)` on the class)."""
+def initial_carry(cfg: ModelConfig, plan, x) -> dict:
+    """The carry the plan's kinds start from: the union of `initial_carry(cfg, x)` of
+    each kind class that has one (x: the stack's input, (batch, length, d_model))."""
     from efflm.layers import ATTENTION, MLP
 
     carry = {}
     for cls in {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}:
         start = getattr(cls, "initial_carry", None)
         if start is not None:
-            carry.update(start(x))
+            carry.update(start(cfg, x))
     return carry
 
 
@@ -97,7 +101,7 @@ class PlainStack(nn.Module):
         from efflm.models.plan import repeating_group
 
         cfg, plan = self.cfg, self.plan
-        carry = initial_carry(plan, x)
+        carry = initial_carry(cfg, plan, x)
         first = 0
         if cfg.scan_layers:
             period, repeats = repeating_group(plan)

@@ -40,7 +40,7 @@ class RecursiveStack(PlainStack):
     def __call__(self, x, positions, segment_ids, mask):
         cfg, plan = self.cfg, self.plan
         first, stop = shared_range(cfg)
-        carry = initial_carry(plan, x)
+        carry = initial_carry(cfg, plan, x)
         args = (positions, segment_ids, mask)
         if first:
             x, carry = make_layer(self.block, cfg, plan[0], "first", remat=True)(x, carry,

@@ -3,9 +3,12 @@
 
 from efflm.layers.moe.dispatch import capacity_dispatch, dropless_dispatch
 from efflm.layers.moe.expert_choice import ExpertChoiceRouter
+from efflm.layers.moe.recurrent import RecurrentRouter
 from efflm.layers.moe.relu_router import ReluRouter
 from efflm.layers.moe.routers import TopKRouter
+from efflm.layers.moe.sigmoid_bias import SigmoidBiasRouter
 
-ROUTERS = {"topk": TopKRouter}
-ROUTERS.update(expert_choice=ExpertChoiceRouter, relu=ReluRouter)
+ROUTERS = {"topk": TopKRouter, "sigmoid_bias": SigmoidBiasRouter,
+           "recurrent": RecurrentRouter, "expert_choice": ExpertChoiceRouter,
+           "relu": ReluRouter}
 DISPATCH = {"dropless": dropless_dispatch, "capacity": capacity_dispatch}

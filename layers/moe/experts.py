@@ -10,6 +10,7 @@ plain per-token loop the fast paths are tested against.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -47,16 +48,38 @@ class MoE(nn.Module):
 
     cfg: ModelConfig
 
+    @staticmethod
+    def takes_carry(cfg: ModelConfig) -> bool:
+        """Whether the layer carry passes through: when the router carries state."""
+        from efflm.layers.moe import ROUTERS
+
+        return getattr(ROUTERS[cfg.moe.router], "takes_carry", False)
+
+    @staticmethod
+    def initial_carry(cfg: ModelConfig, x) -> dict:
+        from efflm.layers.moe import ROUTERS
+
+        return ROUTERS[cfg.moe.router].initial_carry(cfg, x) if MoE.takes_carry(cfg) else {}
+
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, carry: dict | None = None):
+        """`x` (batch, length, d_model) -> the output, or `(output, carry)` when given
+        the layer carry (which a router that takes one reads and updates)."""
         from efflm.layers.moe import ROUTERS
 
         cfg, moe = self.cfg, self.cfg.moe
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        router = ROUTERS[moe.router]
-        per_sequence = getattr(router, "per_sequence", False)
-        routing = router(cfg, name="router")(x if per_sequence else tokens)
+        router_cls = ROUTERS[moe.router]
+        router = router_cls(cfg, name="router")
+        sequences = math.prod(shape[:-2]) if len(shape) > 2 else 1
+        if getattr(router_cls, "per_sequence", False):
+            routing, new_carry = router(x), carry
+        elif self.takes_carry(cfg):
+            start = self.initial_carry(cfg, x) if carry is None else carry
+            routing, new_carry = router(tokens, start, sequences=sequences)
+        else:
+            routing, new_carry = router(tokens, sequences=sequences), carry
         e, d, f = moe.num_experts, cfg.d_model, moe.expert_d_ff
         pdt = param_dtype(cfg.param_dtype)
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -77,7 +100,7 @@ class MoE(nn.Module):
         if moe.num_shared_experts:  # on (batch, length, d): its sharding constraints fit
             out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(x)
         self._statistics(routing, dropped)
-        return out
+        return out if carry is None else (out, new_carry)
 
     @staticmethod
     def _dispatch(tokens, experts, gates, weights, cfg, batch: int):
@@ -194,10 +217,10 @@ class MoE(nn.Module):
         check_choice("model.moe.router", moe.router, ROUTERS)
         check_choice("model.moe.dispatch", moe.dispatch, DISPATCH)
         check_choice("model.moe.impl", moe.impl, IMPLS)
-        for key in ("num_experts", "top_k", "expert_d_ff"):
+        for key in ("num_experts", "top_k", "expert_d_ff", "router_hidden"):
             check_positive(f"model.moe.{key}", getattr(moe, key))
         for key in ("num_shared_experts", "balance_loss", "router_z_loss", "jitter",
-                    "block_rows"):
+                    "block_rows", "bias_rate", "seq_balance_loss"):
             check_positive(f"model.moe.{key}", getattr(moe, key), allow_zero=True)
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"model.moe.top_k={moe.top_k} is larger than "
@@ -207,9 +230,9 @@ class MoE(nn.Module):
                               f"{moe.capacity_factor}")
         if moe.jitter >= 1:
             raise ConfigError(f"model.moe.jitter must be in [0, 1), got {moe.jitter}")
-        router_check = getattr(ROUTERS[moe.router], "validate_config", None)
-        if router_check is not None:
-            router_check(cfg)
+        check = getattr(ROUTERS[moe.router], "validate_config", None)
+        if check is not None:  # the router's own settings
+            check(cfg)
 
 
 def moe_reference(x, experts, gates, weights, capacity: int | None = None):

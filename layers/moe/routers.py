@@ -1,8 +1,12 @@
 """Routers: which experts each token uses, and with what weight (`model.moe.router`).
 
-A router maps the tokens `x` (tokens, d_model) to `Routing`: the chosen experts
-(tokens, top_k), their gates, the full probabilities and the logits (float32). It
-sows its own auxiliary losses; the MoE layer sows the load statistics.
+A router maps the tokens `x` (tokens, d_model), `sequences` sequences of equal length
+one after the other, to `Routing`: the chosen experts (tokens, top_k), their gates, the
+full probabilities and the logits (float32). It sows its own auxiliary losses; the MoE
+layer sows the load statistics. A router that carries state from one MoE layer to the
+next sets `takes_carry = True`, gives the layer carry's start as `initial_carry(cfg, x)`
+(x: the stack's input, (batch, length, d_model)) and maps `(x, carry, sequences)` to
+`(Routing, carry)`.
 
 A router class with `per_sequence = True` gets `x` as (batch, length, d_model) instead
 and chooses a static list of rows itself (`Routing.rows`): expert choice
@@ -46,6 +50,38 @@ def z_loss(logits):
     return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
 
+def jittered(module: nn.Module, x):
+    """Training only (a `router` key given): `x` times uniform(1 - jitter, 1 + jitter)."""
+    jitter = module.cfg.moe.jitter
+    if jitter and module.has_rng("router"):
+        x = x * jax.random.uniform(module.make_rng("router"), x.shape, jnp.float32,
+                                   1.0 - jitter, 1.0 + jitter)
+    return x
+
+
+def softmax_topk(module: nn.Module, logits) -> Routing:
+    """Token choice from router logits (tokens, num_experts): softmax in float32, each
+    token's top-k, the gates optionally renormalised over the k; sows the balance and
+    z-losses into `module` at their configured weights."""
+    moe = module.cfg.moe
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, moe.top_k)
+    if moe.renormalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    if moe.balance_loss:
+        sow_loss(module, "balance", moe.balance_loss * balance_loss(experts, probs,
+                                                                   moe.num_experts))
+    if moe.router_z_loss:
+        sow_loss(module, "router_z", moe.router_z_loss * z_loss(logits))
+    return Routing(experts.astype(jnp.int32), gates, probs, logits)
+
+
+def router_kernel(module: nn.Module, name: str, shape, axes=("embed", None), init=None):
+    """A float32 router weight (normal(init_std) unless `init` is given)."""
+    init = init or nn.initializers.normal(module.cfg.init_std)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
 class TopKRouter(nn.Module):
     """Token choice ("Switch Transformers", GShard): softmax over experts in float32,
     each token takes its top-k; gates optionally renormalised over the k."""
@@ -53,27 +89,10 @@ class TopKRouter(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x) -> Routing:
-        moe = self.cfg.moe
-        x = x.astype(jnp.float32)
-        if moe.jitter and self.has_rng("router"):
-            noise = jax.random.uniform(self.make_rng("router"), x.shape, jnp.float32,
-                                       1.0 - moe.jitter, 1.0 + moe.jitter)
-            x = x * noise
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.cfg.init_std), ("embed", None)),
-            (x.shape[-1], moe.num_experts), jnp.float32)
-        logits = x @ kernel
-        probs = jax.nn.softmax(logits, axis=-1)
-        gates, experts = jax.lax.top_k(probs, moe.top_k)
-        if moe.renormalize:
-            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-        if moe.balance_loss:
-            sow_loss(self, "balance", moe.balance_loss * balance_loss(experts, probs,
-                                                                     moe.num_experts))
-        if moe.router_z_loss:
-            sow_loss(self, "router_z", moe.router_z_loss * z_loss(logits))
-        return Routing(experts.astype(jnp.int32), gates, probs, logits)
+    def __call__(self, x, sequences: int = 1) -> Routing:
+        x = jittered(self, x.astype(jnp.float32))
+        kernel = router_kernel(self, "kernel", (x.shape[-1], self.cfg.moe.num_experts))
+        return softmax_topk(self, x @ kernel)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

@@ -1,0 +1,98 @@
+"""Auxiliary-loss-free load balancing (`model.moe.router=sigmoid_bias`), from the
+"DeepSeek-V3 Technical Report" (after "Auxiliary-Loss-Free Load Balancing Strategy for
+Mixture-of-Experts").
+
+Scores `s = sigmoid(x W)` (tokens, experts). Each token takes the top-k experts of
+`s + b`, where `b` is a per-expert bias; its gates are the chosen scores without the
+bias, divided by their sum when `model.moe.renormalize`. The bias only steers the
+choice: it is model state (`STATE_COLLECTIONS`, outside the gradient), and after each
+train step `b += bias_rate * sign(mean(load) - load)`, where `load` counts each
+expert's (token, choice) pairs over the whole step, every device and microbatch.
+
+How the step does that: each forward pass of the train step writes its load into the
+state variable `aux_free_balance` (a dict of `bias` and `load`); the step averages the
+microbatches' values, which keeps the sign of `mean(load) - load`, and then applies
+`update_bias` once (`efflm.layers.common.STEP_UPDATES`). Eval and generation do not
+write the state, so they leave the bias as it is.
+
+`model.moe.seq_balance_loss` weighs the report's complementary sequence-wise balance
+loss `sum_i f_i P_i` per sequence (a row of the batch, whatever documents it packs),
+averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequence's
+(token, choice) pairs, `P_i` the mean over its tokens of `s_i / sum_j s_j`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efflm.config import ModelConfig
+from efflm.layers.common import sow_loss, sow_stat, step_update
+from efflm.layers.moe.routers import Routing, jittered, router_kernel
+
+BALANCE = "aux_free_balance"  # the model-state variable, named in STEP_UPDATES
+
+
+def expert_counts(experts, num_experts: int, sequences: int = 1):
+    """(token, choice) pairs per expert, float32: (num_experts,), or per sequence
+    (sequences, num_experts) when `sequences` > 1."""
+    rows = experts.reshape(sequences, -1)
+    counts = jnp.zeros((sequences, num_experts), jnp.float32).at[
+        jnp.arange(sequences)[:, None], rows].add(1.0)
+    return counts[0] if sequences == 1 else counts
+
+
+def sequence_balance_loss(experts, scores, sequences: int, top_k: int):
+    """DeepSeek-V3's sequence-wise balance loss (without its weight), averaged over
+    `sequences` equal runs of the tokens."""
+    num_experts = scores.shape[-1]
+    length = scores.shape[0] // sequences
+    share = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    prob = jnp.mean(share.reshape(sequences, length, num_experts), axis=1)
+    counts = expert_counts(experts, num_experts, sequences).reshape(sequences, num_experts)
+    f = num_experts / (top_k * length) * counts
+    return jnp.mean(jnp.sum(f * prob, axis=-1))
+
+
+@step_update(BALANCE)
+def update_bias(cfg: ModelConfig, value: dict) -> dict:
+    """`b += bias_rate * sign(mean(load) - load)` over the experts (the last axis)."""
+    load = value["load"]
+    direction = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    return {**value, "bias": value["bias"] + cfg.moe.bias_rate * direction}
+
+
+class SigmoidBiasRouter(nn.Module):
+    """Sigmoid scores, top-k of score + bias, gates from the scores (see the module);
+    `probs` in its Routing are the scores normalised over the experts."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, sequences: int = 1) -> Routing:
+        moe = self.cfg.moe
+        x = jittered(self, x.astype(jnp.float32))
+        kernel = router_kernel(self, "kernel", (x.shape[-1], moe.num_experts))
+        logits = x @ kernel
+        scores = jax.nn.sigmoid(logits)
+        balance = self.variable("state", BALANCE, lambda: {
+            "bias": jnp.zeros((moe.num_experts,), jnp.float32),
+            "load": jnp.zeros((moe.num_experts,), jnp.float32)})
+        bias = balance.value["bias"]
+        _, experts = jax.lax.top_k(jax.lax.stop_gradient(scores) + bias, moe.top_k)
+        gates = jnp.take_along_axis(scores, experts, axis=-1)
+        if moe.renormalize:
+            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        if self.is_mutable_collection("state") and not self.is_initializing():
+            balance.value = {"bias": bias, "load": expert_counts(experts, moe.num_experts)}
+        if moe.seq_balance_loss:
+            sow_loss(self, "seq_balance", moe.seq_balance_loss * sequence_balance_loss(
+                experts, scores, sequences, moe.top_k))
+        sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+        return Routing(experts.astype(jnp.int32), gates, probs, logits)
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig) -> float:
+        return 2 * cfg.d_model * cfg.moe.num_experts
