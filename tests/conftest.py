@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from efflm.config import load_config  # noqa: E402
@@ -65,3 +66,29 @@ def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
         logits, mutated = run(mutated["cache"], tokens[:, i:i + 1], positions[:, i:i + 1])
         got.append(logits)
     return jnp.concatenate(got, axis=1), full
+
+
+def packed_batch_losses(cfg, steps=5):
+    """Train losses of `steps` steps of `cfg` on one device, on one fixed random batch of
+    two packed documents (and 3 padding tokens) per row."""
+    from efflm import mesh as mesh_lib
+    from efflm.train.step import build_program
+
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    seg = np.ones((b, t), np.int32)
+    seg[:, t // 2:] = 2
+    seg[:, t - 3:] = 0
+    batch = {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+             "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+             "segment_ids": seg,
+             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+    program = build_program(cfg, mesh)
+    with program.context():
+        state = program.init(jax.random.key(0))
+        losses = []
+        for _ in range(steps):
+            state, metrics = program.train_step(state, mesh_lib.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return losses

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_and_full_logits
+from conftest import cached_and_full_logits, packed_batch_losses
 from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
@@ -174,31 +174,12 @@ def test_flops_equal_the_traced_matmuls(small_config, overrides):
 def test_preset_trains(small_config, preset):
     """A few steps of each preset (at test shapes; the hybrid at its 4 layers, one of them
     softmax) on one packed batch lower the loss."""
-    from efflm import mesh as mesh_lib
-    from efflm.train.step import build_program
-
     layers = 4 if preset == "tiny_gdn_hybrid" else 2
     cfg = small_config("optimizer.warmup_steps=0", f"model.num_layers={layers}", preset=preset)
     assert cfg.train.workdir == f"runs/{preset}"
     assert {s.mixer for s in layer_plan(cfg.model)} == (
         {"gated_deltanet", "softmax"} if layers == 4 else {"gated_deltanet"})
-    b, t = cfg.train.batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(0)
-    seg = np.ones((b, t), np.int32)
-    seg[:, t // 2:] = 2
-    seg[:, t - 3:] = 0
-    batch = {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
-             "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
-             "segment_ids": seg,
-             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-    program = build_program(cfg, mesh)
-    with program.context():
-        state = program.init(jax.random.key(0))
-        losses = []
-        for _ in range(5):
-            state, metrics = program.train_step(state, mesh_lib.global_batch(batch, mesh))
-            losses.append(float(metrics["loss"]))
+    losses = packed_batch_losses(cfg)
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
 
 
