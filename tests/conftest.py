@@ -92,3 +92,25 @@ def packed_batch_losses(cfg, steps=5):
             state, metrics = program.train_step(state, mesh_lib.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
     return losses
+
+
+def traced_and_analytic_flops(cfg, length=40):
+    """Forward matmul FLOPs of `LM(cfg)` on a (2, length) batch, traced, and the analytic
+    count for it (`forward_flops_per_token`, plus each softmax layer's full masked
+    softmax: twice the causal half it is credited with)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from efflm.flops import forward_flops_per_token, traced_matmul_flops
+    from efflm.layers.attention.softmax import causal_mix_flops
+    from efflm.models import LM
+    from efflm.models.plan import layer_plan
+
+    model = LM(cfg)
+    tokens = jnp.zeros((2, length), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+    traced = traced_matmul_flops(lambda p, x: model.apply({"params": p}, x), params, tokens)
+    softmax_layers = sum(spec.mixer == "softmax" for spec in layer_plan(cfg))
+    expected = (forward_flops_per_token(cfg, length)
+                + softmax_layers * causal_mix_flops(cfg, length))
+    return traced, expected * 2 * length

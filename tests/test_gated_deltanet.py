@@ -6,18 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_and_full_logits, packed_batch_losses
+from conftest import cached_and_full_logits, packed_batch_losses, traced_and_analytic_flops
 from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
-from efflm.flops import forward_flops_per_token, traced_matmul_flops
 from efflm.layers import ATTENTION
 from efflm.layers.attention.deltanet import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
     l2_normalize,
 )
-from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.models import LM
 from efflm.models.plan import layer_plan
 
@@ -161,13 +159,8 @@ def test_flops_equal_the_traced_matmuls(small_config, overrides):
     full masked softmax here: twice the causal half it is credited with. num_kv_heads
     (1 here) narrows only the softmax layers' keys and values."""
     cfg = small_config(*overrides, "data.seq_len=40", "model.attention.chunk_size=16").model
-    model = LM(cfg)
-    tokens = jnp.zeros((2, 40), jnp.int32)
-    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
-    traced = traced_matmul_flops(lambda p, x: model.apply({"params": p}, x), params, tokens)
-    softmax_layers = sum(spec.mixer == "softmax" for spec in layer_plan(cfg))
-    expected = forward_flops_per_token(cfg, 40) + softmax_layers * causal_mix_flops(cfg, 40)
-    assert traced == pytest.approx(expected * 2 * 40, rel=1e-12)
+    traced, expected = traced_and_analytic_flops(cfg)
+    assert traced == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("preset", ["tiny_gdn", "tiny_gdn_hybrid"])

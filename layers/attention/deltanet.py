@@ -52,6 +52,7 @@ from efflm.errors import ConfigError
 from efflm.layers.attention.gla import HeadRMSNorm
 from efflm.layers.attention.linear import decoding, padded_length
 from efflm.layers.common import Dense
+from efflm.pallas_kernels.linear_attention import _check as check_linear_inputs
 from efflm.pallas_kernels.linear_attention import (
     _from_chunks,
     _segment_chunks,
@@ -62,20 +63,11 @@ from efflm.pallas_kernels.linear_attention import (
 
 
 def _check(q, k, v, log_alpha, beta, initial_state):
-    if q.ndim != 4 or q.shape != k.shape:
-        raise ValueError(f"q and k must both be (batch, length, heads, dk); "
-                         f"got q{q.shape} k{k.shape}")
-    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be (batch, length, heads, dv) matching q{q.shape}; "
-                         f"got v{v.shape}")
+    check_linear_inputs(q, k, v, None, initial_state)
     for name, a in (("log_alpha", log_alpha), ("beta", beta)):
         if a.shape != q.shape[:3]:
             raise ValueError(f"{name} must be (batch, length, heads) = {q.shape[:3]}; "
                              f"got {a.shape}")
-    state_shape = (q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
-    if initial_state is not None and initial_state.shape != state_shape:
-        raise ValueError(f"initial_state must be (batch, heads, dk, dv) = {state_shape}; "
-                         f"got {initial_state.shape}")
 
 
 def _initial(q, v, initial_state):
