@@ -364,3 +364,21 @@ def test_step_updates_replace_only_the_variables_they_name():
     np.testing.assert_array_equal(out["state"]["a"]["toy_step_total"]["total"], [1.0, 11.0])
     np.testing.assert_array_equal(out["state"]["a"]["toy_step_total"]["last"], [0.0, 1.0])
     assert out["state"]["b"]["calls"] == 3
+
+
+def test_microbatch_state_mean_keeps_an_unchanged_leaf_bitwise():
+    """A float state leaf that every microbatch left at the same value (the sigmoid_bias
+    router's bias) comes out bitwise unchanged for any microbatch count; other leaves are
+    their mean, integers the last microbatch's."""
+    from efflm.train.sown import combine_model_state
+
+    rng = np.random.default_rng(0)
+    same = (rng.normal(size=4096) * 1e-3).astype(np.float32)
+    for n in (2, 3, 5, 6, 7):
+        moving = rng.normal(size=(n, 8)).astype(np.float32)
+        out = combine_model_state({"same": jnp.asarray(np.stack([same] * n)),
+                                   "moving": jnp.asarray(moving),
+                                   "count": jnp.arange(n)})
+        np.testing.assert_array_equal(out["same"], same)
+        np.testing.assert_allclose(out["moving"], moving.mean(0), rtol=1e-6, atol=1e-7)
+        assert int(out["count"]) == n - 1
