@@ -8,7 +8,7 @@ table gives the shared memory Triton asks for, and the registers and spill bytes
 `ptxas -v` reports. A kernel that asks for more shared memory than an SM block can have
 (227 KiB on Hopper) would fail at launch; spills cost speed. Nothing runs: this checks
 that the kernels compile and fit, not that they are fast or right (the `gpu` tests and
-`efflm bench attn|gmm|linear` do that on a GPU).
+`efflm bench flash_attention|grouped_matmul|linear_attention` do that on a GPU).
 
 It needs the Triton compiler of jax's CUDA plugin and `ptxas`, both of which work on a
 machine without a GPU. Install them beside the CPU jax, e.g.

@@ -58,11 +58,13 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   # At most 570 s together, so that `bench` fits one 10-minute call.
-  part attn 140 efflm bench attn --out "$out/attn.md"
-  part attn_gqa 80 efflm bench attn --group 4 --head-dims 128 --width 2048 --out "$out/attn_gqa.md"
-  part gmm 80 efflm bench gmm --out "$out/gmm.md"
-  part linear 110 efflm bench linear --out "$out/linear.md"
-  part ce 30 efflm bench ce --vocabs 32768,65536,131072 --out "$out/ce.md"
+  part flash_attention 140 efflm bench flash_attention --out "$out/flash_attention.md"
+  part flash_attention_gqa 80 efflm bench flash_attention --group 4 --head-dims 128 \
+    --width 2048 --out "$out/flash_attention_gqa.md"
+  part grouped_matmul 80 efflm bench grouped_matmul --out "$out/grouped_matmul.md"
+  part linear_attention 110 efflm bench linear_attention --out "$out/linear_attention.md"
+  part fused_cross_entropy 30 efflm bench fused_cross_entropy --vocabs 32768,65536,131072 \
+    --out "$out/fused_cross_entropy.md"
   part mfu 130 efflm bench mfu --configs small --steps 10 model.dtype=bfloat16 \
     --out "$out/mfu.md"
 fi

@@ -1,29 +1,35 @@
-"""Kernel benchmarks: each fast path beside its reference, in one run.
+"""Kernel benchmarks: each fast path beside its reference, in one run. A subcommand is
+named for the module of pallas_kernels/ it measures.
 
-    efflm bench ce     [--tokens 8192] [--d-model 512] [--vocabs 32768,65536] [--block-v 512]
-    efflm bench attn   [--seqs 1024,...,16384] [--head-dims 64,128] [--tokens 16384]
-                       [--width 2048] [--group 1] [--impls ours,xla,cudnn,mha]
-    efflm bench gmm    [--tokens 16384,32768,65536] [--d-models 1024,2048] [--ffn 4096]
-                       [--experts 8,64]
-    efflm bench linear [--seqs 8192,16384,32768] [--batch 4] [--heads 16] [--head-dim 64]
-    (each takes --out FILE; attn, gmm and linear take --runs, --warmup, --dtype)
+    efflm bench fused_cross_entropy [--tokens 8192] [--d-model 512] [--vocabs 32768,65536]
+                                    [--block-v 512]
+    efflm bench flash_attention     [--seqs 1024,...,16384] [--head-dims 64,128]
+                                    [--tokens 16384] [--width 2048] [--group 1]
+                                    [--impls ours,xla,cudnn,mha]
+    efflm bench grouped_matmul      [--tokens 16384,32768,65536] [--d-models 1024,2048]
+                                    [--ffn 4096] [--experts 8,64]
+    efflm bench linear_attention    [--seqs 8192,16384,32768] [--batch 4] [--heads 16]
+                                    [--head-dim 64]
+    (each takes --out FILE; flash_attention, grouped_matmul and linear_attention take
+    --runs, --warmup, --dtype)
 
-`ce`: peak memory of the loss and its gradient (w.r.t. the hidden states h and the
-head weight w) for the full-logits cross-entropy (`naive`) and the blockwise one
-(`impl=xla`, Cut Cross-Entropy), float32, read exactly from
+`fused_cross_entropy`: peak memory of the loss and its gradient (w.r.t. the hidden
+states h and the head weight w) for the full-logits cross-entropy (`naive`) and the
+blockwise one (`impl=xla`, Cut Cross-Entropy), float32, read exactly from
 `jax.jit(...).lower(...).compile().memory_analysis()`. The figure compared is the
 temporary (scratch) bytes XLA allocates — what the loss itself costs; argument bytes
 (h, w, targets, mask) and output bytes (dh, dw, the loss) are the same for both and are
 listed beside it. Nothing is run, so it takes seconds even at 64K vocabulary.
 
-`attn`, `gmm`, `linear` time compiled code (one helper, `median_seconds`): each function
-is jitted and compiled once, called `--warmup` times, then timed over `--runs` calls, each
-blocking on all outputs; the median is reported. Inputs are made on the device first.
-`attn`: causal flash attention forward+backward TFLOP/s — ours (Pallas), jax.nn's `xla`
-and `cudnn` paths, and the Pallas `mha` shipped in jax — as a fraction of a bf16 matmul
-timed in the same run. `gmm`: our grouped matmul against `jax.lax.ragged_dot`, forward
-and forward+backward, on MoE-like shapes. `linear`: chunked linear attention (Pallas and
-XLA forms) against our flash attention, forward+backward wall time.
+`flash_attention`, `grouped_matmul`, `linear_attention` time compiled code (one helper,
+`median_seconds`): each function is jitted and compiled once, called `--warmup` times,
+then timed over `--runs` calls, each blocking on all outputs; the median is reported.
+Inputs are made on the device first. `flash_attention`: causal flash attention
+forward+backward TFLOP/s — ours (Pallas), jax.nn's `xla` and `cudnn` paths, and the
+Pallas `mha` shipped in jax — as a fraction of a bf16 matmul timed in the same run.
+`grouped_matmul`: our grouped matmul against `jax.lax.ragged_dot`, forward and
+forward+backward, on MoE-like shapes. `linear_attention`: chunked linear attention
+(Pallas and XLA forms) against our flash attention, forward+backward wall time.
 Defaults are the GPU shapes on a GPU and tiny ones elsewhere; without a GPU the Pallas
 kernels run in interpret mode (marked `interpret`: a smoke test, not a speed) and cuDNN
 is reported as not available.
@@ -48,7 +54,7 @@ from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 from efflm.pallas_kernels.linear_attention import chunked_linear_attention
 
 # ----------------------------------------------------------------------------
-# ce: memory of the fused cross-entropy.
+# fused_cross_entropy: memory of the fused loss against full logits.
 
 
 def _memory(impl: str, tokens: int, d_model: int, vocab: int, block_v: int) -> dict:
@@ -88,7 +94,7 @@ def _ce_table(args, argv: list[str]) -> list[str]:
     vocabs = args.vocabs
     rows = cross_entropy_memory(args.tokens, args.d_model, vocabs, args.block_v)
     lines = [
-        *header("ce", argv),
+        *header("fused_cross_entropy", argv),
         f"Loss + grad w.r.t. h and w, float32, {args.tokens} tokens, d_model "
         f"{args.d_model}, fused = impl=xla with block_v={args.block_v}. MiB from "
         "`compile().memory_analysis()`; the ratio compares temp bytes (arguments and "
@@ -109,7 +115,7 @@ def _ce_table(args, argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
-# Timing shared by attn, gmm and linear.
+# Timing shared by flash_attention, grouped_matmul and linear_attention.
 
 
 def median_seconds(fn, *args, runs: int, warmup: int = 2) -> float:
@@ -207,7 +213,7 @@ def _timing_text(args, peak: float) -> str:
 
 
 # ----------------------------------------------------------------------------
-# attn: causal attention forward+backward.
+# flash_attention: causal attention forward+backward.
 
 
 ATTENTION_IMPLS = {"ours": "ours (Pallas flash)", "xla": "jax.nn xla",
@@ -277,7 +283,7 @@ def _attn_table(args, argv: list[str]) -> list[str]:
     peak = matmul_peak(args.peak_n, args.dtype, args.runs, args.warmup)
     rows = attention_rows(args, peak)
     lines = [
-        *header("attn", argv),
+        *header("flash_attention", argv),
         f"Causal attention forward+backward (gradients w.r.t. q, k, v), {args.dtype}. "
         f"batch = max(1, {args.tokens} // seq) rows; heads = {args.width} // head dim, "
         f"K/V heads = heads // {args.group}. FLOPs: forward = 2*2*B*H*T*T*D / 2 (two "
@@ -299,7 +305,7 @@ def _attn_table(args, argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
-# gmm: grouped matmul against jax.lax.ragged_dot.
+# grouped_matmul: against jax.lax.ragged_dot.
 
 
 def _ragged_dot(x, w, group_sizes):
@@ -343,7 +349,7 @@ def _gmm_table(args, argv: list[str]) -> list[str]:
     rows = grouped_matmul_rows(args)
     interpret = not _on_gpu()
     lines = [
-        *header("gmm", argv),
+        *header("grouped_matmul", argv),
         f"Grouped matmul out[i] = x[i] @ w[expert of i], {args.dtype}, x (tokens, d_model), "
         f"w (experts, d_model, {args.ffn}); each token goes to an expert drawn uniformly "
         f"(seed {args.seed}), so group sizes are random and sum to tokens. ours = "
@@ -367,7 +373,7 @@ def _gmm_table(args, argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
-# linear: chunked linear attention against flash attention.
+# linear_attention: chunked linear attention against flash attention.
 
 
 def _linear_fn(impl: str, chunk: int):
@@ -416,7 +422,7 @@ def _linear_table(args, argv: list[str]) -> list[str]:
     decay = ("no decay" if args.no_decay else "GLA gates (one per key dimension and step)"
              if args.gla else "one decay per head and step")
     lines = [
-        *header("linear", argv),
+        *header("linear_attention", argv),
         f"Forward+backward wall time (ms; gradients w.r.t. q, k, v"
         f"{'' if args.no_decay else ' and the log decay'}), {args.dtype}, causal. Linear "
         f"attention: `chunked_linear_attention`, chunk {args.chunk}, {decay}, as the Pallas "
@@ -475,12 +481,14 @@ def _impl_list(text: str) -> list[str]:
 
 # Per benchmark, option -> (default on a GPU, default elsewhere).
 DEFAULTS = {
-    "attn": {"seqs": ([1024, 2048, 4096, 8192, 16384], [128, 256]),
-             "head_dims": ([64, 128], [64]), "tokens": (16384, 256), "width": (2048, 128)},
-    "gmm": {"tokens": ([16384, 32768, 65536], [256]), "d_models": ([1024, 2048], [64]),
-            "ffn": (4096, 128), "experts": ([8, 64], [4])},
-    "linear": {"seqs": ([8192, 16384, 32768], [128, 256]), "batch": (4, 1),
-               "heads": (16, 2), "head_dim": (64, 32)},
+    "flash_attention": {"seqs": ([1024, 2048, 4096, 8192, 16384], [128, 256]),
+                        "head_dims": ([64, 128], [64]), "tokens": (16384, 256),
+                        "width": (2048, 128)},
+    "grouped_matmul": {"tokens": ([16384, 32768, 65536], [256]),
+                       "d_models": ([1024, 2048], [64]), "ffn": (4096, 128),
+                       "experts": ([8, 64], [4])},
+    "linear_attention": {"seqs": ([8192, 16384, 32768], [128, 256]), "batch": (4, 1),
+                         "heads": (16, 2), "head_dim": (64, 32)},
     "timed": {"runs": (20, 3), "peak_n": (8192, 256)},
 }
 
@@ -505,28 +513,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
 
-    ce = sub.add_parser("ce", help="memory of fused vs naive cross-entropy")
+    ce = sub.add_parser("fused_cross_entropy", help="memory of fused vs naive cross-entropy")
     ce.add_argument("--tokens", type=_positive_int, default=8192)
     ce.add_argument("--d-model", type=_positive_int, default=512)
     ce.add_argument("--vocabs", type=_positive_ints, default=[32768, 65536])
     ce.add_argument("--block-v", type=_positive_int, default=512)
 
     def timed(name: str, help_: str):
+        """(subparser, option -> the help text of its default)."""
         s = sub.add_parser(name, help=help_)
         s.add_argument("--runs", type=_positive_int, help=_default_help("timed", "runs"))
         s.add_argument("--warmup", type=_positive_int, default=2,
                        help="untimed calls after compiling (default: 2)")
         s.add_argument("--dtype", default="bfloat16",
                        choices=["bfloat16", "float16", "float32"])
-        return s
+        return s, functools.partial(_default_help, name)
 
-    a = timed("attn", "causal attention fwd+bwd TFLOP/s: ours, jax.nn xla/cudnn, jax mha")
-    a.add_argument("--seqs", type=_positive_ints, help=_default_help("attn", "seqs"))
-    a.add_argument("--head-dims", type=_positive_ints, help=_default_help("attn", "head_dims"))
+    a, default = timed("flash_attention",
+                       "causal attention fwd+bwd TFLOP/s: ours, jax.nn xla/cudnn, jax mha")
+    a.add_argument("--seqs", type=_positive_ints, help=default("seqs"))
+    a.add_argument("--head-dims", type=_positive_ints, help=default("head_dims"))
     a.add_argument("--tokens", type=_positive_int,
-                   help="batch x seq per row; " + _default_help("attn", "tokens"))
-    a.add_argument("--width", type=_positive_int,
-                   help="heads x head dim; " + _default_help("attn", "width"))
+                   help="batch x seq per row; " + default("tokens"))
+    a.add_argument("--width", type=_positive_int, help="heads x head dim; " + default("width"))
     a.add_argument("--group", type=_positive_int, default=1,
                    help="query heads per K/V head (default: 1)")
     a.add_argument("--impls", type=_impl_list, default=list(ATTENTION_IMPLS),
@@ -536,20 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--peak-n", type=_positive_int,
                    help="size of the peak matmul; " + _default_help("timed", "peak_n"))
 
-    g = timed("gmm", "grouped matmul vs jax.lax.ragged_dot, fwd and fwd+bwd")
-    g.add_argument("--tokens", type=_positive_ints, help=_default_help("gmm", "tokens"))
-    g.add_argument("--d-models", type=_positive_ints, help=_default_help("gmm", "d_models"))
-    g.add_argument("--ffn", type=_positive_int, help=_default_help("gmm", "ffn"))
-    g.add_argument("--experts", type=_positive_ints, help=_default_help("gmm", "experts"))
+    g, default = timed("grouped_matmul", "grouped matmul vs jax.lax.ragged_dot, fwd and fwd+bwd")
+    g.add_argument("--tokens", type=_positive_ints, help=default("tokens"))
+    g.add_argument("--d-models", type=_positive_ints, help=default("d_models"))
+    g.add_argument("--ffn", type=_positive_int, help=default("ffn"))
+    g.add_argument("--experts", type=_positive_ints, help=default("experts"))
     g.add_argument("--seed", type=int, default=0, help="group sizes (default: 0)")
     g.add_argument("--peak-n", type=_positive_int,
                    help="size of the peak matmul; " + _default_help("timed", "peak_n"))
 
-    n = timed("linear", "chunked linear attention vs flash attention, fwd+bwd time")
-    n.add_argument("--seqs", type=_positive_ints, help=_default_help("linear", "seqs"))
-    n.add_argument("--batch", type=_positive_int, help=_default_help("linear", "batch"))
-    n.add_argument("--heads", type=_positive_int, help=_default_help("linear", "heads"))
-    n.add_argument("--head-dim", type=_positive_int, help=_default_help("linear", "head_dim"))
+    n, default = timed("linear_attention",
+                       "chunked linear attention vs flash attention, fwd+bwd time")
+    n.add_argument("--seqs", type=_positive_ints, help=default("seqs"))
+    n.add_argument("--batch", type=_positive_int, help=default("batch"))
+    n.add_argument("--heads", type=_positive_int, help=default("heads"))
+    n.add_argument("--head-dim", type=_positive_int, help=default("head_dim"))
     n.add_argument("--chunk", type=_positive_int, default=64, help="default: 64")
     n.add_argument("--no-decay", action="store_true", help="plain linear attention")
     n.add_argument("--gla", action="store_true", help="one gate per key dimension (GLA)")
@@ -561,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     """Shape constraints argparse types cannot see; p.error exits with status 2."""
-    if args.what != "attn":
+    if args.what != "flash_attention":
         return
     for head_dim in args.head_dims:
         if args.width % head_dim:
@@ -571,14 +581,16 @@ def _check(p: argparse.ArgumentParser, args) -> None:
                     f"{head_dim}) do not split into groups of --group {args.group}")
 
 
-TABLES = {"ce": _ce_table, "attn": _attn_table, "gmm": _gmm_table, "linear": _linear_table}
+# Subcommand (the pallas_kernels/ module it measures) -> its table.
+TABLES = {"fused_cross_entropy": _ce_table, "flash_attention": _attn_table,
+          "grouped_matmul": _gmm_table, "linear_attention": _linear_table}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(argv)
-    if args.what != "ce":
+    if args.what != "fused_cross_entropy":
         _with_defaults(args)
     _check(p, args)
     emit(TABLES[args.what](args, argv), args.out)

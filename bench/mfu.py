@@ -26,7 +26,8 @@ from efflm.flops import PeakMeter, train_flops_per_step
 from efflm.train.step import build_program, count_params
 
 
-def _batch(cfg) -> dict:
+def random_batch(cfg) -> dict:
+    """One batch of random tokens of `cfg`'s shape, every row one document."""
     rng = np.random.default_rng(0)
     b, t = cfg.train.batch_size, cfg.data.seq_len
     return {"inputs": rng.integers(0, 256, (b, t), dtype=np.int32),
@@ -39,7 +40,7 @@ def measure(cfg, steps: int, warmup: int, program=None) -> dict:
     program = program or build_program(cfg)
     with program.context():
         state = program.init(jax.random.key(0))
-        batch = mesh_lib.global_batch(_batch(cfg), program.mesh)
+        batch = mesh_lib.global_batch(random_batch(cfg), program.mesh)
         compiled = program.train_step.lower(state, batch).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

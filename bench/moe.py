@@ -86,7 +86,7 @@ def _ep_table(args, argv) -> list[str]:
     import jax
 
     from efflm import mesh as mesh_lib
-    from efflm.bench.mfu import _batch
+    from efflm.bench.mfu import random_batch
     from efflm.train.step import build_program
 
     if jax.device_count() < 8:
@@ -106,7 +106,7 @@ def _ep_table(args, argv) -> list[str]:
         program = build_program(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8]))
         with program.context():
             state = program.init(jax.random.key(0))
-            batch = mesh_lib.global_batch(_batch(cfg), program.mesh)
+            batch = mesh_lib.global_batch(random_batch(cfg), program.mesh)
             moved = collective_bytes(program.train_step.lower(state, batch).compile().as_text())
         r = measure(cfg, args.steps, args.warmup, program)
         lines.append(f"| {label} | {r['step_time']:.3f} | "

@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import statistics
-import types
 
 import jax
 
@@ -37,9 +36,8 @@ def train_and_evaluate(preset: str, overrides: list[str], steps: int, workdir: s
     time from metrics.jsonl (the compiling first step is not logged there), and the
     `(cfg, program, state)` restored from the final checkpoint for further reporting.
     """
-    from efflm.cli import _restore_state
     from efflm.config import load_config
-    from efflm.train.trainer import evaluate, train
+    from efflm.train.trainer import evaluate, restore_run, train
 
     cfg = load_config(preset, ["logging.progress=false", "logging.tensorboard=false",
                                f"train.steps={steps}", f"train.workdir={workdir}",
@@ -49,8 +47,7 @@ def train_and_evaluate(preset: str, overrides: list[str], steps: int, workdir: s
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r]
-    cfg, program, state, tokenizer, _ = _restore_state(
-        types.SimpleNamespace(workdir=workdir, overrides=[]))
+    cfg, program, state, tokenizer, _ = restore_run(workdir)
     return {"bpb": evaluate(program, state, tokenizer,
                             cfg.train.eval_batches)["eval_bits_per_byte"],
             "step_time": statistics.median(times) if times else float("nan"),

@@ -19,35 +19,13 @@ def _train(args) -> int:
     return 0
 
 
-def _restore_state(args):
-    """(cfg, program, state, tokenizer, step) of the latest checkpoint in a workdir."""
-    from efflm.config import load_config
-    from efflm.data import get_tokenizer
-    from efflm.train.checkpoint import Checkpointer
-    from efflm.train.step import build_program
-    from efflm.train.trainer import CHECKPOINT_DIR, load_workdir_config, restore_or_init
-
-    load_workdir_config(args.workdir)  # a clear error if this is no workdir
-    cfg = load_config(os.path.join(args.workdir, "config.yaml"), args.overrides)
-    directory = os.path.join(args.workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
-        raise EfflmError(f"{args.workdir!r} has no checkpoint yet; train first")
-    checkpointer = Checkpointer(directory, cfg.checkpoint, create=False)  # reads only
-    try:
-        program = build_program(cfg)
-        state, step = restore_or_init(program, checkpointer, None)
-    finally:
-        checkpointer.close()
-    return cfg, program, state, get_tokenizer(cfg.data.tokenizer), step
-
-
 def _eval(args) -> int:
-    from efflm.train.trainer import evaluate
+    from efflm.train.trainer import evaluate, restore_run
 
     if args.batches < 0:
         raise EfflmError(f"--batches must be >= 0 (0: the whole validation split), got "
                          f"{args.batches}")
-    cfg, program, state, tokenizer, step = _restore_state(args)
+    cfg, program, state, tokenizer, step = restore_run(args.workdir, args.overrides)
     result = {"step": step, **evaluate(program, state, tokenizer, args.batches)}
     print(json.dumps(result))
     return 0
@@ -55,8 +33,9 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     from efflm.train.generate import sample
+    from efflm.train.trainer import restore_run
 
-    cfg, program, state, tokenizer, _ = _restore_state(args)
+    cfg, program, state, tokenizer, _ = restore_run(args.workdir, args.overrides)
     if args.top_k > cfg.model.vocab_size:
         raise EfflmError(f"--top-k {args.top_k} is larger than the vocabulary "
                          f"({cfg.model.vocab_size}); use at most {cfg.model.vocab_size}, "
@@ -72,8 +51,9 @@ def _generate(args) -> int:
 
 def _export(args) -> int:
     from efflm.train.export import export_quantized
+    from efflm.train.trainer import restore_run
 
-    cfg, program, state, _, step = _restore_state(args)
+    cfg, program, state, _, step = restore_run(args.workdir, args.overrides)
     out = args.out or os.path.join(args.workdir, "export", "quantized.npz")
     print(json.dumps({"step": step, **export_quantized(program, state, out)}))
     return 0
@@ -91,8 +71,9 @@ def _bench(args) -> int:
     from efflm.bench import compile as compile_bench
 
     which = args.rest[0] if args.rest else "mfu"
-    benches = {"mfu": mfu.main, "ce": kernels.main, "attn": kernels.main, "gmm": kernels.main,
-               "linear": kernels.main, "compile": compile_bench.main,
+    benches = {"mfu": mfu.main, "fused_cross_entropy": kernels.main,
+               "flash_attention": kernels.main, "grouped_matmul": kernels.main,
+               "linear_attention": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main}
     if which not in benches:

@@ -31,8 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from efflm.pallas_kernels.flash_attention import (
-    _next_power_of_2,
-    _Static,
+    CallStatics,
     backward_calls,
     check_qkv,
     dkv_step,
@@ -40,6 +39,7 @@ from efflm.pallas_kernels.flash_attention import (
     forward_call,
     forward_specs,
     forward_step,
+    next_power_of_2,
     store_rows,
 )
 
@@ -101,7 +101,7 @@ def _visible_blocks(block_mask, q_len, kv_len, block_q, block_k, causal):
 def _block_table(mask: np.ndarray) -> np.ndarray:
     """Row r: [count, indices of True columns..., padding]; width a power of two."""
     counts = mask.sum(axis=1)
-    width = _next_power_of_2(int(counts.max(initial=0)) + 1)
+    width = next_power_of_2(int(counts.max(initial=0)) + 1)
     table = np.zeros((mask.shape[0], width), np.int32)
     for r, row in enumerate(mask):
         cols = np.flatnonzero(row)
@@ -165,7 +165,7 @@ def _check_args(q, k, v, segment_ids, block_q, block_k):
 # Forward.
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: CallStatics, has_segments: bool):
     o_ref, lse_ref = rest[-2:]  # after the aliased initial outputs, if any
     q_seg_ref, k_seg_ref = rest[:2] if has_segments else (None, None)
     q = q_ref[...]
@@ -187,7 +187,7 @@ def _segment_args(q_seg, k_seg):
     return () if q_seg is None else (q_seg, k_seg)
 
 
-def _forward(q, k, v, q_seg, k_seg, q_table, s: _Static, initial_outputs=None):
+def _forward(q, k, v, q_seg, k_seg, q_table, s: CallStatics, initial_outputs=None):
     h, d = q.shape[2:]
     kv_len, kv = k.shape[1], k.shape[2]
     has_segments = q_seg is not None
@@ -203,7 +203,7 @@ def _forward(q, k, v, q_seg, k_seg, q_table, s: _Static, initial_outputs=None):
 
 
 def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                s: _Static, group: int, has_segments: bool):
+                s: CallStatics, group: int, has_segments: bool):
     """One key block of one K/V head: dK, dV over its listed query blocks and heads."""
     if has_segments:
         q_seg_ref, k_seg_ref, dk_ref, dv_ref = rest
@@ -226,7 +226,7 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-               s: _Static, has_segments: bool):
+               s: CallStatics, has_segments: bool):
     """One query block of one head: dQ over its listed key blocks."""
     if has_segments:
         q_seg_ref, k_seg_ref, dq_ref = rest
@@ -245,7 +245,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
     dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Static):
+def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: CallStatics):
     has_segments = q_seg is not None
     group = q.shape[2] // k.shape[2]
     return backward_calls(
@@ -256,16 +256,16 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: _Stati
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _sparse(q, k, v, q_seg, k_seg, q_table, k_table, s: _Static):
+def _sparse(q, k, v, q_seg, k_seg, q_table, k_table, s: CallStatics):
     return _forward(q, k, v, q_seg, k_seg, q_table, s)[0]
 
 
-def _sparse_fwd(q, k, v, q_seg, k_seg, q_table, k_table, s: _Static):
+def _sparse_fwd(q, k, v, q_seg, k_seg, q_table, k_table, s: CallStatics):
     out, lse = _forward(q, k, v, q_seg, k_seg, q_table, s)
     return out, (q, k, v, q_seg, k_seg, q_table, k_table, out, lse)
 
 
-def _sparse_bwd(s: _Static, residuals, do):
+def _sparse_bwd(s: CallStatics, residuals, do):
     q, k, v, q_seg, k_seg, q_table, k_table, out, lse = residuals
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     dq, dk, dv = _backward(q, k, v, q_seg, k_seg, q_table, k_table, do.astype(q.dtype), lse,
@@ -299,7 +299,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q, block_k, segment_ids
     q_table, k_table = _block_table(visible), _block_table(visible.T)
     nq, nk = visible.shape
     t_pad, kv_pad = nq * block_q, nk * block_k
-    d_pad = max(16, _next_power_of_2(d))
+    d_pad = max(16, next_power_of_2(d))
 
     def pad(x, length):
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
@@ -309,7 +309,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q, block_k, segment_ids
         seg = segment_ids.astype(jnp.int32)
         q_seg = jnp.pad(seg, ((0, 0), (0, t_pad - t)), constant_values=-1)
         k_seg = jnp.pad(seg, ((0, 0), (0, kv_pad - kv_len)), constant_values=-2)
-    s = _Static(causal=bool(causal), window=0,
+    s = CallStatics(causal=bool(causal), window=0,
                 sm_scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                 block_q=block_q, block_k=block_k, q_len=t, kv_len=kv_len,
                 interpret=bool(interpret))

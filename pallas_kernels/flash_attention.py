@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from efflm.mesh import mesh_axes_of
 from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
@@ -46,7 +47,7 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _EMPTY_BELOW = 0.5 * _MASKED
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -145,7 +146,7 @@ def unsupported_reason(head_dim: int, dtype) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class CallStatics:
     """Everything about one call that is known at trace time."""
 
     causal: bool
@@ -170,7 +171,7 @@ def _first_block_after(position, block: int):
     return jnp.where(position < 0, 0, lax.div(jnp.maximum(position, 0), block) + 1)
 
 
-def _key_block_range(s: _Static, q_block, num_k_blocks):
+def _key_block_range(s: CallStatics, q_block, num_k_blocks):
     """Key blocks [lo, hi) that queries q_block*block_q .. + block_q can see (hi <= lo:
     none)."""
     q_first = q_block * s.block_q + s.q_offset  # the block's first query position
@@ -184,7 +185,7 @@ def _key_block_range(s: _Static, q_block, num_k_blocks):
     return lo, hi
 
 
-def _query_block_range(s: _Static, k_block, num_q_blocks):
+def _query_block_range(s: CallStatics, k_block, num_q_blocks):
     """Query blocks [lo, hi) that can see keys k_block*block_k .. + block_k (hi <= lo:
     none)."""
     k_first = k_block * s.block_k - s.q_offset  # as a query index
@@ -198,7 +199,7 @@ def _query_block_range(s: _Static, k_block, num_q_blocks):
     return lo, hi
 
 
-def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
+def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg):
     """Scaled, masked scores (block_q, block_k) in float32."""
     scores = mm(q, k, trans_b=True) * s.sm_scale
     q_idx = q_first + s.q_offset + jnp.arange(q.shape[0])[:, None]
@@ -225,7 +226,7 @@ def _scores(s: _Static, q, k, q_first, k_first, q_seg, k_seg):
 # Forward.
 
 
-def forward_step(s: _Static, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first, carry):
+def forward_step(s: CallStatics, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first, carry):
     """Online-softmax update of (acc, row_max, row_sum) with the key block at k_first."""
     acc, row_max, row_sum = carry
     keys = pl.ds(k_first, s.block_k)
@@ -240,7 +241,7 @@ def forward_step(s: _Static, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first
     return acc, new_max, row_sum
 
 
-def dq_step(s: _Static, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
+def dq_step(s: CallStatics, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
             k_first, dq):
     """dQ plus the contribution of the key block at k_first."""
     keys = pl.ds(k_first, s.block_k)
@@ -253,7 +254,7 @@ def dq_step(s: _Static, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_r
     return dq + mm(ds.astype(k.dtype), k)
 
 
-def dkv_step(s: _Static, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
+def dkv_step(s: CallStatics, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
              k_first, q_first, carry):
     """(dK, dV) plus the contribution of query head g's block at q_first."""
     dk, dv = carry
@@ -270,7 +271,7 @@ def dkv_step(s: _Static, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, 
     return dk, dv
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: _Static, has_segments: bool):
+def _forward_kernel(q_ref, k_ref, v_ref, *rest, s: CallStatics, has_segments: bool):
     # rest: [q segments, k segments], [the two aliased initial outputs], out, lse
     o_ref, lse_ref = rest[-2:]
     q_seg_ref, k_seg_ref = rest[:2] if has_segments else (None, None)
@@ -306,7 +307,7 @@ def _segment_args(segment_ids):
     return () if segment_ids is None else (segment_ids, segment_ids)
 
 
-def forward_specs(s: _Static, d: int, kv_len: int, group: int, has_segments: bool):
+def forward_specs(s: CallStatics, d: int, kv_len: int, group: int, has_segments: bool):
     """BlockSpecs of q, k, v (and segment ids) for a grid (query block, batch, head)."""
     specs = [
         pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
@@ -319,7 +320,7 @@ def forward_specs(s: _Static, d: int, kv_len: int, group: int, has_segments: boo
     return specs
 
 
-def dkv_specs_of(s: _Static, t: int, d: int, group: int, has_segments: bool):
+def dkv_specs_of(s: CallStatics, t: int, d: int, group: int, has_segments: bool):
     """BlockSpecs of q, k, v, do, lse, delta (and segment ids) for a grid
     (key block, batch, K/V head)."""
     specs = [
@@ -336,7 +337,7 @@ def dkv_specs_of(s: _Static, t: int, d: int, group: int, has_segments: bool):
     return specs
 
 
-def dq_specs_of(s: _Static, d: int, kv_len: int, group: int, has_segments: bool):
+def dq_specs_of(s: CallStatics, d: int, kv_len: int, group: int, has_segments: bool):
     """BlockSpecs of q, k, v, do, lse, delta (and segment ids) for a grid
     (query block, batch, head)."""
     specs = forward_specs(s, d, kv_len, group, False)
@@ -350,7 +351,7 @@ def dq_specs_of(s: _Static, d: int, kv_len: int, group: int, has_segments: bool)
     return specs
 
 
-def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
+def _forward(q, k, v, segment_ids, s: CallStatics, initial_outputs=None):
     """Padded inputs in, (out, lse) out: out like q, lse (batch, heads, length) float32.
 
     initial_outputs: optional (out, lse) buffers the kernel writes into in place (for
@@ -365,7 +366,7 @@ def _forward(q, k, v, segment_ids, s: _Static, initial_outputs=None):
                         "flash_attention_forward", initial_outputs)
 
 
-def forward_call(kernel, q, args, in_specs, s: _Static, name: str, initial_outputs=None):
+def forward_call(kernel, q, args, in_specs, s: CallStatics, name: str, initial_outputs=None):
     """(out, lse) of a forward kernel run once per (query block, batch, head)."""
     b, t, h, d = q.shape
     out_specs = [
@@ -392,7 +393,7 @@ def forward_call(kernel, q, args, in_specs, s: _Static, name: str, initial_outpu
 # Backward.
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Static,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: CallStatics,
                 group: int, has_segments: bool):
     """One key block of one K/V head: dK, dV summed over its query heads and blocks."""
     if has_segments:
@@ -418,7 +419,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Stat
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Static,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: CallStatics,
                has_segments: bool):
     """One query block of one head: dQ accumulated over the key blocks it sees."""
     if has_segments:
@@ -441,7 +442,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: _Stati
     dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
+def _backward(q, k, v, segment_ids, do, lse, delta, s: CallStatics):
     has_segments = segment_ids is not None
     group = q.shape[2] // k.shape[2]
     return backward_calls(
@@ -450,7 +451,7 @@ def _backward(q, k, v, segment_ids, do, lse, delta, s: _Static):
         q, k, v, [do, lse, delta, *_segment_args(segment_ids)], s, "flash_attention")
 
 
-def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: _Static, prefix: str,
+def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix: str,
                    tables=None):
     """(dq, dk, dv) from two kernels: dK/dV with one program per (key block, batch, K/V
     head) over all its query heads, dQ with one per (query block, batch, head) over the
@@ -491,16 +492,16 @@ def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: _Static, prefix: str
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segment_ids, s: _Static):
+def _flash(q, k, v, segment_ids, s: CallStatics):
     return _forward(q, k, v, segment_ids, s)
 
 
-def _flash_fwd(q, k, v, segment_ids, s: _Static):
+def _flash_fwd(q, k, v, segment_ids, s: CallStatics):
     out, lse = _forward(q, k, v, segment_ids, s)
     return (out, lse), (q, k, v, segment_ids, out, lse)
 
 
-def _flash_bwd(s: _Static, residuals, cotangents):
+def _flash_bwd(s: CallStatics, residuals, cotangents):
     q, k, v, segment_ids, out, lse = residuals
     do, dlse = cotangents
     # delta_i = rowsum(o * do) (FlashAttention-2's D). A cotangent on the lse adds
@@ -550,11 +551,11 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     kv_len = k.shape[1]
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     # Blocks no larger than the (padded) sequence; powers of two for Triton.
-    block_q = min(_next_power_of_2(block_q), max(16, _next_power_of_2(t)))
-    block_k = min(_next_power_of_2(block_k), max(16, _next_power_of_2(kv_len)))
+    block_q = min(next_power_of_2(block_q), max(16, next_power_of_2(t)))
+    block_k = min(next_power_of_2(block_k), max(16, next_power_of_2(kv_len)))
     t_pad = -(-t // block_q) * block_q
     kv_pad = -(-kv_len // block_k) * block_k
-    d_pad = max(16, _next_power_of_2(d))
+    d_pad = max(16, next_power_of_2(d))
     if segment_ids is not None:  # then t == kv_len; one padded length serves both
         t_pad = kv_pad = max(t_pad, kv_pad)
         segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)),
@@ -563,7 +564,7 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     def pad(x, length):
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
 
-    s = _Static(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
+    s = CallStatics(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
                 block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret),
                 q_offset=kv_len - t)
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
@@ -581,8 +582,6 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     whole. Without a mesh of more than one device this is `flash_attention`.
     """
     from jax.sharding import PartitionSpec as P
-
-    from efflm.mesh import mesh_axes_of
 
     if kwargs.get("return_lse"):
         raise ValueError("partitioned_flash_attention returns the output only")

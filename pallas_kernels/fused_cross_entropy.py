@@ -1,9 +1,9 @@
 """Linear cross-entropy without the (tokens x vocab) logits, after "Cut Your Losses in
 Large-Vocabulary Language Models" (Cut Cross-Entropy).
 
-`linear_cross_entropy(h, w, targets, mask)` returns what
-`efflm.train.loss.cross_entropy(h @ w, targets, mask)` returns — `(loss_sum, z_sum,
-num_tokens)` in float32 — but streams over blocks of the vocabulary: an online
+`linear_cross_entropy(h, w, targets, mask)` returns what the reference
+`cross_entropy(h @ w, targets, mask)` below returns — `(loss_sum, z_sum, num_tokens)`
+in float32 — but streams over blocks of the vocabulary: an online
 log-sum-exp in the forward pass and, in a `custom_vjp` backward pass, the logits of each
 block recomputed and turned into that block's share of dh and dw. Neither pass holds
 more than one (tokens x block_v) block of logits.
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from efflm.mesh import mesh_axes_of
 from efflm.pallas_kernels.common import alias_initial_outputs
-from efflm.train.loss import cross_entropy
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
@@ -49,6 +49,25 @@ def _ceil_to(n: int, k: int) -> int:
 
 def _dot_f32(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# The reference (impl="naive"): full logits, plain jax.numpy.
+
+
+def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
+    """Summed token losses and their count.
+
+    Returns `(loss_sum, z_sum, num_tokens)`, each a float32 scalar, so that gradient
+    accumulation and data shards can add them before dividing.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    loss_sum = jnp.sum((lse - target_logit) * mask)
+    z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss
+    return loss_sum, z_sum, jnp.sum(mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,8 +463,6 @@ def partitioned_linear_cross_entropy(h, w, targets, mask, **kwargs):
     a mesh of more than one device this is `linear_cross_entropy`.
     """
     from jax.sharding import PartitionSpec as P
-
-    from efflm.mesh import mesh_axes_of
 
     mesh = jax.sharding.get_abstract_mesh()
     batch = () if mesh.empty else mesh_axes_of(mesh, "batch", h.shape[0])

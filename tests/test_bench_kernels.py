@@ -1,4 +1,5 @@
-"""The kernel timing benchmarks (`efflm bench attn|gmm|linear`) at the tiniest shapes.
+"""The kernel benchmarks (`efflm bench flash_attention|grouped_matmul|linear_attention`,
+timed, and `fused_cross_entropy`) at the tiniest shapes.
 
 On CPU the Pallas kernels run interpreted and cuDNN is not available: the tables must
 say so, and every other cell must hold a measured, positive number.
@@ -30,12 +31,13 @@ def _positive(cell: str, interpret: bool = False) -> float:
     return value
 
 
-def test_attn_table(tmp_path):
-    out = tmp_path / "attn.md"
-    assert kernels.main(["attn", "--seqs", "64", "--head-dims", "32", "--tokens", "128",
-                         "--width", "64", "--peak-n", "64", *TIMING, "--out", str(out)]) == 0
+def test_flash_attention_table(tmp_path):
+    out = tmp_path / "flash_attention.md"
+    assert kernels.main(["flash_attention", "--seqs", "64", "--head-dims", "32", "--tokens",
+                         "128", "--width", "64", "--peak-n", "64", *TIMING,
+                         "--out", str(out)]) == 0
     text = out.read_text()
-    assert "efflm bench attn" in text and "3.5x the forward matmul FLOPs" in text
+    assert "efflm bench flash_attention" in text and "3.5x the forward matmul FLOPs" in text
     (row,) = _rows(out)
     head_dim, seq, shape, gflop, ours, xla, cudnn, mha = row
     assert (head_dim, seq, shape) == ("32", "64", "2 x 2 (2)")
@@ -47,19 +49,19 @@ def test_attn_table(tmp_path):
         assert cudnn.startswith("n/a: cuDNN needs a GPU")
 
 
-def test_attn_grouped_heads_skip_mha(tmp_path):
-    out = tmp_path / "attn.md"
-    kernels.main(["attn", "--seqs", "32", "--head-dims", "16", "--tokens", "32", "--width",
-                  "32", "--group", "2", "--impls", "mha", "--peak-n", "32", *TIMING,
-                  "--out", str(out)])
+def test_flash_attention_grouped_heads_skip_mha(tmp_path):
+    out = tmp_path / "flash_attention.md"
+    kernels.main(["flash_attention", "--seqs", "32", "--head-dims", "16", "--tokens", "32",
+                  "--width", "32", "--group", "2", "--impls", "mha", "--peak-n", "32",
+                  *TIMING, "--out", str(out)])
     gflop = f"{kernels.attention_flops(1, 2, 32, 16) / 1e9:.4g}"
     assert _rows(out) == [["16", "32", "1 x 2 (1)", gflop,
                            "n/a: jax's Pallas mha takes no grouped K/V heads"]]
 
 
-def test_gmm_table(tmp_path):
-    out = tmp_path / "gmm.md"
-    assert kernels.main(["gmm", "--tokens", "64", "--d-models", "32", "--ffn", "32",
+def test_grouped_matmul_table(tmp_path):
+    out = tmp_path / "grouped_matmul.md"
+    assert kernels.main(["grouped_matmul", "--tokens", "64", "--d-models", "32", "--ffn", "32",
                          "--experts", "2", "--peak-n", "64", *TIMING, "--out", str(out)]) == 0
     (row,) = _rows(out)
     tokens, shape, experts, *cells = row
@@ -74,9 +76,9 @@ def test_gmm_table(tmp_path):
 
 
 @pytest.mark.parametrize("gates", [[], ["--gla"]])
-def test_linear_table(tmp_path, gates):
-    out = tmp_path / "linear.md"
-    assert kernels.main(["linear", "--seqs", "64", "--batch", "1", "--heads", "1",
+def test_linear_attention_table(tmp_path, gates):
+    out = tmp_path / "linear_attention.md"
+    assert kernels.main(["linear_attention", "--seqs", "64", "--batch", "1", "--heads", "1",
                          "--head-dim", "16", "--chunk", "16", *gates, *TIMING,
                          "--out", str(out)]) == 0
     assert ("GLA gates" in out.read_text()) == bool(gates)
@@ -89,17 +91,28 @@ def test_linear_table(tmp_path, gates):
     assert all(r.endswith("x") and _positive(r) for r in ratios)
 
 
+def test_fused_cross_entropy_table(tmp_path):
+    out = tmp_path / "fused_cross_entropy.md"
+    assert kernels.main(["fused_cross_entropy", "--tokens", "64", "--d-model", "16",
+                         "--vocabs", "256", "--block-v", "64", "--out", str(out)]) == 0
+    assert "efflm bench fused_cross_entropy" in out.read_text()
+    (row,) = _rows(out)
+    assert row[:2] == ["256", f"{64 * 256 * 4 / 2**20:.1f}"]
+
+
 @pytest.mark.parametrize("argv", [
-    ["attn", "--seqs", "abc"],
-    ["attn", "--seqs", "128,-5"],
-    ["attn", "--head-dims", "0"],
-    ["attn", "--width", "100", "--head-dims", "64"],
-    ["attn", "--width", "64", "--head-dims", "32", "--group", "3"],
-    ["attn", "--impls", "ours,flash3"],
-    ["gmm", "--tokens", "-1"],
-    ["gmm", "--experts", "8,,64"],
-    ["linear", "--batch", "two"],
+    ["flash_attention", "--seqs", "abc"],
+    ["flash_attention", "--seqs", "128,-5"],
+    ["flash_attention", "--head-dims", "0"],
+    ["flash_attention", "--width", "100", "--head-dims", "64"],
+    ["flash_attention", "--width", "64", "--head-dims", "32", "--group", "3"],
+    ["flash_attention", "--impls", "ours,flash3"],
+    ["grouped_matmul", "--tokens", "-1"],
+    ["grouped_matmul", "--experts", "8,,64"],
+    ["linear_attention", "--batch", "two"],
+    ["fused_cross_entropy", "--vocabs", "0"],
     ["nope"],
+    ["attn"],  # the old names are gone
 ])
 def test_bad_input_is_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -108,14 +121,24 @@ def test_bad_input_is_a_usage_error(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["attn", "gmm", "linear"])
+@pytest.mark.parametrize("name", ["flash_attention", "grouped_matmul", "linear_attention",
+                                  "fused_cross_entropy"])
 def test_registered_in_the_cli(name, capsys):
     # A bad list reaches this module's parser, so `efflm bench NAME` dispatches here.
-    flag = "--tokens" if name == "gmm" else "--seqs"
+    flag = {"grouped_matmul": "--tokens", "fused_cross_entropy": "--vocabs"}.get(name, "--seqs")
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", name, flag, "abc"])
     assert exit_.value.code == 2
     assert f"efflm bench {name}: error: argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["attn", "gmm", "linear", "ce"])
+def test_unknown_name_lists_the_choices(name, capsys):
+    assert cli.main(["bench", name]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"efflm: error: unknown benchmark {name!r}; choose one of: mfu, ")
+    choices = line.split("choose one of: ")[1].split(", ")
+    assert set(kernels.TABLES) <= set(choices) and "attention" in choices
 
 
 def test_flop_convention():

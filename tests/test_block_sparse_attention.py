@@ -160,14 +160,14 @@ def test_forward_writes_every_output_element():
     """Into NaN-filled buffers: every row is written, including a query block whose key
     list is empty (output 0, lse +inf)."""
     from efflm.pallas_kernels.block_sparse_attention import _forward
-    from efflm.pallas_kernels.flash_attention import _Static
+    from efflm.pallas_kernels.flash_attention import CallStatics
 
     q, k, v, _, _ = _inputs(5, 2, 48, 4, 2, 16, segments=False)
     mask = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)  # block row 1 sees nothing
     visible = _visible_blocks(mask, 48, 48, 16, 16, causal=True)
     table = jnp.asarray(_block_table(visible))
     assert int(table[1, 0]) == 0
-    s = _Static(causal=True, window=0, sm_scale=0.25, block_q=16, block_k=16, q_len=48,
+    s = CallStatics(causal=True, window=0, sm_scale=0.25, block_q=16, block_k=16, q_len=48,
                 kv_len=48, interpret=True)
     run = jax.jit(lambda *a, **kw: _forward(*a, s, **kw))
     want = run(q, k, v, None, None, table)

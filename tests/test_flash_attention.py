@@ -15,11 +15,11 @@ from efflm.errors import ConfigError
 from efflm.models import LM
 from efflm.pallas_kernels import flash_attention, reference_attention
 from efflm.pallas_kernels.flash_attention import (
+    CallStatics,
     _forward,
     _key_block_range,
     _padded,
     _query_block_range,
-    _Static,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
@@ -184,7 +184,7 @@ def test_loop_bounds_visit_exactly_the_visible_blocks(causal, window, block_q, b
                                                       q_len, kv_len):
     """Forward and dQ skip key blocks (dK/dV skip query blocks) that are fully masked;
     a block that sees nothing gets an empty range."""
-    s = _Static(causal=causal, window=window, sm_scale=1.0, block_q=block_q,
+    s = CallStatics(causal=causal, window=window, sm_scale=1.0, block_q=block_q,
                 block_k=block_k, q_len=q_len, kv_len=kv_len, interpret=True,
                 q_offset=kv_len - q_len)
     i = np.arange(q_len)[:, None] + kv_len - q_len

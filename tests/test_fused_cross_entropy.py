@@ -9,8 +9,7 @@ import pytest
 
 from efflm import mesh as mesh_lib
 from efflm.pallas_kernels import fused_cross_entropy as ce_module
-from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
-from efflm.train.loss import cross_entropy
+from efflm.pallas_kernels.fused_cross_entropy import cross_entropy, linear_cross_entropy
 from efflm.train.step import build_program
 
 

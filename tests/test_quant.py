@@ -3,7 +3,6 @@ that routes every targeted matmul through them, export, and their config errors.
 
 import json
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -275,8 +274,8 @@ def trained_workdirs(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["int8", "ternary"])
 def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, capsys,
                                                         tmp_path):
-    from efflm.cli import _restore_state
     from efflm.train.export import load_export
+    from efflm.train.trainer import restore_run
 
     workdir = trained_workdirs[kind]
     before = _snapshot(workdir)
@@ -300,8 +299,7 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
         assert weights and all(data[k].dtype == np.uint8 if kind == "ternary"
                                else data[k].dtype == np.int8 for k in weights)
     cfg, variables = load_export(out)
-    args = types.SimpleNamespace(workdir=workdir, overrides=[])
-    _, program, state, _, _ = _restore_state(args)
+    _, program, state, _, _ = restore_run(workdir)
     tokens = jnp.asarray(_batch(cfg)["inputs"])
     with program.context():
         expected = program.model.apply(state.variables(), tokens)

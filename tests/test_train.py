@@ -1,4 +1,3 @@
-import argparse
 import json
 import os
 import shutil
@@ -11,12 +10,12 @@ import time
 import pytest
 from conftest import SMALL
 
-from efflm.cli import _restore_state, main
+from efflm.cli import main
 from efflm.config import load_config
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
 from efflm.train.generate import sample
-from efflm.train.trainer import train
+from efflm.train.trainer import restore_run, train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
 RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
@@ -189,8 +188,7 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
         assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
                      "5", "--temperature", "0", "--seed", seed]) == 0
         outs.append(capsys.readouterr().out)
-    cfg, program, state, tokenizer, _ = _restore_state(
-        argparse.Namespace(workdir=workdir, overrides=[]))
+    cfg, program, state, tokenizer, _ = restore_run(workdir)
     with program.context():
         ids = sample(program.model, state.variables(), tokenizer.encode("def "),
                      max_new_tokens=5, temperature=0.0, top_k=0, seed=0,

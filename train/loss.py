@@ -1,22 +1,18 @@
-"""Cross-entropy in float32 with a padding mask and optional z-loss."""
+"""The loss: cross-entropy in float32 with a padding mask and optional z-loss.
+
+`cross_entropy`, the plain-JAX reference, lives beside the fused kernels it checks
+(efflm.pallas_kernels.fused_cross_entropy) and is re-exported here.
+"""
 
 import jax
-import jax.numpy as jnp
 
+from efflm.pallas_kernels.fused_cross_entropy import (
+    cross_entropy,
+    linear_cross_entropy,
+    partitioned_linear_cross_entropy,
+)
 
-def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
-    """Summed token losses and their count.
-
-    Returns `(loss_sum, z_sum, num_tokens)`, each a float32 scalar, so that gradient
-    accumulation and data shards can add them before dividing.
-    """
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    loss_sum = jnp.sum((lse - target_logit) * mask)
-    z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss
-    return loss_sum, z_sum, jnp.sum(mask)
+__all__ = ["cross_entropy", "linear_cross_entropy_terms", "resolve_loss_impl"]
 
 
 def resolve_loss_impl(loss_impl: str, mesh_shape: dict | None = None) -> str:
@@ -37,11 +33,6 @@ def resolve_loss_impl(loss_impl: str, mesh_shape: dict | None = None) -> str:
 
 def linear_cross_entropy_terms(h, w, targets, mask, z_loss: float, impl: str):
     """`cross_entropy(h @ w, ...)` by the blockwise `impl` ("xla" or "pallas")."""
-    from efflm.pallas_kernels.fused_cross_entropy import (
-        linear_cross_entropy,
-        partitioned_linear_cross_entropy,
-    )
-
     if impl == "pallas":
         return partitioned_linear_cross_entropy(h, w, targets, mask, impl=impl,
                                                 z_loss=z_loss)

@@ -21,13 +21,14 @@ from efflm.config import (
     SHAPE_KEYS,
     Config,
     config_from_dict,
+    load_config,
     to_dict,
     to_yaml,
 )
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
-from efflm.models.plan import not_causal
+from efflm.layers.plan import not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -217,6 +218,28 @@ def restore_or_init(program: Program, checkpointer: Checkpointer, data_iterator)
         if restored is not None:
             return restored
         return program.init(jax.random.key(cfg.train.seed)), 0
+
+
+def restore_run(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple:
+    """(cfg, program, state, tokenizer, step) of the newest readable checkpoint in `workdir`.
+
+    cfg is the workdir's config.yaml with `overrides` ("key=value") applied. The workdir
+    is only read. Raises CheckpointError if `workdir` is not a training workdir (no
+    readable config.yaml), ConfigError for an invalid config or override, and EfflmError
+    if it has no checkpoint yet.
+    """
+    load_workdir_config(workdir)  # a clear error if this is no workdir
+    cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides)
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+        raise EfflmError(f"{workdir!r} has no checkpoint yet; train first")
+    checkpointer = Checkpointer(directory, cfg.checkpoint, create=False)  # reads only
+    try:
+        program = build_program(cfg)
+        state, step = restore_or_init(program, checkpointer, None)
+    finally:
+        checkpointer.close()
+    return cfg, program, state, get_tokenizer(cfg.data.tokenizer), step
 
 
 def train(cfg: Config) -> dict:
