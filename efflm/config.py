@@ -1,8 +1,11 @@
 """The one typed Config: dataclass schema, YAML presets and `key=value` overrides.
 
 Presets live in `configs/NAME.yaml`; a preset may name another with `extends: NAME`.
-OmegaConf structured configs check keys and types; `validate` checks ranges and
-choices against the registries, so a new attention or MLP kind needs no edit here.
+OmegaConf structured configs check keys and types; `validate` checks ranges, and asks
+each kind the model uses to check its own settings (`efflm.layers.plan`).
+
+This module sits above the layers: nothing under `efflm.layers`, `efflm.models`,
+`efflm.pallas_kernels` or `efflm.mesh` imports it at run time.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,15 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from efflm.errors import ConfigError
+from efflm.data import SOURCES, TOKENIZERS, get_tokenizer
+from efflm.errors import ConfigError, check_choice, check_positive
+from efflm.layers.plan import quant_targets, validate_kinds
+from efflm.layers.quant import QUANT
+from efflm.layers.quant.nm import parse_nm
+from efflm.shapes import head_dim, num_kv_heads
+
+__all__ = ["Config", "ModelConfig", "check_choice", "check_positive", "head_dim",
+           "load_config", "num_kv_heads", "validate"]
 
 
 @dataclass
@@ -391,8 +401,6 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             raise _explain(e, schema, f"override {item!r}", item.split("=", 1)[0]) from None
     obj = OmegaConf.to_object(cfg)
     validate(obj)
-    from efflm.data import get_tokenizer
-
     obj.model.vocab_size = vocab_size(obj.model, get_tokenizer(obj.data.tokenizer).vocab_size)
     return obj
 
@@ -414,58 +422,17 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def check_choice(key: str, value: str, choices) -> None:
-    choices = sorted(choices)
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}={value!r} is not a valid choice{hint}; choose one of: "
-                          f"{', '.join(choices)}")
-
-
-def check_positive(key: str, value, allow_zero: bool = False) -> None:
-    if not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def validate(cfg: Config) -> None:
     """Check ranges and registry choices; raise ConfigError naming the key."""
-    from efflm.data import SOURCES, TOKENIZERS
-    from efflm.layers import ATTENTION, DEPTH, MLP
-
     m, a = cfg.model, cfg.model.attention
-    check_choice("model.attention.kind", a.kind, ATTENTION)
     check_choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
-    check_choice("model.mlp.kind", m.mlp.kind, MLP)
-    from efflm.models.plan import pattern_kinds
-
-    for key, pattern, registry in (("model.attention.pattern", a.pattern, ATTENTION),
-                                   ("model.mlp.pattern", m.mlp.pattern, MLP)):
-        for kind in pattern_kinds(pattern):
-            check_choice(f"{key} entry", kind, registry)
-    check_choice("model.depth.kind", m.depth.kind, DEPTH)
     check_positive("model.mlp.every", m.mlp.every)
     check_positive("model.mlp.first_dense", m.mlp.first_dense, allow_zero=True)
-    from efflm.models.plan import layer_plan
-
-    plan = layer_plan(m)
-    if not pattern_kinds(m.mlp.pattern) and m.mlp.kind not in {s.mlp for s in plan}:
-        raise ConfigError(f"model.mlp.first_dense={m.mlp.first_dense} and model.mlp.every="
-                          f"{m.mlp.every} leave no layer of the {m.num_layers} with "
-                          f"model.mlp.kind={m.mlp.kind!r}; lower them")
-    # Each kind the model uses checks its own settings.
-    kinds = {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}
-    kinds.add(DEPTH[m.depth.kind])
-    for cls in sorted(kinds, key=lambda c: c.__name__):
-        check = getattr(cls, "validate_config", None)
-        if check is not None:
-            check(m)
+    validate_kinds(m)  # each kind the model uses checks its own settings, then the plan
     check_choice("model.attention.feature_map", a.feature_map, ("elu", "relu", "identity"))
     check_choice("model.attention.decay", a.decay, ("data", "fixed"))
     check_choice("model.dtype", m.dtype, DTYPES)
@@ -541,38 +508,27 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.source=files needs data.paths, e.g. "
                           "data.paths=[corpus/a.txt,corpus/b.jsonl]")
-    _validate_quant(m, kinds)
+    _validate_quant(m)
 
 
 QUANT_TARGETS = ("attention", "mlp", "head")
 
 
-def parse_nm(nm: str) -> tuple[int, int]:
-    """`"N:M"` -> (N, M); raises ConfigError unless 0 < N < M."""
-    parts = nm.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"model.sparsity.nm={nm!r} must look like N:M, e.g. 2:4")
-    n, m = int(parts[0]), int(parts[1])
-    if not 0 < n < m:
-        raise ConfigError(f"model.sparsity.nm={nm!r}: need 0 < N < M (keep N of every M)")
-    return n, m
-
-
-def _validate_quant(m: ModelConfig, kinds) -> None:
-    from efflm.layers.quant import QUANT
-
+def _validate_quant(m: ModelConfig) -> None:
     q, sp = m.quant, m.sparsity
     check_choice("model.quant.kind", q.kind, QUANT)
     for t in q.targets:
         check_choice("model.quant.targets entry", t, QUANT_TARGETS)
     check_positive("model.sparsity.decay", sp.decay, allow_zero=True)
-    if q.kind == "none" and not sp.nm:
+    fmt = QUANT[q.kind]
+    if fmt is None and not sp.nm:
         return
     if not q.targets:
         raise ConfigError("model.quant.targets is empty; name at least one of "
                           f"{', '.join(QUANT_TARGETS)}")
-    # A kind routes its matmuls through the hook when its class names its target.
-    present = {"head"} | {getattr(c, "quant_target", None) for c in kinds}
+    if fmt is not None:
+        fmt.validate_config(m)
+    present = quant_targets(m)  # a kind routes its matmuls through the hook: its target
     for t in q.targets:
         if t not in present:
             raise ConfigError(f"model.quant.targets entry {t!r} matches no layer of this "
@@ -588,14 +544,6 @@ def _validate_quant(m: ModelConfig, kinds) -> None:
                     raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={group} does not "
                                       f"divide the input width {width} of the {t} "
                                       "matmuls; choose M dividing it")
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    return cfg.attention.head_dim or cfg.d_model // cfg.attention.num_heads
-
-
-def num_kv_heads(cfg: ModelConfig) -> int:
-    return cfg.attention.num_kv_heads or cfg.attention.num_heads
 
 
 def vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:

@@ -18,43 +18,38 @@ from __future__ import annotations
 import functools
 import math
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
+from efflm.layers.plan import depth_kind, layer_plan
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def layer_flops_per_token(cfg: ModelConfig):
     """`f(i, seq_len)`: forward FLOPs per token of layer i of the plan (mixer + MLP) over
     a sequence of seq_len tokens."""
-    from efflm.layers import ATTENTION, MLP
-    from efflm.models.plan import layer_plan
-
     plan = layer_plan(cfg)
 
     def flops(i: int, seq_len: int) -> float:
-        return (ATTENTION[plan[i].mixer].flops_per_token(cfg, seq_len)
-                + MLP[plan[i].mlp].flops_per_token(cfg, seq_len))
+        return (plan[i].mixer_kind.flops_per_token(cfg, seq_len)
+                + plan[i].mlp_kind.flops_per_token(cfg, seq_len))
 
     return flops
 
 
 def inactive_params(cfg: ModelConfig) -> int:
-    """Parameters a token does not use (experts it is not routed to), by the plan's
-    kinds (`inactive_params` on the class; none for dense kinds)."""
-    from efflm.layers import ATTENTION, MLP
-    from efflm.models.plan import layer_plan
-
-    return sum(getattr(registry[kind], "inactive_params", lambda c: 0)(cfg)
-               for spec in layer_plan(cfg)
-               for registry, kind in ((ATTENTION, spec.mixer), (MLP, spec.mlp)))
+    """Parameters a token does not use (experts it is not routed to): the sum of each
+    layer's kinds' `inactive_params`."""
+    return sum(spec.mixer_kind.inactive_params(cfg) + spec.mlp_kind.inactive_params(cfg)
+               for spec in layer_plan(cfg))
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    from efflm.layers import DEPTH
-
-    blocks = DEPTH[cfg.depth.kind].flops_per_token(cfg, seq_len, layer_flops_per_token(cfg))
+    blocks = depth_kind(cfg).flops_per_token(cfg, seq_len, layer_flops_per_token(cfg))
     return blocks + 2 * cfg.d_model * cfg.vocab_size  # + the output head
 
 

@@ -1,8 +1,13 @@
-"""The device mesh and the rules that map logical axis names to its axes."""
+"""The device mesh and the rules that map logical axis names to its axes.
+
+Layers and kernels use it (`mesh_axes_of`), so it imports nothing from them; the kinds'
+own mesh checks are asked by `efflm.layers.plan.check_mesh`.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -10,8 +15,11 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from efflm.config import Config, MeshConfig, num_kv_heads
 from efflm.errors import ConfigError
+from efflm.shapes import num_kv_heads
+
+if TYPE_CHECKING:
+    from efflm.config import Config, MeshConfig
 
 AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 # Mesh axes over which the batch is split (tokens of non-expert layers).
@@ -77,7 +85,8 @@ def logical_rules(cfg: Config, mesh: Mesh) -> tuple[tuple[str, object], ...]:
 
 
 def check_divisibility(cfg: Config, mesh: Mesh) -> None:
-    """Raise ConfigError when a sharded dimension does not split evenly."""
+    """Raise ConfigError when a dimension the model shards does not split evenly (the
+    kinds check their own dimensions: `efflm.layers.plan.check_mesh`)."""
     m = cfg.model
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -97,15 +106,6 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
         if value % mesh.shape[axis]:
             raise ConfigError(f"{key}={value} is not divisible by mesh.{axis}="
                               f"{mesh.shape[axis]}")
-    # Each kind the model uses checks what it shards itself.
-    from efflm.layers import ATTENTION, MLP
-    from efflm.models.plan import layer_plan
-
-    plan = layer_plan(m)
-    for cls in {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}:
-        check = getattr(cls, "check_mesh", None)
-        if check is not None:
-            check(m, dict(mesh.shape))
 
 
 def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:

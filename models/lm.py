@@ -1,28 +1,33 @@
 """The decoder-only language model: embed -> blocks -> norm -> head."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
-from efflm.layers import ATTENTION, DEPTH, MLP
 from efflm.layers.attention.softmax import attention_mask
 from efflm.layers.common import param_dtype
 from efflm.layers.norms import RMSNorm
+from efflm.layers.plan import LayerSpec, depth_kind, initial_carry, layer_plan
 from efflm.layers.quant.matmul import QuantMatmul
-from efflm.models.plan import LayerSpec, layer_plan
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
-def _call_kind(module, carry, x, *args):
-    """Run a mixer or MLP; a kind whose class's `takes_carry(cfg)` is true for the
+def _call_kind(module, carry, x, *args, **kwargs):
+    """Run a mixer or feed-forward; a kind whose `takes_carry(cfg)` is true for the
     model's config also gets and returns the layer-to-layer carry."""
-    takes_carry = getattr(type(module), "takes_carry", None)
-    if takes_carry is not None and takes_carry(module.cfg):
-        return module(x, carry, *args)
-    return module(x, *args), carry
+    if module.takes_carry(module.cfg):
+        return module(x, carry, *args, **kwargs)
+    return module(x, *args, **kwargs), carry
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: token mixer then MLP, the kinds its `LayerSpec` names."""
+    """Pre-norm residual block: token mixer then feed-forward, the kinds its `LayerSpec`
+    names. Both see which positions are padding (`segment_ids` 0)."""
 
     cfg: ModelConfig
     spec: LayerSpec
@@ -31,12 +36,13 @@ class Block(nn.Module):
     def __call__(self, x, carry, positions, segment_ids, mask):
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        mixer = ATTENTION[self.spec.mixer](cfg, name="attention")
+        mixer = self.spec.mixer_kind(cfg, name="attention")
         h, carry = _call_kind(mixer, carry, RMSNorm(name="attention_norm", **norm)(x),
                               positions, segment_ids, mask)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
-        mlp = MLP[self.spec.mlp](cfg, name="mlp")
-        h, carry = _call_kind(mlp, carry, RMSNorm(name="mlp_norm", **norm)(x))
+        mlp = self.spec.mlp_kind(cfg, name="mlp")
+        h, carry = _call_kind(mlp, carry, RMSNorm(name="mlp_norm", **norm)(x),
+                              segment_ids=segment_ids)
         return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), carry
 
 
@@ -63,7 +69,8 @@ class LM(nn.Module):
                 "head", nn.with_logical_partitioning(
                     nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), pdt)
-        self.blocks = DEPTH[cfg.depth.kind](cfg, Block, layer_plan(cfg), name="blocks")
+        self.plan = layer_plan(cfg)
+        self.blocks = depth_kind(cfg)(cfg, Block, self.plan, name="blocks")
         self.final_norm = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype)
         # The head's matmul, through the quantised-matmul hook (no parameters of its own).
@@ -79,7 +86,7 @@ class LM(nn.Module):
         x = jnp.take(self.embedding, inputs, axis=0).astype(cfg.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mask = attention_mask(segment_ids, length)
-        x = self.blocks(x, positions, segment_ids, mask)
+        x = self.blocks(x, initial_carry(cfg, self.plan, x), positions, segment_ids, mask)
         return self.final_norm(x)
 
     def head_weight(self):

@@ -64,7 +64,7 @@ def _triton_params(dk: int, dv: int):
     return _TRITON if dk * dv < 128 * 128 else plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
-def _check(q, k, v, log_decay, initial_state):
+def check_inputs(q, k, v, log_decay, initial_state):
     if q.ndim != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (batch, length, heads, dk); "
                          f"got q{q.shape} k{k.shape}")
@@ -112,7 +112,7 @@ def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None,
                                segment_ids=None):
     """The obviously correct form: one state update per token (zeroed at each segment
     start). Returns (out, final_state)."""
-    _check(q, k, v, log_decay, initial_state)
+    check_inputs(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
     f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time first
     if segment_ids is None:
@@ -136,7 +136,7 @@ def linear_attention_recurrent(q, k, v, *, log_decay=None, initial_state=None,
 # Chunkwise-parallel pure JAX (the `xla` impl).
 
 
-def _to_chunks(a, chunk):
+def to_chunks(a, chunk):
     """(batch, length, heads, ...) -> (chunks, batch, heads, chunk, ...), zero-padded."""
     batch, length = a.shape[:2]
     pad = -length % chunk
@@ -147,14 +147,14 @@ def _to_chunks(a, chunk):
     return jnp.moveaxis(a, 3, 2)  # (chunks, batch, heads, chunk, ...)
 
 
-def _from_chunks(out, length):
+def from_chunks(out, length):
     """(chunks, batch, heads, chunk, dv) -> (batch, length, heads, dv), padding dropped."""
     chunks, batch, heads, chunk, dv = out.shape
     out = jnp.moveaxis(out, 0, 1).swapaxes(2, 3).reshape(batch, chunks * chunk, heads, dv)
     return out[:, :length]
 
 
-def _segment_chunks(segment_ids, batch, length, chunk):
+def segment_chunks(segment_ids, batch, length, chunk):
     """Per chunk: each token's segment index (chunks, batch, 1, chunk) and the index of
     the token before the chunk (chunks, batch, 1, 1); the first chunk's "before" is its
     first token, so the initial state reaches the first segment. Padding repeats the
@@ -180,14 +180,14 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
     of the segment it belongs to, and a chunk with a boundary keeps only its last
     segment's keys in the state it passes on.
     """
-    _check(q, k, v, log_decay, initial_state)
+    check_inputs(q, k, v, log_decay, initial_state)
     log_decay, state = _defaults(q, v, log_decay, initial_state)
-    seg = _segment_chunks(segment_ids, q.shape[0], q.shape[1], chunk)
+    seg = segment_chunks(segment_ids, q.shape[0], q.shape[1], chunk)
     if log_decay.ndim == 4:
         return _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg)
     length = q.shape[1]
-    qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
-    bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
+    qc, kc, vc = (to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
+    bc = jnp.cumsum(to_chunks(log_decay, chunk), axis=-1)  # (chunks, batch, heads, chunk)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
 
     def step(state, inputs):
@@ -206,10 +206,10 @@ def linear_attention_chunked_xla(q, k, v, *, log_decay=None, initial_state=None,
         return state, out
 
     state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
-    return _from_chunks(out, length).astype(q.dtype), state
+    return from_chunks(out, length).astype(q.dtype), state
 
 
-def _sub_chunk(chunk: int) -> int:
+def sub_chunk(chunk: int) -> int:
     """Sub-chunk length for per-key-dimension gates: 16, or the chunk if it is smaller
     or not a multiple of 16."""
     return 16 if chunk > 16 and chunk % 16 == 0 else chunk
@@ -227,9 +227,9 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
     the backward pass (jax.checkpoint) rather than storing those tensors.
     """
     length = q.shape[1]
-    qc, kc, vc = (_to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
-    bc = jnp.cumsum(_to_chunks(log_decay, chunk), axis=-2)  # (chunks, b, h, chunk, dk)
-    sub = _sub_chunk(chunk)
+    qc, kc, vc = (to_chunks(a.astype(jnp.float32), chunk) for a in (q, k, v))
+    bc = jnp.cumsum(to_chunks(log_decay, chunk), axis=-2)  # (chunks, b, h, chunk, dk)
+    sub = sub_chunk(chunk)
     n = chunk // sub
     pos = jnp.arange(chunk)
     first = (jnp.arange(n) * sub)[:, None]  # each query sub-chunk's first position
@@ -268,7 +268,7 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
         return state, out
 
     state, out = jax.lax.scan(step, state, (qc, kc, vc, bc, *seg))
-    return _from_chunks(out, length).astype(q.dtype), state
+    return from_chunks(out, length).astype(q.dtype), state
 
 
 # ----------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
     b_spec = (pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0)) if on_keys
               else pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n)))
     return _per_head_call(
-        functools.partial(_gated_forward_kernel, chunk=chunk, sub=_sub_chunk(chunk),
+        functools.partial(_gated_forward_kernel, chunk=chunk, sub=sub_chunk(chunk),
                           num_chunks=padded // chunk, on_keys=on_keys),
         qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
         "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
@@ -590,7 +590,7 @@ def chunked_linear_attention(q, k, v, *, log_decay=None, initial_state=None, chu
     (not interpreted) it needs a chunk that is a power of two (`compiled_chunk_problem`,
     a ValueError otherwise).
     """
-    _check(q, k, v, log_decay, initial_state)
+    check_inputs(q, k, v, log_decay, initial_state)
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {', '.join(_IMPLS)}; got {impl!r}")
     if chunk < 1:

@@ -103,8 +103,8 @@ def traced_and_analytic_flops(cfg, length=40):
 
     from efflm.flops import forward_flops_per_token, traced_matmul_flops
     from efflm.layers.attention.softmax import causal_mix_flops
+    from efflm.layers.plan import layer_plan
     from efflm.models import LM
-    from efflm.models.plan import layer_plan
 
     model = LM(cfg)
     tokens = jnp.zeros((2, length), jnp.int32)

@@ -13,8 +13,8 @@ from efflm.config import load_config
 from efflm.flops import forward_flops_per_token, traced_matmul_flops
 from efflm.layers.attention.softmax import attention_mask, causal_mix_flops
 from efflm.layers.depth.mod import ModStack, RoutedBlock, capacity_tokens
+from efflm.layers.plan import layer_plan
 from efflm.models import LM, Block
-from efflm.models.plan import layer_plan
 from efflm.train.trainer import train
 
 
@@ -58,7 +58,7 @@ def test_recursive_equals_the_plain_stack_of_its_layers(small_config, sharing, u
 def _stack(cfg, params, x, seg=None, mutable=()):
     pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     stack = ModStack(cfg.model, Block, layer_plan(cfg.model))
-    return stack.apply({"params": params}, x, pos, seg, attention_mask(seg, x.shape[1]),
+    return stack.apply({"params": params}, x, {}, pos, seg, attention_mask(seg, x.shape[1]),
                        mutable=list(mutable))
 
 
@@ -71,7 +71,7 @@ def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_confi
     plan = layer_plan(cfg.model)
     assert [s.routed for s in plan] == [False, True, False, True]
     params = nn.unbox(ModStack(cfg.model, Block, plan).init(
-        jax.random.key(0), x, pos, None, None)["params"])
+        jax.random.key(0), x, {}, pos, None, None)["params"])
     by_hand = x
     for i, spec in enumerate(plan):
         p = params[f"layer_{i}"]

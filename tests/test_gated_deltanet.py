@@ -11,13 +11,13 @@ from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
 from efflm.layers import ATTENTION
-from efflm.layers.attention.deltanet import (
+from efflm.layers.attention.parts import l2_normalize
+from efflm.layers.plan import layer_plan
+from efflm.models import LM
+from efflm.pallas_kernels.gated_delta_rule import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
-    l2_normalize,
 )
-from efflm.models import LM
-from efflm.models.plan import layer_plan
 
 GDN = "model.attention.kind=gated_deltanet"
 # Two whole chunks of 16 and a partial one; segment boundaries at 5, 20 and 33 fall

@@ -13,7 +13,7 @@ from efflm.cli import main
 from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.experts import MoE, moe_reference
-from efflm.layers.moe.routers import TopKRouter
+from efflm.layers.moe.topk import TopKRouter
 from efflm.train.trainer import train
 
 D, E, K, F, TOKENS = 16, 4, 2, 8, (2, 12)
@@ -32,7 +32,7 @@ def _layer(small_config, *overrides):
 def _reference_loss(cfg, params, x, weights_out, capacity, experts):
     """The per-token loop, with the router's gates (so the router gets gradients) for
     the experts it chose."""
-    routing = TopKRouter(cfg).apply({"params": params["router"]}, x.reshape(-1, D))
+    routing = TopKRouter(cfg).apply({"params": params["router"]}, x, {})[0]
     out, _ = moe_reference(x.reshape(-1, D), experts, routing.gates,
                            (params["gate"], params["up"], params["out"]), capacity)
     return jnp.sum(out * weights_out)
@@ -54,7 +54,7 @@ def test_topk_dispatch_matches_the_per_token_reference(small_config, overrides, 
     assert capacity is None or capacity == math.ceil(
         cfg.moe.capacity_factor * 24 * K / E)
     w = jax.random.normal(jax.random.key(2), (24, D))
-    routing = TopKRouter(cfg).apply({"params": params["router"]}, x.reshape(-1, D))
+    routing = TopKRouter(cfg).apply({"params": params["router"]}, x, {})[0]
     experts = np.asarray(routing.experts)
     ref, ref_dropped = moe_reference(x.reshape(-1, D), experts, routing.gates,
                                      (params["gate"], params["up"], params["out"]),
@@ -139,7 +139,7 @@ def test_bad_moe_settings_exit_2_with_one_line(tmp_path, capsys, override, words
 
 
 def test_placement_every_and_first_dense():
-    from efflm.models.plan import layer_plan
+    from efflm.layers.plan import layer_plan
 
     cfg = load_config("tiny_moe", ["model.num_layers=6", "model.mlp.first_dense=1",
                                    "model.mlp.every=2"]).model

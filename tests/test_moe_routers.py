@@ -18,8 +18,8 @@ from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.recurrent import CARRY, RecurrentRouter
 from efflm.layers.moe.sigmoid_bias import BALANCE, SigmoidBiasRouter, update_bias
+from efflm.layers.plan import layer_plan
 from efflm.models import LM
-from efflm.models.plan import layer_plan
 from efflm.train.step import build_program
 from efflm.train.trainer import train
 
@@ -52,16 +52,17 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
                        "model.moe.seq_balance_loss=0.3").model
     sequences, length = 3, 8
     x = jax.random.normal(jax.random.key(1), (sequences * length, D))
-    params = nn.unbox(SigmoidBiasRouter(cfg).init(jax.random.key(0), x))["params"]
+    params = nn.unbox(SigmoidBiasRouter(cfg).init(
+        jax.random.key(0), x.reshape(sequences, length, D), {}))["params"]
     bias = np.array([0.3, -0.2, 0.0, 0.15], np.float32)
     state = {BALANCE: {"bias": jnp.asarray(bias), "load": jnp.zeros(E)}}
     w = np.asarray(jax.random.normal(jax.random.key(2), (sequences * length, K)))
 
     def run(kernel, x, bias):
-        routing, out = SigmoidBiasRouter(cfg).apply(
+        (routing, _), out = SigmoidBiasRouter(cfg).apply(
             {"params": {"kernel": kernel}, "state": {BALANCE: {**state[BALANCE],
                                                                 "bias": bias}}},
-            x, sequences=sequences, mutable=["state", "losses", "stats"])
+            x.reshape(sequences, length, D), {}, mutable=["state", "losses", "stats"])
         loss = jnp.sum(routing.gates * w) + out["losses"]["seq_balance"][0]
         return loss, (routing, out)
 
@@ -79,8 +80,9 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
     np.testing.assert_allclose(routing.gates, chosen / chosen.sum(-1, keepdims=True),
                                rtol=1e-5)
     # Without a mutable state (eval, generation) it routes with the same bias.
-    held = SigmoidBiasRouter(cfg).apply({"params": params, "state": state}, x,
-                                        sequences=sequences, mutable=["losses", "stats"])[0]
+    held = SigmoidBiasRouter(cfg).apply({"params": params, "state": state},
+                                        x.reshape(sequences, length, D), {},
+                                        mutable=["losses", "stats"])[0][0]
     np.testing.assert_array_equal(held.experts, experts)
     counts = np.bincount(experts.reshape(-1), minlength=E)
     np.testing.assert_array_equal(out["state"][BALANCE]["load"], counts)
@@ -380,8 +382,7 @@ def test_router_flops_are_its_matmuls(small_config, router):
 
     cls = ROUTERS[router]
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
-    args = (x.reshape(10, D),) + ((cls.initial_carry(cfg, x),) if router == "recurrent"
-                                  else ())
+    args = (x, cls.initial_carry(cfg, x))
     variables = nn.unbox(cls(cfg).init(jax.random.key(0), *args))
     traced = traced_matmul_flops(
         lambda v: cls(cfg).apply(v, *args, mutable=["losses", "stats", "state"])[0], variables)

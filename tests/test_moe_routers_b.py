@@ -17,7 +17,7 @@ from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.expert_choice import expert_choice_picks, expert_choice_reference
 from efflm.layers.moe.experts import MoE
-from efflm.layers.moe.relu_router import ReluRouter, relu_gates, relu_picks, relu_reference
+from efflm.layers.moe.relu import ReluRouter, relu_gates, relu_picks, relu_reference
 
 D, E, K, F, SHAPE = 16, 4, 2, 8, (2, 8)
 LAYER = ("model.mlp.kind=moe", f"model.d_model={D}", f"model.moe.num_experts={E}",
@@ -136,7 +136,7 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     pattern[0, 15, 3] = 3.0
     params = {"kernel": jnp.eye(E), "norm_scale": jnp.ones(E)}
     _, sown = jax.jit(lambda p, x: ReluRouter(cfg).apply(
-        {"params": p}, x, mutable=["losses", "stats"]))(params, jnp.asarray(pattern))
+        {"params": p}, x, {}, mutable=["losses", "stats"]))(params, jnp.asarray(pattern))
     stats = _stats(sown)
     assert stats["relu_token_sparsity"] == pytest.approx(1 - 17 / 64)
     assert stats["relu_chunk_sparsity"] == pytest.approx((3 + 1) / 8)

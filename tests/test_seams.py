@@ -17,23 +17,26 @@ from efflm import mesh as mesh_lib
 from efflm.cli import main
 from efflm.config import load_config
 from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.contract import Depth, FeedForward, Mixer, NumberFormat, Router
 from efflm.layers.depth.plain import PlainStack
-from efflm.models import Block
-from efflm.models.plan import layer_plan
+from efflm.layers.moe import ROUTERS
+from efflm.layers.moe.topk import router_kernel, softmax_topk
+from efflm.layers.plan import initial_carry, layer_plan
+from efflm.layers.quant import QUANT
+from efflm.models import LM, Block
 from efflm.train.step import build_program
 from efflm.train.trainer import train
 
 AUX_WEIGHT = 0.37
 
 
-class ToyAux(nn.Module):
+class ToyAux(FeedForward):
     """MLP kind that adds nothing to the residual but sows `c * sum(w**2)`."""
 
-    cfg: object
     flops_per_token = staticmethod(lambda cfg, seq_len: 0.0)
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, segment_ids=None):
         w = self.param("w", nn.initializers.normal(1.0), (3,))
         sow_loss(self, "toy", AUX_WEIGHT * jnp.sum(w**2))
         sow_stat(self, "toy_max_x", jnp.max(x), reduce="max")
@@ -41,10 +44,9 @@ class ToyAux(nn.Module):
         return jnp.zeros_like(x)
 
 
-class ToyCounter(nn.Module):
+class ToyCounter(Mixer):
     """Mixer kind that counts its calls in the model state and logs its random keys."""
 
-    cfg: object
     flops_per_token = staticmethod(lambda cfg, seq_len: 0.0)
     decodes = True  # it mixes nothing across tokens, so it needs no cache
 
@@ -66,28 +68,22 @@ class ToyCounter(nn.Module):
         return out
 
 
-class ToyA(nn.Module):
-    cfg: object
-
+class ToyA(Mixer):
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         w = self.param("w", nn.initializers.normal(0.3), (x.shape[-1], x.shape[-1]))
         return jnp.tanh(x @ w)
 
 
-class ToyB(nn.Module):
-    cfg: object
-
+class ToyB(Mixer):
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         scale = self.param("s", nn.initializers.normal(1.0), (x.shape[-1],))
         return jnp.sin(x) * scale
 
 
-class ToyCarry(nn.Module):
+class ToyCarry(FeedForward):
     """MLP kind that counts the layers it ran in, through the layer carry."""
-
-    cfg: object
 
     @staticmethod
     def takes_carry(cfg):
@@ -98,16 +94,40 @@ class ToyCarry(nn.Module):
         return {"depth": jnp.zeros((), x.dtype)}
 
     @nn.compact
-    def __call__(self, x, carry):
+    def __call__(self, x, carry, *, segment_ids=None):
         depth = carry["depth"] + 1
         s = self.param("s", nn.initializers.normal(1.0), (x.shape[-1],))
         return x * s * depth, {**carry, "depth": depth}
 
 
+class ProbeMLP(FeedForward):
+    """Feed-forward kind that records the segment ids it is given."""
+
+    flops_per_token = staticmethod(lambda cfg, seq_len: 0.0)
+
+    @nn.compact
+    def __call__(self, x, *, segment_ids=None):
+        self.sow("intermediates", "segment_ids", segment_ids)
+        return jnp.zeros_like(x)
+
+
+class ProbeRouter(Router):
+    """Top-k router that records the segment ids it is given."""
+
+    flops_per_token = staticmethod(lambda cfg: 0.0)
+
+    @nn.compact
+    def __call__(self, x, carry, segment_ids=None):
+        self.sow("intermediates", "segment_ids", segment_ids)
+        kernel = router_kernel(self, "kernel", (x.shape[-1], self.cfg.moe.num_experts))
+        return softmax_topk(self, x.reshape(-1, x.shape[-1]) @ kernel), carry
+
+
 @pytest.fixture(autouse=True, scope="module")
 def toy_kinds():
-    toys = ((layers.MLP, {"toy_aux": ToyAux, "toy_carry": ToyCarry}),
-            (layers.ATTENTION, {"toy_counter": ToyCounter, "toy_a": ToyA, "toy_b": ToyB}))
+    toys = ((layers.MLP, {"toy_aux": ToyAux, "toy_carry": ToyCarry, "toy_probe": ProbeMLP}),
+            (layers.ATTENTION, {"toy_counter": ToyCounter, "toy_a": ToyA, "toy_b": ToyB}),
+            (ROUTERS, {"toy_probe": ProbeRouter}))
     for registry, kinds in toys:
         registry.update(kinds)
     yield
@@ -230,8 +250,10 @@ def test_keys_and_model_state_through_scan_remat_and_resume(tmp_path, capsys):
 
 def _apply_stack(cfg, params, x):
     pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    stack = PlainStack(cfg.model, Block, layer_plan(cfg.model))
-    return stack.apply({"params": params}, x, pos, None, None)
+    plan = layer_plan(cfg.model)
+    stack = PlainStack(cfg.model, Block, plan)
+    return stack.apply({"params": params}, x, initial_carry(cfg.model, plan, x), pos, None,
+                       None)
 
 
 @pytest.mark.parametrize("num_layers", [4, 5])
@@ -245,8 +267,10 @@ def test_layer_plan_scanned_and_unrolled_equal_layers_by_hand(small_config, num_
         :num_layers]
     x = jax.random.normal(jax.random.key(1), (2, 8, cfg.model.d_model))
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    start = initial_carry(cfg.model, plan, x)
+    assert start == {"depth": 0}
     params = nn.unbox(PlainStack(cfg.model, Block, plan).init(
-        jax.random.key(0), x, pos, None, None))["params"]
+        jax.random.key(0), x, start, pos, None, None))["params"]
     assert sorted(params) == [f"layer_{i}" for i in range(num_layers)]
     by_hand, carry = x, {"depth": jnp.zeros(())}
     for i, spec in enumerate(plan):
@@ -263,7 +287,7 @@ def test_layer_plan_scanned_and_unrolled_equal_layers_by_hand(small_config, num_
     if num_layers == 5:
         scanned["layer_4"] = params["layer_4"]
     structure = jax.tree.structure(nn.unbox(PlainStack(scan_cfg.model, Block, plan).init(
-        jax.random.key(0), x, pos, None, None))["params"])
+        jax.random.key(0), x, start, pos, None, None))["params"])
     assert jax.tree.structure(scanned) == structure
     np.testing.assert_allclose(_apply_stack(scan_cfg, scanned, x), by_hand, rtol=1e-5,
                                atol=1e-6)
@@ -382,3 +406,30 @@ def test_microbatch_state_mean_keeps_an_unchanged_leaf_bitwise():
         np.testing.assert_array_equal(out["same"], same)
         np.testing.assert_allclose(out["moving"], moving.mean(0), rtol=1e-6, atol=1e-7)
         assert int(out["count"]) == n - 1
+
+
+def test_feed_forwards_and_routers_see_which_positions_are_padding(small_config):
+    """The token mask reaches every feed-forward kind and, through the MoE layer, its
+    router: both get the batch's segment ids (0: padding), in every layer."""
+    cfg = small_config("model.mlp.pattern=toy_probe,moe", "model.moe.router=toy_probe",
+                       "model.moe.num_experts=4").model
+    model = LM(cfg)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    variables = model.init(jax.random.key(0), tokens, pos, seg)
+    _, seen = model.apply({"params": variables["params"]}, tokens, pos, seg,
+                          mutable=["intermediates", "losses", "stats"])
+    seen = seen["intermediates"]["blocks"]
+    np.testing.assert_array_equal(seen["layer_0"]["mlp"]["segment_ids"][0], seg)
+    np.testing.assert_array_equal(seen["layer_1"]["mlp"]["router"]["segment_ids"][0], seg)
+
+
+@pytest.mark.parametrize("registry, base", [
+    (layers.ATTENTION, Mixer), (layers.MLP, FeedForward), (ROUTERS, Router),
+    (layers.DEPTH, Depth), ({k: v for k, v in QUANT.items() if v is not None}, NumberFormat)])
+def test_every_registered_kind_declares_its_family_contract(registry, base):
+    """Central code calls the hooks of a kind's family base without probing for them, so
+    every registered kind must subclass it (a test kind registered here too)."""
+    wrong = sorted(k for k, cls in registry.items() if not issubclass(cls, base))
+    assert not wrong, f"not subclasses of {base.__name__}: {wrong}"

@@ -19,7 +19,7 @@ import numpy as np
 
 from efflm.config import config_from_dict, to_dict
 from efflm.errors import EfflmError
-from efflm.layers.quant import ternary
+from efflm.layers.quant import QUANT
 from efflm.layers.quant.matmul import QUANTIZED
 
 
@@ -34,9 +34,11 @@ def export_quantized(program, state, out: str) -> dict:
     """Write the export of `state` to `out` (atomically); returns its size report."""
     cfg = program.cfg
     kind = cfg.model.quant.kind
-    if kind == "none":
-        raise EfflmError("model.quant.kind=none: there are no quantised weights to export; "
-                         "train with model.quant.kind=int8 or ternary")
+    fmt = QUANT[kind]
+    if fmt is None:
+        formats = " or ".join(k for k, f in QUANT.items() if f is not None)
+        raise EfflmError(f"model.quant.kind={kind}: there are no quantised weights to "
+                         f"export; train with model.quant.kind={formats}")
     if cfg.model.scan_layers:
         raise EfflmError("export does not support model.scan_layers=true yet")
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -53,8 +55,7 @@ def export_quantized(program, state, out: str) -> dict:
         if path[-1] == "weight":
             shapes[name] = list(value.shape)
             target_elements += value.size
-            if kind == "ternary":
-                value = np.asarray(ternary.pack(jnp.asarray(value)))
+            value = np.asarray(fmt.pack(jnp.asarray(value)))
             kernel = _latent_kernel(path[:-1], cfg.model.tie_embeddings)
             if kernel is not None:
                 replaced["/".join(kernel)] = list(params[kernel].shape)
@@ -98,9 +99,9 @@ def load_export(path: str):
             elif key.startswith(f"{QUANTIZED}/"):
                 name = key[len(QUANTIZED) + 1:]
                 value = data[key]
-                if name in meta["weight_shapes"] and meta["kind"] == "ternary":
-                    value = np.asarray(ternary.unpack(jnp.asarray(value),
-                                                      tuple(meta["weight_shapes"][name])))
+                if name in meta["weight_shapes"]:
+                    value = np.asarray(QUANT[meta["kind"]].unpack(
+                        jnp.asarray(value), tuple(meta["weight_shapes"][name])))
                 quantized[tuple(name.split("/"))] = value
     # The latent kernels the integer weights replace are never read: zeros of their shape.
     for name, shape in meta["replaced_params"].items():

@@ -13,19 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError
+from efflm.layers.plan import not_causal, not_decoding
 from efflm.models import LM
-from efflm.models.plan import layer_plan, not_causal
 
 
 def check_decodes(model: LM) -> None:
     """Refuse a model with a token mixer that has no decoding cache, or one whose
     outputs depend on later tokens (it cannot be sampled one token at a time)."""
-    from efflm.layers import ATTENTION
-
-    for kind in sorted({spec.mixer for spec in layer_plan(model.cfg)}):
-        if not getattr(ATTENTION[kind], "decodes", False):
-            raise ConfigError(f"model.attention.kind={kind!r} has no decoding cache yet, so "
-                              "efflm generate cannot sample from this model")
+    missing = not_decoding(model.cfg)
+    if missing:
+        raise ConfigError(f"model.attention.kind={missing[0]!r} has no decoding cache yet, "
+                          "so efflm generate cannot sample from this model")
     reasons = not_causal(model.cfg)
     if reasons:
         raise ConfigError(f"efflm generate cannot sample from this model one token at a "

@@ -20,8 +20,9 @@ from jax.sharding import Mesh
 from efflm import mesh as mesh_lib
 from efflm.config import Config
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS, apply_step_updates
+from efflm.layers.depth.plain import repeating_group
+from efflm.layers.plan import check_mesh, layer_plan
 from efflm.models import LM
-from efflm.models.plan import layer_plan, repeating_group
 from efflm.train import sown as sown_lib
 from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
 from efflm.train.optim import learning_rate_schedule, make_optimizer
@@ -195,6 +196,7 @@ def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     """Model, optimizer and jitted steps for `cfg` on `mesh` (default: all devices)."""
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_divisibility(cfg, mesh)
+    check_mesh(cfg.model, dict(mesh.shape))
     rules = mesh_lib.logical_rules(cfg, mesh)
     model = LM(cfg.model)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)

@@ -3,7 +3,7 @@ class. Each kind's file holds the module, its reference, its FLOPs per token and
 it can decode, its cache."""
 
 from efflm.layers.attention.based import BasedAttention
-from efflm.layers.attention.deltanet import GatedDeltaNet
+from efflm.layers.attention.gated_deltanet import GatedDeltaNet
 from efflm.layers.attention.gla import GatedLinearAttention
 from efflm.layers.attention.linear import LinearAttention
 from efflm.layers.attention.softmax import SoftmaxAttention

@@ -13,21 +13,29 @@ every product unchanged. Decoding keeps the linear state and a ring buffer of th
 `window` keys and values.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig, head_dim
 from efflm.errors import ConfigError
 from efflm.layers.attention.linear import (
     chunked_mix_flops,
-    decoding,
     linear_mix,
     mix_impl,
     validate_chunk,
 )
 from efflm.layers.attention.softmax import dot_product_attention
-from efflm.layers.common import Dense
+from efflm.layers.common import decoding
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense
 from efflm.layers.rotary import apply_rotary
+from efflm.shapes import head_dim
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def taylor_features(x):
@@ -111,7 +119,7 @@ def cached_window_attention(module: nn.Module, q, k, v, positions, window: int):
     return out
 
 
-class BasedAttention(nn.Module):
+class BasedAttention(Mixer):
     """Taylor-feature linear attention plus sliding-window softmax attention in one
     layer (see the module docstring)."""
 

@@ -11,15 +11,24 @@ Large Language Models") in the same layer.
 Queries are scaled by head_dim^-1/2; no feature map, no normaliser, no rotary positions.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.config import ModelConfig, head_dim
 from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, validate_chunk
-from efflm.layers.common import Dense
-from efflm.pallas_kernels.linear_attention import _sub_chunk
+from efflm.layers.attention.parts import HeadRMSNorm, output_gate
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense
+from efflm.pallas_kernels.linear_attention import sub_chunk
+from efflm.shapes import head_dim
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def retnet_log_decay(heads: int):
@@ -27,26 +36,10 @@ def retnet_log_decay(heads: int):
     return np.log1p(-(2.0 ** (-5.0 - np.arange(heads)))).astype(np.float32)
 
 
-class HeadRMSNorm(nn.Module):
-    """RMSNorm over the last axis (head_dim) of (..., heads, head_dim), float32 stats."""
-
-    eps: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                 ("head_dim",)),
-                           (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return x32 * scale
-
-
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(Mixer):
     """GLA (data-dependent per-key-dimension gates from a rank-`gate_rank` projection)
     or RetNet's fixed per-head decay, with the output gate and per-head RMSNorm."""
 
-    cfg: ModelConfig
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
 
@@ -62,7 +55,7 @@ class GatedLinearAttention(nn.Module):
         if a.decay == "data":
             projections += 2 * a.gate_rank * (cfg.d_model + h * d)
             return projections + chunked_mix_flops(cfg, seq_len, h, d, d,
-                                                   sub=_sub_chunk(a.chunk_size))
+                                                   sub=sub_chunk(a.chunk_size))
         return projections + chunked_mix_flops(cfg, seq_len, h, d, d)
 
     @nn.compact
@@ -86,8 +79,7 @@ class GatedLinearAttention(nn.Module):
             log_decay = jnp.broadcast_to(jnp.asarray(retnet_log_decay(h)), x.shape[:2] + (h,))
         out = linear_mix(self, cfg, q, k, v, segment_ids, log_decay=log_decay,
                          what="gated linear attention", reference=self.reference)
-        gate = Dense((h, d), axes, name="output_gate", **kw)(x)
-        out = (jax.nn.silu(gate.astype(jnp.float32)) * HeadRMSNorm(name="norm")(out))
+        out = output_gate(x, HeadRMSNorm(name="norm")(out), h, d, **kw)
         out = nn.with_logical_constraint(out.astype(cfg.dtype),
                                          ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5

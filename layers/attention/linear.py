@@ -12,29 +12,34 @@ restarted at every packed segment. Decoding keeps S (and z) in the cache: a fixe
 size, whatever the length.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig, head_dim
 from efflm.errors import ConfigError
-from efflm.layers.common import Dense, resolve_impl
+from efflm.layers.common import decoding, resolve_impl
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense
 from efflm.pallas_kernels.linear_attention import (
     chunked_linear_attention,
     compiled_chunk_problem,
     linear_attention_recurrent,
     segment_starts,
 )
+from efflm.shapes import head_dim
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 FEATURE_MAPS = {
     "elu": lambda x: jax.nn.elu(x) + 1.0,
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
-
-
-def decoding(module: nn.Module) -> bool:
-    return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
 def mix_impl(cfg: ModelConfig, what: str) -> str:
@@ -140,12 +145,11 @@ def chunked_mix_flops(cfg: ModelConfig, seq_len: int, heads: int, dk: int, dv: i
     return heads * per_token * padded_length(cfg, seq_len) / seq_len
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(Mixer):
     """Causal linear attention with a feature map (elu+1, relu or identity) and, by
     default, the normaliser phi(q) . sum phi(k). phi(q) is scaled by head_dim^-1/2 (which
     the normaliser cancels). No rotary positions; K/V heads as many as query heads."""
 
-    cfg: ModelConfig
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
 

@@ -13,14 +13,24 @@ computing anything), each call writes its tokens at `positions`, and a `valid` m
 records the written slots.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig, head_dim, num_kv_heads
 from efflm.errors import ConfigError
-from efflm.layers.common import Dense, quant_kw, resolve_impl, warn_once
+from efflm.layers.common import resolve_impl, warn_once
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
+from efflm.pallas_kernels.flash_attention import partitioned_flash_attention, unsupported_reason
+from efflm.shapes import head_dim, num_kv_heads
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -88,7 +98,6 @@ def _softmax_impl(impl: str, head_dim: int, dtype) -> str:
     chosen = resolve_impl(impl, ("xla", "pallas"), "softmax attention")
     if chosen != "pallas":
         return chosen
-    from efflm.pallas_kernels.flash_attention import unsupported_reason
     reason = unsupported_reason(head_dim, dtype)
     if reason is None:
         return chosen
@@ -131,14 +140,13 @@ def cached_attention(module: nn.Module, q, k, v, positions, segment_ids=None):
     return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(Mixer):
     """Causal multi-head attention with rotary positions and grouped-query K/V heads.
 
     Decodes through a KV cache (keys and values at their positions, K/V heads as
     grouped), always on the XLA path.
     """
 
-    cfg: ModelConfig
     decodes = True
     quant_target = "attention"  # its projections go through the quantised-matmul hook
 
@@ -165,7 +173,6 @@ class SoftmaxAttention(nn.Module):
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out = cached_attention(self, q, k, v, positions, segment_ids)
         elif impl == "pallas":
-            from efflm.pallas_kernels.flash_attention import partitioned_flash_attention
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         elif block and q.shape[1] > block:
             out = blocked_causal_attention(q, k, v, segment_ids, block)

@@ -16,16 +16,20 @@ decoding; tokens it skips are written into the routed layer's cache as not valid
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
 from efflm.errors import ConfigError
 from efflm.layers.attention.softmax import attention_mask
-from efflm.layers.common import Dense, sow_loss, sow_stat
+from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.dense import Dense
 from efflm.layers.depth.plain import PlainStack
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def capacity_tokens(capacity: float, length: int) -> int:
@@ -38,6 +42,9 @@ def _gather(a, idx):
 
 
 class RoutedBlock(nn.Module):
+    """One routed layer: its block (built as block(cfg, spec)) runs on the top `capacity`
+    fraction of each sequence's tokens; the others skip it."""
+
     cfg: ModelConfig
     spec: object
     block: type
@@ -87,6 +94,8 @@ class RoutedBlock(nn.Module):
 
 class ModStack(PlainStack):
     """The plain stack whose every `model.depth.every`-th layer is a `RoutedBlock`."""
+
+    routed_block = RoutedBlock
 
     @staticmethod
     def routed_layers(cfg: ModelConfig) -> set[int]:

@@ -1,21 +1,26 @@
 """The plain stack (`model.depth.kind=none`): every layer of the plan, in order.
 
-A depth module receives the block class and the layer plan (one spec per layer,
-`efflm.models.plan`) and runs the plan; adaptive depth (mixture-of-depths,
-mixture-of-recursions) replaces this with routed stacks.
+A depth kind (`efflm.layers.contract.Depth`) receives the block class and the layer plan
+(one spec per layer, `efflm.layers.plan`) and runs the plan; adaptive depth
+(mixture-of-depths, mixture-of-recursions) replaces this with routed stacks.
 
 Blocks map `(x, carry, positions, segment_ids, mask) -> (x, carry)`: `carry` is a
-dict passed from layer to layer (empty unless a kind in the plan starts one). A mixer
-or MLP class takes part through `initial_carry(cfg, x) -> dict` (its entries of the
-starting carry) and `takes_carry(cfg) -> bool` (whether, under this config, it is called
-as `kind(x, carry, ...) -> (y, carry)`); the other layers pass the carry on unchanged.
+dict passed from layer to layer (empty unless a kind in the plan starts one, through
+its `initial_carry` hook); the layers whose kinds do not take it pass it on unchanged.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 
-from efflm.config import ModelConfig
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
+from efflm.layers.contract import Depth
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 REMAT_POLICIES = {
     "full": None,
@@ -30,54 +35,58 @@ SCAN_VARIABLE_AXES = {c: 0 for c in ("params", "intermediates", "cache", LOSSES,
 SCAN_SPLIT_RNGS = {s: True for s in ("params", *RNG_STREAMS)}
 
 
-def _remat(module, cfg: ModelConfig, **kw):
+def repeating_group(plan: tuple) -> tuple[int, int]:
+    """(period, repeats): the shortest prefix of the plan that, repeated `repeats`
+    times, gives its first `period * repeats` layers; the rest is a partial group.
+
+    `period` is the smallest length for which every layer equals the layer `period`
+    places before it.
+    """
+    n = len(plan)
+    for period in range(1, n + 1):
+        if all(plan[i] == plan[i - period] for i in range(period, n)):
+            return period, n // period
+    return n, 1
+
+
+def rematerialised(module, cfg: ModelConfig, **kw):
+    """`module` under `model.remat`'s policy (itself with remat=none)."""
     if cfg.remat == "none":
         return module
     return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], **kw)
 
 
-def make_layer(block: type, cfg: ModelConfig, spec, name: str, remat: bool = False):
-    """The module for one layer of the plan: the block, inside the token router of
-    `efflm.layers.depth.mod` when the spec is routed."""
+def make_layer(block: type, cfg: ModelConfig, spec, name: str, remat: bool = False,
+               routed_block: type | None = None):
+    """The module for one layer of the plan: the block, inside `routed_block` (the depth
+    kind's token router, built as routed_block(cfg, spec, block)) when the spec is
+    routed."""
     if spec.routed:
-        from efflm.layers.depth.mod import RoutedBlock
-
-        return (_remat(RoutedBlock, cfg) if remat else RoutedBlock)(cfg, spec, block,
-                                                                    name=name)
-    return (_remat(block, cfg) if remat else block)(cfg, spec, name=name)
+        return (rematerialised(routed_block, cfg) if remat else routed_block)(
+            cfg, spec, block, name=name)
+    return (rematerialised(block, cfg) if remat else block)(cfg, spec, name=name)
 
 
-class _Group(nn.Module):
+class LayerGroup(nn.Module):
     """Layers applied in order, in `nn.scan`'s (carry, x) -> (carry, y) form: layer j
     is `layer_j`."""
 
     cfg: ModelConfig
     block: type
     specs: tuple
+    routed_block: type | None = None
 
     @nn.compact
     def __call__(self, state, positions, segment_ids, mask):
         x, carry = state
         for j, spec in enumerate(self.specs):
-            x, carry = make_layer(self.block, self.cfg, spec, f"layer_{j}")(
+            x, carry = make_layer(self.block, self.cfg, spec, f"layer_{j}",
+                                  routed_block=self.routed_block)(
                 x, carry, positions, segment_ids, mask)
         return (x, carry), None
 
 
-def initial_carry(cfg: ModelConfig, plan, x) -> dict:
-    """The carry the plan's kinds start from: the union of `initial_carry(cfg, x)` of
-    each kind class that has one (x: the stack's input, (batch, length, d_model))."""
-    from efflm.layers import ATTENTION, MLP
-
-    carry = {}
-    for cls in {ATTENTION[s.mixer] for s in plan} | {MLP[s.mlp] for s in plan}:
-        start = getattr(cls, "initial_carry", None)
-        if start is not None:
-            carry.update(start(cfg, x))
-    return carry
-
-
-class PlainStack(nn.Module):
+class PlainStack(Depth):
     """Every token goes through every block: the dense baseline (`depth.kind=none`).
 
     With `model.scan_layers`, the plan's repeating group (`repeating_group`) is scanned
@@ -86,35 +95,25 @@ class PlainStack(nn.Module):
     `layer_{i}`.
     """
 
-    cfg: ModelConfig
-    block: type
-    plan: tuple
-
-    @staticmethod
-    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops) -> float:
-        """Forward FLOPs per token, given `layer_flops(i, seq_len)` for layer i over a
-        sequence of seq_len tokens: every token runs every layer."""
-        return sum(layer_flops(i, seq_len) for i in range(cfg.num_layers))
+    routed_block = None  # the module that routes tokens through a routed layer's block
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, mask):
-        from efflm.models.plan import repeating_group
-
+    def __call__(self, x, carry, positions, segment_ids, mask):
         cfg, plan = self.cfg, self.plan
-        carry = initial_carry(cfg, plan, x)
         first = 0
         if cfg.scan_layers:
             period, repeats = repeating_group(plan)
             if repeats > 1:
                 scanned = nn.scan(
-                    _remat(_Group, cfg, prevent_cse=False),
+                    rematerialised(LayerGroup, cfg, prevent_cse=False),
                     variable_axes=SCAN_VARIABLE_AXES, split_rngs=SCAN_SPLIT_RNGS,
                     in_axes=(nn.broadcast,) * 3, length=repeats,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-                (x, carry), _ = scanned(cfg, self.block, plan[:period], name="layers")(
-                    (x, carry), positions, segment_ids, mask)
+                (x, carry), _ = scanned(cfg, self.block, plan[:period], self.routed_block,
+                                        name="layers")((x, carry), positions, segment_ids, mask)
                 first = period * repeats
         for i in range(first, len(plan)):
-            x, carry = make_layer(self.block, cfg, plan[i], f"layer_{i}", remat=True)(
+            x, carry = make_layer(self.block, cfg, plan[i], f"layer_{i}", remat=True,
+                                  routed_block=self.routed_block)(
                 x, carry, positions, segment_ids, mask)
         return x

@@ -11,12 +11,16 @@ number of recursions; each recursion keeps its own decoding cache.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 
-from efflm.config import ModelConfig, check_choice, check_positive
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_choice, check_positive
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
-from efflm.layers.depth.plain import PlainStack, _Group, _remat, initial_carry, make_layer
+from efflm.layers.depth.plain import LayerGroup, PlainStack, make_layer, rematerialised
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 SHARING = ("cycle", "middle_cycle")
 
@@ -37,17 +41,16 @@ class RecursiveStack(PlainStack):
     named `layer_j` inside it."""
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, mask):
+    def __call__(self, x, carry, positions, segment_ids, mask):
         cfg, plan = self.cfg, self.plan
         first, stop = shared_range(cfg)
-        carry = initial_carry(cfg, plan, x)
         args = (positions, segment_ids, mask)
         if first:
             x, carry = make_layer(self.block, cfg, plan[0], "first", remat=True)(x, carry,
                                                                                  *args)
         axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS, *STATE_COLLECTIONS)}
         scanned = nn.scan(
-            _remat(_Group, cfg, prevent_cse=False), variable_axes=axes,
+            rematerialised(LayerGroup, cfg, prevent_cse=False), variable_axes=axes,
             variable_broadcast="params",
             split_rngs={"params": False, **{s: True for s in RNG_STREAMS}},
             in_axes=(nn.broadcast,) * 3, length=cfg.depth.recursions)
@@ -74,9 +77,10 @@ class RecursiveStack(PlainStack):
                 f"model.depth.unique_layers={depth.unique_layers} with "
                 f"model.depth.recursions={depth.recursions} ({depth.sharing}) makes "
                 f"{want} layers; set model.num_layers={want}")
-        from efflm.models.plan import layer_plan
 
-        plan = layer_plan(cfg)
+    @staticmethod
+    def check_plan(cfg: ModelConfig, plan: tuple) -> None:
+        want = recursive_depth(cfg)
         first, stop = shared_range(cfg)
         period = stop - first
         if any(plan[i] != plan[first + (i - first) % period] for i in range(first, want - first)):

@@ -1,18 +1,24 @@
 """The SwiGLU feed-forward block (`model.mlp.kind=swiglu`)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 
-from efflm.config import ModelConfig
-from efflm.layers.common import Dense, quant_kw
+from efflm.layers.contract import FeedForward
+from efflm.layers.dense import Dense, quant_kw
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(FeedForward):
     """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
 
     quant_target = "mlp"  # its projections go through the quantised-matmul hook
 
-    cfg: ModelConfig
     d_ff: int = 0  # hidden width; 0: model.mlp.d_ff
 
     @staticmethod
@@ -20,7 +26,7 @@ class SwiGLU(nn.Module):
         return 2 * 3 * cfg.d_model * cfg.mlp.d_ff
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, segment_ids=None):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, **quant_kw(cfg, "mlp"))
         d_ff = self.d_ff or cfg.mlp.d_ff

@@ -23,13 +23,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
 from efflm.errors import ConfigError
 from efflm.layers.common import resolve_impl
+from efflm.mesh import mesh_axes_of
+from efflm.pallas_kernels.grouped_matmul import grouped_matmul
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def expert_ffn(rows, gate, up, out, spec: str = "nbd,ndf->nbf", back: str = "nbf,nfd->nbd"):
@@ -76,8 +81,6 @@ def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
 
 
 def _grouped(x_sorted, sizes, weights, impl: str):
-    from efflm.pallas_kernels.grouped_matmul import grouped_matmul
-
     gate, up, out = weights
     mm = lambda a, w: grouped_matmul(a, w, sizes, impl=impl)  # noqa: E731
     return mm(jax.nn.silu(mm(x_sorted, gate)) * mm(x_sorted, up), out)
@@ -133,6 +136,9 @@ def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig):
 
 
 # -- expert parallelism ------------------------------------------------------------------
+
+# `model.moe.dispatch` -> dispatch function.
+DISPATCH = {"dropless": dropless_dispatch, "capacity": capacity_dispatch}
 
 EP_EXCHANGES = ("gather_scatter", "all_to_all", "ragged")
 
@@ -196,8 +202,6 @@ def _all_to_all(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, ep, al
 
 
 def _per_shard(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, all_axes):
-    from efflm.layers.moe import DISPATCH
-
     y, dropped = DISPATCH[cfg.moe.dispatch](x, experts, gates,
                                             _gather_weights(weights, embed_axes), cfg)
     if mlp_axes:
@@ -214,8 +218,6 @@ def sharded_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
     shard runs `model.moe.dispatch` on its own tokens (a capacity then applies per
     shard)."""
     from jax.sharding import PartitionSpec as P
-
-    from efflm.mesh import mesh_axes_of
 
     exchange = cfg.moe.ep_exchange
     if exchange == "ragged" and mesh.shape["expert"] > 1:

@@ -20,16 +20,20 @@ and `efflm generate` refuses it.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.config import ModelConfig
 from efflm.errors import ConfigError
 from efflm.layers.common import sow_loss, sow_stat
-from efflm.layers.moe.routers import Routing, z_loss
+from efflm.layers.contract import Router, Routing
+from efflm.layers.moe.topk import z_loss
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def sequence_capacity(cfg: ModelConfig, length: int) -> int:
@@ -43,15 +47,12 @@ NOT_CAUSAL = ("model.moe.router=expert_choice is not causal: each expert chooses
               "all tokens of a sequence, so a token's output depends on later tokens")
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
     """Expert choice over each sequence; returns its rows expert-major: expert 0's
     `capacity` tokens, then expert 1's, ... (`Routing.rows`)."""
 
-    cfg: ModelConfig
-    per_sequence = True
-
     @nn.compact
-    def __call__(self, x) -> Routing:
+    def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
         moe = self.cfg.moe
         batch, length, d = x.shape
         x = x.astype(jnp.float32)
@@ -76,7 +77,7 @@ class ExpertChoiceRouter(nn.Module):
         rows = moe.num_experts * capacity
         return Routing(experts.reshape(batch, rows), gates.reshape(batch, rows),
                        probs.reshape(-1, moe.num_experts), logits.reshape(-1, moe.num_experts),
-                       rows=positions.reshape(batch, rows).astype(jnp.int32))
+                       rows=positions.reshape(batch, rows).astype(jnp.int32)), carry
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

@@ -10,18 +10,23 @@ plain per-token loop the fast paths are tested against.
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.config import ModelConfig, check_choice, check_positive
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_choice, check_positive
 from efflm.layers.common import param_dtype, sow_stat
+from efflm.layers.contract import FeedForward
 from efflm.layers.mlp.swiglu import SwiGLU
-from efflm.layers.moe.dispatch import sharded_dispatch
+from efflm.layers.moe import DISPATCH, ROUTERS
+from efflm.layers.moe.dispatch import EP_EXCHANGES, sharded_dispatch
+from efflm.mesh import mesh_axes_of
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 IMPLS = ("auto", "xla", "ragged", "pallas")
 
@@ -34,52 +39,37 @@ def _sharded(mesh, tokens: int) -> bool:
     """Whether the dispatch runs per shard: under a mesh of several devices whose batch
     axes split these tokens, the `expert` axis among them when it is > 1 (a batch they
     do not divide, as at init, runs as one global dispatch)."""
-    from efflm.mesh import mesh_axes_of
-
     if mesh.empty or mesh.size == 1:
         return False
     axes = mesh_axes_of(mesh, "batch", tokens)
     return bool(axes) and (mesh.shape.get("expert", 1) == 1 or "expert" in axes)
 
 
-class MoE(nn.Module):
+class MoE(FeedForward):
     """Mixture-of-Experts MLP; under a mesh the dispatch runs per shard, its experts
     split over devices with `mesh.expert` > 1 (`sharded_dispatch`)."""
-
-    cfg: ModelConfig
 
     @staticmethod
     def takes_carry(cfg: ModelConfig) -> bool:
         """Whether the layer carry passes through: when the router carries state."""
-        from efflm.layers.moe import ROUTERS
-
-        return getattr(ROUTERS[cfg.moe.router], "takes_carry", False)
+        return ROUTERS[cfg.moe.router].takes_carry(cfg)
 
     @staticmethod
     def initial_carry(cfg: ModelConfig, x) -> dict:
-        from efflm.layers.moe import ROUTERS
-
-        return ROUTERS[cfg.moe.router].initial_carry(cfg, x) if MoE.takes_carry(cfg) else {}
+        return ROUTERS[cfg.moe.router].initial_carry(cfg, x)
 
     @nn.compact
-    def __call__(self, x, carry: dict | None = None):
-        """`x` (batch, length, d_model) -> the output, or `(output, carry)` when given
-        the layer carry (which a router that takes one reads and updates)."""
-        from efflm.layers.moe import ROUTERS
-
+    def __call__(self, x, carry: dict | None = None, *, segment_ids=None):
+        """`x` (batch, length, d_model), or (tokens, d_model) as one sequence -> the
+        output, or `(output, carry)` when given the layer carry (which a router that
+        takes one reads and updates). `segment_ids` (batch, length): 0 marks padding."""
         cfg, moe = self.cfg, self.cfg.moe
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        router_cls = ROUTERS[moe.router]
-        router = router_cls(cfg, name="router")
-        sequences = math.prod(shape[:-2]) if len(shape) > 2 else 1
-        if getattr(router_cls, "per_sequence", False):
-            routing, new_carry = router(x), carry
-        elif self.takes_carry(cfg):
-            start = self.initial_carry(cfg, x) if carry is None else carry
-            routing, new_carry = router(tokens, start, sequences=sequences)
-        else:
-            routing, new_carry = router(tokens, sequences=sequences), carry
+        sequences = x if x.ndim == 3 else tokens[None]
+        start = self.initial_carry(cfg, sequences) if carry is None else carry
+        routing, new_carry = ROUTERS[moe.router](cfg, name="router")(
+            sequences, start, segment_ids)
         e, d, f = moe.num_experts, cfg.d_model, moe.expert_d_ff
         pdt = param_dtype(cfg.param_dtype)
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -95,7 +85,7 @@ class MoE(nn.Module):
             out, dropped = self._dispatch(tokens, routing.experts, routing.gates, weights,
                                           cfg, tokens.shape[0])
         else:
-            out, dropped = self._dispatch_rows(x, routing, weights)
+            out, dropped = self._dispatch_rows(sequences, routing, weights)
         out = out.reshape(shape).astype(cfg.dtype)
         if moe.num_shared_experts:  # on (batch, length, d): its sharding constraints fit
             out = out + SwiGLU(cfg, d_ff=moe.num_shared_experts * f, name="shared")(x)
@@ -104,8 +94,6 @@ class MoE(nn.Module):
 
     @staticmethod
     def _dispatch(tokens, experts, gates, weights, cfg, batch: int):
-        from efflm.layers.moe import DISPATCH
-
         args = (tokens.astype(cfg.dtype), experts, gates, weights, cfg)
         mesh = jax.sharding.get_abstract_mesh()
         if _sharded(mesh, batch):
@@ -150,20 +138,15 @@ class MoE(nn.Module):
 
     @staticmethod
     def routed_rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
-        """Expert rows a token costs: top_k, or what a per-sequence router computes per
-        token (`rows_per_token` on its class: its static rows over the sequence)."""
-        from efflm.layers.moe import ROUTERS
-
-        rows = getattr(ROUTERS[cfg.moe.router], "rows_per_token", None)
-        return cfg.moe.top_k if rows is None else rows(cfg, seq_len)
+        """Expert rows a token costs: the router's `rows_per_token` (top_k for token
+        choice; a per-sequence router's static rows over the sequence)."""
+        return ROUTERS[cfg.moe.router].rows_per_token(cfg, seq_len)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         """Active FLOPs: the router, the routed expert rows and the shared experts.
         Dispatch padding (capacity slots, dropless row blocks) is not counted; a
         per-sequence router's rows are all counted, used or not."""
-        from efflm.layers.moe import ROUTERS
-
         moe = cfg.moe
         expert = 2 * 3 * cfg.d_model * moe.expert_d_ff
         return (ROUTERS[moe.router].flops_per_token(cfg)
@@ -180,19 +163,12 @@ class MoE(nn.Module):
     @staticmethod
     def not_causal(cfg: ModelConfig) -> str:
         """Why this layer's outputs depend on later tokens ("" when they do not)."""
-        from efflm.layers.moe import ROUTERS
-
-        reason = getattr(ROUTERS[cfg.moe.router], "not_causal", None)
-        return reason(cfg) if reason is not None else ""
+        return ROUTERS[cfg.moe.router].not_causal(cfg)
 
     @staticmethod
     def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
-        from efflm.layers.moe import ROUTERS
-
         moe, ep = cfg.moe, mesh_shape.get("expert", 1)
-        router_check = getattr(ROUTERS[moe.router], "check_mesh", None)
-        if router_check is not None:
-            router_check(cfg, mesh_shape)
+        ROUTERS[moe.router].check_mesh(cfg, mesh_shape)
         if moe.num_experts % ep:
             raise ConfigError(f"model.moe.num_experts={moe.num_experts} is not divisible by "
                               f"mesh.expert={ep}")
@@ -206,9 +182,6 @@ class MoE(nn.Module):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        from efflm.layers.moe import DISPATCH, ROUTERS
-        from efflm.layers.moe.dispatch import EP_EXCHANGES
-
         moe = cfg.moe
         check_choice("model.moe.ep_exchange", moe.ep_exchange, EP_EXCHANGES)
         if not moe.ep_capacity_factor > 0:
@@ -230,9 +203,26 @@ class MoE(nn.Module):
                               f"{moe.capacity_factor}")
         if moe.jitter >= 1:
             raise ConfigError(f"model.moe.jitter must be in [0, 1), got {moe.jitter}")
-        check = getattr(ROUTERS[moe.router], "validate_config", None)
-        if check is not None:  # the router's own settings
-            check(cfg)
+        ROUTERS[moe.router].validate_config(cfg)  # the router's own settings
+
+    @staticmethod
+    def check_plan(cfg: ModelConfig, plan: tuple) -> None:
+        """A router that carries state from one MoE layer to the next needs two or more
+        of them, and every token in each (no routed layers)."""
+        moe = cfg.moe
+        ROUTERS[moe.router].check_plan(cfg, plan)
+        if not MoE.takes_carry(cfg):
+            return
+        moe_layers = sum(s.mlp_kind is MoE for s in plan)
+        if moe_layers < 2:
+            raise ConfigError(f"model.moe.router={moe.router} carries router state from one "
+                              f"MoE layer to the next, but this model has {moe_layers} MoE "
+                              "layer(s); use two or more, or another router")
+        if any(s.routed for s in plan):
+            raise ConfigError(f"model.moe.router={moe.router} carries per-token router state "
+                              f"through every layer, which the routed layers of "
+                              f"model.depth.kind={cfg.depth.kind} skip for some tokens; "
+                              "use another router or depth kind")
 
 
 def moe_reference(x, experts, gates, weights, capacity: int | None = None):

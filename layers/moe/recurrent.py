@@ -18,13 +18,17 @@ them), beside its own projection and logit weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
-from efflm.errors import ConfigError
-from efflm.layers.moe.routers import jittered, router_kernel, softmax_topk
+from efflm.layers.contract import Router
+from efflm.layers.moe.topk import jittered, router_kernel, softmax_topk
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 CARRY = "moe_router_state"
 
@@ -47,12 +51,12 @@ def gru_cell(x, h, w_input, w_hidden, b_input, b_hidden):
     return (1.0 - update) * candidate + update * h
 
 
-class RecurrentRouter(nn.Module):
-    """GRU-carried token-choice router (see the module); maps `(x, carry, sequences)`
-    to `(Routing, carry)`."""
+class RecurrentRouter(Router):
+    """GRU-carried token-choice router (see the module)."""
 
-    cfg: ModelConfig
-    takes_carry = True
+    @staticmethod
+    def takes_carry(cfg: ModelConfig) -> bool:
+        return True
 
     @staticmethod
     def initial_carry(cfg: ModelConfig, x) -> dict:
@@ -60,10 +64,10 @@ class RecurrentRouter(nn.Module):
         return {CARRY: _constrained(state)}
 
     @nn.compact
-    def __call__(self, x, carry: dict, sequences: int = 1):
+    def __call__(self, x, carry: dict, segment_ids=None):
         moe, r = self.cfg.moe, self.cfg.moe.router_hidden
         state = carry[CARRY]
-        x = jittered(self, x.astype(jnp.float32))
+        x = jittered(self, x.reshape(-1, x.shape[-1]).astype(jnp.float32))
         gru_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
         projected = x @ router_kernel(self, "proj", (x.shape[-1], r))
         h = gru_cell(projected, state.reshape(x.shape[0], r),
@@ -82,22 +86,3 @@ class RecurrentRouter(nn.Module):
         """Projection, the GRU's two (r, 3r) matmuls and the logits."""
         r = cfg.moe.router_hidden
         return 2 * cfg.d_model * r + 2 * 2 * r * 3 * r + 2 * r * cfg.moe.num_experts
-
-    @staticmethod
-    def validate_config(cfg: ModelConfig) -> None:
-        from efflm.layers import MLP
-        from efflm.layers.moe.experts import MoE
-        from efflm.models.plan import layer_plan
-
-        plan = layer_plan(cfg)
-        moe_layers = sum(MLP[s.mlp] is MoE for s in plan)
-        if moe_layers < 2:
-            raise ConfigError(f"model.moe.router=recurrent carries router state from one "
-                              f"MoE layer to the next, but this model has {moe_layers} MoE "
-                              "layer(s); use two or more, or another router")
-        if any(s.routed for s in plan):
-            raise ConfigError(f"model.moe.router=recurrent carries per-token router state "
-                              f"through every layer, which the routed layers of "
-                              f"model.depth.kind={cfg.depth.kind} skip for some tokens; "
-                              "use another router or depth kind")
-

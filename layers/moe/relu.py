@@ -28,16 +28,19 @@ mean active experts per token. `balance_loss` does not apply.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.config import ModelConfig, check_positive
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_positive
 from efflm.layers.common import sow_loss, sow_stat
-from efflm.layers.moe.routers import Routing
+from efflm.layers.contract import Router, Routing
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 CHUNK = 8  # tokens per chunk of the chunk-level sparsity statistic
 
@@ -91,15 +94,12 @@ def select_rows(gates, active, bound: int):
     return positions, experts, row_gates, dropped
 
 
-class ReluRouter(nn.Module):
+class ReluRouter(Router):
     """ReLU + RMSNorm gates; a variable number of experts per token under a static bound
     on the rows of each sequence (`Routing.rows`)."""
 
-    cfg: ModelConfig
-    per_sequence = True
-
     @nn.compact
-    def __call__(self, x) -> Routing:
+    def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
         cfg, moe = self.cfg, self.cfg.moe
         batch, length, d = x.shape
         kernel = self.param("kernel", nn.with_logical_partitioning(
@@ -122,7 +122,7 @@ class ReluRouter(nn.Module):
         probs = jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
         return Routing(experts, row_gates, probs.reshape(-1, moe.num_experts),
                        logits.reshape(-1, moe.num_experts),
-                       rows=positions)
+                       rows=positions), carry
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

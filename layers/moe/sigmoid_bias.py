@@ -23,13 +23,18 @@ averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequ
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
 from efflm.layers.common import sow_loss, sow_stat, step_update
-from efflm.layers.moe.routers import Routing, jittered, router_kernel
+from efflm.layers.contract import Router, Routing
+from efflm.layers.moe.topk import jittered, router_kernel
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 BALANCE = "aux_free_balance"  # the model-state variable, named in STEP_UPDATES
 
@@ -63,16 +68,16 @@ def update_bias(cfg: ModelConfig, value: dict) -> dict:
     return {**value, "bias": value["bias"] + cfg.moe.bias_rate * direction}
 
 
-class SigmoidBiasRouter(nn.Module):
+class SigmoidBiasRouter(Router):
     """Sigmoid scores, top-k of score + bias, gates from the scores (see the module);
     `probs` in its Routing are the scores normalised over the experts."""
 
-    cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, sequences: int = 1) -> Routing:
+    def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
         moe = self.cfg.moe
-        x = jittered(self, x.astype(jnp.float32))
+        sequences = x.shape[0]
+        x = jittered(self, x.reshape(-1, x.shape[-1]).astype(jnp.float32))
         kernel = router_kernel(self, "kernel", (x.shape[-1], moe.num_experts))
         logits = x @ kernel
         scores = jax.nn.sigmoid(logits)
@@ -91,7 +96,7 @@ class SigmoidBiasRouter(nn.Module):
                 experts, scores, sequences, moe.top_k))
         sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-        return Routing(experts.astype(jnp.int32), gates, probs, logits)
+        return Routing(experts.astype(jnp.int32), gates, probs, logits), carry
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

@@ -1,40 +1,26 @@
-"""Routers: which experts each token uses, and with what weight (`model.moe.router`).
+"""The top-k router (`model.moe.router=topk`), and the token-choice parts other routers
+share: jitter, the router weight, softmax top-k with its balance and z-losses.
 
-A router maps the tokens `x` (tokens, d_model), `sequences` sequences of equal length
-one after the other, to `Routing`: the chosen experts (tokens, top_k), their gates, the
-full probabilities and the logits (float32). It sows its own auxiliary losses; the MoE
-layer sows the load statistics. A router that carries state from one MoE layer to the
-next sets `takes_carry = True`, gives the layer carry's start as `initial_carry(cfg, x)`
-(x: the stack's input, (batch, length, d_model)) and maps `(x, carry, sequences)` to
-`(Routing, carry)`.
-
-A router class with `per_sequence = True` gets `x` as (batch, length, d_model) instead
-and chooses a static list of rows itself (`Routing.rows`): expert choice
-(`expert_choice.py`) and BlockFFN's ReLU router (`relu_router.py`).
+Every router (`efflm.layers.contract.Router`) maps the tokens `x` (batch, length,
+d_model), the layer carry and the segment ids to `(Routing, carry)`: the chosen experts
+(tokens, top_k), their gates, the full probabilities and the logits (float32); a
+per-sequence router instead chooses a static list of rows itself (`Routing.rows`):
+expert choice (`expert_choice.py`) and BlockFFN's ReLU router (`relu.py`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import ModelConfig
 from efflm.layers.common import sow_loss
+from efflm.layers.contract import Router, Routing
 
-
-class Routing(NamedTuple):
-    experts: jax.Array  # (tokens, k) int32
-    gates: jax.Array  # (tokens, k) float32
-    probs: jax.Array  # (tokens, num_experts) float32
-    logits: jax.Array  # (tokens, num_experts) float32
-    # Per-sequence routers: (batch, rows) int32, the position in its sequence of each
-    # row's token; `experts` and `gates` are then (batch, rows), one (token, expert) pair
-    # per row, and a row with gate 0 adds nothing (its work is still done: the row count
-    # is static). None: the (tokens, k) choices above.
-    rows: jax.Array | None = None
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
 
 
 def balance_loss(experts, probs, num_experts: int):
@@ -82,17 +68,15 @@ def router_kernel(module: nn.Module, name: str, shape, axes=("embed", None), ini
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Token choice ("Switch Transformers", GShard): softmax over experts in float32,
     each token takes its top-k; gates optionally renormalised over the k."""
 
-    cfg: ModelConfig
-
     @nn.compact
-    def __call__(self, x, sequences: int = 1) -> Routing:
-        x = jittered(self, x.astype(jnp.float32))
+    def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
+        x = jittered(self, x.reshape(-1, x.shape[-1]).astype(jnp.float32))
         kernel = router_kernel(self, "kernel", (x.shape[-1], self.cfg.moe.num_experts))
-        return softmax_topk(self, x @ kernel)
+        return softmax_topk(self, x @ kernel), carry
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

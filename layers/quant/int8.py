@@ -3,6 +3,8 @@ channel, activations with one per token, int32 accumulation (the AQT recipe)."""
 
 import jax.numpy as jnp
 
+from efflm.layers.contract import NumberFormat
+
 QMAX = 127  # symmetric: -128 is never used
 
 
@@ -33,7 +35,7 @@ def dequantize(q, scale):
     return q.astype(jnp.float32) * scale
 
 
-class Int8:
+class Int8(NumberFormat):
     """int8 weights (per output channel) and activations (per token)."""
 
     weight_bits = 8

@@ -10,10 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.config import parse_nm
 from efflm.layers.common import flat_matmul, sow_stat
 from efflm.layers.quant import QUANT
-from efflm.layers.quant.nm import nm_mask, sr_ste
+from efflm.layers.quant.nm import nm_mask, parse_nm, sr_ste
 
 # Collection holding the exported (integer weights, scale) of each hooked matmul: filled
 # by a forward pass with it mutable (`efflm export`), used instead of the latent weights
@@ -88,7 +87,7 @@ class QuantMatmul(nn.Module):
     dtype: str = "float32"
 
     def active(self) -> bool:
-        on = self.quant.kind != "none" or bool(self.sparsity.nm)
+        on = QUANT[self.quant.kind] is not None or bool(self.sparsity.nm)
         return on and self.target in self.quant.targets
 
     def _sparsify(self, w2d, shape):

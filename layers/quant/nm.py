@@ -9,6 +9,19 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from efflm.errors import ConfigError
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+    """`"N:M"` -> (N, M); raises ConfigError unless 0 < N < M."""
+    parts = nm.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"model.sparsity.nm={nm!r} must look like N:M, e.g. 2:4")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ConfigError(f"model.sparsity.nm={nm!r}: need 0 < N < M (keep N of every M)")
+    return n, m
+
 
 def nm_mask(w, n: int, m: int):
     """Boolean mask of `w` (in, out): exactly `n` kept in each group of `m` inputs."""

@@ -5,13 +5,22 @@ Modeling". The float32 latent weights are what the optimiser updates."""
 
 import jax.numpy as jnp
 
+from efflm.layers.contract import NumberFormat
 from efflm.layers.quant import int8
 
 EPS = 1e-8
 
 
-class Ternary:
+class Ternary(NumberFormat):
     weight_bits = 2  # packed four to a byte on export
+
+    @staticmethod
+    def pack(q):
+        return pack(q)
+
+    @staticmethod
+    def unpack(stored, shape):
+        return unpack(stored, shape)
 
     @staticmethod
     def quantize_weight(w):

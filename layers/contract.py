@@ -1,0 +1,188 @@
+"""The kind contract: one base class per family of kinds, listing every hook that central
+code calls, with its default.
+
+A kind is a class registered under its config value (`efflm.layers.attention.ATTENTION`,
+`efflm.layers.mlp.MLP`, `efflm.layers.moe.ROUTERS`, `efflm.layers.depth.DEPTH`,
+`efflm.layers.quant.QUANT`). It subclasses its family's base and overrides the hooks it
+needs; central code (`efflm.layers.plan`, the config checks, FLOPs, generation, export)
+calls the hooks and never asks for a kind by name. Hooks are static methods of the class
+(`cfg` is the ModelConfig), so they answer without building a module.
+
+Families and how they are called:
+- `Mixer` (`model.attention.kind`): `(x, positions, segment_ids, mask) -> y`.
+- `FeedForward` (`model.mlp.kind`): `(x, segment_ids=...) -> y`.
+  A mixer or feed-forward whose `takes_carry(cfg)` is true gets the layer-to-layer carry
+  (a dict) after `x` and returns `(y, carry)`.
+- `Router` (`model.moe.router`): `(x, carry, segment_ids) -> (Routing, carry)`, `x` of
+  shape (batch, length, d_model).
+- `Depth` (`model.depth.kind`): a stack built as `(cfg, block, plan)` and called
+  `(x, carry, positions, segment_ids, mask) -> x`.
+- `NumberFormat` (`model.quant.kind`): quantisers of the matmul operands; not a module.
+
+`segment_ids` (batch, length) int32 marks packed documents, 0 for padding (None: every
+position is a token of one document).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import flax.linen as nn
+import jax
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
+
+
+class Kind:
+    """Hooks every family shares."""
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        """Raise ConfigError for a bad value of the settings this kind reads."""
+
+    @staticmethod
+    def check_plan(cfg: ModelConfig, plan: tuple) -> None:
+        """Raise ConfigError when the layer plan (`efflm.layers.plan.LayerSpec`s) does not
+        suit this kind (e.g. too few layers of it)."""
+
+    @staticmethod
+    def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        """Raise ConfigError when the mesh (axis name -> size) cannot shard this kind."""
+
+    @staticmethod
+    def not_causal(cfg: ModelConfig) -> str:
+        """Why this kind's outputs depend on later tokens; "" when they do not."""
+        return ""
+
+
+class LayerKind(nn.Module, Kind):
+    """Hooks of the kinds a layer of the plan is made of (mixers and feed-forwards)."""
+
+    cfg: Any  # the ModelConfig
+
+    # Which entry of model.quant.targets the kind's projections belong to (they go
+    # through the quantised-matmul hook); None: they never do.
+    quant_target = None
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """Forward matmul FLOPs per token over a sequence of seq_len tokens (PaLM's
+        convention: 2 per multiply-add, the work really done)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def inactive_params(cfg: ModelConfig) -> int:
+        """Parameters of this layer that a token does not use (unrouted experts)."""
+        return 0
+
+    @staticmethod
+    def takes_carry(cfg: ModelConfig) -> bool:
+        """Whether, under this config, the kind reads and returns the layer carry."""
+        return False
+
+    @staticmethod
+    def initial_carry(cfg: ModelConfig, x: jax.Array) -> dict:
+        """This kind's entries of the carry the stack starts from (x: the stack's input,
+        (batch, length, d_model))."""
+        return {}
+
+
+class Mixer(LayerKind):
+    """A token mixer (`model.attention.kind`)."""
+
+    # Whether it decodes one token at a time through the `cache` collection (a layer
+    # decodes while `cache` is mutable outside init); `efflm generate` refuses others.
+    decodes = False
+
+
+class FeedForward(LayerKind):
+    """A feed-forward block (`model.mlp.kind`)."""
+
+
+class Routing(NamedTuple):
+    """A router's choice for its tokens (all float arrays float32)."""
+
+    experts: jax.Array  # (tokens, k) int32
+    gates: jax.Array  # (tokens, k)
+    probs: jax.Array  # (tokens, num_experts)
+    logits: jax.Array  # (tokens, num_experts)
+    # Per-sequence routers: (batch, rows) int32, the position in its sequence of each
+    # row's token; `experts` and `gates` are then (batch, rows), one (token, expert) pair
+    # per row, and a row with gate 0 adds nothing (its work is still done: the row count
+    # is static). None: the (tokens, k) choices above.
+    rows: jax.Array | None = None
+
+
+class Router(nn.Module, Kind):
+    """A Mixture-of-Experts router (`model.moe.router`). It sows its own auxiliary losses;
+    the MoE layer sows the load statistics."""
+
+    cfg: Any  # the ModelConfig
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig) -> float:
+        """Forward matmul FLOPs per token of the routing itself."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
+        """Expert rows computed per token over a sequence of seq_len tokens (0: the
+        long-sequence limit)."""
+        return cfg.moe.top_k
+
+    @staticmethod
+    def takes_carry(cfg: ModelConfig) -> bool:
+        """Whether the router reads and updates the layer carry."""
+        return False
+
+    @staticmethod
+    def initial_carry(cfg: ModelConfig, x: jax.Array) -> dict:
+        """The router's entries of the carry the stack starts from."""
+        return {}
+
+
+class Depth(nn.Module, Kind):
+    """How the layer plan is run (`model.depth.kind`)."""
+
+    cfg: Any  # the ModelConfig
+    block: Any  # the block class, built as block(cfg, spec, name=...)
+    plan: tuple  # one LayerSpec per layer
+
+    @staticmethod
+    def routed_layers(cfg: ModelConfig) -> set[int]:
+        """Layers that only some tokens go through (their specs are `routed`)."""
+        return set()
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops) -> float:
+        """Forward FLOPs per token of the stack, given `layer_flops(i, seq_len)` for
+        layer i: by default every token runs every layer."""
+        return sum(layer_flops(i, seq_len) for i in range(cfg.num_layers))
+
+
+class NumberFormat(Kind):
+    """A number format of the hooked matmuls (`model.quant.kind`): integer operands with
+    float32 scales."""
+
+    weight_bits = 8  # bits per exported weight
+
+    @staticmethod
+    def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """w (in, out) -> (integer values, float32 scale broadcasting against them)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def quantize_activation(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x (tokens, in) -> (integer values, float32 scale)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def pack(q: jax.Array) -> jax.Array:
+        """Quantised weights as stored in an export (default: as they are)."""
+        return q
+
+    @staticmethod
+    def unpack(stored: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """Inverse of `pack` for weights of `shape`."""
+        return stored
