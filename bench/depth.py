@@ -25,9 +25,9 @@ from efflm.train.trainer import train
 
 VARIANTS = [
     ("dense (tiny)", "tiny", []),
-    ("mod c=1.0", "tiny_mod", ["model.depth.capacity=1.0"]),
-    ("mod c=0.5", "tiny_mod", ["model.depth.capacity=0.5"]),
-    ("mod c=0.25", "tiny_mod", ["model.depth.capacity=0.25"]),
+    ("mod c=1.0", "tiny_mod", ["model.depth.mod.capacity=1.0"]),
+    ("mod c=0.5", "tiny_mod", ["model.depth.mod.capacity=0.5"]),
+    ("mod c=0.25", "tiny_mod", ["model.depth.mod.capacity=0.25"]),
     ("recursive 2x2", "tiny_recursive", []),
 ]
 TRAINED = ("dense (tiny)", "mod c=0.5", "recursive 2x2")

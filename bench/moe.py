@@ -47,7 +47,7 @@ VARIANTS = [
                                            "model.moe.dispatch=capacity",
                                            "model.moe.capacity_factor=1.0"]),
     ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
-                                            "model.moe.relu_rows_per_token=2"]),
+                                            "model.moe.relu.rows_per_token=2"]),
 ]
 
 # --quality: dense against each router, all at tiny's active parameters.
@@ -56,7 +56,7 @@ QUALITY_VARIANTS = [
     ("moe topk", "tiny_moe", ["model.moe.router=topk"]),
     ("moe sigmoid_bias", "tiny_moe", ["model.moe.router=sigmoid_bias"]),
     ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
-                                            "model.moe.relu_rows_per_token=2"]),
+                                            "model.moe.relu.rows_per_token=2"]),
 ]
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")

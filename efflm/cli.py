@@ -62,7 +62,7 @@ def _export(args) -> int:
 def _config_show(args) -> int:
     from efflm.config import load_config, to_yaml
 
-    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides), used_only=True))
     return 0
 
 

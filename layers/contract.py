@@ -19,6 +19,9 @@ Families and how they are called:
   `(x, carry, positions, segment_ids, mask) -> x`.
 - `NumberFormat` (`model.quant.kind`): quantisers of the matmul operands; not a module.
 
+A kind reads its own settings as `cfg.<family>.<kind name>` (e.g. `cfg.attention.gla`),
+and the settings its family shares at the family level (`cfg.attention.num_heads`).
+
 `segment_ids` (batch, length) int32 marks packed documents, 0 for padding (None: every
 position is a token of one document).
 """
@@ -36,6 +39,13 @@ if TYPE_CHECKING:
 
 class Kind:
     """Hooks every family shares."""
+
+    # The kind's own settings: a dataclass whose fields appear in the config under the
+    # kind's name in its family's section (`model.attention.gla.gate_rank`); None: it
+    # has none of its own.
+    settings = None
+    # Fields of `settings` that a resumed run may change (they change no parameter).
+    resumable = ()
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:

@@ -61,6 +61,9 @@ def check_kind_names(cfg: ModelConfig) -> None:
     check_choice("model.depth.kind", cfg.depth.kind, DEPTH)
     for key, pattern, registry in (("model.attention.pattern", a.pattern, ATTENTION),
                                    ("model.mlp.pattern", m.pattern, MLP)):
+        if pattern.strip() and len(pattern_kinds(pattern)) != len(pattern.split(",")):
+            raise ConfigError(f"{key}={pattern!r} has an empty entry; list kinds separated "
+                              "by commas, e.g. gla,gla,softmax")
         for kind in pattern_kinds(pattern):
             check_choice(f"{key} entry", kind, registry)
 

@@ -16,7 +16,7 @@ from efflm.data import (
     make_train_iterator,
     pipeline,
 )
-from efflm.data.sources import is_validation, make_source, pycode_files
+from efflm.data.sources import FilesSettings, is_validation, make_source, pycode_files
 from efflm.data.tokenizer import ByteTokenizer
 from efflm.errors import DataError
 
@@ -30,8 +30,9 @@ def write_jsonl(path, texts):
     return str(path)
 
 
-def files_cfg(paths, **kw):
-    return DataConfig(source="files", paths=[str(p) for p in paths], **kw)
+def files_cfg(paths, val_paths=(), **kw):
+    files = FilesSettings(paths=[str(p) for p in paths], val_paths=[str(p) for p in val_paths])
+    return DataConfig(source="files", files=files, **kw)
 
 
 def random_texts(n, seed, max_len=120):
@@ -155,7 +156,7 @@ def test_val_paths_dirs_and_globs(tmp_path):
 
 def test_data_errors(tmp_path):
     missing = str(tmp_path / "x.txt")
-    with pytest.raises(DataError, match=r"data.paths: '.*x.txt' does not exist"):
+    with pytest.raises(DataError, match=r"data.files.paths: '.*x.txt' does not exist"):
         make_source(files_cfg([missing]), "train")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -176,9 +177,9 @@ def test_data_errors(tmp_path):
         make_source(files_cfg([tmp_path / "nothing"]), "train")
     with pytest.raises(DataError, match="matches no files"):
         make_source(files_cfg([tmp_path / "*.parquet"]), "train")
-    with pytest.raises(DataError, match=r"data.val_paths: '.*v.txt' does not exist"):
+    with pytest.raises(DataError, match=r"data.files.val_paths: '.*v.txt' does not exist"):
         make_source(files_cfg([empty], val_paths=[str(tmp_path / "v.txt")]), "val")
-    with pytest.raises(DataError, match="needs data.paths"):
+    with pytest.raises(DataError, match="needs data.files.paths"):
         make_source(DataConfig(source="files"), "train")
     one = write_jsonl(tmp_path / "one.jsonl", ["single"])
     with pytest.raises(DataError, match="no validation documents"):

@@ -37,9 +37,9 @@ def test_recursive_equals_the_plain_stack_of_its_layers(small_config, sharing, u
                                                         recursions, order):
     """One recursion is the plain stack; more recursions are the plain stack with the
     shared blocks repeated (ABAB), parameters shared."""
-    cfg = small_config("model.depth.kind=recursive", f"model.depth.sharing={sharing}",
-                       f"model.depth.unique_layers={unique}",
-                       f"model.depth.recursions={recursions}", "model.num_layers=4")
+    cfg = small_config("model.depth.kind=recursive", f"model.depth.recursive.sharing={sharing}",
+                       f"model.depth.recursive.unique_layers={unique}",
+                       f"model.depth.recursive.recursions={recursions}", "model.num_layers=4")
     x = _tokens(cfg)
     model, params = _init(cfg, x)
     plain_cfg = small_config("model.num_layers=4")
@@ -63,7 +63,7 @@ def _stack(cfg, params, x, seg=None, mutable=()):
 
 
 def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_config):
-    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=1.0",
+    cfg = small_config("model.depth.kind=mod", "model.depth.mod.capacity=1.0",
                        "model.num_layers=4")
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.d_model))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -90,7 +90,7 @@ def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_confi
 def test_gathered_tokens_equal_the_masked_full_computation(small_config):
     """Values and gradients, with packed segments: the chosen tokens attend to the chosen
     tokens of their own document only."""
-    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=0.5")
+    cfg = small_config("model.depth.kind=mod", "model.depth.mod.capacity=0.5")
     b, t, d = 2, 16, cfg.model.d_model
     x = jax.random.normal(jax.random.key(1), (b, t, d))
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -159,7 +159,7 @@ def test_mod_flops_count_the_work_done(small_config):
     """Forward matmuls traced through an unrolled model: routed layers run their chosen
     tokens only (attention among them: the c^2 term), plus router and predictor; the
     one full masked softmax at these lengths does 2x the causal half counted."""
-    cfg = small_config("model.depth.kind=mod", "model.depth.capacity=0.5",
+    cfg = small_config("model.depth.kind=mod", "model.depth.mod.capacity=0.5",
                        "model.num_layers=4")
     b, t = 2, cfg.data.seq_len
     x = _tokens(cfg, b)
@@ -208,13 +208,14 @@ def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["model.depth.kind=mod", "model.depth.capacity=1.5"], "model.depth.capacity"),
-    (["model.depth.kind=mod", "model.depth.every=9"], "model.depth.every=9"),
-    (["model.depth.kind=recursive", "model.depth.recursions=0"], "model.depth.recursions"),
-    (["model.depth.kind=recursive", "model.depth.unique_layers=3"],
+    (["model.depth.kind=mod", "model.depth.mod.capacity=1.5"], "model.depth.mod.capacity"),
+    (["model.depth.kind=mod", "model.depth.mod.every=9"], "model.depth.mod.every=9"),
+    (["model.depth.kind=recursive", "model.depth.recursive.recursions=0"],
+     "model.depth.recursive.recursions"),
+    (["model.depth.kind=recursive", "model.depth.recursive.unique_layers=3"],
      "set model.num_layers=6"),
-    (["model.depth.kind=recursive", "model.depth.sharing=middle_cycle",
-      "model.depth.unique_layers=2"], "unique_layers >= 3"),
+    (["model.depth.kind=recursive", "model.depth.recursive.sharing=middle_cycle",
+      "model.depth.recursive.unique_layers=2"], "unique_layers >= 3"),
 ])
 def test_bad_depth_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
     assert main(["train", "--config", "tiny", *SMALL, "model.num_layers=4",

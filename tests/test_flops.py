@@ -42,8 +42,8 @@ def _blocked_factor(t, block):
     [],
     ["model.tie_embeddings=false", "model.attention.num_kv_heads=1", "model.mlp.d_ff=96"],
     ["model.attention.head_dim=32", "data.seq_len=64", "train.batch_size=2",
-     "model.attention.block_size=0"],
-    ["data.seq_len=64", "model.attention.block_size=16", "model.scan_layers=true",
+     "model.attention.softmax.block_size=0"],
+    ["data.seq_len=64", "model.attention.softmax.block_size=16", "model.scan_layers=true",
      "model.num_layers=3"],
 ])
 def test_analytic_flops_equal_the_traced_matmuls(small_config, overrides):
@@ -70,7 +70,7 @@ def test_analytic_flops_equal_the_traced_matmuls(small_config, overrides):
 def test_xla_cost_analysis_agrees_on_an_unrolled_model(small_config):
     """XLA's own count of the unscanned forward pass is the traced matmuls plus a little
     elementwise work (norms, softmax, rotary), never less."""
-    cfg = small_config("model.attention.block_size=0")
+    cfg = small_config("model.attention.softmax.block_size=0")
     model, params, tokens = _model(cfg)
     fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     traced = traced_matmul_flops(fn, params, tokens)

@@ -72,7 +72,8 @@ def test_chunked_form_matches_the_token_scan(dtype, tol):
 
 @pytest.mark.parametrize("overrides", [
     [],
-    ["model.attention.short_conv=false", "model.attention.output_gate=false"],
+    ["model.attention.gated_deltanet.short_conv=false",
+     "model.attention.gated_deltanet.output_gate=false"],
 ])
 def test_layer_matches_its_token_scan_reference(small_config, overrides):
     """The layer (chunks of 8 over 21 tokens) equals its token-scan reference over packed
@@ -95,7 +96,7 @@ def test_layer_computes_the_documented_formula(small_config):
     reads j tokens back), SiLU, L2-normalised q and k with q scaled by dk^-1/2, beta and
     the decay, the gated delta rule, per-head RMSNorm, the output gate and projection;
     and the decay's initial ranges."""
-    cfg = small_config(*LAYER, GDN, "model.attention.conv_width=3").model
+    cfg = small_config(*LAYER, GDN, "model.attention.gated_deltanet.conv_width=3").model
     layer = ATTENTION["gated_deltanet"](cfg, reference=True)
     x = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
@@ -149,7 +150,7 @@ def test_prefill_and_steps_give_the_full_forward_logits(small_config):
 
 @pytest.mark.parametrize("overrides", [
     [GDN],
-    [GDN, "model.attention.output_gate=false"],
+    [GDN, "model.attention.gated_deltanet.output_gate=false"],
     ["model.attention.pattern=gated_deltanet,softmax", "model.num_layers=4",
      "model.attention.num_kv_heads=1"],
 ])
@@ -177,8 +178,9 @@ def test_preset_trains(small_config, preset):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    ([GDN, "model.attention.conv_width=0"], "conv_width"),
-    (["model.attention.pattern=gated_deltanet,softmax", "model.attention.conv_width=-2"],
+    ([GDN, "model.attention.gated_deltanet.conv_width=0"], "conv_width"),
+    (["model.attention.pattern=gated_deltanet,softmax",
+      "model.attention.gated_deltanet.conv_width=-2"],
      "conv_width"),
     ([GDN, "model.attention.chunk_size=2048"], "chunk_size"),
     ([GDN, "model.attention.chunk_size=0"], "chunk_size"),

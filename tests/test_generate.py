@@ -23,8 +23,8 @@ def _model(small_config, *overrides):
 
 @pytest.mark.parametrize("overrides", [
     [], ["model.scan_layers=true", "model.num_layers=3"],
-    ["model.depth.kind=recursive", "model.depth.sharing=middle_cycle",
-     "model.depth.unique_layers=3", "model.num_layers=4"]])
+    ["model.depth.kind=recursive", "model.depth.recursive.sharing=middle_cycle",
+     "model.depth.recursive.unique_layers=3", "model.num_layers=4"]])
 def test_prefill_and_steps_give_the_full_forward_logits(small_config, overrides):
     """Logits through the cache (a prefill of 11 tokens, then one token at a time, rows
     at different positions) equal one forward pass over the whole sequence."""

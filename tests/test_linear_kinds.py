@@ -19,13 +19,14 @@ from efflm.train.generate import greedy_reference, sample
 
 KINDS = {
     "linear": ["model.attention.kind=linear"],
-    "linear_identity": ["model.attention.kind=linear", "model.attention.feature_map=identity",
-                        "model.attention.normalize=false"],
-    "linear_relu": ["model.attention.kind=linear", "model.attention.feature_map=relu"],
+    "linear_identity": ["model.attention.kind=linear",
+                        "model.attention.linear.feature_map=identity",
+                        "model.attention.linear.normalize=false"],
+    "linear_relu": ["model.attention.kind=linear", "model.attention.linear.feature_map=relu"],
     "gla": ["model.attention.kind=gla"],
-    "retnet": ["model.attention.kind=gla", "model.attention.decay=fixed"],
-    "based": ["model.attention.kind=based", "model.attention.feature_dim=4",
-              "model.attention.window=6"],
+    "retnet": ["model.attention.kind=gla", "model.attention.gla.decay=fixed"],
+    "based": ["model.attention.kind=based", "model.attention.based.feature_dim=4",
+              "model.attention.based.window=6"],
 }
 # A layer: 2 heads of 16, chunks of 8 over 21 tokens (two whole chunks and a partial one).
 LAYER = ("model.d_model=32", "model.attention.num_heads=2", "model.attention.chunk_size=8")
@@ -97,7 +98,7 @@ def test_pallas_path_in_interpret_mode(small_config, kind):
 
 
 DECODE = ("model.init_std=0.1", "model.attention.chunk_size=8",
-          "model.attention.feature_dim=4", "model.attention.window=4")
+          "model.attention.based.feature_dim=4", "model.attention.based.window=4")
 
 
 def _model(small_config, *overrides):
@@ -140,7 +141,7 @@ def test_flops_equal_the_traced_matmuls(small_config, overrides):
     the analytic count is the padded chunked form's, which is what runs. A softmax layer
     runs one full masked softmax here: twice the causal half it is credited with."""
     cfg = small_config(*overrides, "data.seq_len=40", "model.attention.chunk_size=16",
-                       "model.attention.window=16").model
+                       "model.attention.based.window=16").model
     traced, expected = traced_and_analytic_flops(cfg)
     assert traced == pytest.approx(expected, rel=1e-12)
 
@@ -157,9 +158,9 @@ def test_preset_trains(small_config, preset):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["model.attention.kind=based", "model.attention.feature_dim=0"], "feature_dim"),
-    (["model.attention.kind=based", "model.attention.window=-1"], "window"),
-    (["model.attention.kind=based", "model.attention.window=2048"], "window"),
+    (["model.attention.kind=based", "model.attention.based.feature_dim=0"], "feature_dim"),
+    (["model.attention.kind=based", "model.attention.based.window=-1"], "window"),
+    (["model.attention.kind=based", "model.attention.based.window=2048"], "window"),
     (["model.attention.kind=gla", "model.attention.chunk_size=0"], "chunk_size"),
     (["model.attention.kind=gla", "model.attention.impl=pallas",
       "model.attention.chunk_size=12"], "chunk_size"),
@@ -167,9 +168,9 @@ def test_preset_trains(small_config, preset):
       "model.attention.chunk_size=48"], "chunk_size=48: .*power of two"),
     (["model.attention.kind=based", "model.attention.impl=pallas",
       "model.attention.chunk_size=24"], "chunk_size=24: .*power of two"),
-    (["model.attention.kind=linear", "model.attention.feature_map=identity"], "normalize"),
-    (["model.attention.kind=linear", "model.attention.feature_map=exp"], "feature_map"),
-    (["model.attention.kind=gla", "model.attention.decay=learned"], "decay"),
+    (["model.attention.kind=linear", "model.attention.linear.feature_map=identity"], "normalize"),
+    (["model.attention.kind=linear", "model.attention.linear.feature_map=exp"], "feature_map"),
+    (["model.attention.kind=gla", "model.attention.gla.decay=learned"], "decay"),
     (["model.attention.pattern=gla,mamba"], "pattern"),
 ])
 def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):

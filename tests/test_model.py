@@ -96,11 +96,11 @@ def test_segments_and_causality_isolate_tokens(small_config):
 
 
 def test_blocked_attention_path_gives_the_same_model(small_config):
-    cfg = small_config("model.attention.block_size=0")
+    cfg = small_config("model.attention.softmax.block_size=0")
     tokens, pos, seg = _inputs(cfg)
     model = LM(cfg.model)
     params = model.init(jax.random.key(0), tokens)["params"]
-    blocked = LM(small_config("model.attention.block_size=8").model)
+    blocked = LM(small_config("model.attention.softmax.block_size=8").model)
     np.testing.assert_allclose(blocked.apply({"params": params}, tokens, pos, seg),
                                model.apply({"params": params}, tokens, pos, seg),
                                rtol=1e-5, atol=1e-5)

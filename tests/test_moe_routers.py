@@ -25,7 +25,7 @@ from efflm.train.trainer import train
 
 D, E, K, R = 16, 4, 2, 6
 ROUTER = (f"model.d_model={D}", f"model.moe.num_experts={E}", f"model.moe.top_k={K}",
-          f"model.moe.router_hidden={R}", "model.init_std=0.5", "model.mlp.kind=moe",
+          f"model.moe.recurrent.hidden={R}", "model.init_std=0.5", "model.mlp.kind=moe",
           "model.moe.expert_d_ff=8")
 
 
@@ -49,7 +49,7 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
     the state with the bias unchanged. Gradients (router kernel, tokens) of the gates and
     the loss are the reference's; the bias gets none."""
     cfg = small_config(*ROUTER, "model.moe.router=sigmoid_bias",
-                       "model.moe.seq_balance_loss=0.3").model
+                       "model.moe.sigmoid_bias.seq_balance_loss=0.3").model
     sequences, length = 3, 8
     x = jax.random.normal(jax.random.key(1), (sequences * length, D))
     params = nn.unbox(SigmoidBiasRouter(cfg).init(
@@ -129,7 +129,8 @@ def _batch(cfg, skewed=False):
             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
 
 
-BIAS_STEP = ("model.mlp.kind=moe", "model.moe.router=sigmoid_bias", "model.moe.bias_rate=0.01",
+BIAS_STEP = ("model.mlp.kind=moe", "model.moe.router=sigmoid_bias",
+             "model.moe.sigmoid_bias.bias_rate=0.01",
              f"model.moe.num_experts={E}", "model.moe.expert_d_ff=16", "model.init_std=0.1",
              "optimizer.lr=1e-4", "optimizer.warmup_steps=0", "train.batch_size=16")
 
@@ -218,7 +219,7 @@ def _rows(workdir):
 def test_sigmoid_bias_run_resumes_bitwise(tmp_path):
     """The bias is checkpointed with the model state: a run resumed from a checkpoint
     is bitwise the uninterrupted one (losses, loads and the bias's range)."""
-    common = [*SMALL, *BIAS_STEP, "model.moe.bias_rate=0.05", "optimizer.lr=3e-3",
+    common = [*SMALL, *BIAS_STEP, "model.moe.sigmoid_bias.bias_rate=0.05", "optimizer.lr=3e-3",
               "optimizer.schedule=constant", "logging.every=1", "train.eval_every=0",
               "checkpoint.every=2"]
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
@@ -313,7 +314,7 @@ def test_recurrent_router_chain_matches_the_per_token_reference(small_config):
 
 
 RECURRENT_LM = (f"model.moe.num_experts={E}", "model.moe.expert_d_ff=16",
-                "model.moe.router=recurrent", f"model.moe.router_hidden={R}",
+                "model.moe.router=recurrent", f"model.moe.recurrent.hidden={R}",
                 "model.num_layers=5", "model.mlp.pattern=moe,swiglu", "model.init_std=0.2")
 
 
@@ -392,11 +393,12 @@ def test_router_flops_are_its_matmuls(small_config, router):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["model.moe.router=sigmoid_bias", "model.moe.bias_rate=-0.1"],
-     "model.moe.bias_rate must be >= 0"),
-    (["model.moe.seq_balance_loss=-1"], "model.moe.seq_balance_loss must be >= 0"),
-    (["model.moe.router=recurrent", "model.moe.router_hidden=0"],
-     "model.moe.router_hidden must be > 0"),
+    (["model.moe.router=sigmoid_bias", "model.moe.sigmoid_bias.bias_rate=-0.1"],
+     "model.moe.sigmoid_bias.bias_rate must be >= 0"),
+    (["model.moe.router=sigmoid_bias", "model.moe.sigmoid_bias.seq_balance_loss=-1"],
+     "model.moe.sigmoid_bias.seq_balance_loss must be >= 0"),
+    (["model.moe.router=recurrent", "model.moe.recurrent.hidden=0"],
+     "model.moe.recurrent.hidden must be > 0"),
     (["model.moe.router=recurrent", "model.mlp.every=2"], "has 1 MoE layer(s)"),
     (["model.moe.router=recurrent", "model.depth.kind=mod", "model.num_layers=4"],
      "routed layers of model.depth.kind=mod"),

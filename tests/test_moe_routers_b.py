@@ -103,7 +103,7 @@ def test_relu_matches_the_per_token_reference_and_counts_overflow(small_config):
     largest gate first) are dropped exactly as the loop drops them, and counted."""
     bound = 1
     cfg, x, params = _layer(small_config, "model.moe.router=relu",
-                            f"model.moe.relu_rows_per_token={bound}")
+                            f"model.moe.relu.rows_per_token={bound}")
     router = params["router"]
     gates, logits, _ = relu_gates(x, router["kernel"], router["norm_scale"], cfg.norm_eps)
     kept, dropped = relu_picks(gates, logits > 0, int(bound * SHAPE[1]))
@@ -126,7 +126,7 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     """Token-level sparsity: the fraction of zero (token, expert) gates; chunk-level: the
     fraction of experts unused by all 8 tokens of a chunk; the L1 loss is relu_l1 times
     the mean L1 norm of the RMS-normalised gates."""
-    cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu_l1=0.5").model
+    cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.l1=0.5").model
     # Logits = x (identity router): chunk 1 uses expert 0 only, chunk 2 experts 1 and 2
     # alternately and expert 3 in its last token.
     pattern = np.full((1, 16, E), -1.0, np.float32)
@@ -153,7 +153,7 @@ def test_relu_stays_causal_when_its_bound_drops_pairs_and_expert_choice_does_not
     layer as they were, even with a bound (1 row per token) that drops pairs; under
     expert choice the earlier outputs change (hence its causal=false flag)."""
     overrides = EXPERT_CHOICE if router == "expert_choice" else (
-        "model.moe.router=relu", "model.moe.relu_rows_per_token=1")
+        "model.moe.router=relu", "model.moe.relu.rows_per_token=1")
     cfg, x, params = _layer(small_config, *overrides)
     later = x.at[:, 5:].set(-3.0 * x[:, 5:])
     apply = jax.jit(lambda x: _apply(cfg, params, x))
@@ -174,7 +174,7 @@ def test_relu_model_decodes_as_its_full_pass_when_the_bound_cannot_bind(small_co
     from efflm.models import LM
 
     cfg = small_config("model.mlp.kind=moe", "model.moe.router=relu",
-                       f"model.moe.num_experts={E}", f"model.moe.relu_rows_per_token={E}",
+                       f"model.moe.num_experts={E}", f"model.moe.relu.rows_per_token={E}",
                        f"model.moe.expert_d_ff={F}", "model.d_model=32", "model.num_layers=1")
     model = LM(cfg.model)
     shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
@@ -226,7 +226,7 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
     plus the shared expert; the traced matmuls are that plus the dispatch's stated
     overhead (dropless row-block padding) and the gate-weighted sum."""
     overrides = EXPERT_CHOICE if router == "expert_choice" else (
-        "model.moe.router=relu", "model.moe.relu_rows_per_token=1.5")
+        "model.moe.router=relu", "model.moe.relu.rows_per_token=1.5")
     cfg, x, params = _layer(small_config, *overrides, "model.moe.num_shared_experts=1")
     batch, length = SHAPE
     t = batch * length
@@ -249,13 +249,13 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
                                          "model.moe.dispatch=capacity"),
     (["model.moe.router=relu", "model.moe.dispatch=capacity"],
      "model.moe.router=relu needs model.moe.dispatch=dropless"),
-    (["model.moe.router=relu", "model.moe.relu_rows_per_token=0"],
-     "model.moe.relu_rows_per_token must be > 0, got 0"),
-    (["model.moe.router=relu", "model.moe.relu_rows_per_token=-1"],
-     "model.moe.relu_rows_per_token must be > 0, got -1"),
-    (["model.moe.router=relu", "model.moe.relu_rows_per_token=9"],
-     "model.moe.relu_rows_per_token=9.0 is more than model.moe.num_experts=8"),
-    (["model.moe.router=relu", "model.moe.relu_l1=-0.1"], "model.moe.relu_l1 must be >= 0"),
+    (["model.moe.router=relu", "model.moe.relu.rows_per_token=0"],
+     "model.moe.relu.rows_per_token must be > 0, got 0"),
+    (["model.moe.router=relu", "model.moe.relu.rows_per_token=-1"],
+     "model.moe.relu.rows_per_token must be > 0, got -1"),
+    (["model.moe.router=relu", "model.moe.relu.rows_per_token=9"],
+     "model.moe.relu.rows_per_token=9.0 is more than model.moe.num_experts=8"),
+    (["model.moe.router=relu", "model.moe.relu.l1=-0.1"], "model.moe.relu.l1 must be >= 0"),
     ([*EXPERT_CHOICE, "mesh.expert=2"], "model.moe.router=expert_choice cannot run under "
                                         "mesh.expert=2"),
 ])

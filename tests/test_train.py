@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
+import yaml
 from conftest import SMALL
 
 from efflm.cli import main
-from efflm.config import load_config
+from efflm.config import MOVED_KEYS, load_config
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
 from efflm.train.generate import sample
@@ -68,6 +69,56 @@ def test_resume_is_bitwise_exact(tmp_path, uninterrupted):
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 5]
     train(load_config("tiny", [*cfg, "train.steps=8"]))
     assert _losses(workdir)[0] == uninterrupted
+
+
+def _to_earlier_layout(d: dict) -> dict:
+    """A nested config dict as efflm wrote it before kinds had their own sections: each
+    moved key back at its flat place, the emptied sections gone."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            elif not isinstance(v, dict):
+                flat[f"{prefix}{k}"] = v
+
+    walk(d, "")
+    for old, new in MOVED_KEYS.items():
+        if new in flat:
+            flat[old] = flat.pop(new)
+    out = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def test_a_workdir_of_the_earlier_layout_resumes_bitwise(tmp_path, uninterrupted, caplog,
+                                                         capsys):
+    """A config.yaml saved with the earlier flat keys is read with them moved (one line
+    says so): the run resumes bitwise, and eval reads the workdir."""
+    workdir = str(tmp_path)
+    cfg = [*RESUME, f"train.workdir={workdir}"]
+    train(load_config("tiny", [*cfg, "train.steps=5"]))
+    path = os.path.join(workdir, "config.yaml")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    earlier = _to_earlier_layout(saved)
+    assert earlier["model"]["attention"]["gate_rank"] == 16 and "files" not in earlier["data"]
+    with open(path, "w") as f:
+        yaml.safe_dump(earlier, f)
+    capsys.readouterr()
+    assert main(["eval", "--workdir", workdir, "--batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 5
+    train(load_config("tiny", [*cfg, "train.steps=8"]))
+    assert _losses(workdir)[0] == uninterrupted
+    assert any("keys of an earlier efflm" in r.getMessage() for r in caplog.records)
+    with open(path) as f:  # rewritten by the resumed run in the current layout
+        assert yaml.safe_load(f) == saved | {"train": {**saved["train"], "steps": 8}}
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, caplog):
@@ -128,7 +179,7 @@ def test_resume_may_change_how_the_model_is_computed(tmp_path):
     with pytest.raises(ConfigError, match="model.scan_layers: False -> True"):
         train(load_config("tiny", [*cfg, "train.steps=3", "model.scan_layers=true"]))
     train(load_config("tiny", [*cfg, "train.steps=3", "model.remat=full",
-                               "model.attention.impl=xla", "model.attention.block_size=16",
+                               "model.attention.impl=xla", "model.attention.softmax.block_size=16",
                                "model.dtype=bfloat16", "model.max_seq_len=128",
                                "model.init_std=0.05"]))
     assert [r["step"] for r in _losses(workdir)[1]] == [1, 2, 3]
@@ -143,7 +194,8 @@ def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsy
     for change, words in [("train.batch_size=16", "train.batch_size=8 (now 16)"),
                           ("data.seq_len=16", "data.seq_len=32 (now 16)"),
                           ("train.seed=3", "train.seed=0 (now 3)"),
-                          ("data.source=files data.paths=x.txt", "data.source=pycode (now files)")]:
+                          ("data.source=files data.files.paths=x.txt",
+                           "data.source=pycode (now files)")]:
         assert main(["train", *cfg, "train.steps=3", *change.split()]) == 2
         err = capsys.readouterr().err
         assert words in err and "to resume, pass" in err and err.count("\n") == 1
@@ -178,8 +230,8 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
     # Without --batches: the whole split, under its own names.
     val = tmp_path / "val.txt"
     val.write_text("def f(x):\n    return x + 1\n" * 20)
-    assert main(["eval", "--workdir", workdir, "data.source=files", f"data.paths={val}",
-                 f"data.val_paths={val}"]) == 0
+    assert main(["eval", "--workdir", workdir, "data.source=files", f"data.files.paths={val}",
+                 f"data.files.val_paths={val}"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["full_eval_tokens"] == len(val.read_text()) + 1 and "eval_loss" not in full
     # Greedy sampling: the continuation is what `sample` gives, whatever the seed.
@@ -205,7 +257,7 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
     (["train.steps=ten"], "train.steps"),
     (["mesh.data=3"], "mesh sizes"),
     (["train.batch_size=12"], "not divisible by the 8 data shards"),
-    (["data.source=files", "data.paths=/does/not/exist.txt"], "does not exist"),
+    (["data.source=files", "data.files.paths=/does/not/exist.txt"], "does not exist"),
     (["data.seq_len=100"], "larger than the model supports"),
     (["model.attention.head_dim=7"], "head_dim=7 is odd"),
     (["optimizer.lr=nan"], "optimizer.lr must be a finite number"),
@@ -226,6 +278,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
 @pytest.mark.parametrize("command, config, words", [
     (["eval", "--batches", "-1"], None, "--batches must be >= 0"),
     (["generate", "--prompt", "a", "--top-k", "100000"], None, "--top-k 100000 is larger"),
+    (["generate", "--prompt", "a", "--max-new-tokens", "-1"], None,
+     "max_new_tokens must be >= 1"),
     (["eval"], "model: [256\n", "cannot be read"),
     (["eval"], "- model\n- data\n", "must be a mapping of config keys, not a list"),
     (["eval"], "", "must be a mapping"),
@@ -283,7 +337,7 @@ def _tensorboard_points(logdir):
 
 def test_empty_data_file_is_an_error(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    assert main(["train", *SMALL, "data.source=files", f"data.paths={tmp_path}/empty.txt",
+    assert main(["train", *SMALL, "data.source=files", f"data.files.paths={tmp_path}/empty.txt",
                  f"train.workdir={tmp_path}/w"]) == 2
     assert "empty" in capsys.readouterr().err
 

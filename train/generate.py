@@ -110,6 +110,9 @@ def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
     `stop_id` or at `model.max_seq_len`); `bos_id` goes before the prompt."""
     if temperature < 0 or top_k < 0:
         raise ConfigError("temperature and top-k must be >= 0")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1 (how many tokens to sample), got "
+                          f"{max_new_tokens}")
     if top_k > model.cfg.vocab_size:
         raise ConfigError(f"top_k={top_k} is larger than the vocabulary "
                           f"({model.cfg.vocab_size})")

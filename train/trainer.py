@@ -78,7 +78,7 @@ def load_workdir_config(workdir: str) -> Config:
         raise CheckpointError(f"{path} must be a mapping of config keys, not a "
                               f"{type(saved).__name__}; rewrite it, e.g. with efflm config "
                               f"show --config NAME [key=value ...] > {path}")
-    return config_from_dict(saved)
+    return config_from_dict(saved, path)
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
@@ -229,7 +229,7 @@ def restore_run(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> tu
     if it has no checkpoint yet.
     """
     load_workdir_config(workdir)  # a clear error if this is no workdir
-    cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides)
+    cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides, saved=True)
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
         raise EfflmError(f"{workdir!r} has no checkpoint yet; train first")

@@ -167,7 +167,7 @@ _EXAMPLE_COUNTS: dict = {}
 
 def examples_per_document(cfg, tokenizer, source) -> np.ndarray:
     """How many examples each document of the validation `source` gives (cached)."""
-    key = (cfg.source, tuple(cfg.paths), tuple(cfg.val_paths), cfg.val_fraction,
+    key = (cfg.source, tuple(cfg.files.paths), tuple(cfg.files.val_paths), cfg.val_fraction,
            cfg.seq_len, type(tokenizer).__name__)
     if key not in _EXAMPLE_COUNTS:
         lengths = [len(encode_document(tokenizer, source[i])) for i in range(len(source))]

@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import sysconfig
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from efflm.errors import DataError
+from efflm.errors import ConfigError, DataError
 
-SOURCES = ("pycode", "files")
 SPLITS = ("train", "val")
 
 
@@ -167,32 +167,84 @@ def file_source(patterns: list[str], key: str, val_fraction: float, split: str) 
     return FileSource(segments, val_fraction)
 
 
-def make_source(cfg, split: str):
-    """The documents of `split` ("train" or "val") that `cfg` (a DataConfig) names."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if cfg.source == "pycode":
+@dataclass
+class FilesSettings:
+    """`data.files`: .txt files (one document each) and .jsonl files (one {"text": ...}
+    per line), as files, folders or glob patterns."""
+
+    paths: list[str] = field(default_factory=list)
+    # Validation files; empty: the trailing data.val_fraction of each training file.
+    val_paths: list[str] = field(default_factory=list)
+
+
+class DataSource:
+    """A `data.source`: its own settings (`data.<name>.*`) and its documents."""
+
+    settings = None  # a dataclass of its own settings, or None
+    resumable = ()  # fields of `settings` that a resumed run may change
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        """Raise ConfigError for a bad value of its settings (cfg: the data section)."""
+
+    @staticmethod
+    def open(cfg, split: str):
+        """(the documents of `split`, a grain data source; where they came from, for
+        messages)."""
+        raise NotImplementedError
+
+
+class PyCode(DataSource):
+    """`data.source=pycode`: the Python files of the interpreter's standard library, a
+    data.val_fraction of them (by a hash of the name) held out for validation."""
+
+    @staticmethod
+    def open(cfg, split: str):
         root, names = pycode_files()
         held_out = split == "val"
         source = PyCodeSource(root, [n for n in names
                                      if is_validation(n, cfg.val_fraction) == held_out])
-        where = f"the standard library at {root} with data.val_fraction={cfg.val_fraction}"
-    elif cfg.source == "files":
-        if not cfg.paths:
-            raise DataError("data.source=files needs data.paths, e.g. "
-                            "data.paths=[corpus/a.txt,corpus/b.jsonl]")
-        if cfg.val_paths:
-            patterns, key = ((cfg.val_paths, "data.val_paths") if split == "val"
-                             else (cfg.paths, "data.paths"))
-            source = file_source(patterns, key, cfg.val_fraction, "all")
-            where = key
-        else:
-            source = file_source(cfg.paths, "data.paths", cfg.val_fraction, split)
-            where = (f"data.paths with data.val_fraction={cfg.val_fraction} (a .jsonl file "
-                     "with a single line gives no validation document); set data.val_paths")
-    else:
+        return source, f"the standard library at {root} with data.val_fraction={cfg.val_fraction}"
+
+
+class Files(DataSource):
+    """`data.source=files`: local text and jsonl files (`data.files.*`)."""
+
+    settings = FilesSettings
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        if not cfg.files.paths:
+            raise ConfigError("data.source=files needs data.files.paths, e.g. "
+                              "data.files.paths=[corpus/a.txt,corpus/b.jsonl]")
+
+    @staticmethod
+    def open(cfg, split: str):
+        own = cfg.files
+        if not own.paths:
+            raise DataError("data.source=files needs data.files.paths, e.g. "
+                            "data.files.paths=[corpus/a.txt,corpus/b.jsonl]")
+        if own.val_paths:
+            patterns, key = ((own.val_paths, "data.files.val_paths") if split == "val"
+                             else (own.paths, "data.files.paths"))
+            return file_source(patterns, key, cfg.val_fraction, "all"), key
+        return (file_source(own.paths, "data.files.paths", cfg.val_fraction, split),
+                f"data.files.paths with data.val_fraction={cfg.val_fraction} (a .jsonl file "
+                "with a single line gives no validation document); set data.files.val_paths")
+
+
+# `data.source` -> the source.
+SOURCES = {"pycode": PyCode, "files": Files}
+
+
+def make_source(cfg, split: str):
+    """The documents of `split` ("train" or "val") that `cfg` (a DataConfig) names."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if cfg.source not in SOURCES:
         raise DataError(f"data.source={cfg.source!r} is not a valid choice; choose one of: "
                         f"{', '.join(SOURCES)}")
+    source, where = SOURCES[cfg.source].open(cfg, split)
     if not len(source):
         name = "training" if split == "train" else "validation"
         raise DataError(f"no {name} documents in {where}")

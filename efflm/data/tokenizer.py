@@ -9,6 +9,8 @@ class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus pad, bos and eos specials above them."""
 
     name = "byte"
+    settings = None  # its own settings (`data.<name>.*`), a dataclass; None: none
+    resumable = ()  # fields of `settings` that a resumed run may change
     pad_id = 256
     bos_id = 257
     eos_id = 258

@@ -1,7 +1,7 @@
 """Based (`model.attention.kind=based`), from "Simple linear attention language models
 balance the recall-throughput tradeoff": in one layer, linear attention with the
 second-order Taylor feature map over a small projected feature dim, plus sliding-window
-softmax attention over the last `model.attention.window` tokens; the two branches share
+softmax attention over the last `model.attention.based.window` tokens; the two branches share
 the values and are summed per head before the output projection.
 
     phi(x) = [1, x, vec(x x^T) / sqrt(2)]   (1 + d + d^2 features for d = feature_dim)
@@ -15,12 +15,13 @@ every product unchanged. Decoding keeps the linear state and a ring buffer of th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_positive
 from efflm.layers.attention.linear import (
     chunked_mix_flops,
     linear_mix,
@@ -119,20 +120,31 @@ def cached_window_attention(module: nn.Module, q, k, v, positions, window: int):
     return out
 
 
+@dataclass
+class BasedSettings:
+    # Projected feature dim d of the Taylor map (1 + d + d^2 features) and the width of
+    # the sliding-window softmax branch, in tokens.
+    feature_dim: int = 16
+    window: int = 64
+
+
 class BasedAttention(Mixer):
     """Taylor-feature linear attention plus sliding-window softmax attention in one
     layer (see the module docstring)."""
 
-    cfg: ModelConfig
     # The token scan and a full masked softmax instead of the chunked and blocked forms.
     reference: bool = False
     decodes = True
+    settings = BasedSettings
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
+        b = cfg.attention.based
         validate_chunk(cfg)
-        if cfg.attention.window > cfg.max_seq_len:
-            raise ConfigError(f"model.attention.window={cfg.attention.window} is larger than "
+        check_positive("model.attention.based.feature_dim", b.feature_dim)
+        check_positive("model.attention.based.window", b.window)
+        if b.window > cfg.max_seq_len:
+            raise ConfigError(f"model.attention.based.window={b.window} is larger than "
                               f"model.max_seq_len={cfg.max_seq_len}; lower it")
 
     @staticmethod
@@ -140,11 +152,11 @@ class BasedAttention(Mixer):
         """The XLA forms': 1 + d + d^2 features in the chunked mix (the Pallas path pads
         them to a power of two), 2 window keys a query in the window branch."""
         a = cfg.attention
-        h, d, f = a.num_heads, head_dim(cfg), a.feature_dim
+        h, d, f = a.num_heads, head_dim(cfg), a.based.feature_dim
         projections = 2 * cfg.d_model * h * (2 * f + 4 * d)  # q, k features; q, k, v, out
         features = num_features(f)
         linear = chunked_mix_flops(cfg, seq_len, h, features, d) + 2 * h * features
-        window = a.window
+        window = a.based.window
         padded = -(-seq_len // window) * window
         softmax = 2 * 2 * (2 * window) * h * d * padded / seq_len
         return projections + linear + softmax
@@ -153,7 +165,7 @@ class BasedAttention(Mixer):
     def __call__(self, x, positions, segment_ids, mask):
         cfg = self.cfg
         a = cfg.attention
-        h, d, f = a.num_heads, head_dim(cfg), a.feature_dim
+        h, d, f = a.num_heads, head_dim(cfg), a.based.feature_dim
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
         axes = ("embed", "heads", "head_dim")
         qf = Dense((h, f), ("embed", "heads", None), name="feature_query", **kw)(x)
@@ -170,14 +182,14 @@ class BasedAttention(Mixer):
                             what="based attention", reference=self.reference)
         q, k = apply_rotary(q, positions, a.rope_theta), apply_rotary(k, positions, a.rope_theta)
         if decoding(self):
-            local = cached_window_attention(self, q, k, v, positions, a.window)
+            local = cached_window_attention(self, q, k, v, positions, a.based.window)
         elif self.reference:
             t = x.shape[1]
             idx = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
-            mask = window_mask(idx, idx, a.window, segment_ids, segment_ids)
+            mask = window_mask(idx, idx, a.based.window, segment_ids, segment_ids)
             local = dot_product_attention(q, k, v, mask)
         else:
-            local = sliding_window_attention(q, k, v, segment_ids, a.window)
+            local = sliding_window_attention(q, k, v, segment_ids, a.based.window)
         out = nn.with_logical_constraint(linear + local, ("batch", "length", "heads",
                                                           "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5

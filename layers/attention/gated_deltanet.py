@@ -10,20 +10,21 @@ what the state already returns for the key, under a data-dependent decay per hea
 with, per head, exp(c) initialised uniform in [1, 16] and softplus(b) log-uniform in
 [0.001, 0.1] (Mamba2's decay rate and time step; parameters `decay_log_scale`, `decay_bias`).
 
-Before the mix, q, k and v each pass a causal depthwise convolution of
-`model.attention.conv_width` taps and SiLU (`model.attention.short_conv`; SiLU alone
-without it). The convolution and the state both restart at every packed segment.
-Queries, keys and values have `model.attention.num_heads` heads of head_dim each
+Before the mix, q, k and v each pass a causal depthwise convolution of `conv_width`
+taps and SiLU (`short_conv`; SiLU alone without it), settings under
+`model.attention.gated_deltanet`. The convolution and the state both restart at every
+packed segment. Queries, keys and values have `model.attention.num_heads` heads of head_dim each
 (`num_kv_heads` is not used by this kind, as by the other linear kinds).
 
 Training runs the chunked form (`gated_delta_rule_chunked` in
-`efflm.pallas_kernels.gated_delta_rule`, with its derivation); `gated_delta_rule_recurrent`,
-one state update per token, is its reference. Decoding keeps S and each convolution's
-last conv_width - 1 inputs in the cache.
+`efflm.pallas_kernels.gated_delta_rule`, with its derivation);
+`gated_delta_rule_recurrent`, one state update per token, is its reference. Decoding
+keeps S and each convolution's last conv_width - 1 inputs in the cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -68,17 +69,29 @@ def _log_scale_init(key, shape, dtype):
     return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
 
 
+@dataclass
+class GatedDeltaNetSettings:
+    # A causal depthwise convolution of conv_width taps, then SiLU, on q, k and v
+    # (short_conv=false: SiLU alone); the output gate swish(W_g x) times the per-head
+    # RMSNorm of the output (output_gate=false: the norm alone).
+    short_conv: bool = True
+    conv_width: int = 4
+    output_gate: bool = True
+
+
 class GatedDeltaNet(Mixer):
     """Gated DeltaNet: short convolutions, L2-normalised q and k, per-head beta and decay,
     the gated delta rule, per-head RMSNorm and output gate (see the module docstring)."""
 
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
+    settings = GatedDeltaNetSettings
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
         a = cfg.attention
-        check_positive("model.attention.conv_width", a.conv_width)
+        check_positive("model.attention.gated_deltanet.conv_width",
+                       a.gated_deltanet.conv_width)
         if a.chunk_size > cfg.max_seq_len:
             raise ConfigError(f"model.attention.chunk_size={a.chunk_size} is larger than "
                               f"model.max_seq_len={cfg.max_seq_len}: gated_deltanet's chunk "
@@ -92,7 +105,7 @@ class GatedDeltaNet(Mixer):
         """Matmuls only: the short convolutions (elementwise) are not counted."""
         a = cfg.attention
         h, d = a.num_heads, head_dim(cfg)
-        projections = 2 * cfg.d_model * h * d * (5 if a.output_gate else 4)
+        projections = 2 * cfg.d_model * h * d * (5 if a.gated_deltanet.output_gate else 4)
         projections += 2 * cfg.d_model * h * 2  # beta and the decay
         return projections + delta_rule_flops(cfg, seq_len, h, d, d)
 
@@ -104,8 +117,9 @@ class GatedDeltaNet(Mixer):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
         axes = ("embed", "heads", "head_dim")
         q, k, v = (Dense((h, d), axes, name=name, **kw)(x) for name in ("query", "key", "value"))
-        if a.short_conv:
-            q, k, v = (ShortConvolution(a.conv_width, name=f"{name}_conv")(y, segment_ids)
+        own = a.gated_deltanet
+        if own.short_conv:
+            q, k, v = (ShortConvolution(own.conv_width, name=f"{name}_conv")(y, segment_ids)
                        for name, y in (("query", q), ("key", k), ("value", v)))
         q, k = (l2_normalize(jax.nn.silu(y.astype(jnp.float32))) for y in (q, k))
         q = (q * d ** -0.5).astype(cfg.dtype)
@@ -121,7 +135,7 @@ class GatedDeltaNet(Mixer):
         log_alpha = -jnp.exp(log_scale) * jax.nn.softplus(step + bias)
         out = self._mix(q, k, v, log_alpha, beta, segment_ids)
         out = HeadRMSNorm(name="norm")(out)
-        if a.output_gate:
+        if own.output_gate:
             out = output_gate(x, out, h, d, **kw)
         out = nn.with_logical_constraint(out.astype(cfg.dtype),
                                          ("batch", "length", "heads", "head_dim"))

@@ -1,5 +1,5 @@
 """Gated linear attention (`model.attention.kind=gla`), from "Gated Linear Attention
-Transformers with Hardware-Efficient Training"; with `model.attention.decay=fixed`,
+Transformers with Hardware-Efficient Training"; with `model.attention.gla.decay=fixed`,
 RetNet's fixed per-head decay ("Retentive Network: A Successor to Transformer for
 Large Language Models") in the same layer.
 
@@ -13,6 +13,7 @@ Queries are scaled by head_dim^-1/2; no feature map, no normaliser, no rotary po
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflm.errors import check_choice, check_positive
 from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, validate_chunk
 from efflm.layers.attention.parts import HeadRMSNorm, output_gate
 from efflm.layers.contract import Mixer
@@ -36,24 +38,39 @@ def retnet_log_decay(heads: int):
     return np.log1p(-(2.0 ** (-5.0 - np.arange(heads)))).astype(np.float32)
 
 
+@dataclass
+class GLASettings:
+    decay: str = "data"  # data: per-key-dimension gates from x (GLA) | fixed (RetNet)
+    gate_rank: int = 16  # rank of the gate projection
+    gate_temperature: float = 16.0  # log gates are logsigmoid(.) / this
+
+
+DECAYS = ("data", "fixed")
+
+
 class GatedLinearAttention(Mixer):
     """GLA (data-dependent per-key-dimension gates from a rank-`gate_rank` projection)
     or RetNet's fixed per-head decay, with the output gate and per-head RMSNorm."""
 
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
+    settings = GLASettings
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
+        g = cfg.attention.gla
         validate_chunk(cfg)
+        check_choice("model.attention.gla.decay", g.decay, DECAYS)
+        check_positive("model.attention.gla.gate_rank", g.gate_rank)
+        check_positive("model.attention.gla.gate_temperature", g.gate_temperature)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         a = cfg.attention
         h, d = a.num_heads, head_dim(cfg)
         projections = 2 * cfg.d_model * h * d * 5  # q, k, v, output gate, out
-        if a.decay == "data":
-            projections += 2 * a.gate_rank * (cfg.d_model + h * d)
+        if a.gla.decay == "data":
+            projections += 2 * a.gla.gate_rank * (cfg.d_model + h * d)
             return projections + chunked_mix_flops(cfg, seq_len, h, d, d,
                                                    sub=sub_chunk(a.chunk_size))
         return projections + chunked_mix_flops(cfg, seq_len, h, d, d)
@@ -68,13 +85,13 @@ class GatedLinearAttention(Mixer):
         q = Dense((h, d), axes, name="query", **kw)(x) * jnp.asarray(d ** -0.5, cfg.dtype)
         k = Dense((h, d), axes, name="key", **kw)(x)
         v = Dense((h, d), axes, name="value", **kw)(x)
-        if a.decay == "data":
-            low = Dense((a.gate_rank,), ("embed", None), name="gate_down", **kw)(x)
+        if a.gla.decay == "data":
+            low = Dense((a.gla.gate_rank,), ("embed", None), name="gate_down", **kw)(x)
             logits = Dense((h, d), (None, "heads", "head_dim"), name="gate_up", **kw)(low)
             bias = self.param("gate_bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads", "head_dim")), (h, d), jnp.float32)
             log_decay = jax.nn.log_sigmoid(logits.astype(jnp.float32) + bias)
-            log_decay = log_decay / a.gate_temperature
+            log_decay = log_decay / a.gla.gate_temperature
         else:
             log_decay = jnp.broadcast_to(jnp.asarray(retnet_log_decay(h)), x.shape[:2] + (h,))
         out = linear_mix(self, cfg, q, k, v, segment_ids, log_decay=log_decay,

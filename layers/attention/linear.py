@@ -14,13 +14,14 @@ size, whatever the length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_choice
 from efflm.layers.common import decoding, resolve_impl
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
@@ -145,6 +146,14 @@ def chunked_mix_flops(cfg: ModelConfig, seq_len: int, heads: int, dk: int, dv: i
     return heads * per_token * padded_length(cfg, seq_len) / seq_len
 
 
+@dataclass
+class LinearSettings:
+    # The feature map phi: elu (elu+1) | relu | identity; and whether outputs are divided
+    # by phi(q).sum(phi(k)) (refused with identity, where it can be zero or negative).
+    feature_map: str = "elu"
+    normalize: bool = True
+
+
 class LinearAttention(Mixer):
     """Causal linear attention with a feature map (elu+1, relu or identity) and, by
     default, the normaliser phi(q) . sum phi(k). phi(q) is scaled by head_dim^-1/2 (which
@@ -152,21 +161,23 @@ class LinearAttention(Mixer):
 
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
+    settings = LinearSettings
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        a = cfg.attention
+        a = cfg.attention.linear
         validate_chunk(cfg)
+        check_choice("model.attention.linear.feature_map", a.feature_map, FEATURE_MAPS)
         if a.feature_map == "identity" and a.normalize:
-            raise ConfigError("model.attention.feature_map=identity cannot be normalised (its "
-                              "phi(q).sum(phi(k)) can be zero or negative); set "
-                              "model.attention.normalize=false or another feature_map")
+            raise ConfigError("model.attention.linear.feature_map=identity cannot be "
+                              "normalised (its phi(q).sum(phi(k)) can be zero or negative); set "
+                              "model.attention.linear.normalize=false or another feature_map")
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         h, d = cfg.attention.num_heads, head_dim(cfg)
         projections = 2 * cfg.d_model * h * d * 4
-        normaliser = 2 * h * d if cfg.attention.normalize else 0  # q . z, unpadded
+        normaliser = 2 * h * d if cfg.attention.linear.normalize else 0  # q . z, unpadded
         return projections + chunked_mix_flops(cfg, seq_len, h, d, d) + normaliser
 
     @nn.compact
@@ -178,10 +189,10 @@ class LinearAttention(Mixer):
         q = Dense((h, d), axes, name="query", **kw)(x)
         k = Dense((h, d), axes, name="key", **kw)(x)
         v = Dense((h, d), axes, name="value", **kw)(x)
-        phi = FEATURE_MAPS[cfg.attention.feature_map]
+        phi = FEATURE_MAPS[cfg.attention.linear.feature_map]
         q = phi(q) * jnp.asarray(d ** -0.5, q.dtype)
         k = phi(k)
-        out = linear_mix(self, cfg, q, k, v, segment_ids, normalize=cfg.attention.normalize,
+        out = linear_mix(self, cfg, q, k, v, segment_ids, normalize=cfg.attention.linear.normalize,
                          reference=self.reference)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5

@@ -15,13 +15,14 @@ records the written slots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.errors import ConfigError
+from efflm.errors import ConfigError, check_positive
 from efflm.layers.common import resolve_impl, warn_once
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense, quant_kw
@@ -140,6 +141,13 @@ def cached_attention(module: nn.Module, q, k, v, positions, segment_ids=None):
     return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
 
 
+@dataclass
+class SoftmaxSettings:
+    # impl=xla: queries in blocks of this many, each over the keys up to its own block
+    # (skips what causality masks); 0: one full masked softmax.
+    block_size: int = 128
+
+
 class SoftmaxAttention(Mixer):
     """Causal multi-head attention with rotary positions and grouped-query K/V heads.
 
@@ -149,6 +157,13 @@ class SoftmaxAttention(Mixer):
 
     decodes = True
     quant_target = "attention"  # its projections go through the quantised-matmul hook
+    settings = SoftmaxSettings
+    resumable = ("block_size",)
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        check_positive("model.attention.softmax.block_size", cfg.attention.softmax.block_size,
+                       allow_zero=True)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -169,7 +184,7 @@ class SoftmaxAttention(Mixer):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         theta = cfg.attention.rope_theta
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
-        block = cfg.attention.block_size
+        block = cfg.attention.softmax.block_size
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out = cached_attention(self, q, k, v, positions, segment_ids)
         elif impl == "pallas":

@@ -1,7 +1,7 @@
 """Mixture-of-Depths (`model.depth.kind=mod`; "Mixture-of-Depths: Dynamically
 allocating compute in transformer-based language models").
 
-Every `model.depth.every`-th layer of the plan is routed: a linear router scores the
+Every `model.depth.mod.every`-th layer of the plan is routed: a linear router scores the
 tokens, the top `capacity` fraction of each sequence is gathered (in its original
 order, with its positions and segment ids, so attention among the chosen tokens stays
 causal and inside its documents), goes through the block as `x + r * (Block(x) - x)`
@@ -16,6 +16,7 @@ decoding; tokens it skips are written into the routed layer's cache as not valid
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -41,6 +42,16 @@ def _gather(a, idx):
         idx.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
+@dataclass
+class ModSettings:
+    # Every `every`-th layer is routed; the top `capacity` fraction of each sequence's
+    # tokens go through it, the rest skip it.
+    every: int = 2
+    capacity: float = 0.5
+    predictor_loss: float = 0.01  # weight of the causal predictor's BCE loss
+    predictor_hidden: int = 64
+
+
 class RoutedBlock(nn.Module):
     """One routed layer: its block (built as block(cfg, spec)) runs on the top `capacity`
     fraction of each sequence's tokens; the others skip it."""
@@ -51,7 +62,7 @@ class RoutedBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, carry, positions, segment_ids, mask):
-        cfg, depth = self.cfg, self.cfg.depth
+        cfg, depth = self.cfg, self.cfg.depth.mod
         kw = dict(dtype="float32", param_dtype=cfg.param_dtype, std=cfg.init_std)
         logits = Dense((1,), ("embed", None), name="router", **kw)(x)[..., 0]
         weight = jax.nn.sigmoid(logits)
@@ -80,7 +91,7 @@ class RoutedBlock(nn.Module):
         return x.at[rows, idx].set(xs + ws * (y - xs)), carry
 
     def _predictor_terms(self, predicted, member, weight):
-        depth = self.cfg.depth
+        depth = self.cfg.depth.mod
         bce = jnp.mean(jnp.maximum(predicted, 0) - predicted * member
                        + jnp.log1p(jnp.exp(-jnp.abs(predicted))))
         if depth.predictor_loss:
@@ -93,13 +104,14 @@ class RoutedBlock(nn.Module):
 
 
 class ModStack(PlainStack):
-    """The plain stack whose every `model.depth.every`-th layer is a `RoutedBlock`."""
+    """The plain stack whose every `model.depth.mod.every`-th layer is a `RoutedBlock`."""
 
     routed_block = RoutedBlock
+    settings = ModSettings
 
     @staticmethod
     def routed_layers(cfg: ModelConfig) -> set[int]:
-        every = cfg.depth.every
+        every = cfg.depth.mod.every
         return {i for i in range(cfg.num_layers) if (i + 1) % every == 0}
 
     @staticmethod
@@ -107,7 +119,7 @@ class ModStack(PlainStack):
         """Routed layers at their capacity: a fraction c of the tokens runs the layer
         over a sequence of c * seq_len (attention's mix scales as c^2); plus every
         token's router and predictor."""
-        depth, d = cfg.depth, cfg.d_model
+        depth, d = cfg.depth.mod, cfg.d_model
         routed = ModStack.routed_layers(cfg)
         keep = capacity_tokens(depth.capacity, seq_len)
         extra = 2 * d + 2 * d * depth.predictor_hidden + 2 * depth.predictor_hidden
@@ -116,12 +128,12 @@ class ModStack(PlainStack):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        depth = cfg.depth
+        depth = cfg.depth.mod
         if not 0 < depth.capacity <= 1:
-            raise ConfigError(f"model.depth.capacity must be in (0, 1], got {depth.capacity}")
+            raise ConfigError(f"model.depth.mod.capacity must be in (0, 1], got {depth.capacity}")
         if not 1 <= depth.every <= cfg.num_layers:
-            raise ConfigError(f"model.depth.every={depth.every} must be between 1 and "
+            raise ConfigError(f"model.depth.mod.every={depth.every} must be between 1 and "
                               f"model.num_layers={cfg.num_layers}")
         if depth.predictor_hidden < 1 or depth.predictor_loss < 0:
-            raise ConfigError("model.depth.predictor_hidden must be > 0 and "
-                              "model.depth.predictor_loss >= 0")
+            raise ConfigError("model.depth.mod.predictor_hidden must be > 0 and "
+                              "model.depth.mod.predictor_loss >= 0")

@@ -11,6 +11,7 @@ number of recursions; each recursion keeps its own decoding cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -27,18 +28,32 @@ SHARING = ("cycle", "middle_cycle")
 
 def shared_range(cfg: ModelConfig) -> tuple[int, int]:
     """(first, stop): the plan's layers first .. stop - 1 are the shared blocks."""
-    unique = cfg.depth.unique_layers
-    return (0, unique) if cfg.depth.sharing == "cycle" else (1, unique - 1)
+    unique = cfg.depth.recursive.unique_layers
+    return (0, unique) if cfg.depth.recursive.sharing == "cycle" else (1, unique - 1)
 
 
 def recursive_depth(cfg: ModelConfig) -> int:
     first, stop = shared_range(cfg)
-    return cfg.depth.unique_layers - (stop - first) + (stop - first) * cfg.depth.recursions
+    own = cfg.depth.recursive
+    return own.unique_layers - (stop - first) + (stop - first) * own.recursions
+
+
+@dataclass
+class RecursiveSettings:
+    # `unique_layers` blocks applied `recursions` times; sharing `cycle` (ABCABC: depth
+    # unique * recursions) or `middle_cycle` (first and last unique, the middle
+    # unique - 2 cycled: depth 2 + (unique - 2) * recursions). model.num_layers must
+    # equal that depth.
+    unique_layers: int = 2
+    recursions: int = 2
+    sharing: str = "cycle"
 
 
 class RecursiveStack(PlainStack):
     """Unique layers `first`/`last` (middle_cycle) around `shared`, the scanned blocks
     named `layer_j` inside it."""
+
+    settings = RecursiveSettings
 
     @nn.compact
     def __call__(self, x, carry, positions, segment_ids, mask):
@@ -53,7 +68,7 @@ class RecursiveStack(PlainStack):
             rematerialised(LayerGroup, cfg, prevent_cse=False), variable_axes=axes,
             variable_broadcast="params",
             split_rngs={"params": False, **{s: True for s in RNG_STREAMS}},
-            in_axes=(nn.broadcast,) * 3, length=cfg.depth.recursions)
+            in_axes=(nn.broadcast,) * 3, length=cfg.depth.recursive.recursions)
         (x, carry), _ = scanned(cfg, self.block, plan[first:stop], name="shared")(
             (x, carry), *args)
         if first:
@@ -63,19 +78,19 @@ class RecursiveStack(PlainStack):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        depth = cfg.depth
-        check_choice("model.depth.sharing", depth.sharing, SHARING)
-        check_positive("model.depth.recursions", depth.recursions)
-        check_positive("model.depth.unique_layers", depth.unique_layers)
+        depth = cfg.depth.recursive
+        check_choice("model.depth.recursive.sharing", depth.sharing, SHARING)
+        check_positive("model.depth.recursive.recursions", depth.recursions)
+        check_positive("model.depth.recursive.unique_layers", depth.unique_layers)
         if depth.sharing == "middle_cycle" and depth.unique_layers < 3:
-            raise ConfigError("model.depth.sharing=middle_cycle needs "
-                              "model.depth.unique_layers >= 3 (first, last and at least "
+            raise ConfigError("model.depth.recursive.sharing=middle_cycle needs "
+                              "model.depth.recursive.unique_layers >= 3 (first, last and at least "
                               f"one shared), got {depth.unique_layers}")
         want = recursive_depth(cfg)
         if cfg.num_layers != want:
             raise ConfigError(
-                f"model.depth.unique_layers={depth.unique_layers} with "
-                f"model.depth.recursions={depth.recursions} ({depth.sharing}) makes "
+                f"model.depth.recursive.unique_layers={depth.unique_layers} with "
+                f"model.depth.recursive.recursions={depth.recursions} ({depth.sharing}) makes "
                 f"{want} layers; set model.num_layers={want}")
 
     @staticmethod

@@ -10,6 +10,7 @@ plain per-token loop the fast paths are tested against.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -29,6 +30,42 @@ if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 IMPLS = ("auto", "xla", "ragged", "pallas")
+
+
+@dataclass
+class MoESettings:
+    """`model.moe`: what every router shares; each router's own settings are under
+    `model.moe.<router>`."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_d_ff: int = 512  # each expert's hidden width (small: fine-grained experts)
+    num_shared_experts: int = 0  # experts every token uses, beside the routed ones
+    router: str = "topk"
+    renormalize: bool = True  # divide the k gates by their sum
+    jitter: float = 0.0  # training only: router input times uniform(1 - jitter, 1 + jitter)
+    balance_loss: float = 0.01  # weight of E * sum_i f_i * P_i
+    router_z_loss: float = 0.001  # weight of mean(logsumexp(logits)^2)
+    # dropless: every (token, expert) pair is computed; capacity: each expert takes at
+    # most ceil(capacity_factor * tokens * top_k / num_experts), first choices first.
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    # dropless backend. xla: each expert's rows padded to a multiple of `block_rows` and
+    # a loop of matmuls over the row blocks (only useful work plus padding); ragged:
+    # jax.lax.ragged_dot (computed densely by XLA:CPU); pallas: the grouped matmul
+    # kernel. auto: pallas on GPU, xla elsewhere.
+    impl: str = "auto"
+    # With mesh.expert > 1 the experts are split over the `expert` mesh axis and tokens
+    # are exchanged, inside shard_map. gather_scatter: every device gathers its expert
+    # group's tokens, computes its experts' share, and the outputs are reduce-scattered
+    # (dropless). all_to_all: the pairs are sent to their experts' devices, at most
+    # ceil(ep_capacity_factor * pairs / mesh.expert) to each, the rest dropped and
+    # counted. Under expert parallelism the local experts run the dropless dispatch.
+    ep_exchange: str = "gather_scatter"
+    ep_capacity_factor: float = 2.0
+    # 0: the largest power of two (8 to 256) with num_experts * block_rows at most a
+    # quarter of the (token, expert) pairs, which bounds the padding to that quarter.
+    block_rows: int = 0
 
 
 def _expert_init(std: float, axes):
@@ -190,10 +227,10 @@ class MoE(FeedForward):
         check_choice("model.moe.router", moe.router, ROUTERS)
         check_choice("model.moe.dispatch", moe.dispatch, DISPATCH)
         check_choice("model.moe.impl", moe.impl, IMPLS)
-        for key in ("num_experts", "top_k", "expert_d_ff", "router_hidden"):
+        for key in ("num_experts", "top_k", "expert_d_ff"):
             check_positive(f"model.moe.{key}", getattr(moe, key))
         for key in ("num_shared_experts", "balance_loss", "router_z_loss", "jitter",
-                    "block_rows", "bias_rate", "seq_balance_loss"):
+                    "block_rows"):
             check_positive(f"model.moe.{key}", getattr(moe, key), allow_zero=True)
         if moe.top_k > moe.num_experts:
             raise ConfigError(f"model.moe.top_k={moe.top_k} is larger than "

@@ -1,7 +1,7 @@
 """Layerwise Recurrent Router for Mixture-of-Experts ("RMoE",
 `model.moe.router=recurrent`).
 
-Each MoE layer's router projects its tokens to `model.moe.router_hidden` dims, runs a
+Each MoE layer's router projects its tokens to `model.moe.recurrent.hidden` dims, runs a
 GRU cell on that with, as state, the previous MoE layer's GRU output for the same token
 (zeros at the first MoE layer), and takes its router logits from the new GRU output;
 the choice from the logits is the top-k router's (softmax, top-k, balance and z-losses,
@@ -18,12 +18,14 @@ them), beside its own projection and logit weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efflm.errors import check_positive
 from efflm.layers.contract import Router
 from efflm.layers.moe.topk import jittered, router_kernel, softmax_topk
 
@@ -51,8 +53,19 @@ def gru_cell(x, h, w_input, w_hidden, b_input, b_hidden):
     return (1.0 - update) * candidate + update * h
 
 
+@dataclass
+class RecurrentSettings:
+    hidden: int = 64  # width of the projected router input and of the carried GRU state
+
+
 class RecurrentRouter(Router):
     """GRU-carried token-choice router (see the module)."""
+
+    settings = RecurrentSettings
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        check_positive("model.moe.recurrent.hidden", cfg.moe.recurrent.hidden)
 
     @staticmethod
     def takes_carry(cfg: ModelConfig) -> bool:
@@ -60,12 +73,12 @@ class RecurrentRouter(Router):
 
     @staticmethod
     def initial_carry(cfg: ModelConfig, x) -> dict:
-        state = jnp.zeros((*x.shape[:-1], cfg.moe.router_hidden), jnp.float32)
+        state = jnp.zeros((*x.shape[:-1], cfg.moe.recurrent.hidden), jnp.float32)
         return {CARRY: _constrained(state)}
 
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None):
-        moe, r = self.cfg.moe, self.cfg.moe.router_hidden
+        moe, r = self.cfg.moe, self.cfg.moe.recurrent.hidden
         state = carry[CARRY]
         x = jittered(self, x.reshape(-1, x.shape[-1]).astype(jnp.float32))
         gru_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -84,5 +97,5 @@ class RecurrentRouter(Router):
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:
         """Projection, the GRU's two (r, 3r) matmuls and the logits."""
-        r = cfg.moe.router_hidden
+        r = cfg.moe.recurrent.hidden
         return 2 * cfg.d_model * r + 2 * 2 * r * 3 * r + 2 * r * cfg.moe.num_experts

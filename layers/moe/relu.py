@@ -6,7 +6,7 @@ scale per expert, initialised to 1): differentiable, and a token uses every expe
 ReLU is positive, any number from 0 to num_experts.
 
 Static work: each sequence of `length` tokens computes at most
-`rows = min(num_experts * length, ceil(model.moe.relu_rows_per_token * length))`
+`rows = min(num_experts * length, ceil(model.moe.relu.rows_per_token * length))`
 (token, expert) rows. They are filled in token order, within a token its largest gates
 first; active pairs beyond the bound are dropped and counted
 (`relu_overflow_fraction`), so the heaviest cost of an overflow falls on the last
@@ -16,7 +16,7 @@ depends only on it and the tokens before it in its sequence. Rows left over have
 count (one token: `ceil(relu_rows_per_token)` rows), so a token that overflows there may
 have run more experts in a full-sequence pass, or fewer.
 
-Sparsity loss: `model.moe.relu_l1` times the mean over tokens of the L1 norm of the
+Sparsity loss: `model.moe.relu.l1` times the mean over tokens of the L1 norm of the
 RMS-normalised ReLU vector (before the learned scale, so shrinking the router's output
 cannot lower it). BlockFFN's activation-locality and chunk-sparsity losses are not
 implemented. Logged: token-level sparsity (fraction of (token, expert) gates that are
@@ -28,6 +28,7 @@ mean active experts per token. `balance_loss` does not apply.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
@@ -48,7 +49,7 @@ CHUNK = 8  # tokens per chunk of the chunk-level sparsity statistic
 def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
     """The static number of (token, expert) rows a sequence of `length` tokens computes."""
     moe = cfg.moe
-    return min(moe.num_experts * length, math.ceil(moe.relu_rows_per_token * length))
+    return min(moe.num_experts * length, math.ceil(moe.relu.rows_per_token * length))
 
 
 def relu_gates(x, kernel, scale, eps: float):
@@ -94,9 +95,20 @@ def select_rows(gates, active, bound: int):
     return positions, experts, row_gates, dropped
 
 
+@dataclass
+class ReluSettings:
+    # Each sequence computes at most ceil(rows_per_token * length) (token, expert) rows,
+    # filled in token order (a token's largest gates first); active pairs beyond that
+    # are dropped and counted.
+    rows_per_token: float = 2.0
+    l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
+
+
 class ReluRouter(Router):
     """ReLU + RMSNorm gates; a variable number of experts per token under a static bound
     on the rows of each sequence (`Routing.rows`)."""
+
+    settings = ReluSettings
 
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
@@ -109,8 +121,8 @@ class ReluRouter(Router):
             nn.initializers.ones, (None,)), (moe.num_experts,), jnp.float32)
         gates, logits, normalised = relu_gates(x, kernel, scale, cfg.norm_eps)
         active = logits > 0
-        if moe.relu_l1:
-            sow_loss(self, "relu_l1", moe.relu_l1 * jnp.mean(jnp.sum(normalised, axis=-1)))
+        if moe.relu.l1:
+            sow_loss(self, "relu_l1", moe.relu.l1 * jnp.mean(jnp.sum(normalised, axis=-1)))
         positions, experts, row_gates, dropped = select_rows(
             gates, active, rows_per_sequence(cfg, length))
         token_sparsity, chunk_sparsity = sparsity(active)
@@ -132,21 +144,21 @@ class ReluRouter(Router):
     def rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
         """Expert rows computed per token, whether or not their pairs are active."""
         if not seq_len:
-            return min(cfg.moe.num_experts, cfg.moe.relu_rows_per_token)
+            return min(cfg.moe.num_experts, cfg.moe.relu.rows_per_token)
         return rows_per_sequence(cfg, seq_len) / seq_len
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
         moe = cfg.moe
-        check_positive("model.moe.relu_rows_per_token", moe.relu_rows_per_token)
-        check_positive("model.moe.relu_l1", moe.relu_l1, allow_zero=True)
-        if moe.relu_rows_per_token > moe.num_experts:
-            raise ConfigError(f"model.moe.relu_rows_per_token={moe.relu_rows_per_token} is "
+        check_positive("model.moe.relu.rows_per_token", moe.relu.rows_per_token)
+        check_positive("model.moe.relu.l1", moe.relu.l1, allow_zero=True)
+        if moe.relu.rows_per_token > moe.num_experts:
+            raise ConfigError(f"model.moe.relu.rows_per_token={moe.relu.rows_per_token} is "
                               f"more than model.moe.num_experts={moe.num_experts} (every "
                               "pair of every token); lower it")
         if moe.dispatch != "dropless":
             raise ConfigError(f"model.moe.router=relu needs model.moe.dispatch=dropless (it "
-                              f"bounds its rows itself, model.moe.relu_rows_per_token), got "
+                              f"bounds its rows itself, model.moe.relu.rows_per_token), got "
                               f"{moe.dispatch!r}")
 
 

@@ -15,7 +15,7 @@ microbatches' values, which keeps the sign of `mean(load) - load`, and then appl
 `update_bias` once (`efflm.layers.common.STEP_UPDATES`). Eval and generation do not
 write the state, so they leave the bias as it is.
 
-`model.moe.seq_balance_loss` weighs the report's complementary sequence-wise balance
+`model.moe.sigmoid_bias.seq_balance_loss` weighs the report's complementary sequence-wise balance
 loss `sum_i f_i P_i` per sequence (a row of the batch, whatever documents it packs),
 averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequence's
 (token, choice) pairs, `P_i` the mean over its tokens of `s_i / sum_j s_j`.
@@ -23,12 +23,14 @@ averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efflm.errors import check_positive
 from efflm.layers.common import sow_loss, sow_stat, step_update
 from efflm.layers.contract import Router, Routing
 from efflm.layers.moe.topk import jittered, router_kernel
@@ -65,13 +67,30 @@ def update_bias(cfg: ModelConfig, value: dict) -> dict:
     """`b += bias_rate * sign(mean(load) - load)` over the experts (the last axis)."""
     load = value["load"]
     direction = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
-    return {**value, "bias": value["bias"] + cfg.moe.bias_rate * direction}
+    return {**value, "bias": value["bias"] + cfg.moe.sigmoid_bias.bias_rate * direction}
+
+
+@dataclass
+class SigmoidBiasSettings:
+    # After each step every expert's selection bias moves by bias_rate toward an even
+    # load (b += bias_rate * sign(mean load - load)); seq_balance_loss weighs the
+    # complementary sequence-wise balance loss (0: off).
+    bias_rate: float = 0.001
+    seq_balance_loss: float = 0.0001
 
 
 class SigmoidBiasRouter(Router):
     """Sigmoid scores, top-k of score + bias, gates from the scores (see the module);
     `probs` in its Routing are the scores normalised over the experts."""
 
+    settings = SigmoidBiasSettings
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        own = cfg.moe.sigmoid_bias
+        check_positive("model.moe.sigmoid_bias.bias_rate", own.bias_rate, allow_zero=True)
+        check_positive("model.moe.sigmoid_bias.seq_balance_loss", own.seq_balance_loss,
+                       allow_zero=True)
 
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
@@ -91,8 +110,8 @@ class SigmoidBiasRouter(Router):
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
         if self.is_mutable_collection("state") and not self.is_initializing():
             balance.value = {"bias": bias, "load": expert_counts(experts, moe.num_experts)}
-        if moe.seq_balance_loss:
-            sow_loss(self, "seq_balance", moe.seq_balance_loss * sequence_balance_loss(
+        if moe.sigmoid_bias.seq_balance_loss:
+            sow_loss(self, "seq_balance", moe.sigmoid_bias.seq_balance_loss * sequence_balance_loss(
                 experts, scores, sequences, moe.top_k))
         sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
