@@ -21,6 +21,7 @@ from efflm.config import (
     SHAPE_KEYS,
     Config,
     config_from_dict,
+    flatten,
     load_config,
     to_dict,
     to_yaml,
@@ -39,17 +40,9 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def shape_differences(old: Config, new: Config) -> list[str]:
     """`key: old -> new` for every model-shape setting that differs."""
-    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS
             and a.get(k) != b.get(k)]
@@ -57,7 +50,7 @@ def shape_differences(old: Config, new: Config) -> list[str]:
 
 def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for every setting of the data order that differs."""
-    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     return [(k, a[k], b[k]) for k in DATA_ORDER_KEYS if a[k] != b[k]]
 
 

@@ -11,6 +11,7 @@ from efflm.shapes import head_dim, num_kv_heads
 from .loading import (
     MOVED_KEYS,
     config_from_dict,
+    flatten,
     load_config,
     migrate,
     preset_names,
@@ -45,7 +46,7 @@ __all__ = [
     "AttentionConfig", "CheckpointConfig", "Config", "DataConfig", "DepthConfig",
     "DistributedConfig", "LoggingConfig", "MLPConfig", "MeshConfig", "ModelConfig",
     "MoEConfig", "OptimizerConfig", "QuantConfig", "SparsityConfig", "TrainConfig",
-    "check_choice", "check_positive", "config_from_dict", "head_dim", "load_config",
+    "check_choice", "check_positive", "config_from_dict", "flatten", "head_dim", "load_config",
     "migrate", "num_kv_heads", "preset_names", "to_dict", "to_yaml", "validate",
     "vocab_size",
 ]

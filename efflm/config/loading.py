@@ -62,17 +62,18 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a.b.c": value}."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
 
 
 def moved_keys(d: dict) -> list[tuple[str, str]]:
     """(old key, new key) for each key of the nested dict `d` that has moved."""
-    return [(k, MOVED_KEYS[k]) for k in _flatten(d) if k in MOVED_KEYS]
+    return [(k, MOVED_KEYS[k]) for k in flatten(d) if k in MOVED_KEYS]
 
 
 def migrate(d: dict, origin: str) -> dict:
