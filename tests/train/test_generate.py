@@ -7,6 +7,7 @@ from conftest import cached_and_full_logits
 
 from efflm import layers
 from efflm.errors import ConfigError
+from efflm.layers.contract import Mixer
 from efflm.models import LM
 from efflm.train.generate import Decoder, greedy_reference, sample
 
@@ -47,9 +48,7 @@ def test_cached_greedy_generation_equals_uncached(small_config):
 
 
 def test_a_mixer_without_a_cache_is_refused(small_config, monkeypatch):
-    class NoCache(nn.Module):
-        cfg: object
-
+    class NoCache(Mixer):
         @nn.compact
         def __call__(self, x, positions, segment_ids, mask):
             return x

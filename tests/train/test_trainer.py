@@ -1,3 +1,6 @@
+"""The training loop (`train/trainer.py`): metrics and files of a run, bitwise resume,
+workdir checks, eval and generate from a workdir, signals."""
+
 import json
 import os
 import shutil

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import cached_and_full_logits, packed_batch_losses, traced_and_analytic_flops
-from test_linear_kinds import LAYER, SEGMENTS, _close, _layer_run
+from test_linear import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
 from efflm.layers import ATTENTION
@@ -82,8 +82,8 @@ def test_layer_matches_its_token_scan_reference(small_config, overrides):
     cfg = small_config(*LAYER, GDN, *overrides).model
     out, grads, (layer, params, x, positions) = _layer_run(cfg, SEGMENTS, reference=False)
     ref_out, ref_grads, _ = _layer_run(cfg, SEGMENTS, reference=True)
-    assert ("query_conv" in params) == cfg.attention.short_conv
-    assert ("output_gate" in params) == cfg.attention.output_gate
+    assert ("query_conv" in params) == cfg.attention.gated_deltanet.short_conv
+    assert ("output_gate" in params) == cfg.attention.gated_deltanet.output_gate
     _close(out, ref_out, 2e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         _close(a, b, 2e-5)
@@ -148,8 +148,7 @@ def test_prefill_and_steps_give_the_full_forward_logits(small_config):
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [
-    [GDN],
+@pytest.mark.parametrize("overrides", [  # the defaults alone: tests/test_kinds.py
     [GDN, "model.attention.gated_deltanet.output_gate=false"],
     ["model.attention.pattern=gated_deltanet,softmax", "model.num_layers=4",
      "model.attention.num_kv_heads=1"],
@@ -178,10 +177,9 @@ def test_preset_trains(small_config, preset):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    ([GDN, "model.attention.gated_deltanet.conv_width=0"], "conv_width"),
     (["model.attention.pattern=gated_deltanet,softmax",
       "model.attention.gated_deltanet.conv_width=-2"],
-     "conv_width"),
+     "gated_deltanet.conv_width"),
     ([GDN, "model.attention.chunk_size=2048"], "chunk_size"),
     ([GDN, "model.attention.chunk_size=0"], "chunk_size"),
     ([GDN, "model.attention.impl=pallas"], "impl"),

@@ -108,8 +108,9 @@ def _model(small_config, *overrides):
     return model, {"params": params}
 
 
+# Each kind alone is in tests/test_kinds.py; here RetNet's fixed decay and a scanned hybrid.
 @pytest.mark.parametrize("overrides", [
-    KINDS["linear"], KINDS["gla"], KINDS["retnet"], ["model.attention.kind=based"],
+    KINDS["retnet"],
     ["model.attention.pattern=based,softmax", "model.num_layers=4", "model.scan_layers=true"],
 ])
 def test_prefill_and_steps_give_the_full_forward_logits(small_config, overrides):
@@ -132,8 +133,9 @@ def test_hybrid_generation_equals_uncached(small_config):
     assert len(cached) == 64 - 1 - len(prompt)
 
 
+# Each kind at its defaults is in tests/test_kinds.py; here its variants and a hybrid.
 @pytest.mark.parametrize("overrides", [
-    *KINDS.values(),
+    KINDS["linear_identity"], KINDS["linear_relu"], KINDS["retnet"],
     ["model.attention.pattern=gla,based,softmax,linear", "model.num_layers=4"],
 ])
 def test_flops_equal_the_traced_matmuls(small_config, overrides):
@@ -158,9 +160,8 @@ def test_preset_trains(small_config, preset):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["model.attention.kind=based", "model.attention.based.feature_dim=0"], "feature_dim"),
-    (["model.attention.kind=based", "model.attention.based.window=-1"], "window"),
-    (["model.attention.kind=based", "model.attention.based.window=2048"], "window"),
+    (["model.attention.kind=based", "model.attention.based.window=-1"], "based.window"),
+    (["model.attention.kind=based", "model.attention.based.window=2048"], "based.window"),
     (["model.attention.kind=gla", "model.attention.chunk_size=0"], "chunk_size"),
     (["model.attention.kind=gla", "model.attention.impl=pallas",
       "model.attention.chunk_size=12"], "chunk_size"),
@@ -168,9 +169,9 @@ def test_preset_trains(small_config, preset):
       "model.attention.chunk_size=48"], "chunk_size=48: .*power of two"),
     (["model.attention.kind=based", "model.attention.impl=pallas",
       "model.attention.chunk_size=24"], "chunk_size=24: .*power of two"),
-    (["model.attention.kind=linear", "model.attention.linear.feature_map=identity"], "normalize"),
-    (["model.attention.kind=linear", "model.attention.linear.feature_map=exp"], "feature_map"),
-    (["model.attention.kind=gla", "model.attention.gla.decay=learned"], "decay"),
+    (["model.attention.kind=linear", "model.attention.linear.feature_map=identity"],
+     "linear.normalize"),
+    (["model.attention.kind=gla", "model.attention.gla.decay=learned"], "gla.decay"),
     (["model.attention.pattern=gla,mamba"], "pattern"),
 ])
 def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):

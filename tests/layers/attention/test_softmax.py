@@ -1,7 +1,6 @@
 """Softmax attention (`layers/attention/softmax.py`): grouped-query heads and the blocked
 causal form against a per-query reference, and the blocked path inside a model."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

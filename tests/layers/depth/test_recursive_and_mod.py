@@ -1,3 +1,7 @@
+"""The recursive depth kind (shared blocks applied several times) and Mixture-of-Depths
+(routed layers, the causal predictor): each against the plain stack it stands for, FLOPs,
+presets, bad settings."""
+
 import json
 import os
 
@@ -208,10 +212,7 @@ def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["model.depth.kind=mod", "model.depth.mod.capacity=1.5"], "model.depth.mod.capacity"),
     (["model.depth.kind=mod", "model.depth.mod.every=9"], "model.depth.mod.every=9"),
-    (["model.depth.kind=recursive", "model.depth.recursive.recursions=0"],
-     "model.depth.recursive.recursions"),
     (["model.depth.kind=recursive", "model.depth.recursive.unique_layers=3"],
      "set model.num_layers=6"),
     (["model.depth.kind=recursive", "model.depth.recursive.sharing=middle_cycle",

@@ -1,3 +1,6 @@
+"""The MoE layer (`layers/moe/experts.py`) with the top-k router: dispatch against the
+per-token reference, FLOPs, placement, bad settings, training."""
+
 import json
 import math
 import os

@@ -1,0 +1,96 @@
+"""`efflm export`: the quantised weights of a trained run, reloaded, give the quantised
+forward pass; its errors are one line."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from efflm.cli import main
+from efflm.models import LM
+
+
+def _batch(cfg):
+    rng = np.random.default_rng(0)
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+
+def _snapshot(workdir):
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, workdir)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_workdirs(tmp_path_factory):
+    dirs = {}
+    for kind in ("int8", "ternary", "none"):
+        workdir = str(tmp_path_factory.mktemp(f"export_{kind}"))
+        assert main(["train", "--config", "tiny", *SMALL, "train.steps=2",
+                     f"train.workdir={workdir}", f"model.quant.kind={kind}",
+                     "model.quant.targets=[attention,mlp,head]", "model.sparsity.nm=2:4",
+                     "train.eval_every=0"]) == 0
+        dirs[kind] = workdir
+    return dirs
+
+
+@pytest.mark.parametrize("kind", ["int8", "ternary"])
+def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, capsys,
+                                                        tmp_path):
+    from efflm.train.export import load_export
+    from efflm.train.trainer import restore_run
+
+    workdir = trained_workdirs[kind]
+    before = _snapshot(workdir)
+    if kind == "int8":  # the default place, beside the run's files
+        out = os.path.join(workdir, "export", "quantized.npz")
+        assert main(["export", "--workdir", workdir]) == 0
+    else:
+        out = str(tmp_path / "q.npz")
+        assert main(["export", "--workdir", workdir, "--out", out]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["path"] == out and os.path.isfile(out)
+    after = _snapshot(workdir)
+    after.pop(os.path.join("export", "quantized.npz"), None)
+    assert after == before  # checkpoints, metrics and config untouched
+    # int8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
+    ratio = report["quantized_bytes"] / report["quantized_as_bf16_bytes"]
+    assert (0.5 < ratio < 0.55) if kind == "int8" else (0.125 <= ratio < 0.13), ratio
+
+    with np.load(out) as data:
+        weights = [k for k in data.files if k.endswith("/weight")]
+        assert weights and all(data[k].dtype == np.uint8 if kind == "ternary"
+                               else data[k].dtype == np.int8 for k in weights)
+    cfg, variables = load_export(out)
+    _, program, state, _, _ = restore_run(workdir)
+    tokens = jnp.asarray(_batch(cfg)["inputs"])
+    with program.context():
+        expected = program.model.apply(state.variables(), tokens)
+        got = LM(cfg.model).apply(variables, tokens)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The latent kernels the export replaced really are not read.
+    assert all(float(jnp.max(jnp.abs(k))) == 0.0 for k in jax.tree.leaves(
+        variables["params"]["blocks"]) if k.ndim >= 2)
+
+
+def test_export_errors_are_one_line_exit_2(trained_workdirs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for workdir, words in ((str(tmp_path / "missing"), ""), (str(empty), ""),
+                           (trained_workdirs["none"], "model.quant.kind=none")):
+        assert main(["export", "--workdir", workdir]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("efflm: error:") and words in err
+    assert not os.path.exists(os.path.join(trained_workdirs["none"], "export"))
