@@ -1,8 +1,14 @@
 import os
+import re
+import warnings
 
-# Eight host devices for the sharding tests; must be set before JAX is imported.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+# Eight host devices for the sharding tests; must be set before JAX is imported. Any
+# earlier device count is replaced, not repeated: pytest-xdist workers inherit the
+# controller's environment, and JAX's cache keys hash XLA_FLAGS, so a repeated flag
+# would give the workers other keys than a plain `pytest` run.
+_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = " ".join([*_FLAGS.split(), "--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -12,7 +18,11 @@ import pytest  # noqa: E402
 from efflm.config import load_config  # noqa: E402
 
 # Many tests compile the same small programs: share compilations between them (and
-# with the subprocesses they start) through JAX's persistent cache.
+# with the subprocesses they start) through JAX's persistent cache. The xdist workers
+# share it too: they inherit JAX_COMPILATION_CACHE_DIR, an absolute path, from the
+# controller. Sharing is safe: an entry is written once (an existing key is never
+# rewritten), and an entry read while another process is still writing it fails to
+# decompress, which JAX reports as a warning before compiling the program itself.
 _CACHE = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -37,13 +47,59 @@ def small_config():
     return make
 
 
+# pytest-xdist groups (`--dist loadgroup`: a group's tests all run on one worker). The
+# multi-host tests start two training processes each, so one such test at a time: the
+# tests marked `multihost`, and every test of these files.
+_MULTIHOST_FILES = ("test_distributed.py",)
+# A fixture of these scopes is built once per file (class) on each worker that uses it.
+_SHARED_SCOPES = ("module", "class")
+
+
+def _xdist_group(item) -> str | None:
+    """The group of `item`: "multihost" for the multi-host tests, its file's path when it
+    uses a fixture built once per file, else None (any worker)."""
+    if item.get_closest_marker("multihost") or item.path.name in _MULTIHOST_FILES:
+        return "multihost"
+    info = getattr(item, "_fixtureinfo", None)  # pytest's resolved fixtures of the test
+    if info is None:
+        return None
+    for name in info.names_closure:
+        defs = info.name2fixturedefs.get(name)
+        if defs and defs[-1].scope in _SHARED_SCOPES:
+            return item.nodeid.split("::")[0]  # its file, e.g. tests/train/test_trainer.py
+    return None
+
+
+# tryfirst: xdist reads the groups in its own hook of this name, which runs before a
+# conftest's unless told otherwise.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get(
         "JAX_PLATFORMS") != "cpu" else False
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    grouping = config.pluginmanager.hasplugin("xdist")  # not needed on GPU machines
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+        if grouping and item.get_closest_marker("xdist_group") is None:
+            group = _xdist_group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(name=group))
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker under `--dist loadgroup`: warn if xdist did not take the groups
+    (it appends `@group` to the node ids; some pytest versions drop that silently)."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group")
+            and item.nodeid.rfind("@") <= item.nodeid.rfind("]")]  # xdist's own test
+    if lost:
+        warnings.warn(f"--dist loadgroup ignored the xdist groups of {len(lost)} collected "
+                      f"tests (e.g. {lost[0]}): pytest {pytest.__version__} does not work with "
+                      "this pytest-xdist; install the versions pyproject.toml's test extra allows",
+                      stacklevel=1)
 
 
 def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
