@@ -170,3 +170,25 @@ def traced_and_analytic_flops(cfg, length=40):
     expected = (forward_flops_per_token(cfg, length)
                 + softmax_layers * causal_mix_flops(cfg, length))
     return traced, expected * 2 * length
+
+
+def two_segment_inputs(cfg, seed=0):
+    """(tokens, positions, segment ids) of 2 random rows of data.seq_len tokens, each row
+    two packed documents."""
+    rng = np.random.default_rng(seed)
+    b, t = 2, cfg.data.seq_len
+    tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
+    seg = np.ones((b, t), np.int32)
+    seg[:, t // 2:] = 2
+    pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0)
+    return tokens, pos.astype(np.int32), seg
+
+
+def random_batch(cfg):
+    """A training batch of random tokens of `cfg`'s shape, every row one document."""
+    rng = np.random.default_rng(0)
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}

@@ -5,24 +5,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import two_segment_inputs
 
 from efflm.models import LM
-
-
-def _inputs(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    b, t = 2, cfg.data.seq_len
-    tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
-    seg = np.ones((b, t), np.int32)
-    seg[:, t // 2:] = 2
-    pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0)
-    return tokens, pos.astype(np.int32), seg
 
 
 def test_segments_and_causality_isolate_tokens(small_config):
     cfg = small_config()
     model = LM(cfg.model)
-    tokens, pos, seg = _inputs(cfg)
+    tokens, pos, seg = two_segment_inputs(cfg)
     params = model.init(jax.random.key(0), tokens)["params"]
     base = model.apply({"params": params}, tokens, pos, seg)
     t = tokens.shape[1]
@@ -41,7 +32,7 @@ def test_segments_and_causality_isolate_tokens(small_config):
 
 def test_every_parameter_has_logical_axes(small_config):
     cfg = small_config("model.tie_embeddings=false")
-    tokens, _, _ = _inputs(cfg)
+    tokens, _, _ = two_segment_inputs(cfg)
     boxed = LM(cfg.model).init(jax.random.key(0), tokens)["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
@@ -56,7 +47,7 @@ def _loss(model, params, tokens, pos, seg):
 
 def test_scan_and_remat_match_plain_loop(small_config):
     cfg = small_config()
-    tokens, pos, seg = _inputs(cfg)
+    tokens, pos, seg = two_segment_inputs(cfg)
     plain = LM(cfg.model)
     params = nn.unbox(plain.init(jax.random.key(0), tokens)["params"])
     layers = [params["blocks"][f"layer_{i}"] for i in range(cfg.model.num_layers)]
@@ -87,7 +78,7 @@ def test_scan_and_remat_match_plain_loop(small_config):
 
 def test_bfloat16_compute_keeps_float32_params(small_config):
     cfg = small_config("model.dtype=bfloat16")
-    tokens, pos, seg = _inputs(cfg)
+    tokens, pos, seg = two_segment_inputs(cfg)
     model = LM(cfg.model)
     params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))

@@ -8,20 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, random_batch
 
 from efflm.cli import main
 from efflm.models import LM
-
-
-def _batch(cfg):
-    rng = np.random.default_rng(0)
-    b, t = cfg.train.batch_size, cfg.data.seq_len
-    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-
 
 
 def _snapshot(workdir):
@@ -75,7 +65,7 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
                                else data[k].dtype == np.int8 for k in weights)
     cfg, variables = load_export(out)
     _, program, state, _, _ = restore_run(workdir)
-    tokens = jnp.asarray(_batch(cfg)["inputs"])
+    tokens = jnp.asarray(random_batch(cfg)["inputs"])
     with program.context():
         expected = program.model.apply(state.variables(), tokens)
         got = LM(cfg.model).apply(variables, tokens)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import two_segment_inputs
 
 from efflm.layers.attention.softmax import (
     attention_mask,
@@ -67,19 +68,10 @@ def test_blocked_causal_attention_matches_full(t, block, kv_heads):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
 
 
-def _inputs(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    b, t = 2, cfg.data.seq_len
-    tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
-    seg = np.ones((b, t), np.int32)
-    seg[:, t // 2:] = 2
-    pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0)
-    return tokens, pos.astype(np.int32), seg
-
 
 def test_blocked_attention_path_gives_the_same_model(small_config):
     cfg = small_config("model.attention.softmax.block_size=0")
-    tokens, pos, seg = _inputs(cfg)
+    tokens, pos, seg = two_segment_inputs(cfg)
     model = LM(cfg.model)
     params = model.init(jax.random.key(0), tokens)["params"]
     blocked = LM(small_config("model.attention.softmax.block_size=8").model)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_batch
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -122,19 +123,11 @@ def test_sr_ste_gradient_adds_the_decay_on_pruned_weights():
     np.testing.assert_array_equal(sr_ste(w, mask, decay), jnp.where(mask, w, 0))
 
 
-def _batch(cfg):
-    rng = np.random.default_rng(0)
-    b, t = cfg.train.batch_size, cfg.data.seq_len
-    return {"inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-
 
 def _train(cfg, devices, steps=6):
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     program = build_program(cfg, mesh)
-    batch = _batch(cfg)  # the same batch every step: the loss must fall
+    batch = random_batch(cfg)  # the same batch every step: the loss must fall
     losses, stats = [], []
     with program.context():
         state = program.init(jax.random.key(0))
@@ -174,7 +167,7 @@ def test_the_hook_changes_every_target_and_only_them(small_config):
     naive one, so the head is quantised on both paths."""
     base = small_config("model.tie_embeddings=false")
     program = build_program(base)
-    batch = _batch(base)
+    batch = random_batch(base)
     with program.context():
         state = program.init(jax.random.key(0))
     variables = state.variables()
@@ -242,7 +235,7 @@ def test_flops_are_the_same_matmul_counts(small_config, kind):
 
     def forward_flops(cfg):
         model = LM(cfg.model)
-        tokens = jnp.asarray(_batch(cfg)["inputs"][:2])
+        tokens = jnp.asarray(random_batch(cfg)["inputs"][:2])
         variables = model.init(jax.random.key(0), tokens)
         return traced_matmul_flops(lambda v, x: model.apply(v, x), variables, tokens)
 
