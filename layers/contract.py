@@ -175,8 +175,6 @@ class NumberFormat(Kind):
     """A number format of the hooked matmuls (`model.quant.kind`): integer operands with
     float32 scales."""
 
-    weight_bits = 8  # bits per exported weight
-
     @staticmethod
     def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
         """w (in, out) -> (integer values, float32 scale broadcasting against them)."""

@@ -150,22 +150,33 @@ def packed_batch_losses(cfg, steps=5):
     return losses
 
 
+def traced_forward_flops(cfg, length=40, batch=2):
+    """Matmul FLOPs that one forward pass of `LM(cfg)` (the ModelConfig) traces to on a
+    (batch, length) batch, its model state (e.g. router biases) included."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from efflm.flops import traced_matmul_flops
+    from efflm.layers.common import LOSSES, STATE_COLLECTIONS, STATS
+    from efflm.models import LM
+
+    model = LM(cfg)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+    state = {c: variables[c] for c in STATE_COLLECTIONS if c in variables}
+    return traced_matmul_flops(lambda p, s, x: model.apply(
+        {"params": p, **s}, x, mutable=[LOSSES, STATS])[0], variables["params"], state, tokens)
+
+
 def traced_and_analytic_flops(cfg, length=40):
     """Forward matmul FLOPs of `LM(cfg)` on a (2, length) batch, traced, and the analytic
     count for it (`forward_flops_per_token`, plus each softmax layer's full masked
     softmax: twice the causal half it is credited with)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-
-    from efflm.flops import forward_flops_per_token, traced_matmul_flops
+    from efflm.flops import forward_flops_per_token
     from efflm.layers.attention.softmax import causal_mix_flops
     from efflm.layers.plan import layer_plan
-    from efflm.models import LM
 
-    model = LM(cfg)
-    tokens = jnp.zeros((2, length), jnp.int32)
-    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
-    traced = traced_matmul_flops(lambda p, x: model.apply({"params": p}, x), params, tokens)
+    traced = traced_forward_flops(cfg, length)
     softmax_layers = sum(spec.mixer == "softmax" for spec in layer_plan(cfg))
     expected = (forward_flops_per_token(cfg, length)
                 + softmax_layers * causal_mix_flops(cfg, length))

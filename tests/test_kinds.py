@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, cached_and_full_logits
+from conftest import SMALL, cached_and_full_logits, traced_forward_flops
 
 from efflm.cli import main
 from efflm.config import load_config
 from efflm.config.schema import FAMILIES
 from efflm.errors import ConfigError
-from efflm.flops import forward_flops_per_token, traced_matmul_flops
+from efflm.flops import forward_flops_per_token
 from efflm.layers import ATTENTION, DEPTH, MLP
 from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
@@ -186,17 +186,12 @@ def _moe_overhead(cfg, tokens, length):
 
 
 def _traced_and_analytic(cfg, length=40, batch=2):
-    """Forward matmul FLOPs of LM(cfg) on a (batch, length) batch, traced (with the model
-    state, which conftest's traced_and_analytic_flops does not pass), and the analytic
+    """Forward matmul FLOPs of LM(cfg) on a (batch, length) batch, traced, and the analytic
     count plus what runs beyond it by construction: a full masked softmax does twice
     the causal half credited (in every layer as the depth kind runs it: the hook is
     linear in the layers' counts) and each MoE layer its dispatch overhead."""
-    model, plan = LM(cfg), layer_plan(cfg)
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
-    state = {c: variables[c] for c in STATE_COLLECTIONS if c in variables}
-    traced = traced_matmul_flops(lambda p, s, x: model.apply(
-        {"params": p, **s}, x, mutable=[LOSSES, STATS])[0], variables["params"], state, tokens)
+    plan = layer_plan(cfg)
+    traced = traced_forward_flops(cfg, length, batch)
     hook = depth_kind(cfg).flops_per_token
     softmax = (hook(cfg, length, lambda i, n: causal_mix_flops(cfg, n) * (
         plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n: 0.0)) * batch * length
