@@ -3,6 +3,7 @@
     efflm bench moe [--steps 10] [--warmup 2] [--out FILE] [key=value ...]
     efflm bench moe --ep [--steps 10] [--out FILE]      (needs 8 devices)
     efflm bench moe --quality [--train-steps 300] [--out FILE] [key=value ...]
+    efflm bench moe --capacity [--train-steps 100] [--out FILE] [key=value ...]
 
 Side by side in one run: `tiny` (dense) and `tiny_moe` (8 experts, top-2, equal
 active parameters) with each dropless backend, with capacity dispatch at factors
@@ -23,6 +24,13 @@ d_ff 1024, against `tiny_moe`, 8 experts of width 512, top-2), each trained for
 one run each: validation bits per byte over `train.eval_batches` batches, the median
 step time (the compiling first step left out), and the expert load's coefficient of
 variation and largest share (1 = even) at the last step.
+
+`--capacity`: `tiny_moe` dropless against the capacity dispatch (causal policy at
+factors 1.0 and 1.25, the batch policy at 1.0), each trained for `--train-steps` steps
+on pycode from the same seed: the mean over the logged steps of the second half of the
+fraction of pairs dropped, of the tokens left with no expert and of the largest expert's
+processed load (1 = an even share of the requested pairs), the median step time and
+validation bits per byte; and the fraction of padding in the training batches.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ VARIANTS = [
                                        "model.moe.capacity_factor=1.25"]),
     ("moe expert_choice 1.0", "tiny_moe", ["model.moe.router=expert_choice",
                                            "model.moe.dispatch=capacity",
+                                           "model.moe.capacity_policy=batch",
                                            "model.moe.capacity_factor=1.0"]),
     ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
                                             "model.moe.relu.rows_per_token=2"]),
@@ -57,6 +66,16 @@ QUALITY_VARIANTS = [
     ("moe sigmoid_bias", "tiny_moe", ["model.moe.router=sigmoid_bias"]),
     ("moe relu, 2 rows/token", "tiny_moe", ["model.moe.router=relu",
                                             "model.moe.relu.rows_per_token=2"]),
+]
+
+# --capacity: dropless against the capacity policies.
+CAPACITY_VARIANTS = [
+    ("dropless", []),
+    ("capacity 1.0, causal", ["model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0"]),
+    ("capacity 1.25, causal", ["model.moe.dispatch=capacity",
+                               "model.moe.capacity_factor=1.25"]),
+    ("capacity 1.0, batch", ["model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0",
+                             "model.moe.capacity_policy=batch"]),
 ]
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")
@@ -150,6 +169,54 @@ def _quality_table(args, argv) -> list[str]:
     return lines
 
 
+def padding_fraction(preset: str, overrides: list[str], batches: int) -> float:
+    """The fraction of positions that are padding in the first `batches` training
+    batches of `preset`."""
+    import numpy as np
+
+    from efflm.data import get_tokenizer, make_train_iterator
+
+    cfg = load_config(preset, overrides)
+    it = make_train_iterator(cfg.data, get_tokenizer(cfg.data.tokenizer),
+                             global_batch=cfg.train.batch_size, seed=cfg.train.seed)
+    return float(np.mean([np.mean(next(it)["segment_ids"] == 0) for _ in range(batches)]))
+
+
+def _capacity_table(args, argv) -> list[str]:
+    import json
+    import os
+    import statistics
+    import tempfile
+
+    from efflm.bench.report import train_and_evaluate
+
+    keys = ("moe_dropped_fraction", "moe_tokens_without_expert", "expert_processed_load_max")
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for i, (label, extra) in enumerate(CAPACITY_VARIANTS):
+            workdir = os.path.join(root, f"run{i}")
+            r = train_and_evaluate("tiny_moe", [*args.overrides, *extra], args.train_steps,
+                                   workdir)
+            with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+                logged = [row for row in map(json.loads, f)
+                          if "loss" in row and row["step"] > args.train_steps // 2]
+            r.update({k: statistics.mean(row[k] for row in logged) for k in keys})
+            rows.append((label, r))
+    padding = padding_fraction("tiny_moe", list(args.overrides), 20)
+    base = rows[0][1]["step_time"]
+    lines = [*header("moe", argv),
+             f"tiny_moe trained {args.train_steps} steps each on pycode, one run each; "
+             "statistics are means over the logged steps of the second half. Padding is "
+             f"{padding:.1%} of the positions of the first 20 training batches.", "",
+             "| variant | dropped | tokens without expert | processed load max | step s | "
+             "vs dropless | val bits/byte |", "|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        lines.append(f"| {label} | {r[keys[0]]:.2%} | {r[keys[1]]:.2%} | {r[keys[2]]:.2f} | "
+                     f"{r['step_time']:.3f} | {r['step_time'] / base:.2f}x | "
+                     f"{r['bpb']:.4f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,14 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", action="store_true", help="expert parallelism on 8 devices")
     p.add_argument("--quality", action="store_true",
                    help="train each router and the dense model; validation bits per byte")
-    p.add_argument("--train-steps", type=int, default=300, help="steps per --quality run")
+    p.add_argument("--capacity", action="store_true",
+                   help="train dropless and each capacity policy; dropped pairs, step time")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="steps per run (--quality: 300, --capacity: 100)")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = p.parse_intermixed_args(argv)
     if args.ep:
         emit(_ep_table(args, argv if argv is not None else sys.argv[1:]), args.out)
         return 0
     if args.quality:
+        args.train_steps = args.train_steps or 300
         emit(_quality_table(args, argv if argv is not None else sys.argv[1:]), args.out)
+        return 0
+    if args.capacity:
+        args.train_steps = args.train_steps or 100
+        emit(_capacity_table(args, argv if argv is not None else sys.argv[1:]), args.out)
         return 0
     rows = []
     for label, preset, extra in VARIANTS:

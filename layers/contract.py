@@ -46,6 +46,9 @@ class Kind:
     settings = None
     # Fields of `settings` that a resumed run may change (they change no parameter).
     resumable = ()
+    # Whether a kind that is `not_causal` in a full pass decodes causally by a rule of
+    # its own (Mixture-of-Depths' predictor), so that `efflm generate` may sample it.
+    causal_decoding = False
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
@@ -129,6 +132,10 @@ class Router(nn.Module, Kind):
     the MoE layer sows the load statistics."""
 
     cfg: Any  # the ModelConfig
+
+    # Whether every expert computes the same number of rows by construction (its load
+    # statistics would carry no information, so the MoE layer does not log them).
+    balanced = False
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

@@ -116,11 +116,13 @@ def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
         kind.check_mesh(cfg, mesh_shape)
 
 
-def not_causal(cfg: ModelConfig) -> list[str]:
+def not_causal(cfg: ModelConfig, decoding: bool = False) -> list[str]:
     """Why the model's outputs depend on later tokens, one reason per kind that says so;
-    [] for a causal model."""
+    [] for a causal model. `decoding`: leave out the kinds that decode causally
+    (`causal_decoding`)."""
     kinds = [*layer_kinds(layer_plan(cfg)), depth_kind(cfg)]
-    return sorted({r for r in (k.not_causal(cfg) for k in kinds) if r})
+    return sorted({r for r in (k.not_causal(cfg) for k in kinds
+                               if not (decoding and k.causal_decoding)) if r})
 
 
 def quant_targets(cfg: ModelConfig) -> set[str]:

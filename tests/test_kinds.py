@@ -22,9 +22,10 @@ from efflm.layers import ATTENTION, DEPTH, MLP
 from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.layers.moe import ROUTERS
-from efflm.layers.moe.dispatch import block_rows
+from efflm.layers.moe.capacity import row_capacity
+from efflm.layers.moe.dispatch import block_rows, capacity_rate
 from efflm.layers.moe.experts import MoE
-from efflm.layers.plan import depth_kind, layer_plan
+from efflm.layers.plan import depth_kind, layer_plan, not_causal
 from efflm.models import LM
 
 # The models built here are shared by the file's tests: under pytest-xdist they run on one
@@ -42,21 +43,27 @@ COMMON = ("model.num_layers=1", "model.attention.chunk_size=8", "model.moe.num_e
 ENABLE = {"model.moe": ("model.mlp.kind=moe",)}  # a family whose kinds run only then
 # What a kind needs to run at these shapes (its validate_config says why); a new kind
 # that needs settings adds them here.
-NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",),
+NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
+                                        "model.moe.capacity_policy=batch"),
          ("router", "recurrent"): ("model.num_layers=2",),  # a chain of MoE layers
          ("depth", "recursive"): ("model.num_layers=2", "model.depth.recursive.unique_layers=1"),
          ("depth", "mod"): ("model.num_layers=2",),  # layer 1 routed
          ("mixer", "based"): ("model.attention.based.window=6",)}  # a window < length
-CAUSAL_XFAIL = {("depth", "mod"): (
-    "finding: mod's routed layers take the top-capacity tokens of the whole sequence, so "
-    "earlier outputs depend on later tokens, but ModStack declares no not_causal (eval "
-    "rows say nothing; generation decodes with the causal predictor instead)")}
+# Settings that change what a kind's layer computes, checked like kinds: the capacity
+# policies (with drops happening) and a tight relu row budget.
+VARIANTS = {
+    "capacity-causal": ("router", "topk", ("model.moe.dispatch=capacity",
+                                           "model.moe.capacity_factor=0.5")),
+    "capacity-batch": ("router", "topk", ("model.moe.dispatch=capacity",
+                                          "model.moe.capacity_factor=0.5",
+                                          "model.moe.capacity_policy=batch")),
+    "relu-budget": ("router", "relu", ("model.moe.relu.rows_per_token=1",))}
 
 
-def _kinds(*families, xfail=None):
-    return [pytest.param(f, k, id=f"{f}-{k}", marks=[pytest.mark.xfail(
-        reason=xfail[f, k], strict=True)] if xfail and (f, k) in xfail else [])
-            for f in families for k in FAMILY[f][1]]
+def _kinds(*families, variants=False):
+    """(family, kind, extra overrides) of every registered kind, and the VARIANTS."""
+    params = [pytest.param(f, k, (), id=f"{f}-{k}") for f in families for k in FAMILY[f][1]]
+    return params + [pytest.param(*v, id=name) for name, v in VARIANTS.items() if variants]
 
 
 def _config(family, kind, *extra):
@@ -125,13 +132,13 @@ def _causality(cfg, starts=(5, 19, 28)):
     return float(before), float(after), float(np.abs(base).max())
 
 
-@pytest.mark.parametrize("family, kind", _kinds("mixer", "mlp", "router", "depth",
-                                                xfail=CAUSAL_XFAIL))
-def test_earlier_outputs_ignore_later_tokens_unless_declared(family, kind):
+@pytest.mark.parametrize("family, kind, extra", _kinds("mixer", "mlp", "router", "depth",
+                                                       variants=True))
+def test_earlier_outputs_ignore_later_tokens_unless_declared(family, kind, extra):
     """Changing the tokens from position p on (for three p) moves no logit before p; a
-    kind whose `not_causal` gives a reason must really move some (it is not idle)."""
-    cfg = _config(family, kind)
-    reason = FAMILY[family][1][kind].not_causal(cfg)
+    model whose kinds declare a reason (`not_causal`) must really move some."""
+    cfg = _config(family, kind, *extra)
+    reason = not_causal(cfg)
     before, after, scale = _causality(cfg)
     assert after > 1e-3 * scale  # the change reaches the model at all
     if reason:
@@ -140,8 +147,8 @@ def test_earlier_outputs_ignore_later_tokens_unless_declared(family, kind):
         assert before <= 1e-6 * scale, f"{kind}: logits before p moved by {before}"
 
 
-@pytest.mark.parametrize("family, kind", _kinds("mixer", "mlp", "router", "depth"))
-def test_one_step_gradients_are_finite(family, kind):
+@pytest.mark.parametrize("family, kind, extra", _kinds("mixer", "mlp", "router", "depth"))
+def test_one_step_gradients_are_finite(family, kind, extra):
     """Gradients of the token loss plus the sown auxiliary losses, for every parameter."""
     _, variables, grad = _model(_config(family, kind))
     (loss, _), grads = grad(variables["params"], _tokens(0))
@@ -159,6 +166,28 @@ def test_cached_decoding_equals_the_full_pass(kind):
     cached, full = cached_and_full_logits(model, variables)
     scale = float(jnp.max(jnp.abs(full)))
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", [n for n, (f, k, extra) in VARIANTS.items()
+                                  if not not_causal(_config(f, k, *extra))])
+def test_cached_decoding_with_drops_equals_the_full_pass(name):
+    """A causal capacity rule decodes as it trains: with pairs dropped in the full pass,
+    the cache's slot counters drop the same ones token by token."""
+    family, kind, extra = VARIANTS[name]
+    model, variables, _ = _model(_config(family, kind, *extra))
+    tokens = _tokens(0, 24)
+    _, sown = model.apply(variables, tokens, mutable=[STATS])
+    dropped = {k: float(v) for k, v in _flat_stats(sown).items()
+               if "dropped" in k or "overflow" in k}
+    assert dropped and all(v > 0 for v in dropped.values()), dropped
+    cached, full = cached_and_full_logits(model, variables)
+    scale = float(jnp.max(jnp.abs(full)))
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _flat_stats(sown):
+    return {jax.tree_util.keystr(path): v for path, v in
+            jax.tree_util.tree_flatten_with_path(sown[STATS])[0]}
 
 
 def _per_sequence(cfg):
@@ -179,9 +208,11 @@ def _moe_overhead(cfg, tokens, length):
     if moe.dispatch == "dropless":
         block = block_rows(cfg, pairs)
         computed = -(-pairs // block) * block + moe.num_experts * block
-    else:
+    elif _per_sequence(cfg) or moe.capacity_policy == "batch":
         factor = 1.0 if _per_sequence(cfg) else moe.capacity_factor
         computed = moe.num_experts * math.ceil(factor * pairs / moe.num_experts)
+    else:  # causal: each row its slots per expert
+        computed = moe.num_experts * tokens // length * row_capacity(capacity_rate(cfg), length)
     return (computed - pairs) * expert + 2 * pairs * cfg.d_model
 
 
@@ -199,11 +230,12 @@ def _traced_and_analytic(cfg, length=40, batch=2):
     return traced, forward_flops_per_token(cfg, length) * batch * length + softmax + moe
 
 
-@pytest.mark.parametrize("family, kind", _kinds("mixer", "mlp", "router", "depth"))
-def test_analytic_flops_equal_the_traced_matmuls(family, kind):
+@pytest.mark.parametrize("family, kind, extra", _kinds("mixer", "mlp", "router", "depth",
+                                                       variants=True))
+def test_analytic_flops_equal_the_traced_matmuls(family, kind, extra):
     """Exact at a length (40) that is no multiple of the chunk (16): the linear kinds
     count their chunked form over the padded length, which is what runs."""
-    cfg = _config(family, kind, "model.attention.chunk_size=16")
+    cfg = _config(family, kind, *extra, "model.attention.chunk_size=16")
     traced, expected = _traced_and_analytic(cfg)
     assert traced == pytest.approx(expected, rel=1e-12)
 

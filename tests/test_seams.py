@@ -20,7 +20,7 @@ from efflm.layers.common import sow_loss, sow_stat
 from efflm.layers.contract import Depth, FeedForward, Mixer, NumberFormat, Router
 from efflm.layers.depth.plain import PlainStack
 from efflm.layers.moe import ROUTERS
-from efflm.layers.moe.topk import router_kernel, softmax_topk
+from efflm.layers.moe.topk import real_tokens, router_kernel, softmax_topk
 from efflm.layers.plan import initial_carry, layer_plan
 from efflm.layers.quant import QUANT
 from efflm.models import LM, Block
@@ -120,7 +120,8 @@ class ProbeRouter(Router):
     def __call__(self, x, carry, segment_ids=None):
         self.sow("intermediates", "segment_ids", segment_ids)
         kernel = router_kernel(self, "kernel", (x.shape[-1], self.cfg.moe.num_experts))
-        return softmax_topk(self, x.reshape(-1, x.shape[-1]) @ kernel), carry
+        return softmax_topk(self, x.reshape(-1, x.shape[-1]) @ kernel,
+                            real_tokens(segment_ids, x.shape[0] * x.shape[1])), carry
 
 
 @pytest.fixture(autouse=True, scope="module")

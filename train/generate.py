@@ -24,7 +24,7 @@ def check_decodes(model: LM) -> None:
     if missing:
         raise ConfigError(f"model.attention.kind={missing[0]!r} has no decoding cache yet, "
                           "so efflm generate cannot sample from this model")
-    reasons = not_causal(model.cfg)
+    reasons = not_causal(model.cfg, decoding=True)
     if reasons:
         raise ConfigError(f"efflm generate cannot sample from this model one token at a "
                           f"time: {'; '.join(reasons)}")

@@ -29,7 +29,7 @@ from efflm.config import (
 from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
-from efflm.layers.plan import not_causal
+from efflm.layers.plan import check_mesh, not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.step import Program, build_program, count_params
@@ -239,9 +239,12 @@ def train(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`; returns the last metrics row."""
     distributed.initialize(cfg.distributed)
     is_writer = jax.process_index() == 0
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_divisibility(cfg, mesh)  # a mesh that cannot run leaves no workdir
+    check_mesh(cfg.model, dict(mesh.shape))
     prepare_workdir(cfg, is_writer)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    program = build_program(cfg)
+    program = build_program(cfg, mesh)
     data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                                seed=cfg.train.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())

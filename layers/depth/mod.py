@@ -2,7 +2,8 @@
 allocating compute in transformer-based language models").
 
 Every `model.depth.mod.every`-th layer of the plan is routed: a linear router scores the
-tokens, the top `capacity` fraction of each sequence is gathered (in its original
+tokens, the top `capacity` fraction of each sequence's real tokens (padding is never
+routed, and is in no loss or statistic) is gathered (in its original
 order, with its positions and segment ids, so attention among the chosen tokens stays
 causal and inside its documents), goes through the block as `x + r * (Block(x) - x)`
 with `r = sigmoid(router score)` (so the router learns), and is scattered back; the
@@ -78,29 +79,43 @@ class RoutedBlock(nn.Module):
 
         b, t = logits.shape
         keep = capacity_tokens(depth.capacity, t)
-        idx = jnp.sort(jax.lax.top_k(logits, keep)[1], axis=-1)  # original order
+        valid = jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0
+        # Padding ranks last, and the routed share counts real tokens only: the top
+        # ceil(capacity * real) of each row are members, the rest of the static `keep`
+        # slots go through the block as padding and are discarded.
+        top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), keep)[1]
+        if segment_ids is None:
+            share = jnp.full((b, 1), keep)
+        else:
+            share = jnp.ceil(depth.capacity * jnp.sum(valid, axis=1, keepdims=True) - 1e-6)
+        chosen = (jnp.arange(keep) < share) & jnp.take_along_axis(valid, top, axis=1)
+        order = jnp.argsort(top, axis=-1)  # back to the original order
+        idx, chosen = (jnp.take_along_axis(a, order, axis=-1) for a in (top, chosen))
         rows = jnp.arange(b)[:, None]
-        member = jnp.zeros((b, t), jnp.float32).at[rows, idx].set(1.0)
-        self._predictor_terms(predicted, member, weight)
-        xs, seg = _gather(x, idx), _gather(segment_ids, idx)
-        y, carry = block(xs, carry, _gather(positions, idx), seg,
-                         attention_mask(seg, keep))
+        member = jnp.zeros((b, t), jnp.float32).at[rows, idx].set(chosen.astype(jnp.float32))
+        self._predictor_terms(predicted, member, weight, valid)
+        xs = _gather(x, idx)
+        seg = None if segment_ids is None else jnp.where(chosen, _gather(segment_ids, idx), 0)
+        y, carry = block(xs, carry, _gather(positions, idx), seg, attention_mask(seg, keep))
         ws = _gather(weight, idx)[..., None].astype(x.dtype)
-        if segment_ids is not None:
-            sow_stat(self, "mod_capacity_use", jnp.mean(seg > 0), reduce="per_layer")
-        return x.at[rows, idx].set(xs + ws * (y - xs)), carry
+        sow_stat(self, "mod_capacity_use", jnp.mean(chosen), reduce="per_layer")
+        return x.at[rows, idx].set(jnp.where(chosen[..., None], xs + ws * (y - xs), xs)), carry
 
-    def _predictor_terms(self, predicted, member, weight):
+    def _predictor_terms(self, predicted, member, weight, valid):
+        """The predictor's BCE loss and accuracy and the router's entropy, over the real
+        tokens."""
         depth = self.cfg.depth.mod
-        bce = jnp.mean(jnp.maximum(predicted, 0) - predicted * member
-                       + jnp.log1p(jnp.exp(-jnp.abs(predicted))))
+        mask = valid.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+        bce = jnp.sum((jnp.maximum(predicted, 0) - predicted * member
+                       + jnp.log1p(jnp.exp(-jnp.abs(predicted)))) * mask) / count
         if depth.predictor_loss:
             sow_loss(self, "mod_predictor", depth.predictor_loss * bce)
         sow_stat(self, "mod_predictor_accuracy",
-                 jnp.mean((predicted > 0) == (member > 0)))
+                 jnp.sum(((predicted > 0) == (member > 0)) * mask) / count)
         p = jnp.clip(weight, 1e-6, 1 - 1e-6)
         sow_stat(self, "mod_router_entropy",
-                 jnp.mean(-p * jnp.log(p) - (1 - p) * jnp.log(1 - p)))
+                 jnp.sum((-p * jnp.log(p) - (1 - p) * jnp.log(1 - p)) * mask) / count)
 
 
 class ModStack(PlainStack):
@@ -108,6 +123,13 @@ class ModStack(PlainStack):
 
     routed_block = RoutedBlock
     settings = ModSettings
+    causal_decoding = True  # the predictor routes while decoding
+
+    @staticmethod
+    def not_causal(cfg: ModelConfig) -> str:
+        return ("model.depth.kind=mod is not causal in a full pass: a routed layer takes "
+                "the top-capacity tokens of each sequence, so whether a token runs it "
+                "depends on later tokens (decoding routes by the causal predictor)")
 
     @staticmethod
     def routed_layers(cfg: ModelConfig) -> set[int]:

@@ -2,8 +2,9 @@
 
 Every dispatch takes the tokens `x` (tokens, d), the router's choices `experts` and
 `gates` (tokens, k), the expert weights `(gate, up, out)` shaped (E, d, f), (E, d, f),
-(E, f, d), and the config; it returns the combined output (tokens, d) and the fraction
-of pairs dropped.
+(E, f, d), the config, and `pairs`: which pairs may run (`keep`, (tokens, k) bool:
+padding never does) and, under causal capacity, their slots (`Pairs`). It returns the
+combined output (tokens, d) and which pairs ran (tokens, k) bool.
 
 - `dropless_dispatch` ("MegaBlocks: Efficient Sparse Training with Mixture-of-Experts"):
   the pairs sorted by expert, every pair computed, un-sorted, weighted by its gate.
@@ -11,11 +12,14 @@ of pairs dropped.
   `block_rows` and loops over the row blocks, each a matmul with its expert's weights
   (the useful work plus at most `block_rows - 1` padding rows per expert); `ragged`
   is `jax.lax.ragged_dot` (which XLA:CPU computes densely); `pallas` the grouped
-  matmul kernel.
-- `capacity_dispatch` (GShard, Switch): each expert has
-  `ceil(capacity_factor * tokens * k / E)` slots, filled by first choices before
-  second choices, each in token order; pairs beyond a full expert are dropped.
-  Gather/scatter in and out of an (E, capacity, d) buffer.
+  matmul kernel. Padding's pairs are computed with gate 0.
+- `capacity_dispatch`: each expert computes a fixed number of slots, gathered into and
+  scattered out of an (E, slots, d) buffer; pairs without a slot are dropped.
+  `model.moe.capacity_policy=causal` (`efflm.layers.moe.capacity`): each row has
+  `ceil(capacity_factor * k * length / E)` slots per expert, granted to a pair by its
+  document's position; `batch` (GShard, Switch): the dispatch's tokens share
+  `ceil(capacity_factor * n * k / E)` slots per expert (n: the real tokens), filled by
+  first choices before second choices, each in token order (not causal).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,17 @@ from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
+
+
+class Pairs(NamedTuple):
+    """Which (token, choice) pairs may run, and where (see the module)."""
+
+    keep: jax.Array  # (tokens, k) bool
+    # Causal capacity: each kept pair's slot at its target in its row (tokens, k) int32,
+    # the slots each row has per target, and the row length; None: no slots given.
+    slot: jax.Array | None = None
+    row_slots: int = 0
+    length: int = 0
 
 
 def expert_ffn(rows, gate, up, out, spec: str = "nbd,ndf->nbf", back: str = "nbf,nfd->nbd"):
@@ -95,7 +110,7 @@ def block_rows(cfg: ModelConfig, pairs: int) -> int:
     return min(256, 1 << (fit.bit_length() - 1))
 
 
-def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig):
+def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig, pairs: Pairs):
     tokens, k = experts.shape
     flat = experts.reshape(-1)
     order, sizes, _, rank = _sorted_pairs(flat, cfg.moe.num_experts)
@@ -109,30 +124,57 @@ def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig):
     else:
         y = _grouped(x_sorted, sizes, weights, "xla" if impl == "ragged" else "pallas")
     pair_out = jnp.zeros_like(y).at[order].set(y).reshape(tokens, k, -1)
-    out = jnp.einsum("tkd,tk->td", pair_out, gates.astype(pair_out.dtype))
-    return out, jnp.zeros((), jnp.float32)
+    out = jnp.einsum("tkd,tk->td", pair_out, jnp.where(pairs.keep, gates, 0).astype(
+        pair_out.dtype))
+    return out, pairs.keep
 
 
 def expert_capacity(cfg: ModelConfig, tokens: int) -> int:
+    """Slots per expert of the batch policy for `tokens` real tokens."""
     moe = cfg.moe
     return max(1, math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts))
 
 
-def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig):
-    tokens, k = experts.shape
-    capacity = expert_capacity(cfg, tokens)
-    flat = experts.T.reshape(-1)  # choice-major: all first choices, then second, ...
-    order, _, _, sorted_rank = _sorted_pairs(flat, cfg.moe.num_experts)
+def capacity_rate(cfg: ModelConfig) -> float:
+    """Slots per expert per token of the causal policy."""
+    return cfg.moe.capacity_factor * cfg.moe.top_k / cfg.moe.num_experts
+
+
+def batch_slots(targets, keep, num_targets: int, limit, choice_major: bool = True):
+    """The batch policy's slots: each kept pair's rank among its target's kept pairs,
+    choice-major then in token order (token-major when not `choice_major`), against a
+    `limit` (a scalar) -> (slot, kept)."""
+    tokens, k = targets.shape
+    flip = (lambda a: a.T) if choice_major else (lambda a: a)  # noqa: E731
+    flat = jnp.where(flip(keep), flip(targets), num_targets).reshape(-1)
+    order, _, _, sorted_rank = _sorted_pairs(flat, num_targets + 1)
     rank = jnp.zeros_like(flat).at[order].set(sorted_rank.astype(flat.dtype))
-    keep = rank < capacity
-    token = jnp.arange(flat.shape[0]) % tokens
-    buffer = jnp.zeros((cfg.moe.num_experts, capacity, x.shape[-1]), x.dtype)
-    buffer = buffer.at[flat, rank].set(x[token], mode="drop")
+    rank = flip(rank.reshape(flip(targets).shape))
+    return rank, keep & (rank < limit)
+
+
+def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig, pairs: Pairs):
+    tokens, k = experts.shape
+    num_experts = cfg.moe.num_experts
+    if pairs.slot is None:  # batch policy: the real tokens set the capacity
+        capacity = expert_capacity(cfg, tokens)
+        real = jnp.sum(jnp.any(pairs.keep, axis=-1))
+        limit = jnp.minimum(capacity, jnp.ceil(
+            cfg.moe.capacity_factor * cfg.moe.top_k / num_experts * real))
+        slot, kept = batch_slots(experts, pairs.keep, num_experts, limit)
+    else:  # causal policy: each row its own slots
+        capacity = tokens // pairs.length * pairs.row_slots
+        kept = pairs.keep & (pairs.slot < pairs.row_slots)
+        row = (jnp.arange(tokens) // pairs.length)[:, None]
+        slot = row * pairs.row_slots + pairs.slot
+    index = jnp.where(kept, slot, capacity)  # out of range: dropped by the scatter
+    token = jnp.broadcast_to(jnp.arange(tokens)[:, None], (tokens, k))
+    buffer = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
+    buffer = buffer.at[experts, index].set(x[token], mode="drop")
     y = expert_ffn(buffer, *weights)
-    pair_out = jnp.where(keep[:, None], y[flat, jnp.minimum(rank, capacity - 1)], 0)
-    out = jnp.einsum("ktd,kt->td", pair_out.reshape(k, tokens, -1),
-                     gates.T.astype(pair_out.dtype))
-    return out, 1.0 - jnp.mean(keep.astype(jnp.float32))
+    pair_out = jnp.where(kept[..., None], y[experts, jnp.minimum(index, capacity - 1)], 0)
+    out = jnp.einsum("tkd,tk->td", pair_out, gates.astype(pair_out.dtype))
+    return out, kept
 
 
 # -- expert parallelism ------------------------------------------------------------------
@@ -157,66 +199,72 @@ def _gather_weights(weights, embed_axes):
     return gather(gate, 1), gather(up, 1), gather(out, 2)
 
 
-def _gather_scatter(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes):
+def _gather_scatter(x, experts, gates, weights, pairs, *, cfg, embed_axes, mlp_axes):
     gate, up, out = weights = _gather_weights(weights, embed_axes)
     local = gate.shape[0]
-    xs, es, gs = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
-                  for a in (x, experts, gates))
+    xs, es, gs, keep = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                        for a in (x, experts, gates, pairs.keep))
     first = jax.lax.axis_index("expert") * local
     mine = (es >= first) & (es < first + local)
-    y, _ = dropless_dispatch(xs, jnp.where(mine, es - first, 0), jnp.where(mine, gs, 0),
-                             weights, _local_cfg(cfg, local))
+    y, _ = dropless_dispatch(xs, jnp.where(mine, es - first, 0), gs, weights,
+                             _local_cfg(cfg, local), Pairs(mine & keep))
     if mlp_axes:
         y = jax.lax.psum(y, mlp_axes)
-    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True), \
-        jnp.zeros((), jnp.float32)
+    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True), pairs.keep
 
 
-def _all_to_all(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, ep, all_axes):
+def _all_to_all(x, experts, gates, weights, pairs, *, cfg, embed_axes, mlp_axes, ep):
     weights = _gather_weights(weights, embed_axes)
     local = weights[0].shape[0]
     tokens, k = experts.shape
-    capacity = max(1, math.ceil(cfg.moe.ep_capacity_factor * tokens * k / ep))
-    flat = experts.reshape(-1)
-    device = flat // local
-    order, _, _, sorted_rank = _sorted_pairs(device, ep)
-    rank = jnp.zeros_like(flat).at[order].set(sorted_rank.astype(flat.dtype))
-    keep = rank < capacity
-    send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[device, rank].set(
-        x[jnp.arange(flat.shape[0]) // k], mode="drop")
-    send_ids = jnp.full((ep, capacity), -1, flat.dtype).at[device, rank].set(
-        flat % local, mode="drop")
+    device = experts // local
+    if pairs.slot is None:  # batch policy: in token order over this shard's real tokens
+        capacity = max(1, math.ceil(cfg.moe.ep_capacity_factor * tokens * k / ep))
+        real = jnp.sum(pairs.keep)
+        limit = jnp.minimum(capacity, jnp.ceil(cfg.moe.ep_capacity_factor * real / ep))
+        slot, kept = batch_slots(device, pairs.keep, ep, limit, choice_major=False)
+    else:  # causal policy: each row its own slots per device
+        capacity = tokens // pairs.length * pairs.row_slots
+        kept = pairs.keep & (pairs.slot < pairs.row_slots)
+        slot = (jnp.arange(tokens) // pairs.length)[:, None] * pairs.row_slots + pairs.slot
+    index = jnp.where(kept, slot, capacity)
+    token = jnp.broadcast_to(jnp.arange(tokens)[:, None], (tokens, k))
+    send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[device, index].set(
+        x[token], mode="drop")
+    send_ids = jnp.full((ep, capacity), -1, experts.dtype).at[device, index].set(
+        experts % local, mode="drop")
     exchange = lambda a: jax.lax.all_to_all(a, "expert", 0, 0)  # noqa: E731
     rows, ids = exchange(send).reshape(ep * capacity, -1), exchange(send_ids).reshape(-1)
     valid = ids >= 0
     y, _ = dropless_dispatch(rows, jnp.where(valid, ids, 0)[:, None],
                              valid[:, None].astype(jnp.float32), weights,
-                             _local_cfg(cfg, local))
+                             _local_cfg(cfg, local), Pairs(valid[:, None]))
     if mlp_axes:
         y = jax.lax.psum(y, mlp_axes)
     back = exchange(y.reshape(ep, capacity, -1))
-    pair_out = jnp.where(keep[:, None], back[device, jnp.minimum(rank, capacity - 1)], 0)
-    out = jnp.einsum("tkd,tk->td", pair_out.reshape(tokens, k, -1),
-                     gates.astype(pair_out.dtype))
-    return out, jax.lax.pmean(1.0 - jnp.mean(keep.astype(jnp.float32)), all_axes)
+    pair_out = jnp.where(kept[..., None], back[device, jnp.minimum(index, capacity - 1)], 0)
+    out = jnp.einsum("tkd,tk->td", pair_out, gates.astype(pair_out.dtype))
+    return out, kept
 
 
-def _per_shard(x, experts, gates, weights, *, cfg, embed_axes, mlp_axes, all_axes):
-    y, dropped = DISPATCH[cfg.moe.dispatch](x, experts, gates,
-                                            _gather_weights(weights, embed_axes), cfg)
+def _per_shard(x, experts, gates, weights, pairs, *, cfg, embed_axes, mlp_axes):
+    y, kept = DISPATCH[cfg.moe.dispatch](x, experts, gates,
+                                         _gather_weights(weights, embed_axes), cfg, pairs)
     if mlp_axes:
         y = jax.lax.psum(y, mlp_axes)
-    return y, jax.lax.pmean(dropped, all_axes)
+    return y, kept
 
 
-def sharded_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
+def sharded_dispatch(x, experts, gates, weights, cfg: ModelConfig, pairs: Pairs, mesh,
+                     rows: int):
     """The dispatch under a mesh, in shard_map: tokens split as the batch is (XLA would
     otherwise partition the sort and scatter of a global dispatch poorly), expert weights
     as their logical axes say (their `embed` dimension gathered inside for FSDP, their
     gradients reduce-scattered by the transpose). With `mesh.expert` > 1 the experts are
     split over that axis and tokens exchanged (`model.moe.ep_exchange`); otherwise each
-    shard runs `model.moe.dispatch` on its own tokens (a capacity then applies per
-    shard)."""
+    shard runs `model.moe.dispatch` on its own tokens (a batch-policy capacity then
+    applies per shard; causal slots are per row, which a shard holds whole: the tokens
+    are split as their `rows` sequences are)."""
     from jax.sharding import PartitionSpec as P
 
     exchange = cfg.moe.ep_exchange
@@ -225,20 +273,26 @@ def sharded_dispatch(x, experts, gates, weights, cfg: ModelConfig, mesh):
                           "implemented: XLA:CPU lacks the collective and it has not run on "
                           "GPUs; use gather_scatter or all_to_all")
     ep = mesh.shape["expert"]
-    token_axes = mesh_axes_of(mesh, "batch", x.shape[0])
+    token_axes = mesh_axes_of(mesh, "batch", rows)
     embed_axes = mesh_axes_of(mesh, "embed", cfg.d_model)
     mlp_axes = mesh_axes_of(mesh, "mlp", cfg.moe.expert_d_ff)
     tok = P(token_axes or None, None)
     w_in = P("expert", embed_axes or None, mlp_axes or None)
     w_out = P("expert", mlp_axes or None, embed_axes or None)
     kw = dict(cfg=cfg, embed_axes=embed_axes, mlp_axes=mlp_axes)
-    all_axes = tuple(mesh.axis_names)
     if ep == 1:
-        body = functools.partial(_per_shard, all_axes=all_axes, **kw)
+        body = functools.partial(_per_shard, **kw)
     elif exchange == "all_to_all":
-        body = functools.partial(_all_to_all, ep=ep, all_axes=all_axes, **kw)
+        body = functools.partial(_all_to_all, ep=ep, **kw)
     else:
         body = functools.partial(_gather_scatter, **kw)
-    return jax.shard_map(lambda x, e, g, *w: body(x, e, g, w), mesh=mesh,
-                         in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()),
-                         check_vma=False)(x, experts, gates, *weights)
+    slots = () if pairs.slot is None else (pairs.slot,)
+
+    def run(x, e, g, keep, *rest):
+        *slot, gate, up, out = rest
+        return body(x, e, g, (gate, up, out),
+                    pairs._replace(keep=keep, slot=slot[0] if slot else None))
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(tok,) * (4 + len(slots)) + (
+        w_in, w_in, w_out), out_specs=(tok, tok), check_vma=False)(
+        x, experts, gates, pairs.keep, *slots, *weights)

@@ -3,7 +3,9 @@ Expert Choice Routing".
 
 Each token's affinities are a softmax over the experts (float32). Each expert then takes
 the `capacity` tokens of a sequence with the highest affinity for it,
-`capacity = min(length, ceil(capacity_factor * length * top_k / num_experts))`, and a
+`capacity = min(n, ceil(capacity_factor * n * top_k / num_experts))` for a sequence of n
+real tokens (padding is never taken; the rows are static, sized for a sequence without
+padding, and the ones past the capacity have gate 0), and a
 token's output is the sum of the outputs of the experts that took it, each weighted by
 its affinity. A token is taken by 0 to num_experts experts; every expert computes exactly
 `capacity` rows per sequence, so the load is balanced by construction and the rows go
@@ -28,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError
-from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.common import sow_loss
 from efflm.layers.contract import Router, Routing
-from efflm.layers.moe.topk import z_loss
+from efflm.layers.moe.topk import real_tokens, z_loss
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -51,6 +53,8 @@ class ExpertChoiceRouter(Router):
     """Expert choice over each sequence; returns its rows expert-major: expert 0's
     `capacity` tokens, then expert 1's, ... (`Routing.rows`)."""
 
+    balanced = True
+
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
         moe = self.cfg.moe
@@ -64,16 +68,21 @@ class ExpertChoiceRouter(Router):
             (d, moe.num_experts), jnp.float32)
         logits = x @ kernel
         probs = jax.nn.softmax(logits, axis=-1)
+        valid = real_tokens(segment_ids, batch * length).reshape(batch, length)
+        # Padding ranks below every real token, and each expert takes its share of the
+        # real tokens: rows past it keep gate 0.
         capacity = sequence_capacity(self.cfg, length)
-        gates, positions = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)
+        gates, positions = jax.lax.top_k(jnp.swapaxes(
+            jnp.where(valid[..., None] > 0, probs, -1.0), 1, 2), capacity)
+        real = jnp.sum(valid, axis=1)
+        share = jnp.minimum(real, jnp.ceil(moe.capacity_factor * moe.top_k / moe.num_experts
+                                           * real))
+        gates = jnp.where(jnp.arange(capacity) < share[:, None, None], gates, 0.0)
         experts = jnp.broadcast_to(jnp.arange(moe.num_experts, dtype=jnp.int32)[:, None],
                                    (batch, moe.num_experts, capacity))
         if moe.router_z_loss:
-            sow_loss(self, "router_z", moe.router_z_loss * z_loss(logits))
-        taken = jnp.zeros((batch, length), jnp.float32).at[
-            jnp.arange(batch)[:, None, None], positions].add(1.0)
-        sow_stat(self, "expert_choice_unrouted_fraction", jnp.mean(taken == 0))
-        sow_stat(self, "expert_choice_experts_per_token_max", jnp.max(taken), reduce="max")
+            sow_loss(self, "router_z", moe.router_z_loss * z_loss(
+                logits.reshape(-1, moe.num_experts), valid.reshape(-1)))
         rows = moe.num_experts * capacity
         return Routing(experts.reshape(batch, rows), gates.reshape(batch, rows),
                        probs.reshape(-1, moe.num_experts), logits.reshape(-1, moe.num_experts),
@@ -111,6 +120,11 @@ class ExpertChoiceRouter(Router):
             raise ConfigError(f"model.moe.router=expert_choice needs "
                               f"model.moe.dispatch=capacity (each expert computes its fixed "
                               f"number of chosen tokens), got {cfg.moe.dispatch!r}")
+        if cfg.moe.capacity_policy != "batch":
+            raise ConfigError(f"model.moe.capacity_policy={cfg.moe.capacity_policy} cannot "
+                              "apply to model.moe.router=expert_choice, which fills each "
+                              "expert per sequence by construction (not causal); set "
+                              "model.moe.capacity_policy=batch")
 
 
 def expert_choice_picks(probs, capacity: int) -> list[list[list[int]]]:

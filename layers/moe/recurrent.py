@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from efflm.errors import check_positive
 from efflm.layers.contract import Router
-from efflm.layers.moe.topk import jittered, router_kernel, softmax_topk
+from efflm.layers.moe.topk import jittered, real_tokens, router_kernel, softmax_topk
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -92,7 +92,8 @@ class RecurrentRouter(Router):
                                    nn.initializers.zeros))
         logits = h @ router_kernel(self, "kernel", (r, moe.num_experts), (None, None))
         h = h.reshape(state.shape)
-        return softmax_topk(self, logits), {**carry, CARRY: _constrained(h)}
+        return (softmax_topk(self, logits, real_tokens(segment_ids, x.shape[0])),
+                {**carry, CARRY: _constrained(h)})
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

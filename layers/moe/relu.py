@@ -5,16 +5,18 @@ The gates are `RMSNorm(ReLU(x W_r))`, the norm taken over the expert axis (a lea
 scale per expert, initialised to 1): differentiable, and a token uses every expert whose
 ReLU is positive, any number from 0 to num_experts.
 
-Static work: each sequence of `length` tokens computes at most
+Static work: each sequence of `length` tokens computes
 `rows = min(num_experts * length, ceil(model.moe.relu.rows_per_token * length))`
-(token, expert) rows. They are filled in token order, within a token its largest gates
-first; active pairs beyond the bound are dropped and counted
-(`relu_overflow_fraction`), so the heaviest cost of an overflow falls on the last
-tokens of a sequence. The rule keeps the layer causal: which of a token's experts run
-depends only on it and the tokens before it in its sequence. Rows left over have gate 0
-(computed, adding nothing). When decoding, each call's tokens get the bound of their own
-count (one token: `ceil(relu_rows_per_token)` rows), so a token that overflows there may
-have run more experts in a full-sequence pass, or fewer.
+(token, expert) rows. They are granted under the causal budget of
+`efflm.layers.moe.capacity`: up to position p of a document, at most
+`ceil(rows_per_token * (p + 1))` rows in all, taken in token order and within a token by
+decreasing gate, so a token may spend what earlier tokens left, and drops spread over
+the positions (packed documents also share their row's rows, as that module says).
+Active pairs beyond the budget are dropped and counted (`relu_overflow_fraction`).
+Which of a token's experts run depends only on its document up to it, and decoding
+reproduces it from a counter in the `cache` (a decoded token may use up to every
+expert, as its budget allows). Rows left over have gate 0 (computed, adding nothing).
+Padding (segment id 0) activates no expert and is in no loss or statistic.
 
 Sparsity loss: `model.moe.relu.l1` times the mean over tokens of the L1 norm of the
 RMS-normalised ReLU vector (before the learned scale, so shrinking the router's output
@@ -37,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.common import sow_loss, sow_stat
+from efflm.layers.common import decoding, sow_loss, sow_stat
 from efflm.layers.contract import Router, Routing
+from efflm.layers.moe.capacity import causal_pairs, causal_picks, counters_init, documents
+from efflm.layers.moe.topk import token_mean
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -61,38 +65,43 @@ def relu_gates(x, kernel, scale, eps: float):
     return normalised * scale, logits, normalised
 
 
-def sparsity(active):
-    """(token-level, chunk-level) sparsity of an activity mask (batch, length, experts)."""
+def sparsity(active, valid):
+    """(token-level, chunk-level) sparsity of an activity mask (batch, length, experts)
+    over the real tokens (`valid`, (batch, length)); chunks that hold padding are left
+    out of the chunk level."""
     batch, length, experts = active.shape
     chunk = min(CHUNK, length)
     chunks = length // chunk
     used = jnp.any(active[:, :chunks * chunk].reshape(batch, chunks, chunk, experts), axis=2)
-    return 1.0 - jnp.mean(active), 1.0 - jnp.mean(used)
+    whole = jnp.all(valid[:, :chunks * chunk].reshape(batch, chunks, chunk), axis=2)
+    token = 1.0 - jnp.sum(active) / jnp.maximum(jnp.sum(valid) * experts, 1)
+    chunk_level = 1.0 - jnp.sum(used * whole[..., None]) / jnp.maximum(
+        jnp.sum(whole) * experts, 1)
+    return token, chunk_level
 
 
-def select_rows(gates, active, bound: int):
-    """Pack each sequence's active (token, expert) pairs into `bound` rows: token order,
-    largest gate first within a token; the rest dropped. Returns (positions, experts,
-    row_gates) each (batch, bound) and the number of active pairs dropped."""
+def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=None):
+    """Pack each sequence's active (token, expert) pairs into `bound` rows under the causal
+    budget (`efflm.layers.moe.capacity.causal_pairs` at `rate` rows per token; a token's
+    largest gates first). Returns (positions, experts, row_gates), each (batch, bound),
+    the number of active pairs dropped and the budget's counters after the chunk."""
     batch, length, num_experts = gates.shape
     _, order = jax.lax.top_k(jnp.where(active, gates, -jnp.inf), num_experts)
-    flat_active = jnp.take_along_axis(active, order, axis=-1).reshape(batch, -1)
+    asking = jnp.take_along_axis(active, order, axis=-1)
+    keep, rank, counters = causal_pairs(jnp.zeros_like(order), asking, rate, segment_ids, 1,
+                                        counters)
+    dest = jnp.where(keep, rank, bound).reshape(batch, -1)  # out of range: dropped
     flat_gates = jnp.take_along_axis(gates, order, axis=-1).reshape(batch, -1)
-    flat_experts = order.reshape(batch, -1).astype(jnp.int32)
     flat_positions = jnp.broadcast_to(jnp.repeat(jnp.arange(length, dtype=jnp.int32),
-                                                 num_experts), flat_active.shape)
-    rank = jnp.cumsum(flat_active, axis=1) - 1
-    keep = flat_active & (rank < bound)
-    dest = jnp.where(keep, rank, bound)  # out of range: dropped by the scatters
+                                                 num_experts), dest.shape)
     b = jnp.arange(batch)[:, None]
     positions = jnp.zeros((batch, bound), jnp.int32).at[b, dest].set(flat_positions,
                                                                      mode="drop")
     spare = jnp.broadcast_to(jnp.arange(bound, dtype=jnp.int32) % num_experts, (batch, bound))
-    experts = spare.at[b, dest].set(flat_experts, mode="drop")
+    experts = spare.at[b, dest].set(order.reshape(batch, -1).astype(jnp.int32), mode="drop")
     row_gates = jnp.zeros((batch, bound), gates.dtype).at[b, dest].set(flat_gates,
                                                                        mode="drop")
-    dropped = jnp.sum(flat_active) - jnp.sum(keep)
-    return positions, experts, row_gates, dropped
+    return positions, experts, row_gates, jnp.sum(asking) - jnp.sum(keep), counters
 
 
 @dataclass
@@ -120,15 +129,27 @@ class ReluRouter(Router):
         scale = self.param("norm_scale", nn.with_logical_partitioning(
             nn.initializers.ones, (None,)), (moe.num_experts,), jnp.float32)
         gates, logits, normalised = relu_gates(x, kernel, scale, cfg.norm_eps)
-        active = logits > 0
+        counters = None
+        if decoding(self):  # the budget's counters, carried from token to token
+            counters = self.variable("cache", "budget", counters_init, batch, 1)
+        valid = documents(segment_ids, batch, length)[0]
+        active = (logits > 0) & valid[..., None]
         if moe.relu.l1:
-            sow_loss(self, "relu_l1", moe.relu.l1 * jnp.mean(jnp.sum(normalised, axis=-1)))
-        positions, experts, row_gates, dropped = select_rows(
-            gates, active, rows_per_sequence(cfg, length))
-        token_sparsity, chunk_sparsity = sparsity(active)
+            sow_loss(self, "relu_l1", moe.relu.l1 * token_mean(
+                jnp.sum(normalised, axis=-1).reshape(-1), valid.reshape(-1)))
+        # Decoding: a token may take every expert its budget allows, up to all of them.
+        bound = (moe.num_experts * length if counters is not None
+                 else rows_per_sequence(cfg, length))
+        positions, experts, row_gates, dropped, after = select_rows(
+            gates, active, bound, moe.relu.rows_per_token, segment_ids,
+            None if counters is None else counters.value)
+        if counters is not None:
+            counters.value = after
+        token_sparsity, chunk_sparsity = sparsity(active, valid)
         sow_stat(self, "relu_token_sparsity", token_sparsity)
         sow_stat(self, "relu_chunk_sparsity", chunk_sparsity)
-        sow_stat(self, "relu_active_per_token", jnp.mean(jnp.sum(active, axis=-1)))
+        sow_stat(self, "relu_active_per_token", token_mean(
+            jnp.sum(active, axis=-1).reshape(-1), valid.reshape(-1)))
         sow_stat(self, "relu_overflow_fraction", dropped / jnp.maximum(jnp.sum(active), 1))
         total = jnp.sum(gates, axis=-1, keepdims=True)
         probs = jnp.where(total > 0, gates / jnp.where(total > 0, total, 1.0), 0.0)
@@ -162,22 +183,16 @@ class ReluRouter(Router):
                               f"{moe.dispatch!r}")
 
 
-def relu_picks(gates, active, bound: int):
-    """(kept, dropped): for each sequence, by a plain loop over its tokens in order and
-    each token's active experts by decreasing gate, the (b, t, e) pairs that fit in
-    `bound` rows, and the number of active pairs that did not (concrete inputs)."""
+def relu_picks(gates, active, rate: float, segment_ids=None):
+    """(kept, dropped): by `causal_picks` over each token's active experts in decreasing
+    gate order, the (b, t, e) pairs kept at `rate` rows per token, and the number of
+    active pairs that were not (concrete inputs)."""
     g, a = np.asarray(gates), np.asarray(active)
-    kept, dropped = set(), 0
-    for b in range(g.shape[0]):
-        used = 0
-        for t in range(g.shape[1]):
-            for e in sorted(np.flatnonzero(a[b, t]), key=lambda e: -g[b, t, e]):
-                if used < bound:
-                    kept.add((b, t, int(e)))
-                    used += 1
-                else:
-                    dropped += 1
-    return kept, dropped
+    order = np.argsort(-np.where(a, g, -np.inf), axis=-1, kind="stable")
+    asking = np.take_along_axis(a, order, axis=-1)
+    keep = causal_picks(np.zeros_like(order), asking, rate, segment_ids)
+    kept = {(b, t, int(order[b, t, j])) for b, t, j in zip(*np.nonzero(keep))}
+    return kept, int(a.sum()) - len(kept)
 
 
 def relu_reference(x, kernel, scale, weights, kept, eps: float):

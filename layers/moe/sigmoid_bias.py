@@ -7,7 +7,8 @@ Scores `s = sigmoid(x W)` (tokens, experts). Each token takes the top-k experts 
 bias, divided by their sum when `model.moe.renormalize`. The bias only steers the
 choice: it is model state (`STATE_COLLECTIONS`, outside the gradient), and after each
 train step `b += bias_rate * sign(mean(load) - load)`, where `load` counts each
-expert's (token, choice) pairs over the whole step, every device and microbatch.
+expert's (token, choice) pairs of real tokens (padding is not counted) over the whole
+step, every device and microbatch.
 
 How the step does that: each forward pass of the train step writes its load into the
 state variable `aux_free_balance` (a dict of `bias` and `load`); the step averages the
@@ -16,8 +17,8 @@ microbatches' values, which keeps the sign of `mean(load) - load`, and then appl
 write the state, so they leave the bias as it is.
 
 `model.moe.sigmoid_bias.seq_balance_loss` weighs the report's complementary sequence-wise balance
-loss `sum_i f_i P_i` per sequence (a row of the batch, whatever documents it packs),
-averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequence's
+loss `sum_i f_i P_i` per sequence (a row of the batch, whatever documents it packs; its
+real tokens), averaged over the sequences: `f_i` is `E / k` times expert i's share of the sequence's
 (token, choice) pairs, `P_i` the mean over its tokens of `s_i / sum_j s_j`.
 """
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from efflm.errors import check_positive
 from efflm.layers.common import sow_loss, sow_stat, step_update
 from efflm.layers.contract import Router, Routing
-from efflm.layers.moe.topk import jittered, router_kernel
+from efflm.layers.moe.topk import jittered, real_tokens, router_kernel
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -41,25 +42,30 @@ if TYPE_CHECKING:
 BALANCE = "aux_free_balance"  # the model-state variable, named in STEP_UPDATES
 
 
-def expert_counts(experts, num_experts: int, sequences: int = 1):
-    """(token, choice) pairs per expert, float32: (num_experts,), or per sequence
-    (sequences, num_experts) when `sequences` > 1."""
+def expert_counts(experts, num_experts: int, valid, sequences: int = 1):
+    """The real tokens' (token, choice) pairs per expert, float32: (num_experts,), or
+    per sequence (sequences, num_experts) when `sequences` > 1."""
     rows = experts.reshape(sequences, -1)
+    weights = jnp.broadcast_to(valid[:, None], experts.shape).reshape(sequences, -1)
     counts = jnp.zeros((sequences, num_experts), jnp.float32).at[
-        jnp.arange(sequences)[:, None], rows].add(1.0)
+        jnp.arange(sequences)[:, None], rows].add(weights)
     return counts[0] if sequences == 1 else counts
 
 
-def sequence_balance_loss(experts, scores, sequences: int, top_k: int):
-    """DeepSeek-V3's sequence-wise balance loss (without its weight), averaged over
-    `sequences` equal runs of the tokens."""
+def sequence_balance_loss(experts, scores, valid, sequences: int, top_k: int):
+    """DeepSeek-V3's sequence-wise balance loss (without its weight) over the real
+    tokens, averaged over `sequences` equal runs of the tokens that hold any."""
     num_experts = scores.shape[-1]
-    length = scores.shape[0] // sequences
     share = scores / jnp.sum(scores, axis=-1, keepdims=True)
-    prob = jnp.mean(share.reshape(sequences, length, num_experts), axis=1)
-    counts = expert_counts(experts, num_experts, sequences).reshape(sequences, num_experts)
-    f = num_experts / (top_k * length) * counts
-    return jnp.mean(jnp.sum(f * prob, axis=-1))
+    mask = valid.reshape(sequences, -1, 1)
+    real = jnp.sum(mask, axis=1)  # (sequences, 1)
+    prob = jnp.sum(share.reshape(sequences, -1, num_experts) * mask, axis=1) / jnp.maximum(
+        real, 1.0)
+    counts = expert_counts(experts, num_experts, valid, sequences).reshape(
+        sequences, num_experts)
+    f = num_experts / (top_k * jnp.maximum(real, 1.0)) * counts
+    held = (real[:, 0] > 0).astype(jnp.float32)
+    return jnp.sum(jnp.sum(f * prob, axis=-1) * held) / jnp.maximum(jnp.sum(held), 1.0)
 
 
 @step_update(BALANCE)
@@ -97,6 +103,7 @@ class SigmoidBiasRouter(Router):
         moe = self.cfg.moe
         sequences = x.shape[0]
         x = jittered(self, x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+        valid = real_tokens(segment_ids, x.shape[0])
         kernel = router_kernel(self, "kernel", (x.shape[-1], moe.num_experts))
         logits = x @ kernel
         scores = jax.nn.sigmoid(logits)
@@ -109,10 +116,11 @@ class SigmoidBiasRouter(Router):
         if moe.renormalize:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
         if self.is_mutable_collection("state") and not self.is_initializing():
-            balance.value = {"bias": bias, "load": expert_counts(experts, moe.num_experts)}
+            balance.value = {"bias": bias,
+                             "load": expert_counts(experts, moe.num_experts, valid)}
         if moe.sigmoid_bias.seq_balance_loss:
             sow_loss(self, "seq_balance", moe.sigmoid_bias.seq_balance_loss * sequence_balance_loss(
-                experts, scores, sequences, moe.top_k))
+                experts, scores, valid, sequences, moe.top_k))
         sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
         return Routing(experts.astype(jnp.int32), gates, probs, logits), carry

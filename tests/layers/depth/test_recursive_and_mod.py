@@ -92,7 +92,8 @@ def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_confi
 
 
 def test_gathered_tokens_equal_the_masked_full_computation(small_config):
-    """Values and gradients, with packed segments: the chosen tokens attend to the chosen
+    """Values and gradients, with packed segments and padding: the top ceil(capacity *
+    real tokens) real tokens are chosen (padding never is) and attend to the chosen
     tokens of their own document only."""
     cfg = small_config("model.depth.kind=mod", "model.depth.mod.capacity=0.5")
     b, t, d = 2, 16, cfg.model.d_model
@@ -110,7 +111,8 @@ def test_gathered_tokens_equal_the_masked_full_computation(small_config):
 
     def masked(p, x):
         logits = (x @ p["router"]["kernel"])[..., 0]
-        idx = jax.lax.top_k(jax.lax.stop_gradient(logits), capacity_tokens(0.5, t))[1]
+        real = jnp.where(seg > 0, jax.lax.stop_gradient(logits), -jnp.inf)
+        idx = jax.lax.top_k(real, capacity_tokens(0.5, 13))[1]  # 13 real tokens a row
         chosen = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(True)
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = (causal & (seg[:, :, None] == seg[:, None, :]) & chosen[:, None, :])[:, None]
@@ -126,6 +128,41 @@ def test_gathered_tokens_equal_the_masked_full_computation(small_config):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
     router = ga[0]["router"]["kernel"]
     assert np.all(np.isfinite(router)) and np.abs(router).max() > 0
+
+
+def test_mod_padding_is_not_a_token(small_config):
+    """The same packed real tokens with padding of other content and amount (12 or 16
+    tokens a row): the same logits for the real tokens, and the same losses and
+    statistics, but for the share of the static slots real tokens fill."""
+    cfg = small_config("model.depth.kind=mod", "model.depth.mod.capacity=0.5").model
+    seg12 = np.asarray([[1] * 7 + [2] * 5, [1] * 9 + [0] * 3], np.int32)
+    real = np.random.default_rng(0).integers(0, 256, (2, 12))
+    model = LM(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 12), jnp.int32)))["params"]
+    run = jax.jit(lambda tokens, pos, seg: model.apply(
+        {"params": params}, tokens, pos, seg, mutable=["losses", "stats"]))
+    results = []
+    for length, seed in ((12, 1), (16, 2)):
+        seg = np.zeros((2, length), np.int32)
+        seg[:, :12] = seg12
+        tokens = np.random.default_rng(seed).integers(0, 256, (2, length))
+        tokens[seg > 0] = real[seg12 > 0]
+        pos = np.zeros_like(seg)
+        for b in range(2):
+            for d in set(seg[b]) - {0}:
+                pos[b, seg[b] == d] = np.arange((seg[b] == d).sum())
+        logits, sown = run(tokens, pos, seg)
+        results.append((np.asarray(logits)[seg > 0], sown))
+    (a, sown_a), (b, sown_b) = results
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    leaves_b = dict(jax.tree_util.tree_leaves_with_path(sown_b))
+    compared = 0
+    for path, value in jax.tree_util.tree_leaves_with_path(sown_a):
+        if "mod_capacity_use" not in jax.tree_util.keystr(path):
+            np.testing.assert_allclose(value, leaves_b[path], rtol=1e-5, atol=1e-7,
+                                       err_msg=jax.tree_util.keystr(path))
+            compared += 1
+    assert compared == 3  # the predictor loss, its accuracy, the router entropy
 
 
 def test_mod_decoding_follows_the_causal_predictor(small_config):
