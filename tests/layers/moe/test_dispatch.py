@@ -96,3 +96,37 @@ def test_bad_expert_parallel_settings_exit_2(tmp_path, capsys, overrides, words)
                  "train.steps=1", *overrides]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("policy", ["causal", "batch"])
+def test_all_to_all_capacity_is_causal_unless_batch(policy):
+    """Under mesh.expert=4 with drops happening, changing the second half of every
+    sequence moves no earlier output with the causal policy; the batch policy, which
+    declares itself not causal, does move some."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from efflm.layers.moe.experts import MoE
+    from efflm.layers.plan import not_causal
+
+    cfg = load_config("tiny_moe", [*MOE, "mesh.expert=4", "mesh.data=2",
+                                   "model.moe.ep_exchange=all_to_all",
+                                   "model.moe.ep_capacity_factor=0.5",
+                                   f"model.moe.capacity_policy={policy}"])
+    assert bool(not_causal(cfg.model)) == (policy == "batch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 16, cfg.model.d_model)).astype(np.float32)  # 2 rows a shard
+    changed = x.copy()
+    changed[:, 8:] = rng.normal(size=changed[:, 8:].shape)
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.logical_rules(cfg, mesh)):
+        params = jax.jit(MoE(cfg.model).init)(jax.random.key(0), jnp.asarray(x))
+        run = jax.jit(lambda p, x: MoE(cfg.model).apply(p, x, mutable=["stats"]))
+        shard = NamedSharding(mesh, P(("data", "fsdp", "expert")))
+        (a, stats), (b, _) = (run(params, jax.device_put(v, shard)) for v in (x, changed))
+    assert float(stats["stats"]["mean:moe_dropped_fraction"][0]) > 0
+    early = float(jnp.max(jnp.abs(a[:, :8] - b[:, :8])))
+    assert float(jnp.max(jnp.abs(a[:, 8:] - b[:, 8:]))) > 0
+    assert (early == 0) == (policy == "causal"), early
