@@ -223,17 +223,17 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("preset, stats", [
+@pytest.mark.parametrize("preset, stats, layers", [
     ("tiny_mod", ("mod_predictor_accuracy", "mod_router_entropy",
-                  "mod_capacity_use/layer_1")),
-    ("tiny_recursive", ()),
+                  "mod_capacity_use/layer_1"), 2),  # layer 1 routed
+    ("tiny_recursive", (), 4),  # 2 shared blocks, twice
 ])
 def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, preset,
-                                                              stats):
+                                                              stats, layers):
     common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
               "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
               "checkpoint.every=3", "mesh.fsdp=2", "train.batch_size=16",
-              "model.num_layers=4"]
+              f"model.num_layers={layers}"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(load_config(preset, [*common, "train.steps=6", f"train.workdir={a}"]))
     train(load_config(preset, [*common, "train.steps=3", f"train.workdir={b}"]))
