@@ -19,6 +19,7 @@ from efflm.config.schema import FAMILIES
 from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token
 from efflm.layers import ATTENTION, DEPTH, MLP
+from efflm.layers.attention.sliding import SlidingAttention, kept_pairs_per_token
 from efflm.layers.attention.softmax import causal_mix_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.layers.moe import ROUTERS
@@ -27,6 +28,7 @@ from efflm.layers.moe.dispatch import block_rows, capacity_rate
 from efflm.layers.moe.experts import MoE
 from efflm.layers.plan import depth_kind, layer_plan, not_causal
 from efflm.models import LM
+from efflm.shapes import head_dim
 
 # The models built here are shared by the file's tests: under pytest-xdist they run on one
 # worker (as conftest groups files with module-scoped fixtures).
@@ -48,7 +50,10 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("router", "recurrent"): ("model.num_layers=2",),  # a chain of MoE layers
          ("depth", "recursive"): ("model.num_layers=2", "model.depth.recursive.unique_layers=1"),
          ("depth", "mod"): ("model.num_layers=2",),  # layer 1 routed
-         ("mixer", "based"): ("model.attention.based.window=6",)}  # a window < length
+         ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
+         ("mixer", "sliding"): ("model.attention.sliding.window=6",  # several blocks back
+                                "model.attention.sliding.sinks=2",
+                                "model.attention.sliding.block_size=4")}
 # Settings that change what a kind's layer computes, checked like kinds: the capacity
 # policies (with drops happening) and a tight relu row budget.
 VARIANTS = {
@@ -220,12 +225,18 @@ def _traced_and_analytic(cfg, length=40, batch=2):
     """Forward matmul FLOPs of LM(cfg) on a (batch, length) batch, traced, and the analytic
     count plus what runs beyond it by construction: a full masked softmax does twice
     the causal half credited (in every layer as the depth kind runs it: the hook is
-    linear in the layers' counts) and each MoE layer its dispatch overhead."""
+    linear in the layers' counts), sliding attention the masked pairs of its tiles and
+    each MoE layer its dispatch overhead."""
     plan = layer_plan(cfg)
     traced = traced_forward_flops(cfg, length, batch)
     hook = depth_kind(cfg).flops_per_token
     softmax = (hook(cfg, length, lambda i, n: causal_mix_flops(cfg, n) * (
         plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n: 0.0)) * batch * length
+    if "sliding" in {s.mixer for s in plan}:  # the masked pairs of its computed tiles
+        own, pair = cfg.attention.sliding, 4 * cfg.attention.num_heads * head_dim(cfg)
+        masked = SlidingAttention.computed_pairs_per_token(cfg, length) - (
+            kept_pairs_per_token(own.window, own.sinks, length))
+        softmax += sum(s.mixer == "sliding" for s in plan) * masked * pair * batch * length
     moe = sum(s.mlp_kind is MoE for s in plan) * _moe_overhead(cfg, batch * length, length)
     return traced, forward_flops_per_token(cfg, length) * batch * length + softmax + moe
 
@@ -282,6 +293,7 @@ def test_fast_path_equals_its_reference(kind):
 BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "feature_map=exp",
        "model.attention.gla": "gate_rank=0", "model.attention.based": "feature_dim=0",
        "model.attention.gated_deltanet": "conv_width=0",
+       "model.attention.sliding": "window=0",
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
        "model.depth.recursive": "recursions=0"}

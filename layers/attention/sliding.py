@@ -1,0 +1,221 @@
+"""Sliding-window attention with attention sinks (`model.attention.kind=sliding`).
+
+A query at position p of its document attends to the keys of its document at positions
+`p - window + 1 .. p` (token-exact), and to the document's first `sinks` tokens
+("Efficient Streaming Language Models with Attention Sinks"; 0: none), each key once.
+GQA and rotary positions as softmax attention; a window at least as long as the
+sequence is softmax attention.
+
+XLA path: queries in blocks of `block_size`; each block scores its own key block and the
+`ceil((window - 1) / block_size)` blocks before it, plus each query's sink keys
+(gathered from its document's start), in one softmax. The work per token is
+`O(window + block_size + sinks)`, whatever the length.
+
+Decoding keeps a ring buffer of the last `window` keys and values and the sink slots, so
+the cache does not grow with the generated length.
+
+FLOPs count the query-key pairs the pattern keeps (each query's window and sinks, over a
+sequence of one document), as softmax counts its causal half: the masked pairs of the
+computed tiles are not credited.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efflm.errors import ConfigError, check_positive
+from efflm.layers.attention.softmax import _MASKED, dot_product_attention, projection_flops
+from efflm.layers.common import decoding
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense, quant_kw
+from efflm.layers.rotary import apply_rotary
+from efflm.shapes import head_dim, num_kv_heads
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
+
+
+def _blocks(a, n: int, block: int):
+    """(batch, n * block, ...) -> (batch, n, block, ...)."""
+    return a.reshape(a.shape[0], n, block, *a.shape[2:])
+
+
+def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int):
+    """The XLA path (see the module): q (batch, length, heads, dim); k, v (batch, length,
+    kv_heads, dim); segment_ids (batch, length) or None."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    block = min(block, t)
+    n = -(-t // block)
+    pad = n * block - t
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))  # padding: segment 0
+    back = min(-(-(window - 1) // block), n - 1)  # key blocks before the query's own
+    span = (back + 1) * block
+    qb = _blocks(q * jnp.asarray(d ** -0.5, q.dtype), n, block).reshape(
+        b, n, block, kv, h // kv, d)
+
+    def with_previous(a, fill):  # (batch, n, span, ...): each block's keys
+        blocks = _blocks(a, n, block)
+        padded = jnp.concatenate([jnp.full((b, back) + blocks.shape[2:], fill, a.dtype),
+                                  blocks], axis=1)
+        return jnp.concatenate([padded[:, i:i + n] for i in range(back + 1)], axis=2)
+
+    keys, values, key_seg = with_previous(k, 0), with_previous(v, 0), with_previous(seg, -1)
+    i = (jnp.arange(n) * block)[:, None, None] + jnp.arange(block)[None, :, None]
+    j = ((jnp.arange(n) - back) * block)[:, None, None] + jnp.arange(span)[None, None, :]
+    same = _blocks(seg, n, block)[..., None] == key_seg[:, :, None, :]
+    in_window = (j <= i) & (i - j < window)  # (n, block, span); j < 0 never matches
+    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
+    mask = (same & in_window[None])[:, :, None, None]
+    parts = [jnp.where(mask, scores, _MASKED)]
+    if sinks:
+        idx = jnp.arange(n * block)
+        starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+        rows = first[..., None] + jnp.arange(sinks)  # (batch, length, sinks)
+        ok = (rows <= idx[:, None]) & (idx[:, None] - rows >= window) & (seg > 0)[..., None]
+        rows = jnp.minimum(rows, n * block - 1)
+        take = jax.vmap(lambda a, r: a[r])  # per batch row
+        sink_k, sink_v = (take(a, rows).reshape(b, n, block, sinks, kv, d) for a in (k, v))
+        sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
+                                 preferred_element_type=jnp.float32)
+        sink_mask = _blocks(ok, n, block)[:, :, None, None]
+        parts.append(jnp.where(sink_mask, sink_scores, _MASKED))
+    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs[..., :span], values)
+    if sinks:
+        out = out + jnp.einsum("bnkgqu,bnqukd->bnqkgd", probs[..., span:], sink_v)
+    return out.reshape(b, n * block, h, d)[:, :t]
+
+
+def sliding_reference(q, k, v, segment_ids, window: int, sinks: int):
+    """Full masked softmax with the token-level mask of the pattern."""
+    b, t = q.shape[:2]
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    idx = jnp.arange(t)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # in-document position
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = idx[:, None] >= idx[None, :]
+    near = idx[:, None] - idx[None, :] < window
+    sink = pos[:, None, :] < sinks
+    return dot_product_attention(q, k, v, (same & causal & (near | sink))[:, None])
+
+
+def kept_pairs_per_token(window: int, sinks: int, seq_len: int) -> float:
+    """Query-key pairs a token keeps, averaged over a document of `seq_len` tokens."""
+    inside = sum(min(i + 1, window) for i in range(seq_len))
+    sink = sum(min(sinks, max(0, i - window + 1)) for i in range(seq_len))
+    return (inside + sink) / seq_len
+
+
+@dataclass
+class SlidingSettings:
+    window: int = 128  # keys a query sees, itself included (token-exact)
+    sinks: int = 4  # first tokens of each document every query also sees (0: none)
+    block_size: int = 64  # query block of the XLA path
+
+
+class SlidingAttention(Mixer):
+    """Causal sliding-window attention with sinks (see the module)."""
+
+    decodes = True
+    quant_target = "attention"
+    settings = SlidingSettings
+    resumable = ("block_size",)
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        own = cfg.attention.sliding
+        check_positive("model.attention.sliding.window", own.window)
+        check_positive("model.attention.sliding.sinks", own.sinks, allow_zero=True)
+        check_positive("model.attention.sliding.block_size", own.block_size)
+        if cfg.attention.impl == "pallas":
+            raise ConfigError("model.attention.kind=sliding has no Pallas path yet; set "
+                              "model.attention.impl=xla (or auto)")
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        own = cfg.attention.sliding
+        pairs = kept_pairs_per_token(own.window, own.sinks, seq_len)
+        return projection_flops(cfg) + 2 * 2 * pairs * cfg.attention.num_heads * head_dim(cfg)
+
+    @staticmethod
+    def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """Query-key pairs the XLA path scores per token: whole tiles of its blocks."""
+        own = cfg.attention.sliding
+        block = min(own.block_size, seq_len)
+        n = -(-seq_len // block)
+        back = min(math.ceil((own.window - 1) / block), n - 1)
+        return n * block * ((back + 1) * block + own.sinks) / seq_len
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        cfg, own = self.cfg, self.cfg.attention.sliding
+        heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
+                  **quant_kw(cfg, "attention"))
+        q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
+        v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
+        theta = cfg.attention.rope_theta
+        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        if decoding(self):
+            out = self._decode(q, k, v, positions, segment_ids)
+        else:
+            out = sliding_attention(q, k, v, segment_ids, own.window, own.sinks,
+                                    own.block_size)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
+                     name="out", **quant_kw(cfg, "attention"))(out)
+
+    def _decode(self, q, k, v, positions, segment_ids):
+        """Attend from the chunk to the sink slots, the ring of the last `window` keys and
+        the chunk itself, then write the chunk into the ring and the sink slots. Tokens
+        whose segment id is 0 (a layer they skip) are not written."""
+        own = self.cfg.attention.sliding
+        window, sinks = own.window, own.sinks
+        b, n, kv, d = k.shape
+        slots = sinks + window
+        cache_k = self.variable("cache", "cached_key", jnp.zeros, (b, slots, kv, d), k.dtype)
+        cache_v = self.variable("cache", "cached_value", jnp.zeros, (b, slots, kv, d), v.dtype)
+        # Position + 1 of each slot's token; 0: empty (an empty cache is all zeros).
+        cache_pos = self.variable("cache", "cached_position", jnp.zeros, (b, slots), jnp.int32)
+        written = positions if segment_ids is None else jnp.where(segment_ids > 0,
+                                                                   positions, -1)
+        keys = jnp.concatenate([cache_k.value, k], axis=1)
+        values = jnp.concatenate([cache_v.value, v], axis=1)
+        key_pos = jnp.concatenate([cache_pos.value - 1, written], axis=1)[:, None, :]
+        q_pos = positions[:, :, None]
+        seen = (key_pos >= 0) & (key_pos <= q_pos)
+        sink_slot = (jnp.arange(slots + n) < sinks)[None, None, :]
+        chunk = (jnp.arange(slots + n) >= slots)[None, None, :]
+        in_window = q_pos - key_pos < window
+        # Sink slots count outside the window (inside it the ring holds the same token);
+        # the chunk's own sink tokens count either way.
+        mask = seen & jnp.where(sink_slot, ~in_window,
+                                in_window | (chunk & (key_pos < sinks)))
+        out = dot_product_attention(q, keys, values, mask[:, None])
+        # Write: positions < sinks into their sink slot, the chunk's last `window` tokens
+        # into the ring (slot sinks + position % window); anything else out of range.
+        last = jnp.max(written, axis=1, keepdims=True)
+        ring = jnp.where((written >= 0) & (written > last - window),
+                         sinks + written % window, slots)
+        sink = jnp.where((written >= 0) & (written < sinks), written, slots)
+        rows = jnp.arange(b)[:, None]
+        for slot in (ring, sink) if sinks else (ring,):
+            cache_k.value = cache_k.value.at[rows, slot].set(k, mode="drop")
+            cache_v.value = cache_v.value.at[rows, slot].set(v, mode="drop")
+            cache_pos.value = cache_pos.value.at[rows, slot].set(written + 1, mode="drop")
+        return out
