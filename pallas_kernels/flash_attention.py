@@ -571,7 +571,17 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
 
 
 def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
-    """`flash_attention` under the active mesh: one kernel call per (batch, heads) shard.
+    """`flash_attention` under the active mesh: one kernel call per (batch, heads) shard
+    (`partitioned`). Without a mesh of more than one device this is `flash_attention`."""
+    if kwargs.get("return_lse"):
+        raise ValueError("partitioned_flash_attention returns the output only")
+    return partitioned(lambda q, k, v, seg: flash_attention(q, k, v, segment_ids=seg,
+                                                            **kwargs), q, k, v, segment_ids)
+
+
+def partitioned(fn, q, k, v, segment_ids=None):
+    """`fn(q, k, v, segment_ids) -> out` (out shaped as q) under the active mesh, one call
+    per (batch, heads) shard.
 
     A Pallas call is opaque to XLA's partitioner, which would gather every operand and
     run the whole batch on each device. Here the batch is split as the logical axis
@@ -579,15 +589,13 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
     shard keeps whole query groups); otherwise heads stay whole. Length is never split:
     the kernel needs every key, so a `sequence` axis is gathered (ring attention would
     keep it split). A dimension the mesh does not divide (a batch of one at init) stays
-    whole. Without a mesh of more than one device this is `flash_attention`.
+    whole.
     """
     from jax.sharding import PartitionSpec as P
 
-    if kwargs.get("return_lse"):
-        raise ValueError("partitioned_flash_attention returns the output only")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return flash_attention(q, k, v, segment_ids=segment_ids, **kwargs)
+        return fn(q, k, v, segment_ids)
 
     batch = mesh_axes_of(mesh, "batch", q.shape[0])
     heads = mesh_axes_of(mesh, "heads", k.shape[2])
@@ -595,10 +603,9 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
         heads = ()
     split = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
     qkv_spec = P(split(batch), None, split(heads), None)
-    fn = functools.partial(flash_attention, **kwargs)
     if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: fn(q, k, v), mesh=mesh, in_specs=(qkv_spec,) * 3,
-                             out_specs=qkv_spec, check_vma=False)(q, k, v)
-    return jax.shard_map(lambda q, k, v, s: fn(q, k, v, segment_ids=s), mesh=mesh,
-                         in_specs=(qkv_spec,) * 3 + (P(split(batch), None),),
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh,
+                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
+                             check_vma=False)(q, k, v)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(split(batch), None),),
                          out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)

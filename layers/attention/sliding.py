@@ -30,11 +30,17 @@ import jax
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import _MASKED, dot_product_attention, projection_flops
+from efflm.layers.attention.softmax import (
+    _MASKED,
+    _softmax_impl,
+    dot_product_attention,
+    projection_flops,
+)
 from efflm.layers.common import decoding
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
+from efflm.pallas_kernels.flash_attention import flash_attention, partitioned
 from efflm.shapes import head_dim, num_kv_heads
 
 if TYPE_CHECKING:
@@ -44,6 +50,58 @@ if TYPE_CHECKING:
 def _blocks(a, n: int, block: int):
     """(batch, n * block, ...) -> (batch, n, block, ...)."""
     return a.reshape(a.shape[0], n, block, *a.shape[2:])
+
+
+def sink_keys(k, v, seg, window: int, sinks: int):
+    """Each query's sink keys and values, (batch, length, sinks, kv_heads, dim), and which
+    of them it sees, (batch, length, sinks): its document's first `sinks` tokens that are
+    at or before it and outside its window (inside it, the window holds them)."""
+    t = k.shape[1]
+    idx = jnp.arange(t)
+    starts = jnp.concatenate([jnp.ones((k.shape[0], 1), bool), seg[:, 1:] != seg[:, :-1]],
+                             axis=1)
+    rows = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)[..., None] + jnp.arange(sinks)
+    ok = (rows <= idx[:, None]) & (idx[:, None] - rows >= window) & (seg > 0)[..., None]
+    rows = jnp.minimum(rows, t - 1)
+    take = jax.vmap(lambda a, r: a[r])  # per batch row
+    return take(k, rows), take(v, rows), ok
+
+
+def sink_branch(q, k, v, segment_ids, window: int, sinks: int):
+    """(out, lse): softmax attention of each query over its sink keys alone (`sink_keys`);
+    lse (batch, heads, length) float32, -inf for a query that sees none (out 0)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    ks, vs, ok = sink_keys(k, v, seg, window, sinks)
+    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,btukd->btkgu", qg, ks, preferred_element_type=jnp.float32)
+    mask = ok[:, :, None, None, :]
+    scores = jnp.where(mask, scores, _MASKED)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(v.dtype)
+    out = jnp.einsum("btkgu,btukd->btkgd", probs, vs).reshape(b, t, h, d)
+    lse = jnp.where(jnp.any(ok, axis=-1)[:, :, None, None], lse, -jnp.inf)
+    return out, lse.reshape(b, t, h).transpose(0, 2, 1)
+
+
+def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
+    """The Pallas path: the flash kernel's token-exact window, merged by log-sum-exp with
+    the sink branch (`sink_branch`, XLA)."""
+    out, lse = flash_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window,
+                               block_q=block, block_k=block, return_lse=True)
+    if not sinks:
+        return out
+    lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # the kernel's "no key" rows
+    sink_out, sink_lse = sink_branch(q, k, v, segment_ids, window, sinks)
+    total = jnp.logaddexp(lse, sink_lse)
+
+    def weight(part):  # (batch, heads, length) -> (batch, length, heads, 1)
+        return jnp.exp(part - total).transpose(0, 2, 1)[..., None]
+
+    merged = out.astype(jnp.float32) * weight(lse) + sink_out.astype(jnp.float32) * weight(
+        sink_lse)
+    return merged.astype(q.dtype)
 
 
 def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int):
@@ -78,14 +136,8 @@ def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int)
     mask = (same & in_window[None])[:, :, None, None]
     parts = [jnp.where(mask, scores, _MASKED)]
     if sinks:
-        idx = jnp.arange(n * block)
-        starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-        first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
-        rows = first[..., None] + jnp.arange(sinks)  # (batch, length, sinks)
-        ok = (rows <= idx[:, None]) & (idx[:, None] - rows >= window) & (seg > 0)[..., None]
-        rows = jnp.minimum(rows, n * block - 1)
-        take = jax.vmap(lambda a, r: a[r])  # per batch row
-        sink_k, sink_v = (take(a, rows).reshape(b, n, block, sinks, kv, d) for a in (k, v))
+        sink_k, sink_v, ok = sink_keys(k, v, seg, window, sinks)
+        sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
         sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
                                  preferred_element_type=jnp.float32)
         sink_mask = _blocks(ok, n, block)[:, :, None, None]
@@ -139,9 +191,11 @@ class SlidingAttention(Mixer):
         check_positive("model.attention.sliding.window", own.window)
         check_positive("model.attention.sliding.sinks", own.sinks, allow_zero=True)
         check_positive("model.attention.sliding.block_size", own.block_size)
-        if cfg.attention.impl == "pallas":
-            raise ConfigError("model.attention.kind=sliding has no Pallas path yet; set "
-                              "model.attention.impl=xla (or auto)")
+        block = own.block_size
+        if cfg.attention.impl == "pallas" and block & (block - 1):
+            raise ConfigError(f"model.attention.sliding.block_size={block}: the Pallas "
+                              "kernel's blocks must be a power of two (the XLA path takes "
+                              "any)")
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -169,11 +223,14 @@ class SlidingAttention(Mixer):
         v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
         theta = cfg.attention.rope_theta
         q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        args = (own.window, own.sinks, own.block_size)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
+        elif _softmax_impl(cfg.attention.impl, dim, cfg.dtype) == "pallas":
+            out = partitioned(lambda q, k, v, seg: sliding_pallas(q, k, v, seg, *args),
+                              q, k, v, segment_ids)
         else:
-            out = sliding_attention(q, k, v, segment_ids, own.window, own.sinks,
-                                    own.block_size)
+            out = sliding_attention(q, k, v, segment_ids, *args)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,

@@ -9,7 +9,11 @@ import pytest
 from conftest import packed_batch_losses
 
 from efflm.cli import main
-from efflm.layers.attention.sliding import sliding_attention, sliding_reference
+from efflm.layers.attention.sliding import (
+    sliding_attention,
+    sliding_pallas,
+    sliding_reference,
+)
 from efflm.layers.attention.softmax import attention_mask, dot_product_attention
 
 # Row 0: three documents, the last cut by padding; row 1: one. 37: no block multiple.
@@ -23,13 +27,10 @@ def _qkv(dtype, t=37):
     return q, k, v, jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
 
 
-@pytest.mark.parametrize("dtype, tol, window, sinks, block", [
-    (jnp.float32, 2e-5, 5, 2, 4),  # the window over two key blocks, sinks
-    (jnp.float32, 2e-5, 16, 0, 5),  # over four, no sinks
-    (jnp.bfloat16, 3e-2, 5, 2, 4)])
-def test_blocked_path_equals_the_masked_reference(dtype, tol, window, sinks, block):
-    """Values and gradients (q, k, v) over packed documents with padding, at a length
-    that is no block multiple (the padding's own rows are left out)."""
+def _against_reference(path, dtype, tol, window, sinks, block):
+    """Values and gradients (q, k, v) of `path` against the masked reference over packed
+    documents with padding, at a length that is no block multiple (the padding's own rows
+    are left out)."""
     q, k, v, w = _qkv(dtype)
     real = np.asarray(SEGMENTS > 0)[..., None, None]
 
@@ -40,17 +41,32 @@ def test_blocked_path_equals_the_masked_reference(dtype, tol, window, sinks, blo
         (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
         return [np.asarray(a, np.float32) for a in (out, *grads)]
 
-    fast = run(lambda q, k, v: sliding_attention(q, k, v, SEGMENTS, window, sinks, block))
+    fast = run(lambda q, k, v: path(q, k, v, SEGMENTS, window, sinks, block))
     slow = run(lambda q, k, v: sliding_reference(q, k, v, SEGMENTS, window, sinks))
     for x, y in zip(fast, slow, strict=True):
         np.testing.assert_allclose(x * real, y * real, rtol=tol, atol=tol * np.abs(y).max())
 
 
+@pytest.mark.parametrize("dtype, tol, window, sinks, block", [
+    (jnp.float32, 2e-5, 5, 2, 4),  # the window over two key blocks, sinks
+    (jnp.float32, 2e-5, 16, 0, 5),  # over four, no sinks
+    (jnp.bfloat16, 3e-2, 5, 2, 4)])
+def test_blocked_path_equals_the_masked_reference(dtype, tol, window, sinks, block):
+    _against_reference(sliding_attention, dtype, tol, window, sinks, block)
+
+
+@pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+def test_pallas_path_in_interpret_mode_equals_the_masked_reference():
+    """The flash kernel's window merged with the sink branch by log-sum-exp."""
+    _against_reference(sliding_pallas, jnp.float32, 2e-5, 5, 2, 16)
+
+
 def test_a_window_as_long_as_the_sequence_is_softmax():
     q, k, v, _ = _qkv(jnp.float32)
-    full = dot_product_attention(q, k, v, attention_mask(SEGMENTS, 37))
-    np.testing.assert_allclose(sliding_attention(q, k, v, SEGMENTS, 37, 4, 8), full,
-                               rtol=1e-5, atol=1e-5)
+    full = jax.jit(dot_product_attention)(q, k, v, attention_mask(SEGMENTS, 37))
+    sliding = jax.jit(sliding_attention, static_argnums=(4, 5, 6))
+    np.testing.assert_allclose(sliding(q, k, v, SEGMENTS, 37, 4, 8), full, rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny_sliding", "tiny_sliding_hybrid"])
@@ -64,9 +80,10 @@ def test_preset_trains(small_config, preset):
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
 
 
-@pytest.mark.parametrize("setting", ["window=0", "sinks=-1", "block_size=0"])
+@pytest.mark.parametrize("setting", ["window=0", "sinks=-1", "block_size=0",
+                                     "block_size=48 model.attention.impl=pallas"])
 def test_bad_settings_exit_2_naming_the_key(capsys, setting):
     assert main(["config", "show", "--config", "tiny_sliding",
-                 f"model.attention.sliding.{setting}"]) == 2
+                 *f"model.attention.sliding.{setting}".split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.sliding.{setting.split('=')[0]}" in err[0]
