@@ -257,17 +257,20 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: CallSt
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _sparse(q, k, v, q_seg, k_seg, q_table, k_table, s: CallStatics):
-    return _forward(q, k, v, q_seg, k_seg, q_table, s)[0]
+    return _forward(q, k, v, q_seg, k_seg, q_table, s)
 
 
 def _sparse_fwd(q, k, v, q_seg, k_seg, q_table, k_table, s: CallStatics):
     out, lse = _forward(q, k, v, q_seg, k_seg, q_table, s)
-    return out, (q, k, v, q_seg, k_seg, q_table, k_table, out, lse)
+    return (out, lse), (q, k, v, q_seg, k_seg, q_table, k_table, out, lse)
 
 
-def _sparse_bwd(s: CallStatics, residuals, do):
+def _sparse_bwd(s: CallStatics, residuals, cotangents):
     q, k, v, q_seg, k_seg, q_table, k_table, out, lse = residuals
+    do, dlse = cotangents
+    # A cotangent on the lse subtracts from delta, as in `flash_attention`.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = delta - dlse
     dq, dk, dv = _backward(q, k, v, q_seg, k_seg, q_table, k_table, do.astype(q.dtype), lse,
                            delta, s)
     return dq, dk, dv, None, None, None, None
@@ -277,7 +280,7 @@ _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_q, block_k, segment_ids=None,
-                           causal=True, sm_scale=None, interpret=None):
+                           causal=True, sm_scale=None, interpret=None, return_lse=False):
     """Softmax attention computed only on the (query block, key block) tiles of a mask.
 
     q: (batch, length, heads, head_dim); k, v: (batch, kv_length, kv_heads, head_dim),
@@ -288,7 +291,8 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q, block_k, segment_ids
     kv_length) masking still apply. Rows that see no key give 0. Lengths need not divide
     the blocks; head_dim is zero-padded to a power of two. sm_scale defaults to
     head_dim ** -0.5; interpret=None: interpret mode unless the default backend is GPU.
-    Differentiable in q, k, v.
+    With return_lse, also the log-sum-exp of the scaled, masked scores (batch, heads,
+    length) float32 (+inf for a row that sees no key). Differentiable in q, k, v.
     """
     _check_args(q, k, v, segment_ids, block_q, block_k)
     if interpret is None:
@@ -313,6 +317,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_q, block_k, segment_ids
                 sm_scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                 block_q=block_q, block_k=block_k, q_len=t, kv_len=kv_len,
                 interpret=bool(interpret))
-    out = _sparse(pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), q_seg, k_seg,
-                  jnp.asarray(q_table), jnp.asarray(k_table), s)
-    return out[:, :t, :, :d]
+    out, lse = _sparse(pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), q_seg, k_seg,
+                       jnp.asarray(q_table), jnp.asarray(k_table), s)
+    out, lse = out[:, :t, :, :d], lse[:, :, :t]
+    return (out, lse) if return_lse else out

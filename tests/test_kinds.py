@@ -19,8 +19,7 @@ from efflm.config.schema import FAMILIES
 from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token
 from efflm.layers import ATTENTION, DEPTH, MLP
-from efflm.layers.attention.sliding import SlidingAttention, kept_pairs_per_token
-from efflm.layers.attention.softmax import causal_mix_flops
+from efflm.layers.attention.softmax import causal_mix_flops, projection_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.layers.moe import ROUTERS
 from efflm.layers.moe.capacity import row_capacity
@@ -53,7 +52,9 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
          ("mixer", "sliding"): ("model.attention.sliding.window=6",  # several blocks back
                                 "model.attention.sliding.sinks=2",
-                                "model.attention.sliding.block_size=4")}
+                                "model.attention.sliding.block_size=4"),
+         ("mixer", "power"): ("model.attention.power.block_size=4",  # 1, 2, 4 blocks back
+                              "model.attention.power.sinks=2")}
 # Settings that change what a kind's layer computes, checked like kinds: the capacity
 # policies (with drops happening) and a tight relu row budget.
 VARIANTS = {
@@ -225,18 +226,20 @@ def _traced_and_analytic(cfg, length=40, batch=2):
     """Forward matmul FLOPs of LM(cfg) on a (batch, length) batch, traced, and the analytic
     count plus what runs beyond it by construction: a full masked softmax does twice
     the causal half credited (in every layer as the depth kind runs it: the hook is
-    linear in the layers' counts), sliding attention the masked pairs of its tiles and
-    each MoE layer its dispatch overhead."""
+    linear in the layers' counts), a sparse kind the masked pairs of its tiles and each
+    MoE layer its dispatch overhead."""
     plan = layer_plan(cfg)
     traced = traced_forward_flops(cfg, length, batch)
     hook = depth_kind(cfg).flops_per_token
     softmax = (hook(cfg, length, lambda i, n: causal_mix_flops(cfg, n) * (
         plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n: 0.0)) * batch * length
-    if "sliding" in {s.mixer for s in plan}:  # the masked pairs of its computed tiles
-        own, pair = cfg.attention.sliding, 4 * cfg.attention.num_heads * head_dim(cfg)
-        masked = SlidingAttention.computed_pairs_per_token(cfg, length) - (
-            kept_pairs_per_token(own.window, own.sinks, length))
-        softmax += sum(s.mixer == "sliding" for s in plan) * masked * pair * batch * length
+    pair = 4 * cfg.attention.num_heads * head_dim(cfg)
+    for spec in plan:  # a sparse kind: the masked pairs of the tiles it computes
+        kind = spec.mixer_kind
+        if hasattr(kind, "computed_pairs_per_token"):
+            kept = (kind.flops_per_token(cfg, length) - projection_flops(cfg)) / pair
+            masked = kind.computed_pairs_per_token(cfg, length) - kept
+            softmax += masked * pair * batch * length
     moe = sum(s.mlp_kind is MoE for s in plan) * _moe_overhead(cfg, batch * length, length)
     return traced, forward_flops_per_token(cfg, length) * batch * length + softmax + moe
 
@@ -293,7 +296,7 @@ def test_fast_path_equals_its_reference(kind):
 BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "feature_map=exp",
        "model.attention.gla": "gate_rank=0", "model.attention.based": "feature_dim=0",
        "model.attention.gated_deltanet": "conv_width=0",
-       "model.attention.sliding": "window=0",
+       "model.attention.sliding": "window=0", "model.attention.power": "block_size=0",
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
        "model.depth.recursive": "recursions=0"}

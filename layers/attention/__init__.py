@@ -6,9 +6,11 @@ from efflm.layers.attention.based import BasedAttention
 from efflm.layers.attention.gated_deltanet import GatedDeltaNet
 from efflm.layers.attention.gla import GatedLinearAttention
 from efflm.layers.attention.linear import LinearAttention
+from efflm.layers.attention.power import PowerAttention
 from efflm.layers.attention.sliding import SlidingAttention
 from efflm.layers.attention.softmax import SoftmaxAttention
 
 ATTENTION = {"softmax": SoftmaxAttention, "linear": LinearAttention,
              "gla": GatedLinearAttention, "based": BasedAttention,
-             "gated_deltanet": GatedDeltaNet, "sliding": SlidingAttention}
+             "gated_deltanet": GatedDeltaNet, "sliding": SlidingAttention,
+             "power": PowerAttention}

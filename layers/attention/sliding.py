@@ -52,28 +52,34 @@ def _blocks(a, n: int, block: int):
     return a.reshape(a.shape[0], n, block, *a.shape[2:])
 
 
-def sink_keys(k, v, seg, window: int, sinks: int):
+def in_window(window: int):
+    """`covered(query, key)` of a window: whether the window holds the key (indices)."""
+    return lambda i, j: i - j < window
+
+
+def sink_keys(k, v, seg, covered, sinks: int):
     """Each query's sink keys and values, (batch, length, sinks, kv_heads, dim), and which
     of them it sees, (batch, length, sinks): its document's first `sinks` tokens that are
-    at or before it and outside its window (inside it, the window holds them)."""
+    at or before it and that the pattern does not already show it (`covered(query index,
+    key index)`, elementwise)."""
     t = k.shape[1]
     idx = jnp.arange(t)
     starts = jnp.concatenate([jnp.ones((k.shape[0], 1), bool), seg[:, 1:] != seg[:, :-1]],
                              axis=1)
     rows = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)[..., None] + jnp.arange(sinks)
-    ok = (rows <= idx[:, None]) & (idx[:, None] - rows >= window) & (seg > 0)[..., None]
+    ok = (rows <= idx[:, None]) & ~covered(idx[:, None], rows) & (seg > 0)[..., None]
     rows = jnp.minimum(rows, t - 1)
     take = jax.vmap(lambda a, r: a[r])  # per batch row
     return take(k, rows), take(v, rows), ok
 
 
-def sink_branch(q, k, v, segment_ids, window: int, sinks: int):
+def sink_branch(q, k, v, segment_ids, covered, sinks: int):
     """(out, lse): softmax attention of each query over its sink keys alone (`sink_keys`);
     lse (batch, heads, length) float32, -inf for a query that sees none (out 0)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    ks, vs, ok = sink_keys(k, v, seg, window, sinks)
+    ks, vs, ok = sink_keys(k, v, seg, covered, sinks)
     qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,btukd->btkgu", qg, ks, preferred_element_type=jnp.float32)
     mask = ok[:, :, None, None, :]
@@ -85,15 +91,10 @@ def sink_branch(q, k, v, segment_ids, window: int, sinks: int):
     return out, lse.reshape(b, t, h).transpose(0, 2, 1)
 
 
-def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
-    """The Pallas path: the flash kernel's token-exact window, merged by log-sum-exp with
-    the sink branch (`sink_branch`, XLA)."""
-    out, lse = flash_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window,
-                               block_q=block, block_k=block, return_lse=True)
-    if not sinks:
-        return out
-    lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # the kernel's "no key" rows
-    sink_out, sink_lse = sink_branch(q, k, v, segment_ids, window, sinks)
+def with_sinks(out, lse, q, k, v, segment_ids, covered, sinks: int):
+    """A kernel's `(out, lse)` merged by log-sum-exp with the sink branch."""
+    lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # the kernels' "no key" rows
+    sink_out, sink_lse = sink_branch(q, k, v, segment_ids, covered, sinks)
     total = jnp.logaddexp(lse, sink_lse)
 
     def weight(part):  # (batch, heads, length) -> (batch, length, heads, 1)
@@ -102,6 +103,16 @@ def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
     merged = out.astype(jnp.float32) * weight(lse) + sink_out.astype(jnp.float32) * weight(
         sink_lse)
     return merged.astype(q.dtype)
+
+
+def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
+    """The Pallas path: the flash kernel's token-exact window, merged by log-sum-exp with
+    the sink branch (`sink_branch`, XLA)."""
+    out, lse = flash_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window,
+                               block_q=block, block_k=block, return_lse=True)
+    if not sinks:
+        return out
+    return with_sinks(out, lse, q, k, v, segment_ids, in_window(window), sinks)
 
 
 def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int):
@@ -131,12 +142,12 @@ def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int)
     i = (jnp.arange(n) * block)[:, None, None] + jnp.arange(block)[None, :, None]
     j = ((jnp.arange(n) - back) * block)[:, None, None] + jnp.arange(span)[None, None, :]
     same = _blocks(seg, n, block)[..., None] == key_seg[:, :, None, :]
-    in_window = (j <= i) & (i - j < window)  # (n, block, span); j < 0 never matches
+    near = (j <= i) & (i - j < window)  # (n, block, span); j < 0 never matches
     scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
-    mask = (same & in_window[None])[:, :, None, None]
+    mask = (same & near[None])[:, :, None, None]
     parts = [jnp.where(mask, scores, _MASKED)]
     if sinks:
-        sink_k, sink_v, ok = sink_keys(k, v, seg, window, sinks)
+        sink_k, sink_v, ok = sink_keys(k, v, seg, in_window(window), sinks)
         sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
         sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
                                  preferred_element_type=jnp.float32)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import packed_batch_losses
+from conftest import SPARSE_SEGMENTS, attention_against_reference, packed_batch_losses
 
 from efflm.cli import main
 from efflm.layers.attention.sliding import (
@@ -16,35 +16,11 @@ from efflm.layers.attention.sliding import (
 )
 from efflm.layers.attention.softmax import attention_mask, dot_product_attention
 
-# Row 0: three documents, the last cut by padding; row 1: one. 37: no block multiple.
-SEGMENTS = jnp.asarray([[1] * 15 + [2] * 4 + [3] * 15 + [0] * 3, [1] * 37])
-
-
-def _qkv(dtype, t=37):
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), dtype)
-    k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), dtype) for _ in "kv")
-    return q, k, v, jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
-
 
 def _against_reference(path, dtype, tol, window, sinks, block):
-    """Values and gradients (q, k, v) of `path` against the masked reference over packed
-    documents with padding, at a length that is no block multiple (the padding's own rows
-    are left out)."""
-    q, k, v, w = _qkv(dtype)
-    real = np.asarray(SEGMENTS > 0)[..., None, None]
-
-    def run(f):
-        def loss(q, k, v):
-            out = f(q, k, v)
-            return jnp.sum(out.astype(jnp.float32) * w), out
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
-        return [np.asarray(a, np.float32) for a in (out, *grads)]
-
-    fast = run(lambda q, k, v: path(q, k, v, SEGMENTS, window, sinks, block))
-    slow = run(lambda q, k, v: sliding_reference(q, k, v, SEGMENTS, window, sinks))
-    for x, y in zip(fast, slow, strict=True):
-        np.testing.assert_allclose(x * real, y * real, rtol=tol, atol=tol * np.abs(y).max())
+    attention_against_reference(
+        lambda q, k, v, seg: path(q, k, v, seg, window, sinks, block),
+        lambda q, k, v, seg: sliding_reference(q, k, v, seg, window, sinks), dtype, tol)
 
 
 @pytest.mark.parametrize("dtype, tol, window, sinks, block", [
@@ -62,11 +38,12 @@ def test_pallas_path_in_interpret_mode_equals_the_masked_reference():
 
 
 def test_a_window_as_long_as_the_sequence_is_softmax():
-    q, k, v, _ = _qkv(jnp.float32)
-    full = jax.jit(dot_product_attention)(q, k, v, attention_mask(SEGMENTS, 37))
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 4, 8)), jnp.float32) for _ in "qkv")
+    seg = jnp.asarray(SPARSE_SEGMENTS)
+    full = jax.jit(dot_product_attention)(q, k, v, attention_mask(seg, 37))
     sliding = jax.jit(sliding_attention, static_argnums=(4, 5, 6))
-    np.testing.assert_allclose(sliding(q, k, v, SEGMENTS, 37, 4, 8), full, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(sliding(q, k, v, seg, 37, 4, 8), full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny_sliding", "tiny_sliding_hybrid"])

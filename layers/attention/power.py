@@ -1,0 +1,238 @@
+"""PowerAttention (`model.attention.kind=power`), "PowerAttention: Exponentially Scaling
+of Receptive Fields for Effective Sparse Attention".
+
+The row is cut into blocks of `block_size` tokens. A query sees, causally and inside its
+document, the keys of its own block and of the blocks 1, 2, 4, 8, ... blocks behind
+it, so the receptive field doubles with each layer while a query reads
+`O(log(length / block_size))` blocks; optionally also its document's first `sinks`
+tokens (those the pattern does not already show). The blocks are the row's, as the
+kernel's static table is: in a packed row, a document's pattern depends on where it
+starts (decoding, which starts every document at position 0, matches a document at the
+start of its row).
+
+XLA path: each query block gathers only its visible key blocks (its own and up to
+`floor(log2(blocks - 1)) + 1` behind it, padded to that many) and the sink keys, in one
+softmax. Pallas path: the block-sparse kernel on the same block table, merged by
+log-sum-exp with the XLA sink branch. Decoding reads a full KV cache, masked by the
+pattern.
+
+FLOPs count the query-key pairs the pattern keeps (over a sequence of one document), as
+softmax counts its causal half; the masked pairs of the computed tiles are not credited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efflm.errors import ConfigError, check_positive
+from efflm.layers.attention.sliding import sink_keys, with_sinks
+from efflm.layers.attention.softmax import (
+    _MASKED,
+    _softmax_impl,
+    dot_product_attention,
+    projection_flops,
+)
+from efflm.layers.common import decoding
+from efflm.layers.contract import Mixer
+from efflm.layers.dense import Dense, quant_kw
+from efflm.layers.rotary import apply_rotary
+from efflm.pallas_kernels.block_sparse_attention import block_sparse_attention, power_block_mask
+from efflm.pallas_kernels.flash_attention import partitioned
+from efflm.shapes import head_dim, num_kv_heads
+
+if TYPE_CHECKING:
+    from efflm.config import ModelConfig
+
+
+def covered(block: int):
+    """`covered(query, key)`: whether the pattern shows the key (indices, elementwise)."""
+    def show(i, j):
+        d = i // block - j // block
+        return (d == 0) | ((d > 0) & ((d & (d - 1)) == 0))
+    return show
+
+
+def block_table(blocks: int) -> np.ndarray:
+    """(blocks, 1 + behind) key blocks per query block: its own, then 1, 2, 4, ... behind
+    (-1 past the start)."""
+    behind = max(1, blocks - 1).bit_length() if blocks > 1 else 0
+    table = np.full((blocks, 1 + behind), -1, np.int32)
+    for n in range(blocks):
+        table[n, 0] = n
+        for m in range(behind):
+            if n - (1 << m) >= 0:
+                table[n, 1 + m] = n - (1 << m)
+    return table
+
+
+def power_attention(q, k, v, segment_ids, block: int, sinks: int):
+    """The XLA path (see the module): q (batch, length, heads, dim); k, v (batch, length,
+    kv_heads, dim); segment_ids (batch, length) or None."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    n = -(-t // block)
+    pad = n * block - t
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    if pad:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    table = block_table(n)
+    width = table.shape[1] * block
+    gather = np.maximum(table, 0)
+
+    def visible(a):  # (batch, n, width, ...): each query block's key blocks
+        blocks = a.reshape(b, n, block, *a.shape[2:])
+        return blocks[:, gather].reshape(b, n, width, *a.shape[2:])
+
+    keys, values, key_seg = visible(k), visible(v), visible(seg)
+    i = np.arange(n * block).reshape(n, block, 1)
+    j = (np.repeat(table, block, axis=1) * block + np.tile(np.arange(block), table.shape[1])
+         )[:, None, :]
+    ok = (np.repeat(table, block, axis=1) >= 0)[:, None, :] & (j <= i)  # (n, block, width)
+    same = seg.reshape(b, n, block)[..., None] == key_seg[:, :, None, :]
+    qb = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, n, block, kv, h // kv, d)
+    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
+    parts = [jnp.where((same & ok[None])[:, :, None, None], scores, _MASKED)]
+    if sinks:
+        sink_k, sink_v, sink_ok = sink_keys(k, v, seg, covered(block), sinks)
+        sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
+        sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
+                                 preferred_element_type=jnp.float32)
+        mask = sink_ok.reshape(b, n, block, sinks)[:, :, None, None]
+        parts.append(jnp.where(mask, sink_scores, _MASKED))
+    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs[..., :width], values)
+    if sinks:
+        out = out + jnp.einsum("bnkgqu,bnqukd->bnqkgd", probs[..., width:], sink_v)
+    return out.reshape(b, n * block, h, d)[:, :t]
+
+
+def power_reference(q, k, v, segment_ids, block: int, sinks: int):
+    """Full masked softmax with the token-level mask of the pattern."""
+    b, t = q.shape[:2]
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    idx = jnp.arange(t)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # in-document position
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = idx[:, None] >= idx[None, :]
+    shown = covered(block)(idx[:, None], idx[None, :])
+    sink = pos[:, None, :] < sinks
+    return dot_product_attention(q, k, v, (same & causal & (shown | sink))[:, None])
+
+
+def kept_pairs_per_token(block: int, sinks: int, seq_len: int) -> float:
+    """Query-key pairs a token keeps, averaged over a document of `seq_len` tokens."""
+    i = np.arange(seq_len)
+    behind = np.array([int(n).bit_length() for n in i // block])  # blocks 1, 2, 4 ... back
+    kept = (i % block + 1) + behind * block
+    for j in range(min(sinks, seq_len)):  # a sink counts where the blocks do not show it
+        kept += (j <= i) & ~np.asarray(covered(block)(i, j))
+    return float(kept.sum()) / seq_len
+
+
+@dataclass
+class PowerSettings:
+    block_size: int = 64  # tokens per block of the pattern (and of the kernel's tiles)
+    sinks: int = 0  # first tokens of each document every query also sees (0: none)
+
+
+class PowerAttention(Mixer):
+    """Causal PowerAttention (see the module)."""
+
+    decodes = True
+    quant_target = "attention"
+    settings = PowerSettings
+
+    @staticmethod
+    def validate_config(cfg: ModelConfig) -> None:
+        own = cfg.attention.power
+        check_positive("model.attention.power.block_size", own.block_size)
+        check_positive("model.attention.power.sinks", own.sinks, allow_zero=True)
+        block = own.block_size
+        if block > cfg.max_seq_len:
+            raise ConfigError(f"model.attention.power.block_size={block} is larger than "
+                              f"model.max_seq_len={cfg.max_seq_len}: one block would hold "
+                              "the whole sequence (softmax attention); lower it")
+        if cfg.attention.impl == "pallas" and (block & (block - 1) or block < 16):
+            raise ConfigError(f"model.attention.power.block_size={block}: the Pallas "
+                              "kernel's blocks must be a power of two >= 16 (the XLA path "
+                              "takes any)")
+
+    @staticmethod
+    def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        own = cfg.attention.power
+        pairs = kept_pairs_per_token(own.block_size, own.sinks, seq_len)
+        return projection_flops(cfg) + 2 * 2 * pairs * cfg.attention.num_heads * head_dim(cfg)
+
+    @staticmethod
+    def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """Query-key pairs the XLA path scores per token: whole tiles of its blocks."""
+        own = cfg.attention.power
+        n = -(-seq_len // own.block_size)
+        width = block_table(n).shape[1] * own.block_size
+        return n * own.block_size * (width + own.sinks) / seq_len
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, mask):
+        cfg, own = self.cfg, self.cfg.attention.power
+        heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
+                  **quant_kw(cfg, "attention"))
+        q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
+        v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
+        theta = cfg.attention.rope_theta
+        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        if decoding(self):
+            out = self._decode(q, k, v, positions, segment_ids)
+        elif _softmax_impl(cfg.attention.impl, dim, cfg.dtype) == "pallas":
+            out = partitioned(lambda q, k, v, seg: power_pallas(
+                q, k, v, seg, own.block_size, own.sinks), q, k, v, segment_ids)
+        else:
+            out = power_attention(q, k, v, segment_ids, own.block_size, own.sinks)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
+                     name="out", **quant_kw(cfg, "attention"))(out)
+
+    def _decode(self, q, k, v, positions, segment_ids):
+        """Write the chunk into a KV cache at its positions (tokens with segment id 0
+        not valid), then attend to the valid keys the pattern shows each query."""
+        own = self.cfg.attention.power
+        b = k.shape[0]
+        length = self.cfg.max_seq_len
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, length, *k.shape[2:]),
+                                 k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros,
+                                 (b, length, *v.shape[2:]), v.dtype)
+        valid = self.variable("cache", "valid", jnp.zeros, (b, length), jnp.bool_)
+        rows = jnp.arange(b)[:, None]
+        cached_k.value = cached_k.value.at[rows, positions].set(k)
+        cached_v.value = cached_v.value.at[rows, positions].set(v)
+        written = True if segment_ids is None else segment_ids > 0
+        valid.value = valid.value.at[rows, positions].set(written)
+        slots = jnp.arange(length)[None, None, :]
+        q_pos = positions[:, :, None]
+        shown = covered(own.block_size)(q_pos, slots) | (slots < own.sinks)
+        mask = valid.value[:, None, :] & (slots <= q_pos) & shown
+        return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
+
+
+def power_pallas(q, k, v, segment_ids, block: int, sinks: int):
+    """The Pallas path: the block-sparse kernel on PowerAttention's block table, merged by
+    log-sum-exp with the sink branch (XLA)."""
+    t = q.shape[1]
+    table = power_block_mask(t, block_q=block, block_k=block)
+    out, lse = block_sparse_attention(q, k, v, table, block_q=block, block_k=block,
+                                      segment_ids=segment_ids, return_lse=True)
+    if not sinks:
+        return out
+    return with_sinks(out, lse, q, k, v, segment_ids, covered(block), sinks)
