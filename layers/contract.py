@@ -107,6 +107,9 @@ class Mixer(LayerKind):
     # Whether it decodes one token at a time through the `cache` collection (a layer
     # decodes while `cache` is mutable outside init); `efflm generate` refuses others.
     decodes = False
+    # Whether its decoding cache keeps a fixed size whatever the position (a ring
+    # buffer): a model whose mixers all do may generate past model.max_seq_len.
+    bounded_cache = False
 
 
 class FeedForward(LayerKind):

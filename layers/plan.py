@@ -137,6 +137,11 @@ def not_decoding(cfg: ModelConfig) -> list[str]:
     return sorted({s.mixer for s in layer_plan(cfg) if not s.mixer_kind.decodes})
 
 
+def unbounded_decoding(cfg: ModelConfig) -> list[str]:
+    """The mixer kinds of the plan whose decoding cache grows with the position."""
+    return sorted({s.mixer for s in layer_plan(cfg) if not s.mixer_kind.bounded_cache})
+
+
 def initial_carry(cfg: ModelConfig, plan: tuple[LayerSpec, ...], x) -> dict:
     """The carry the stack starts from: the union of the plan's kinds' entries."""
     carry = {}

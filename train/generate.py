@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError
-from efflm.layers.plan import not_causal, not_decoding
+from efflm.layers.plan import not_causal, not_decoding, unbounded_decoding
 from efflm.models import LM
 
 
@@ -73,6 +73,8 @@ class Decoder:
         """Up to `max_new_tokens` tokens after `ids` (which fit the cache)."""
         length = self.model.cfg.max_seq_len
         cache = init_cache(self.model, variables, 1, length)
+        # A cache of fixed size (every mixer's `bounded_cache`) has no last position.
+        limit = length if unbounded_decoding(self.model.cfg) else None
         key = jax.random.key(seed)
         key, sub = jax.random.split(key)
         tokens = jnp.asarray([ids], jnp.int32)
@@ -83,7 +85,7 @@ class Decoder:
             if stop_id is not None and token == stop_id:
                 break
             out.append(token)
-            if len(out) == max_new_tokens or pos + 1 == length:
+            if len(out) == max_new_tokens or pos + 1 == limit:
                 break
             key, sub = jax.random.split(key)
             tok, cache = self.run(variables, cache, jnp.full((1, 1), token, jnp.int32),
@@ -107,7 +109,8 @@ def sample(model: LM, variables, prompt_ids: np.ndarray, *, max_new_tokens: int,
            temperature: float, top_k: int, seed: int, stop_id: int | None = None,
            bos_id: int | None = None) -> list[int]:
     """Extend `prompt_ids` by up to `max_new_tokens` sampled tokens (stopping early at
-    `stop_id` or at `model.max_seq_len`); `bos_id` goes before the prompt."""
+    `stop_id` or at `model.max_seq_len`, unless every mixer's decoding cache has a fixed
+    size); `bos_id` goes before the prompt."""
     if temperature < 0 or top_k < 0:
         raise ConfigError("temperature and top-k must be >= 0")
     if max_new_tokens < 1:

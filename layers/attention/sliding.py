@@ -12,7 +12,9 @@ XLA path: queries in blocks of `block_size`; each block scores its own key block
 `O(window + block_size + sinks)`, whatever the length.
 
 Decoding keeps a ring buffer of the last `window` keys and values and the sink slots, so
-the cache does not grow with the generated length.
+the cache does not grow with the generated length, and a model of sliding layers only
+may generate past `model.max_seq_len` (rotary positions are computed, not tabled: they
+extrapolate beyond the trained lengths).
 
 FLOPs count the query-key pairs the pattern keeps (each query's window and sinks, over a
 sequence of one document), as softmax counts its causal half: the masked pairs of the
@@ -192,6 +194,7 @@ class SlidingAttention(Mixer):
     """Causal sliding-window attention with sinks (see the module)."""
 
     decodes = True
+    bounded_cache = True  # the ring of `window` keys and the sink slots
     quant_target = "attention"
     settings = SlidingSettings
     resumable = ("block_size",)

@@ -64,3 +64,25 @@ def test_bad_settings_exit_2_naming_the_key(capsys, setting):
                  *f"model.attention.sliding.{setting}".split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.sliding.{setting.split('=')[0]}" in err[0]
+
+
+def test_generation_goes_past_max_seq_len_as_a_longer_model_would(small_config):
+    """Sliding layers only: the ring buffer lets greedy generation run past
+    model.max_seq_len (16), token for token as the full forward pass of the same weights
+    under max_seq_len 64 (rotary positions are computed, so the weights do not change)."""
+    import flax.linen as nn
+
+    from efflm.models import LM
+    from efflm.train.generate import greedy_reference, sample
+
+    common = ("model.init_std=0.1", "model.attention.sliding.window=5",
+              "model.attention.sliding.sinks=2", "model.attention.sliding.block_size=4")
+    short = LM(small_config(*common, "model.max_seq_len=16", "data.seq_len=16",
+                            preset="tiny_sliding").model)
+    long = LM(small_config(*common, "model.max_seq_len=64", preset="tiny_sliding").model)
+    params = nn.unbox(jax.jit(short.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    prompt = np.array([ord(c) for c in "def f"])
+    cached = sample(short, params, prompt, max_new_tokens=30, temperature=0, top_k=0,
+                    seed=0, bos_id=257)
+    assert len(cached) == 30  # 36 positions, past 16
+    assert cached == greedy_reference(long, params, prompt, 30, bos_id=257)
