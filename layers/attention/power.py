@@ -26,25 +26,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.sliding import sink_keys, with_sinks
-from efflm.layers.attention.softmax import (
-    _MASKED,
-    _softmax_impl,
-    dot_product_attention,
-    projection_flops,
+from efflm.layers.attention.softmax import _softmax_impl, dot_product_attention, projection_flops
+from efflm.layers.attention.sparse import (
+    masked_reference,
+    pad_to_blocks,
+    project_out,
+    project_qkv,
+    tiled_softmax,
+    with_sinks,
 )
 from efflm.layers.common import decoding
 from efflm.layers.contract import Mixer
-from efflm.layers.dense import Dense, quant_kw
-from efflm.layers.rotary import apply_rotary
 from efflm.pallas_kernels.block_sparse_attention import block_sparse_attention, power_block_mask
 from efflm.pallas_kernels.flash_attention import partitioned
-from efflm.shapes import head_dim, num_kv_heads
+from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -74,14 +73,9 @@ def block_table(blocks: int) -> np.ndarray:
 def power_attention(q, k, v, segment_ids, block: int, sinks: int):
     """The XLA path (see the module): q (batch, length, heads, dim); k, v (batch, length,
     kv_heads, dim); segment_ids (batch, length) or None."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    n = -(-t // block)
-    pad = n * block - t
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    if pad:
-        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        seg = jnp.pad(seg, ((0, 0), (0, pad)))
+    t = q.shape[1]
+    q, k, v, seg, n = pad_to_blocks(q, k, v, segment_ids, block)
+    b = q.shape[0]
     table = block_table(n)
     width = table.shape[1] * block
     gather = np.maximum(table, 0)
@@ -92,39 +86,18 @@ def power_attention(q, k, v, segment_ids, block: int, sinks: int):
 
     keys, values, key_seg = visible(k), visible(v), visible(seg)
     i = np.arange(n * block).reshape(n, block, 1)
-    j = (np.repeat(table, block, axis=1) * block + np.tile(np.arange(block), table.shape[1])
-         )[:, None, :]
-    ok = (np.repeat(table, block, axis=1) >= 0)[:, None, :] & (j <= i)  # (n, block, width)
+    key_block = np.repeat(table, block, axis=1)[:, None, :]
+    j = key_block * block + np.tile(np.arange(block), table.shape[1])[None, None, :]
+    ok = (key_block >= 0) & (j <= i)  # (n, block, width)
     same = seg.reshape(b, n, block)[..., None] == key_seg[:, :, None, :]
-    qb = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, n, block, kv, h // kv, d)
-    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
-    parts = [jnp.where((same & ok[None])[:, :, None, None], scores, _MASKED)]
-    if sinks:
-        sink_k, sink_v, sink_ok = sink_keys(k, v, seg, covered(block), sinks)
-        sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
-        sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
-                                 preferred_element_type=jnp.float32)
-        mask = sink_ok.reshape(b, n, block, sinks)[:, :, None, None]
-        parts.append(jnp.where(mask, sink_scores, _MASKED))
-    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs[..., :width], values)
-    if sinks:
-        out = out + jnp.einsum("bnkgqu,bnqukd->bnqkgd", probs[..., width:], sink_v)
-    return out.reshape(b, n * block, h, d)[:, :t]
+    out = tiled_softmax(q, k, v, seg, keys, values, same & ok[None], covered(block), sinks,
+                        block)
+    return out[:, :t]
 
 
 def power_reference(q, k, v, segment_ids, block: int, sinks: int):
     """Full masked softmax with the token-level mask of the pattern."""
-    b, t = q.shape[:2]
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    idx = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    pos = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # in-document position
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = idx[:, None] >= idx[None, :]
-    shown = covered(block)(idx[:, None], idx[None, :])
-    sink = pos[:, None, :] < sinks
-    return dot_product_attention(q, k, v, (same & causal & (shown | sink))[:, None])
+    return masked_reference(q, k, v, segment_ids, covered(block), sinks)
 
 
 def kept_pairs_per_token(block: int, sinks: int, seq_len: int) -> float:
@@ -182,26 +155,15 @@ class PowerAttention(Mixer):
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         cfg, own = self.cfg, self.cfg.attention.power
-        heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
-                  **quant_kw(cfg, "attention"))
-        q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
-        k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
-        v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
-        theta = cfg.attention.rope_theta
-        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        q, k, v = project_qkv(self, x, positions)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
-        elif _softmax_impl(cfg.attention.impl, dim, cfg.dtype) == "pallas":
+        elif _softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
             out = partitioned(lambda q, k, v, seg: power_pallas(
                 q, k, v, seg, own.block_size, own.sinks), q, k, v, segment_ids)
         else:
             out = power_attention(q, k, v, segment_ids, own.block_size, own.sinks)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
-                     name="out", **quant_kw(cfg, "attention"))(out)
+        return project_out(self, out)
 
     def _decode(self, q, k, v, positions, segment_ids):
         """Write the chunk into a KV cache at its positions (tokens with segment id 0

@@ -28,30 +28,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import (
-    _MASKED,
-    _softmax_impl,
-    dot_product_attention,
-    projection_flops,
+from efflm.layers.attention.softmax import _softmax_impl, dot_product_attention, projection_flops
+from efflm.layers.attention.sparse import (
+    masked_reference,
+    pad_to_blocks,
+    project_out,
+    project_qkv,
+    tiled_softmax,
+    with_sinks,
 )
 from efflm.layers.common import decoding
 from efflm.layers.contract import Mixer
-from efflm.layers.dense import Dense, quant_kw
-from efflm.layers.rotary import apply_rotary
 from efflm.pallas_kernels.flash_attention import flash_attention, partitioned
-from efflm.shapes import head_dim, num_kv_heads
+from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
-
-
-def _blocks(a, n: int, block: int):
-    """(batch, n * block, ...) -> (batch, n, block, ...)."""
-    return a.reshape(a.shape[0], n, block, *a.shape[2:])
 
 
 def in_window(window: int):
@@ -59,57 +54,9 @@ def in_window(window: int):
     return lambda i, j: i - j < window
 
 
-def sink_keys(k, v, seg, covered, sinks: int):
-    """Each query's sink keys and values, (batch, length, sinks, kv_heads, dim), and which
-    of them it sees, (batch, length, sinks): its document's first `sinks` tokens that are
-    at or before it and that the pattern does not already show it (`covered(query index,
-    key index)`, elementwise)."""
-    t = k.shape[1]
-    idx = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones((k.shape[0], 1), bool), seg[:, 1:] != seg[:, :-1]],
-                             axis=1)
-    rows = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)[..., None] + jnp.arange(sinks)
-    ok = (rows <= idx[:, None]) & ~covered(idx[:, None], rows) & (seg > 0)[..., None]
-    rows = jnp.minimum(rows, t - 1)
-    take = jax.vmap(lambda a, r: a[r])  # per batch row
-    return take(k, rows), take(v, rows), ok
-
-
-def sink_branch(q, k, v, segment_ids, covered, sinks: int):
-    """(out, lse): softmax attention of each query over its sink keys alone (`sink_keys`);
-    lse (batch, heads, length) float32, -inf for a query that sees none (out 0)."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    ks, vs, ok = sink_keys(k, v, seg, covered, sinks)
-    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,btukd->btkgu", qg, ks, preferred_element_type=jnp.float32)
-    mask = ok[:, :, None, None, :]
-    scores = jnp.where(mask, scores, _MASKED)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(v.dtype)
-    out = jnp.einsum("btkgu,btukd->btkgd", probs, vs).reshape(b, t, h, d)
-    lse = jnp.where(jnp.any(ok, axis=-1)[:, :, None, None], lse, -jnp.inf)
-    return out, lse.reshape(b, t, h).transpose(0, 2, 1)
-
-
-def with_sinks(out, lse, q, k, v, segment_ids, covered, sinks: int):
-    """A kernel's `(out, lse)` merged by log-sum-exp with the sink branch."""
-    lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # the kernels' "no key" rows
-    sink_out, sink_lse = sink_branch(q, k, v, segment_ids, covered, sinks)
-    total = jnp.logaddexp(lse, sink_lse)
-
-    def weight(part):  # (batch, heads, length) -> (batch, length, heads, 1)
-        return jnp.exp(part - total).transpose(0, 2, 1)[..., None]
-
-    merged = out.astype(jnp.float32) * weight(lse) + sink_out.astype(jnp.float32) * weight(
-        sink_lse)
-    return merged.astype(q.dtype)
-
-
 def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
     """The Pallas path: the flash kernel's token-exact window, merged by log-sum-exp with
-    the sink branch (`sink_branch`, XLA)."""
+    the sink branch (XLA)."""
     out, lse = flash_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window,
                                block_q=block, block_k=block, return_lse=True)
     if not sinks:
@@ -120,22 +67,15 @@ def sliding_pallas(q, k, v, segment_ids, window: int, sinks: int, block: int):
 def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int):
     """The XLA path (see the module): q (batch, length, heads, dim); k, v (batch, length,
     kv_heads, dim); segment_ids (batch, length) or None."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
+    t = q.shape[1]
     block = min(block, t)
-    n = -(-t // block)
-    pad = n * block - t
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    if pad:
-        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        seg = jnp.pad(seg, ((0, 0), (0, pad)))  # padding: segment 0
+    q, k, v, seg, n = pad_to_blocks(q, k, v, segment_ids, block)
+    b = q.shape[0]
     back = min(-(-(window - 1) // block), n - 1)  # key blocks before the query's own
     span = (back + 1) * block
-    qb = _blocks(q * jnp.asarray(d ** -0.5, q.dtype), n, block).reshape(
-        b, n, block, kv, h // kv, d)
 
     def with_previous(a, fill):  # (batch, n, span, ...): each block's keys
-        blocks = _blocks(a, n, block)
+        blocks = a.reshape(b, n, block, *a.shape[2:])
         padded = jnp.concatenate([jnp.full((b, back) + blocks.shape[2:], fill, a.dtype),
                                   blocks], axis=1)
         return jnp.concatenate([padded[:, i:i + n] for i in range(back + 1)], axis=2)
@@ -143,37 +83,16 @@ def sliding_attention(q, k, v, segment_ids, window: int, sinks: int, block: int)
     keys, values, key_seg = with_previous(k, 0), with_previous(v, 0), with_previous(seg, -1)
     i = (jnp.arange(n) * block)[:, None, None] + jnp.arange(block)[None, :, None]
     j = ((jnp.arange(n) - back) * block)[:, None, None] + jnp.arange(span)[None, None, :]
-    same = _blocks(seg, n, block)[..., None] == key_seg[:, :, None, :]
+    same = seg.reshape(b, n, block)[..., None] == key_seg[:, :, None, :]
     near = (j <= i) & (i - j < window)  # (n, block, span); j < 0 never matches
-    scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
-    mask = (same & near[None])[:, :, None, None]
-    parts = [jnp.where(mask, scores, _MASKED)]
-    if sinks:
-        sink_k, sink_v, ok = sink_keys(k, v, seg, in_window(window), sinks)
-        sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
-        sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
-                                 preferred_element_type=jnp.float32)
-        sink_mask = _blocks(ok, n, block)[:, :, None, None]
-        parts.append(jnp.where(sink_mask, sink_scores, _MASKED))
-    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs[..., :span], values)
-    if sinks:
-        out = out + jnp.einsum("bnkgqu,bnqukd->bnqkgd", probs[..., span:], sink_v)
-    return out.reshape(b, n * block, h, d)[:, :t]
+    out = tiled_softmax(q, k, v, seg, keys, values, same & near[None], in_window(window),
+                        sinks, block)
+    return out[:, :t]
 
 
 def sliding_reference(q, k, v, segment_ids, window: int, sinks: int):
     """Full masked softmax with the token-level mask of the pattern."""
-    b, t = q.shape[:2]
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    idx = jnp.arange(t)
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    pos = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # in-document position
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = idx[:, None] >= idx[None, :]
-    near = idx[:, None] - idx[None, :] < window
-    sink = pos[:, None, :] < sinks
-    return dot_product_attention(q, k, v, (same & causal & (near | sink))[:, None])
+    return masked_reference(q, k, v, segment_ids, in_window(window), sinks)
 
 
 def kept_pairs_per_token(window: int, sinks: int, seq_len: int) -> float:
@@ -229,27 +148,16 @@ class SlidingAttention(Mixer):
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         cfg, own = self.cfg, self.cfg.attention.sliding
-        heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
-                  **quant_kw(cfg, "attention"))
-        q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
-        k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
-        v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
-        theta = cfg.attention.rope_theta
-        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        q, k, v = project_qkv(self, x, positions)
         args = (own.window, own.sinks, own.block_size)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
-        elif _softmax_impl(cfg.attention.impl, dim, cfg.dtype) == "pallas":
+        elif _softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
             out = partitioned(lambda q, k, v, seg: sliding_pallas(q, k, v, seg, *args),
                               q, k, v, segment_ids)
         else:
             out = sliding_attention(q, k, v, segment_ids, *args)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
-                     name="out", **quant_kw(cfg, "attention"))(out)
+        return project_out(self, out)
 
     def _decode(self, q, k, v, positions, segment_ids):
         """Attend from the chunk to the sink slots, the ring of the last `window` keys and
