@@ -50,10 +50,11 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("depth", "recursive"): ("model.num_layers=2", "model.depth.recursive.unique_layers=1"),
          ("depth", "mod"): ("model.num_layers=2",),  # layer 1 routed
          ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
-         ("mixer", "sliding"): ("model.attention.sliding.window=6",  # several blocks back
+         # Blocks that divide neither the FLOPs test's length (40) nor the decoding's (24).
+         ("mixer", "sliding"): ("model.attention.sliding.window=6",  # 2 blocks back
                                 "model.attention.sliding.sinks=2",
-                                "model.attention.sliding.block_size=4"),
-         ("mixer", "power"): ("model.attention.power.block_size=4",  # 1, 2, 4 blocks back
+                                "model.attention.sliding.block_size=5"),
+         ("mixer", "power"): ("model.attention.power.block_size=5",  # 1, 2, 4 blocks back
                               "model.attention.power.sinks=2")}
 # Settings that change what a kind's layer computes, checked like kinds: the capacity
 # policies (with drops happening) and a tight relu row budget.
