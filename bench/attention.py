@@ -2,6 +2,8 @@
 
     efflm bench attention [--kinds softmax,linear,gla,based] [--lengths 512,2048,8192]
                           [--tokens 8192] [--steps 3] [--out FILE] [key=value ...]
+    efflm bench attention --quality [--presets tiny,tiny_sliding,tiny_power,...]
+                          [--train-steps 300] [--out FILE] [key=value ...]
 
 Each kind runs the `tiny` preset's widths at each length with the batch set so that
 every step holds `--tokens` tokens; the step is compiled once, run `--warmup` times and
@@ -9,6 +11,11 @@ timed over `--steps` runs (median). Memory is the compiled step's temp bytes
 (`memory_analysis()`). The ratio column is the step time over the same kind's at the
 shortest length: at equal tokens per step, a linear kind's should stay near 1 while
 softmax attention's grows with the length.
+
+`--quality`: each preset trained for `--train-steps` steps on the default corpus from
+the same seed and data order, one run each: validation bits per byte over
+`train.eval_batches` batches and the median step time (the compiling first step left
+out).
 """
 
 from __future__ import annotations
@@ -19,6 +26,28 @@ import sys
 from efflm.bench.mfu import measure
 from efflm.bench.report import emit, header
 from efflm.config import load_config
+
+QUALITY_PRESETS = "tiny,tiny_sliding,tiny_power,tiny_sliding_hybrid"
+
+
+def _quality_table(args, argv) -> list[str]:
+    import os
+    import tempfile
+
+    from efflm.bench.report import train_and_evaluate
+
+    lines = [*header("attention", argv),
+             f"Trained {args.train_steps} steps each on pycode, one run each.", "",
+             "| preset | attention | val bits/byte | step s |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as root:
+        for preset in args.presets.split(","):
+            r = train_and_evaluate(preset, list(args.overrides), args.train_steps,
+                                   os.path.join(root, preset))
+            attention = r["restored"][0].model.attention
+            kinds = attention.pattern or attention.kind
+            lines.append(f"| {preset} | {kinds} | {r['bpb']:.4f} | {r['step_time']:.3f} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default="", help="also append the table to this markdown file")
+    p.add_argument("--quality", action="store_true",
+                   help="train each of --presets; validation bits per byte")
+    p.add_argument("--presets", default=QUALITY_PRESETS)
+    p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = p.parse_intermixed_args(argv)
+    if args.quality:
+        emit(_quality_table(args, argv if argv is not None else sys.argv[1:]), args.out)
+        return 0
     lengths = [int(n) for n in args.lengths.split(",")]
     lines = [*header("attention", argv if argv is not None else sys.argv[1:]),
              "| kind | seq len | batch | step s | step / step at shortest | temp MiB |",
