@@ -102,6 +102,16 @@ def pytest_collection_finish(session):
                       stacklevel=1)
 
 
+# Programs the tests run a few times at small shapes compile without backend
+# optimisation: about half the compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn, **kwargs):
+    """`jax.jit(fn)` compiled with FAST_COMPILE."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
 def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
     """Logits of random tokens through the decoding cache (a prefill, then one token at a
     time) and from one forward pass over the whole sequence."""
@@ -111,11 +121,11 @@ def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
 
     tokens = jax.random.randint(jax.random.key(1), (b, t), 0, 256)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    full = jax.jit(model.apply)(variables, tokens)
+    full = fast_jit(model.apply)(variables, tokens)
     cache = init_cache(model, variables, b, model.cfg.max_seq_len)
     assert not any(x.any() for x in jax.tree.leaves(cache))
-    run = jax.jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
-                                                    mutable=["cache"]))
+    run = fast_jit(lambda cache, x, pos: model.apply({**variables, "cache": cache}, x, pos,
+                                                     mutable=["cache"]))
     logits, mutated = run(cache, tokens[:, :prefill], positions[:, :prefill])
     got = [logits]
     for i in range(prefill, t):
@@ -126,7 +136,8 @@ def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
 
 def packed_batch_losses(cfg, steps=5):
     """Train losses of `steps` steps of `cfg` on one device, on one fixed random batch of
-    two packed documents (and 3 padding tokens) per row."""
+    two packed documents (and 3 padding tokens) per row (init and step compiled with
+    FAST_COMPILE)."""
     from efflm import mesh as mesh_lib
     from efflm.train.step import build_program
 
@@ -142,10 +153,13 @@ def packed_batch_losses(cfg, steps=5):
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     program = build_program(cfg, mesh)
     with program.context():
-        state = program.init(jax.random.key(0))
+        key = jax.random.key(0)
+        state = program.init.lower(key).compile(compiler_options=FAST_COMPILE)(key)
+        batch = mesh_lib.global_batch(batch, mesh)
+        step = program.train_step.lower(state, batch).compile(compiler_options=FAST_COMPILE)
         losses = []
         for _ in range(steps):
-            state, metrics = program.train_step(state, mesh_lib.global_batch(batch, mesh))
+            state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
     return losses
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, cached_and_full_logits, traced_forward_flops
+from conftest import FAST_COMPILE, SMALL, cached_and_full_logits, traced_forward_flops
 
 from efflm.cli import main
 from efflm.config import load_config
@@ -83,9 +83,7 @@ def _config(family, kind, *extra):
         pytest.fail(f"{e}: add what the kind needs to NEEDS in tests/test_kinds.py")
 
 
-# Programs here run a few times at small shapes: compiled without backend optimisation
-# (half the compile time), initialised with a generator that is cheap to compile.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# Parameters drawn with a generator that is cheap to compile.
 INIT_KEY = jax.random.key(0, impl="unsafe_rbg")
 
 

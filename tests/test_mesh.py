@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from efflm import mesh as mesh_lib
 from efflm.errors import ConfigError
@@ -28,11 +29,18 @@ def _batches(cfg, n, seed=0):
 def _losses(cfg, devices, steps=3, rows=lambda batch: batch):
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     program = build_program(cfg, mesh)
+    # A few steps at small shapes: compiled without backend optimisation.
+    options = FAST_COMPILE
     with program.context():
-        state = program.init(jax.random.key(0))
-        losses = []
+        key = jax.random.key(0)
+        state = program.init.lower(key).compile(compiler_options=options)(key)
+        losses, train_step = [], None
         for batch in map(rows, _batches(cfg, steps)):
-            state, m = program.train_step(state, mesh_lib.global_batch(batch, mesh))
+            batch = mesh_lib.global_batch(batch, mesh)
+            if train_step is None:
+                train_step = program.train_step.lower(state, batch).compile(
+                    compiler_options=options)
+            state, m = train_step(state, batch)
             losses.append(float(m["loss"]))
     return np.array(losses), program, state
 

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import two_segment_inputs
+from conftest import fast_jit, two_segment_inputs
 
 from efflm.models import LM
 
@@ -14,26 +14,27 @@ def test_segments_and_causality_isolate_tokens(small_config):
     cfg = small_config()
     model = LM(cfg.model)
     tokens, pos, seg = two_segment_inputs(cfg)
-    params = model.init(jax.random.key(0), tokens)["params"]
-    base = model.apply({"params": params}, tokens, pos, seg)
+    params = fast_jit(model.init)(jax.random.key(0), tokens)["params"]
+    apply = fast_jit(lambda params, tokens: model.apply({"params": params}, tokens, pos, seg))
+    base = apply(params, tokens)
     t = tokens.shape[1]
     j = t // 2 + 3  # a token inside the second segment
     changed = tokens.copy()
     changed[:, j] = (changed[:, j] + 1) % 256
-    out = model.apply({"params": params}, changed, pos, seg)
+    out = apply(params, changed)
     np.testing.assert_array_equal(out[:, :j], base[:, :j])  # earlier positions untouched
     assert not np.allclose(out[:, j:], base[:, j:])
     # A token in the first segment never influences the second one.
     changed = tokens.copy()
     changed[:, 2] = (changed[:, 2] + 7) % 256
-    out = model.apply({"params": params}, changed, pos, seg)
+    out = apply(params, changed)
     np.testing.assert_allclose(out[:, t // 2:], base[:, t // 2:], rtol=1e-5, atol=1e-5)
 
 
 def test_every_parameter_has_logical_axes(small_config):
     cfg = small_config("model.tie_embeddings=false")
     tokens, _, _ = two_segment_inputs(cfg)
-    boxed = LM(cfg.model).init(jax.random.key(0), tokens)["params"]
+    boxed = jax.eval_shape(LM(cfg.model).init, jax.random.key(0), tokens)["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
     for x in leaves:
@@ -49,8 +50,16 @@ def test_scan_and_remat_match_plain_loop(small_config):
     cfg = small_config()
     tokens, pos, seg = two_segment_inputs(cfg)
     plain = LM(cfg.model)
-    params = nn.unbox(plain.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(fast_jit(plain.init)(jax.random.key(0), tokens)["params"])
     layers = [params["blocks"][f"layer_{i}"] for i in range(cfg.model.num_layers)]
+
+    def apply_and_grad(model, params):
+        def run(params):
+            return (model.apply({"params": params}, tokens, pos, seg),
+                    jax.grad(_loss, argnums=1)(model, params, tokens, pos, seg))
+        return fast_jit(run)(params)
+
+    want, g_plain = apply_and_grad(plain, params)
     for overrides in (["model.scan_layers=true"], ["model.remat=full"],
                       ["model.scan_layers=true", "model.remat=dots_no_batch"]):
         other_cfg = small_config(*overrides)
@@ -60,13 +69,11 @@ def test_scan_and_remat_match_plain_loop(small_config):
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
             other_params["blocks"] = {"layers": {"layer_0": stacked}}
         # The scanned model's own init has the same structure as what we built.
-        ref_struct = jax.tree.structure(nn.unbox(other.init(jax.random.key(1), tokens)))
+        ref_struct = jax.tree.structure(nn.unbox(
+            jax.eval_shape(other.init, jax.random.key(1), tokens)))
         assert jax.tree.structure({"params": other_params}) == ref_struct
-        np.testing.assert_allclose(other.apply({"params": other_params}, tokens, pos, seg),
-                                   plain.apply({"params": params}, tokens, pos, seg),
-                                   rtol=2e-5, atol=2e-5)
-        g_plain = jax.grad(_loss, argnums=1)(plain, params, tokens, pos, seg)
-        g_other = jax.grad(_loss, argnums=1)(other, other_params, tokens, pos, seg)
+        got, g_other = apply_and_grad(other, other_params)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
         if other_cfg.model.scan_layers:
             g_other = dict(g_other)
             stacked = g_other.pop("blocks")["layers"]["layer_0"]
@@ -80,7 +87,7 @@ def test_bfloat16_compute_keeps_float32_params(small_config):
     cfg = small_config("model.dtype=bfloat16")
     tokens, pos, seg = two_segment_inputs(cfg)
     model = LM(cfg.model)
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(fast_jit(model.init)(jax.random.key(0), tokens)["params"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     out = model.apply({"params": params}, tokens, pos, seg)
     assert out.dtype == jnp.bfloat16

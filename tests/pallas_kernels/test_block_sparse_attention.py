@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from efflm.pallas_kernels import flash_attention
 from efflm.pallas_kernels.block_sparse_attention import (
@@ -44,7 +45,9 @@ def _value_and_grads(fn, q, k, v, w, **kw):
     def f(q, k, v):
         out = fn(q, k, v, **kw)
         return jnp.sum(out.astype(jnp.float32) * w), out
-    return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+    # Without backend optimisation: about half the compile time, for a program run once.
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True),
+                   compiler_options=FAST_COMPILE)(q, k, v)
 
 
 def _check(q, k, v, seg, w, mask, block_q, block_k, causal=True, tol=1e-5, gtol=1e-4):

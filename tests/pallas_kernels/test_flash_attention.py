@@ -4,12 +4,14 @@ On CPU the kernels run in interpret mode at small shapes; the `gpu` tests run th
 checks compiled at larger shapes.
 """
 
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fast_jit
 
 from efflm.errors import ConfigError
 from efflm.models import LM
@@ -23,6 +25,8 @@ from efflm.pallas_kernels.flash_attention import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+
+
 
 
 def _make(seed, batch, length, heads, kv_heads, dim, dtype, segments, kv_length=None):
@@ -51,7 +55,7 @@ def _check(length, heads, kv_heads, dim, block_q, block_k, causal, window, segme
             finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see no key: +inf
             value = jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(finite_lse * w_lse)
             return value, (out, lse)
-        return jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+        return fast_jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
 
     (_, (out, lse)), grads = loss(flash_attention)
     (_, (ref_out, ref_lse)), ref_grads = loss(reference_attention)
@@ -121,8 +125,9 @@ def test_reference_aligns_queries_to_the_last_keys():
     """Query i of a short block is position i + kv_len - q_len: it sees what the same
     position sees in the full sequence, so the block's rows equal the full rows."""
     q, k, v, _, _, _ = _make(6, 1, 40, 2, 1, 16, jnp.float32, False)
-    full, full_lse = reference_attention(q, k, v, window=7, return_lse=True)
-    tail, tail_lse = reference_attention(q[:, 30:], k, v, window=7, return_lse=True)
+    reference = fast_jit(functools.partial(reference_attention, window=7, return_lse=True))
+    full, full_lse = reference(q, k, v)
+    tail, tail_lse = reference(q[:, 30:], k, v)
     np.testing.assert_allclose(tail, full[:, 30:], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(tail_lse, full_lse[:, :, 30:], rtol=1e-6, atol=1e-6)
 
@@ -138,7 +143,7 @@ def test_rows_that_see_no_key_are_zero_with_infinite_lse_and_no_gradient(impl):
         out, lse = impl(q, k, v, window=16, block_q=32, block_k=16, return_lse=True)
         return jnp.sum(out * w_out), (out, lse)
 
-    (_, (out, lse)), (dq, dk, dv) = jax.jit(
+    (_, (out, lse)), (dq, dk, dv) = fast_jit(
         jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
     assert np.all(np.asarray(out[:, :96]) == 0) and np.all(np.isinf(lse[:, :, :96]))
     assert np.all(np.asarray(lse[:, :, :96]) > 0)
@@ -165,7 +170,7 @@ def test_every_output_position_is_written():
     assert qp.shape[1] > 40 and qp.shape[3] > 24  # padding is exercised
     nan_out = jnp.full(qp.shape, jnp.nan, qp.dtype)
     nan_lse = jnp.full((1, 4, qp.shape[1]), jnp.nan, jnp.float32)
-    out, lse = jax.jit(lambda *a: _forward(*a, s, initial_outputs=(nan_out, nan_lse)))(
+    out, lse = fast_jit(lambda *a: _forward(*a, s, initial_outputs=(nan_out, nan_lse)))(
         qp, kp, vp, segp)
     # Padded query rows see no key: lse +inf there, but nothing is left unwritten.
     assert np.all(np.isfinite(out)) and not np.any(np.isnan(lse))
@@ -224,14 +229,14 @@ def test_model_with_pallas_attention_matches_xla(small_config):
     pallas_cfg = small_config("model.attention.impl=pallas", *common)
     tokens, pos, seg = _model_inputs(xla_cfg)
     xla_model, pallas_model = LM(xla_cfg.model), LM(pallas_cfg.model)
-    params = jax.jit(xla_model.init)(jax.random.key(0), tokens)["params"]
+    params = fast_jit(xla_model.init)(jax.random.key(0), tokens)["params"]
 
     jaxpr = str(jax.make_jaxpr(lambda p: pallas_model.apply({"params": p}, tokens, pos, seg))(
         params))
     assert "pallas_call" in jaxpr  # the switch really selects the kernel
 
     def logits(model):  # the kernel's gradients are checked above, at kernel level
-        return jax.jit(lambda p: model.apply({"params": p}, tokens, pos, seg))(params)
+        return fast_jit(lambda p: model.apply({"params": p}, tokens, pos, seg))(params)
 
     np.testing.assert_allclose(logits(pallas_model), logits(xla_model), rtol=1e-5, atol=1e-5)
 
@@ -247,16 +252,16 @@ def test_auto_falls_back_to_xla_for_unsupported_head_dim(small_config, monkeypat
     """Under auto on a GPU an unsupported head_dim warns once and runs the XLA path."""
     cfg = small_config("model.attention.head_dim=24")
     tokens, pos, seg = _model_inputs(cfg)
-    params = jax.jit(LM(cfg.model).init)(jax.random.key(0), tokens)["params"]
-    expected = LM(small_config("model.attention.impl=xla",
-                               "model.attention.head_dim=24").model).apply(
+    params = fast_jit(LM(cfg.model).init)(jax.random.key(0), tokens)["params"]
+    expected = fast_jit(LM(small_config("model.attention.impl=xla",
+                                    "model.attention.head_dim=24").model).apply)(
         {"params": params}, tokens, pos, seg)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.warns(UserWarning, match="head_dim 24.*using impl=xla"):
-        got = LM(cfg.model).apply({"params": params}, tokens, pos, seg)
+        got = fast_jit(LM(cfg.model).apply)({"params": params}, tokens, pos, seg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only once
-        LM(cfg.model).apply({"params": params}, tokens, pos, seg)
+        jax.eval_shape(LM(cfg.model).apply, {"params": params}, tokens, pos, seg)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -340,7 +345,7 @@ def test_partitioned_runs_the_kernel_per_shard(kv_heads, head_shards):
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.logical_rules(cfg, mesh)):
         shapes = _pallas_operand_shapes(jax.make_jaxpr(fn)(q, k, v, seg).jaxpr)
-        out = jax.jit(fn)(q, k, v, seg)
+        out = fast_jit(fn)(q, k, v, seg)
     assert shapes and all(s[0] == 8 // 4 and s[2] == 4 // head_shards for s in shapes)
     want = reference_attention(q, k, v, segment_ids=seg)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

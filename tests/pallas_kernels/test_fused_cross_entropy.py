@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from efflm import mesh as mesh_lib
 from efflm.pallas_kernels import fused_cross_entropy as ce_module
@@ -152,11 +153,15 @@ def _run_steps(small_config, loss_impl, steps=3):
              "segment_ids": segment_ids,
              "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
     losses = []
+    # A few steps at small shapes: compiled without backend optimisation.
+    options = FAST_COMPILE
     with program.context():
-        state = program.init(jax.random.key(0))
+        key = jax.random.key(0)
+        state = program.init.lower(key).compile(compiler_options=options)(key)
         batch = mesh_lib.global_batch(local, program.mesh)
+        train_step = program.train_step.lower(state, batch).compile(compiler_options=options)
         for _ in range(steps):
-            state, metrics = program.train_step(state, batch)
+            state, metrics = train_step(state, batch)
             losses.append(float(metrics["loss"]))
         return losses, jax.device_get(state.params)
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fast_jit
 
 from efflm.pallas_kernels.linear_attention import (
     chunked_linear_attention,
@@ -34,6 +35,8 @@ def _inputs(length=LENGTH, dtype=jnp.float32, seed=0):
     return q, k, v, log_decay, state, d_out, d_state
 
 
+
+
 def _close(actual, expected, tol):
     actual = np.asarray(jnp.asarray(actual, jnp.float32))
     expected = np.asarray(jnp.asarray(expected, jnp.float32))
@@ -53,7 +56,7 @@ def _value_and_grads(fn, q, k, v, log_decay, state, d_out, d_state, decay, with_
                 + jnp.sum(final * d_state)), (out, final)
 
     # One jit per configuration: far fewer compilations than eager scans and vjps.
-    grad_fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True))
+    grad_fn = fast_jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True))
     (_, (out, final)), grads = grad_fn(q, k, v, log_decay, state)
     return (out, final, *grads)
 
@@ -78,10 +81,10 @@ def test_matches_recurrent_scan_values_and_grads(impl, decay, with_state):
 def test_chunked_xla_other_chunk_sizes():
     # A chunk longer than the sequence, a chunk of one token, and an exact multiple.
     q, k, v, log_decay, state, _, _ = _inputs(length=8, seed=1)
-    expected = jax.jit(linear_attention_recurrent)(q, k, v, log_decay=log_decay,
-                                                   initial_state=state)
+    expected = fast_jit(linear_attention_recurrent)(q, k, v, log_decay=log_decay,
+                                                initial_state=state)
     for chunk in (1, 8, 16):
-        chunked = jax.jit(linear_attention_chunked_xla, static_argnames="chunk")
+        chunked = fast_jit(linear_attention_chunked_xla, static_argnames="chunk")
         got = chunked(q, k, v, log_decay=log_decay, initial_state=state, chunk=chunk)
         _close(got[0], expected[0], 2e-5)
         _close(got[1], expected[1], 2e-5)
@@ -90,7 +93,7 @@ def test_chunked_xla_other_chunk_sizes():
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_state_carry_equals_one_pass(impl):
     q, k, v, log_decay, state, _, _ = _inputs(seed=2)
-    run = jax.jit(lambda q, k, v, g, s: chunked_linear_attention(
+    run = fast_jit(lambda q, k, v, g, s: chunked_linear_attention(
         q, k, v, log_decay=g, initial_state=s, chunk=CHUNK, impl=impl))
     whole_out, whole_state = run(q, k, v, log_decay, state)
     split = 6  # not on a chunk boundary
@@ -116,7 +119,7 @@ def test_pallas_kernel_writes_every_output_element(gates):
                                  on_keys=gates == "keys")
     layout = la_module._kernel_layout(q, k, v, log_decay, chunk)
     assert layout[0].shape[2] > LENGTH  # padding is exercised
-    run = jax.jit(call)
+    run = fast_jit(call)
     want = run(*layout, state)
     got = run(*layout, state,
               initial_outputs=[jnp.full(a.shape, jnp.nan, a.dtype) for a in want])
@@ -273,8 +276,8 @@ def test_gated_kernel_splits_the_value_dimension(on_keys):
     layout = la_module._kernel_layout(q, k, v, gates, 32)
     run = functools.partial(la_module._gated_forward_call, chunk=32, interpret=True,
                             on_keys=on_keys)
-    split = run(*layout, state, block_dv=8)
-    whole = run(*layout, state, block_dv=16)
+    split = fast_jit(functools.partial(run, block_dv=8))(*layout, state)
+    whole = fast_jit(functools.partial(run, block_dv=16))(*layout, state)
     for a, b in zip(split, whole):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     if on_keys:  # and both equal the token scan
@@ -304,8 +307,8 @@ def test_segments_restart_the_state(gates):
             out, final = fn(q, k, v, log_decay=log_decay, initial_state=state,
                             segment_ids=seg)
             return jnp.sum(out * d_out) + jnp.sum(final * d_state), (out, final)
-        (_, aux), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3),
-                                                     has_aux=True))(q, k, v, state)
+        (_, aux), grads = fast_jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3),
+                                                  has_aux=True))(q, k, v, state)
         return (*aux, *grads)
 
     expected = run(linear_attention_recurrent)
@@ -369,7 +372,8 @@ def test_large_states_split_the_value_columns():
     state = jax.random.normal(keys[4], (1, 1, 16, 32))
     layout = la_module._kernel_layout(q, k, v, gates, 16)
     run = functools.partial(la_module._forward_call, chunk=16, interpret=True)
-    split, whole = run(*layout, state, block_dv=16), run(*layout, state)
+    split = fast_jit(functools.partial(run, block_dv=16))(*layout, state)
+    whole = fast_jit(run)(*layout, state)
     for a, b in zip(split, whole):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 

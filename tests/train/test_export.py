@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, random_batch
+from conftest import FAST_COMPILE, SMALL, random_batch
 
 from efflm.cli import main
 from efflm.models import LM
@@ -67,8 +67,9 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
     _, program, state, _, _ = restore_run(workdir)
     tokens = jnp.asarray(random_batch(cfg)["inputs"])
     with program.context():
-        expected = program.model.apply(state.variables(), tokens)
-        got = LM(cfg.model).apply(variables, tokens)
+        expected = jax.jit(program.model.apply, compiler_options=FAST_COMPILE)(
+            state.variables(), tokens)
+        got = jax.jit(LM(cfg.model).apply, compiler_options=FAST_COMPILE)(variables, tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # The latent kernels the export replaced really are not read.
     assert all(float(jnp.max(jnp.abs(k))) == 0.0 for k in jax.tree.leaves(

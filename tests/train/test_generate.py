@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_and_full_logits
+from conftest import cached_and_full_logits, fast_jit
 
 from efflm import layers
 from efflm.errors import ConfigError
@@ -19,7 +19,7 @@ def _model(small_config, *overrides):
     cfg = small_config(*DECODE, *overrides)
     model = LM(cfg.model)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return model, {"params": nn.unbox(model.init(jax.random.key(0), tokens))["params"]}
+    return model, {"params": nn.unbox(fast_jit(model.init)(jax.random.key(0), tokens))["params"]}
 
 
 @pytest.mark.parametrize("overrides", [

@@ -6,7 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_and_full_logits, packed_batch_losses, traced_and_analytic_flops
+from conftest import (
+    cached_and_full_logits,
+    fast_jit,
+    packed_batch_losses,
+    traced_and_analytic_flops,
+)
 from test_linear import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
@@ -49,7 +54,7 @@ def _value_and_grads(fn, q, k, v, log_alpha, beta, state, d_out, d_state):
         return (jnp.sum(out.astype(jnp.float32) * d_out) + jnp.sum(final * d_state),
                 (out, final))
 
-    grad = jax.jit(jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True))
+    grad = fast_jit(jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True))
     (_, (out, final)), grads = grad(q, k, v, log_alpha, beta, state)
     return out, final, *grads
 
@@ -87,7 +92,7 @@ def test_layer_matches_its_token_scan_reference(small_config, overrides):
     _close(out, ref_out, 2e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         _close(a, b, 2e-5)
-    alone = layer.apply({"params": params}, x[:1, 6:15], positions[:1, :9], None, None)
+    alone = fast_jit(layer.apply)({"params": params}, x[:1, 6:15], positions[:1, :9], None, None)
     _close(out[:1, 6:15], alone, 2e-5)
 
 
@@ -100,13 +105,13 @@ def test_layer_computes_the_documented_formula(small_config):
     layer = ATTENTION["gated_deltanet"](cfg, reference=True)
     x = jax.random.normal(jax.random.key(0), (2, 12, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x, positions, None, None))
+    params = nn.unbox(fast_jit(layer.init)(jax.random.key(1), x, positions, None, None))
     params = params["params"]
     rate = jnp.exp(params["decay_log_scale"])
     time_step = jax.nn.softplus(params["decay_bias"])
     assert (1 <= rate).all() and (rate <= 16).all()
     assert (1e-3 <= time_step).all() and (time_step <= 0.1 + 1e-6).all()
-    got = jax.jit(layer.apply)({"params": params}, x, positions, None, None)
+    got = fast_jit(layer.apply)({"params": params}, x, positions, None, None)
 
     def project(name, y=x):
         return jnp.einsum("btm,m...->bt...", y, params[name]["kernel"])
@@ -116,7 +121,7 @@ def test_layer_computes_the_documented_formula(small_config):
         padded = jnp.pad(y, [(0, 0), (2, 0), (0, 0), (0, 0)])
         return sum(kernel[j] * padded[:, 2 - j:14 - j] for j in range(3))
 
-    @jax.jit
+    @fast_jit
     def formula(params, x):
         q, k, v = (jax.nn.silu(conv(n, project(n))) for n in ("query", "key", "value"))
         q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * q.shape[-1] ** -0.5
@@ -135,7 +140,8 @@ def test_layer_computes_the_documented_formula(small_config):
 def _model(small_config, *overrides):
     cfg = small_config("model.init_std=0.1", "model.attention.chunk_size=8", *overrides)
     model = LM(cfg.model)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = nn.unbox(fast_jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    params = params["params"]
     return model, {"params": params}
 
 

@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cached_and_full_logits, packed_batch_losses, traced_and_analytic_flops
+from conftest import (
+    cached_and_full_logits,
+    fast_jit,
+    packed_batch_losses,
+    traced_and_analytic_flops,
+)
 
 from efflm.cli import main
 from efflm.errors import ConfigError
@@ -51,14 +56,14 @@ def _layer_run(cfg, segment_ids, reference):
     d_out = jax.random.normal(keys[1], (2, LENGTH, cfg.d_model))
     positions = jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH))
     # Larger weights than training's init, so every branch moves the output.
-    params = nn.unbox(cls(cfg).init(keys[2], x, positions, segment_ids, None))["params"]
+    params = nn.unbox(fast_jit(cls(cfg).init)(keys[2], x, positions, segment_ids, None))["params"]
     params = jax.tree.map(lambda p: p * 5.0, params)
 
     def objective(params, x):
         out = layer.apply({"params": params}, x, positions, segment_ids, None)
         return jnp.sum(out.astype(jnp.float32) * d_out), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
+    (_, out), grads = fast_jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(
         params, x)
     return out, grads, (layer, params, x, positions)
 
@@ -79,7 +84,8 @@ def test_kind_matches_its_token_scan_reference(small_config, kind, dtype, tol):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         _close(a, b, tol)
     if dtype == "float32":
-        alone = layer.apply({"params": params}, x[:1, 6:15], positions[:1, :9], None, None)
+        alone = fast_jit(layer.apply)({"params": params}, x[:1, 6:15], positions[:1, :9], None,
+                                      None)
         _close(out[:1, 6:15], alone, tol)
 
 
@@ -104,7 +110,8 @@ DECODE = ("model.init_std=0.1", "model.attention.chunk_size=8",
 def _model(small_config, *overrides):
     cfg = small_config(*DECODE, *overrides)
     model = LM(cfg.model)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = nn.unbox(fast_jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    params = params["params"]
     return model, {"params": params}
 
 
@@ -129,7 +136,8 @@ def test_hybrid_generation_equals_uncached(small_config):
     prompt = [ord(c) for c in "def main():"]
     cached = sample(model, variables, np.array(prompt), max_new_tokens=100, temperature=0,
                     top_k=0, seed=0, bos_id=257)
-    assert cached == greedy_reference(model, variables, prompt, 100, bos_id=257)
+    assert cached == greedy_reference(model, variables, prompt, 100, bos_id=257,
+                                      forward=fast_jit(model.apply))
     assert len(cached) == 64 - 1 - len(prompt)
 
 
@@ -188,7 +196,7 @@ def test_chunk_the_gpu_kernel_cannot_take(small_config, monkeypatch, kind):
     x = jnp.zeros((1, 8, cfg.d_model))
     positions = jnp.zeros((1, 8), jnp.int32)
     layer = ATTENTION[kind](cfg)
-    layer.init(jax.random.key(0), x, positions, None, None)
+    fast_jit(layer.init)(jax.random.key(0), x, positions, None, None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ConfigError, match="model.attention.chunk_size=12"):
-        layer.init(jax.random.key(0), x, positions, None, None)
+        fast_jit(layer.init)(jax.random.key(0), x, positions, None, None)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import two_segment_inputs
+from conftest import fast_jit, two_segment_inputs
 
 from efflm.layers.attention.softmax import (
     attention_mask,
@@ -61,20 +61,23 @@ def test_blocked_causal_attention_matches_full(t, block, kv_heads):
     def blocked(q, k, v):
         return jnp.sum(blocked_causal_attention(q, k, v, seg, block) * w)
 
-    np.testing.assert_allclose(
-        blocked_causal_attention(q, k, v, seg, block),
-        dot_product_attention(q, k, v, attention_mask(seg, t)), rtol=1e-5, atol=1e-5)
-    for a, r in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+    def values_and_grads(q, k, v):
+        return ((blocked_causal_attention(q, k, v, seg, block),
+                 dot_product_attention(q, k, v, attention_mask(seg, t))),
+                jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v))
 
+    (got, want), grads, ref_grads = fast_jit(values_and_grads)(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
 
 
 def test_blocked_attention_path_gives_the_same_model(small_config):
     cfg = small_config("model.attention.softmax.block_size=0")
     tokens, pos, seg = two_segment_inputs(cfg)
     model = LM(cfg.model)
-    params = model.init(jax.random.key(0), tokens)["params"]
+    params = fast_jit(model.init)(jax.random.key(0), tokens)["params"]
     blocked = LM(small_config("model.attention.softmax.block_size=8").model)
-    np.testing.assert_allclose(blocked.apply({"params": params}, tokens, pos, seg),
-                               model.apply({"params": params}, tokens, pos, seg),
+    np.testing.assert_allclose(fast_jit(blocked.apply)({"params": params}, tokens, pos, seg),
+                               fast_jit(model.apply)({"params": params}, tokens, pos, seg),
                                rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch
+from conftest import FAST_COMPILE, random_batch
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -124,15 +124,23 @@ def test_sr_ste_gradient_adds_the_decay_on_pruned_weights():
 
 
 
+def _fast(jitted, *args):
+    """`jitted` compiled for `args` without backend optimisation."""
+    return jitted.lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
 def _train(cfg, devices, steps=6):
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     program = build_program(cfg, mesh)
-    batch = random_batch(cfg)  # the same batch every step: the loss must fall
+    # The same batch every step: the loss must fall.
+    batch = mesh_lib.global_batch(random_batch(cfg), mesh)
     losses, stats = [], []
     with program.context():
-        state = program.init(jax.random.key(0))
+        key = jax.random.key(0)
+        state = _fast(program.init, key)(key)
+        train_step = _fast(program.train_step, state, batch)
         for _ in range(steps):
-            state, m = program.train_step(state, mesh_lib.global_batch(batch, mesh))
+            state, m = train_step(state, batch)
             losses.append(float(m["loss"]))
             stats.append(jax.device_get(m["stats"]))
     return np.array(losses), stats, program, state
@@ -168,28 +176,30 @@ def test_the_hook_changes_every_target_and_only_them(small_config):
     base = small_config("model.tie_embeddings=false")
     program = build_program(base)
     batch = random_batch(base)
+    key = jax.random.key(0)
     with program.context():
-        state = program.init(jax.random.key(0))
+        state = _fast(program.init, key)(key)
     variables = state.variables()
 
     def logits(*overrides):
         cfg = small_config("model.tie_embeddings=false", *overrides)
-        return program.model.clone(cfg=cfg.model).apply(variables, batch["inputs"])
+        apply = program.model.clone(cfg=cfg.model).apply
+        return jax.jit(apply, compiler_options=FAST_COMPILE)(variables, batch["inputs"])
+
+    def loss_sum(*overrides):
+        p = build_program(small_config("model.tie_embeddings=false", *overrides))
+        with p.context():
+            forward = jax.jit(p.forward, compiler_options=FAST_COMPILE)
+            return float(forward(state.params, state.model_state, batch)[0])
 
     plain = logits()
     for target in ("attention", "mlp", "head"):
         q = logits("model.quant.kind=int8", f"model.quant.targets=[{target}]")
         assert float(jnp.max(jnp.abs(q - plain))) > 1e-5, target
-    with program.context():
-        plain_sum = float(program.forward(state.params, state.model_state, batch)[0])
+    plain_sum = loss_sum()
     for kind in ("int8", "ternary"):
-        sums = []
-        for impl in ("naive", "xla"):
-            cfg = small_config("model.tie_embeddings=false", f"model.quant.kind={kind}",
-                               "model.quant.targets=[head]", f"train.loss_impl={impl}")
-            p = build_program(cfg)
-            with p.context():
-                sums.append(float(p.forward(state.params, state.model_state, batch)[0]))
+        sums = [loss_sum(f"model.quant.kind={kind}", "model.quant.targets=[head]",
+                         f"train.loss_impl={impl}") for impl in ("naive", "xla")]
         gap = abs(sums[0] - sums[1])
         assert gap < 1e-5 * abs(sums[0]) and abs(sums[0] - plain_sum) > 100 * gap, (
             sums, plain_sum)
@@ -236,7 +246,7 @@ def test_flops_are_the_same_matmul_counts(small_config, kind):
     def forward_flops(cfg):
         model = LM(cfg.model)
         tokens = jnp.asarray(random_batch(cfg)["inputs"][:2])
-        variables = model.init(jax.random.key(0), tokens)
+        variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
         return traced_matmul_flops(lambda v, x: model.apply(v, x), variables, tokens)
 
     plain = small_config()
