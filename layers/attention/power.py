@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import _softmax_impl, dot_product_attention, projection_flops
+from efflm.layers.attention.softmax import dot_product_attention, projection_flops, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
     pad_to_blocks,
@@ -158,7 +158,7 @@ class PowerAttention(Mixer):
         q, k, v = project_qkv(self, x, positions)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
-        elif _softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
+        elif softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
             out = partitioned(lambda q, k, v, seg: power_pallas(
                 q, k, v, seg, own.block_size, own.sinks), q, k, v, segment_ids)
         else:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import _softmax_impl, dot_product_attention, projection_flops
+from efflm.layers.attention.softmax import dot_product_attention, projection_flops, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
     pad_to_blocks,
@@ -152,7 +152,7 @@ class SlidingAttention(Mixer):
         args = (own.window, own.sinks, own.block_size)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
-        elif _softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
+        elif softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
             out = partitioned(lambda q, k, v, seg: sliding_pallas(q, k, v, seg, *args),
                               q, k, v, segment_ids)
         else:

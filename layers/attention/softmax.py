@@ -33,7 +33,7 @@ from efflm.shapes import head_dim, num_kv_heads
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(segment_ids, length: int, q_start: int = 0, q_len: int | None = None,
@@ -69,7 +69,7 @@ def dot_product_attention(q, k, v, mask):
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv, s, d)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
-        scores = jnp.where(mask[:, :, None], scores, _MASKED)
+        scores = jnp.where(mask[:, :, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
@@ -90,7 +90,7 @@ def blocked_causal_attention(q, k, v, segment_ids, block: int):
     return jnp.concatenate(outs, axis=1)
 
 
-def _softmax_impl(impl: str, head_dim: int, dtype) -> str:
+def softmax_impl(impl: str, head_dim: int, dtype) -> str:
     """`resolve_impl` for softmax attention, falling back to XLA where the kernel can't go.
 
     Under `auto` an unsupported head_dim or dtype falls back to XLA with a one-time
@@ -173,7 +173,7 @@ class SoftmaxAttention(Mixer):
     def __call__(self, x, positions, segment_ids, mask):
         cfg = self.cfg
         heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
-        impl = _softmax_impl(cfg.attention.impl, dim, cfg.dtype)
+        impl = softmax_impl(cfg.attention.impl, dim, cfg.dtype)
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
                   **quant_kw(cfg, "attention"))
         q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)

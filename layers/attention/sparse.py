@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.layers.attention.softmax import _MASKED, dot_product_attention
+from efflm.layers.attention.softmax import MASKED, dot_product_attention
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
 from efflm.shapes import head_dim, num_kv_heads
@@ -78,7 +78,7 @@ def sink_branch(q, k, v, segment_ids, covered, sinks: int):
     qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,btukd->btkgu", qg, ks, preferred_element_type=jnp.float32)
     mask = ok[:, :, None, None, :]
-    scores = jnp.where(mask, scores, _MASKED)
+    scores = jnp.where(mask, scores, MASKED)
     lse = jax.nn.logsumexp(scores, axis=-1)
     probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(v.dtype)
     out = jnp.einsum("btkgu,btukd->btkgd", probs, vs).reshape(b, t, h, d)
@@ -110,14 +110,14 @@ def tiled_softmax(q, k, v, seg, keys, values, tile_mask, covered, sinks: int, bl
     n, span = keys.shape[1], keys.shape[2]
     qb = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, n, block, kv, h // kv, d)
     scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, keys, preferred_element_type=jnp.float32)
-    parts = [jnp.where(tile_mask[:, :, None, None], scores, _MASKED)]
+    parts = [jnp.where(tile_mask[:, :, None, None], scores, MASKED)]
     if sinks:
         sink_k, sink_v, ok = sink_keys(k, v, seg, covered, sinks)
         sink_k, sink_v = (a.reshape(b, n, block, sinks, kv, d) for a in (sink_k, sink_v))
         sink_scores = jnp.einsum("bnqkgd,bnqukd->bnkgqu", qb, sink_k,
                                  preferred_element_type=jnp.float32)
         mask = ok.reshape(b, n, block, sinks)[:, :, None, None]
-        parts.append(jnp.where(mask, sink_scores, _MASKED))
+        parts.append(jnp.where(mask, sink_scores, MASKED))
     probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
     out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs[..., :span], values)
     if sinks:
