@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import dot_product_attention, projection_flops, softmax_impl
+from efflm.layers.attention.softmax import dot_product_attention, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
     pad_to_blocks,
+    pattern_flops,
     project_out,
     project_qkv,
     tiled_softmax,
@@ -141,8 +142,7 @@ class PowerAttention(Mixer):
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         own = cfg.attention.power
-        pairs = kept_pairs_per_token(own.block_size, own.sinks, seq_len)
-        return projection_flops(cfg) + 2 * 2 * pairs * cfg.attention.num_heads * head_dim(cfg)
+        return pattern_flops(cfg, kept_pairs_per_token(own.block_size, own.sinks, seq_len))
 
     @staticmethod
     def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -31,10 +31,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import dot_product_attention, projection_flops, softmax_impl
+from efflm.layers.attention.softmax import dot_product_attention, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
     pad_to_blocks,
+    pattern_flops,
     project_out,
     project_qkv,
     tiled_softmax,
@@ -133,8 +134,7 @@ class SlidingAttention(Mixer):
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         own = cfg.attention.sliding
-        pairs = kept_pairs_per_token(own.window, own.sinks, seq_len)
-        return projection_flops(cfg) + 2 * 2 * pairs * cfg.attention.num_heads * head_dim(cfg)
+        return pattern_flops(cfg, kept_pairs_per_token(own.window, own.sinks, seq_len))
 
     @staticmethod
     def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:

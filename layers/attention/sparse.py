@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.layers.attention.softmax import MASKED, dot_product_attention
+from efflm.layers.attention.softmax import MASKED, dot_product_attention, projection_flops
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
 from efflm.shapes import head_dim, num_kv_heads
@@ -42,6 +42,12 @@ def project_out(module: nn.Module, out):
     return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, dtype=cfg.dtype,
                  param_dtype=cfg.param_dtype, std=std, name="out",
                  **quant_kw(cfg, "attention"))(out)
+
+
+def pattern_flops(cfg, pairs: float) -> float:
+    """Forward FLOPs per token of the projections and of `pairs` query-key pairs (scores
+    and weighted values)."""
+    return projection_flops(cfg) + 2 * 2 * pairs * cfg.attention.num_heads * head_dim(cfg)
 
 
 def document_start(seg):

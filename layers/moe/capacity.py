@@ -112,9 +112,6 @@ def causal_keep(targets, asking, limit, starts, num_targets: int, used0=None):
     return keep, rank, after
 
 
-COUNTERS = ("doc_used", "row_used", "doc_seen", "row_seen")
-
-
 def counters_init(batch: int, targets: int) -> dict:
     """Zero counters for `causal_pairs` (the slots used, per target, by the current
     document and by the row; the document's and the row's tokens so far)."""
