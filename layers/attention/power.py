@@ -13,8 +13,8 @@ start of its row).
 XLA path: each query block gathers only its visible key blocks (its own and up to
 `floor(log2(blocks - 1)) + 1` behind it, padded to that many) and the sink keys, in one
 softmax. Pallas path: the block-sparse kernel on the same block table, merged by
-log-sum-exp with the XLA sink branch. Decoding reads a full KV cache, masked by the
-pattern.
+log-sum-exp with the XLA sink branch. Decoding keeps a KV cache of `max_seq_len` and
+reads, per query, only the slots of its visible blocks and sinks.
 
 FLOPs count the query-key pairs the pattern keeps (over a sequence of one document), as
 softmax counts its causal half; the masked pairs of the computed tiles are not credited.
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import dot_product_attention, softmax_impl
+from efflm.layers.attention.softmax import MASKED, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
     pad_to_blocks,
@@ -167,7 +168,8 @@ class PowerAttention(Mixer):
 
     def _decode(self, q, k, v, positions, segment_ids):
         """Write the chunk into a KV cache at its positions (tokens with segment id 0
-        not valid), then attend to the valid keys the pattern shows each query."""
+        not valid), then attend from each query to the cache slots `visible_slots` gives
+        it: its pattern's blocks and sinks, not the whole cache."""
         own = self.cfg.attention.power
         b = k.shape[0]
         length = self.cfg.max_seq_len
@@ -181,11 +183,42 @@ class PowerAttention(Mixer):
         cached_v.value = cached_v.value.at[rows, positions].set(v)
         written = True if segment_ids is None else segment_ids > 0
         valid.value = valid.value.at[rows, positions].set(written)
-        slots = jnp.arange(length)[None, None, :]
-        q_pos = positions[:, :, None]
-        shown = covered(own.block_size)(q_pos, slots) | (slots < own.sinks)
-        mask = valid.value[:, None, :] & (slots <= q_pos) & shown
-        return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
+        slots, shown = visible_slots(positions, own.block_size, own.sinks, length)
+        take = jax.vmap(lambda a, i: a[i])  # per batch row: (chunk, span, ...)
+        shown = shown & take(valid.value, slots)
+        return gathered_attention(q, take(cached_k.value, slots), take(cached_v.value, slots),
+                                  shown)
+
+
+def visible_slots(positions, block: int, sinks: int, length: int):
+    """(slots, shown), each (batch, chunk, span): the cache slots a query at each position
+    reads (its own block, the blocks 1, 2, 4, ... behind, then the sink slots) and which
+    of them it sees (causal, inside the cache, each slot once: a sink only where no
+    block shows it). `span` is fixed by the cache length, not by the position."""
+    behind = max(1, -(-length // block) - 1).bit_length()
+    p = positions[..., None]
+    back = jnp.asarray([0] + [1 << m for m in range(behind)])
+    starts = (p // block - back) * block  # (batch, chunk, 1 + behind)
+    blocks = (starts[..., None] + jnp.arange(block)).reshape(*p.shape[:-1], -1)
+    ok = (blocks >= 0) & (blocks <= p) & (starts >= 0).repeat(block, axis=-1)
+    sink = jnp.broadcast_to(jnp.arange(sinks), (*p.shape[:-1], sinks))
+    sink_ok = (sink <= p) & ~covered(block)(p, sink)
+    slots = jnp.clip(jnp.concatenate([blocks, sink], axis=-1), 0, length - 1)
+    return slots, jnp.concatenate([ok, sink_ok], axis=-1)
+
+
+def gathered_attention(q, keys, values, shown):
+    """Softmax attention of each query over its own gathered keys: q (batch, chunk,
+    heads, dim); keys, values (batch, chunk, span, kv_heads, dim); shown (batch, chunk,
+    span). A query that sees no key gets 0."""
+    b, c, h, d = q.shape
+    kv = keys.shape[3]
+    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, c, kv, h // kv, d)
+    scores = jnp.einsum("bckgd,bcskd->bckgs", qg, keys, preferred_element_type=jnp.float32)
+    mask = shown[:, :, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
+    probs = jnp.where(mask, probs, 0.0).astype(values.dtype)
+    return jnp.einsum("bckgs,bcskd->bckgd", probs, values).reshape(b, c, h, d)
 
 
 def power_pallas(q, k, v, segment_ids, block: int, sinks: int):

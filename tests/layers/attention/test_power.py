@@ -13,9 +13,11 @@ from efflm.config import load_config
 from efflm.layers.attention.power import (
     PowerAttention,
     block_table,
+    covered,
     power_attention,
     power_pallas,
     power_reference,
+    visible_slots,
 )
 
 
@@ -43,6 +45,21 @@ def test_each_block_reads_itself_and_the_power_of_two_distances_behind():
     table = block_table(10)
     assert table.shape == (10, 1 + 4)  # 9 blocks back at most: 1, 2, 4, 8
     assert table[9].tolist() == [9, 8, 7, 5, 1] and table[3].tolist() == [3, 2, 1, -1, -1]
+
+
+@pytest.mark.parametrize("block, sinks, length", [(4, 2, 40), (5, 0, 37), (4, 6, 64)])
+def test_decoding_reads_each_visible_slot_once_and_no_other(block, sinks, length):
+    """The slots a decoding query reads are exactly those the pattern and its sinks show
+    it at or before its position, each once, in a span far below the cache length."""
+    positions = jnp.arange(length)[None]
+    slots, shown = (np.asarray(a)[0] for a in visible_slots(positions, block, sinks, length))
+    assert slots.shape[1] < length
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    want = (j <= i) & (np.asarray(covered(block)(i, j)) | (j < sinks))
+    for p in range(length):
+        seen = slots[p][shown[p]]
+        assert len(set(seen.tolist())) == len(seen), p
+        assert sorted(seen.tolist()) == np.flatnonzero(want[p]).tolist(), p
 
 
 def test_flops_grow_as_the_log_of_the_length():
