@@ -112,6 +112,12 @@ def fast_jit(fn, **kwargs):
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
+def fast_init(module, *args, seed=0):
+    """`module.init(jax.random.key(seed), *args)` compiled with FAST_COMPILE: run
+    eagerly, initialisation dispatches each op on its own (seconds for a routed layer)."""
+    return fast_jit(module.init)(jax.random.key(seed), *args)
+
+
 def cached_and_full_logits(model, variables, b=2, t=24, prefill=11):
     """Logits of random tokens through the decoding cache (a prefill, then one token at a
     time) and from one forward pass over the whole sequence."""

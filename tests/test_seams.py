@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_init
 
 from efflm import layers
 from efflm import mesh as mesh_lib
@@ -418,7 +418,7 @@ def test_feed_forwards_and_routers_see_which_positions_are_padding(small_config)
     tokens = jnp.zeros((2, 8), jnp.int32)
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    variables = model.init(jax.random.key(0), tokens, pos, seg)
+    variables = fast_init(model, tokens, pos, seg)
     _, seen = model.apply({"params": variables["params"]}, tokens, pos, seg,
                           mutable=["intermediates", "losses", "stats"])
     seen = seen["intermediates"]["blocks"]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_init, fast_jit
 
 from efflm.cli import main
 from efflm.config import load_config
@@ -24,7 +24,7 @@ from efflm.train.trainer import train
 
 def _init(cfg, x):
     model = LM(cfg.model)
-    return model, nn.unbox(model.init(jax.random.key(0), x)["params"])
+    return model, nn.unbox(fast_init(model, x)["params"])
 
 
 def _tokens(cfg, b=2):
@@ -74,8 +74,8 @@ def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_confi
     causal = attention_mask(None, 16)
     plan = layer_plan(cfg.model)
     assert [s.routed for s in plan] == [False, True, False, True]
-    params = nn.unbox(ModStack(cfg.model, Block, plan).init(
-        jax.random.key(0), x, {}, pos, None, None)["params"])
+    params = nn.unbox(fast_init(
+        ModStack(cfg.model, Block, plan), x, {}, pos, None, None)["params"])
     by_hand = x
     for i, spec in enumerate(plan):
         p = params[f"layer_{i}"]
@@ -102,7 +102,7 @@ def test_gathered_tokens_equal_the_masked_full_computation(small_config):
     seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], b, 0), jnp.int32)
     spec = layer_plan(cfg.model)[1]
     layer = RoutedBlock(cfg.model, spec, Block)
-    params = nn.unbox(layer.init(jax.random.key(0), x, {}, pos, seg, None)["params"])
+    params = nn.unbox(fast_init(layer, x, {}, pos, seg, None)["params"])
 
     def gathered(p, x):
         (out, _), _ = layer.apply({"params": p}, x, {}, pos, seg, None,
@@ -138,8 +138,8 @@ def test_mod_padding_is_not_a_token(small_config):
     seg12 = np.asarray([[1] * 7 + [2] * 5, [1] * 9 + [0] * 3], np.int32)
     real = np.random.default_rng(0).integers(0, 256, (2, 12))
     model = LM(cfg)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 12), jnp.int32)))["params"]
-    run = jax.jit(lambda tokens, pos, seg: model.apply(
+    params = nn.unbox(fast_init(model, jnp.zeros((2, 12), jnp.int32)))["params"]
+    run = fast_jit(lambda tokens, pos, seg: model.apply(
         {"params": params}, tokens, pos, seg, mutable=["losses", "stats"]))
     results = []
     for length, seed in ((12, 1), (16, 2)):
@@ -175,7 +175,7 @@ def test_mod_decoding_follows_the_causal_predictor(small_config):
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     spec = layer_plan(cfg.model)[1]
     layer = RoutedBlock(cfg.model, spec, Block)
-    params = nn.unbox(layer.init(jax.random.key(0), x, {}, pos, None, None)["params"])
+    params = nn.unbox(fast_init(layer, x, {}, pos, None, None)["params"])
     hidden = jax.nn.gelu(x @ params["predictor_in"]["kernel"])
     chosen = (hidden @ params["predictor_out"]["kernel"])[..., 0] > 0
     assert 0 < int(chosen.sum()) < b * t

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_init, fast_jit
 
 from efflm.cli import main
 from efflm.config import load_config
@@ -28,7 +28,7 @@ LAYER = ("model.mlp.kind=moe", f"model.d_model={D}", f"model.moe.num_experts={E}
 def _layer(small_config, *overrides):
     cfg = small_config(*LAYER, *overrides).model
     x = jax.random.normal(jax.random.key(1), (*TOKENS, D))
-    params = nn.unbox(MoE(cfg).init(jax.random.key(0), x)["params"])
+    params = nn.unbox(fast_init(MoE(cfg), x)["params"])
     return cfg, x, params
 
 
@@ -78,11 +78,13 @@ def test_topk_dispatch_matches_the_per_token_reference(small_config, overrides):
                                    mutable=["losses", "stats"])
         return jnp.sum(out.reshape(-1, D) * w), (out, sown)
 
-    (_, (out, sown)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+    (_, (out, sown)), grads = fast_jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+        params, x)
     scale = float(jnp.max(jnp.abs(ref)))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * scale)
     assert not np.asarray(out)[SEGMENTS == 0].any()
-    ref_grads = jax.grad(_reference_loss, (1, 2))(cfg, params, x, w, capacity, experts)
+    ref_grads = fast_jit(lambda p, x: jax.grad(_reference_loss, (1, 2))(
+        cfg, p, x, w, capacity, experts))(params, x)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads[0]["router"]))
@@ -231,10 +233,10 @@ def test_padding_is_not_a_token(small_config, overrides):
     row): the same outputs for the real tokens, zero for padding, and the same losses,
     statistics and load state (capacities count real tokens)."""
     cfg, x, params = _layer(small_config, *overrides)
-    run = jax.jit(lambda p, x, seg: MoE(cfg).apply(
+    run = fast_jit(lambda p, x, seg: MoE(cfg).apply(
         {"params": p, "state": state}, x, segment_ids=seg,
         mutable=["losses", "stats", "state"]))
-    state = nn.unbox(MoE(cfg).init(jax.random.key(0), x)).get("state", {})
+    state = nn.unbox(fast_init(MoE(cfg), x)).get("state", {})
     results = []
     for length, seed in ((12, 5), (16, 6)):
         xs, seg = _padded(x, length, seed)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, cached_and_full_logits
+from conftest import SMALL, cached_and_full_logits, fast_init
 
 from efflm.cli import main
 from efflm.flops import traced_matmul_flops
@@ -66,7 +66,7 @@ def test_recurrent_router_chain_matches_the_per_token_reference(small_config):
     x = jax.random.normal(jax.random.key(1), (3, 10, D))
     carry = RecurrentRouter.initial_carry(cfg, x[0].reshape(2, 5, D))
     assert carry[CARRY].shape == (2, 5, R)
-    params = [nn.unbox(RecurrentRouter(cfg).init(jax.random.key(i), x[i], carry))["params"]
+    params = [nn.unbox(fast_init(RecurrentRouter(cfg), x[i], carry, seed=i))["params"]
               for i in range(3)]
     w = jax.random.normal(jax.random.key(2), (3, 10, K))
 
@@ -139,7 +139,7 @@ def test_recurrent_lm_routes_as_a_gru_loop_scanned_and_unrolled(small_config):
     cfg = small_config(*RECURRENT_LM).model
     assert [s.mlp for s in layer_plan(cfg)] == ["moe", "swiglu", "moe", "swiglu", "moe"]
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, 256)
-    params = nn.unbox(LM(cfg).init(jax.random.key(0), tokens))["params"]
+    params = nn.unbox(fast_init(LM(cfg), tokens))["params"]
     logits, io = _router_io(cfg, params, tokens)
     moe_layers = (0, 2, 4)
     inputs = [io[f"layer_{i}"]["mlp_norm"]["__call__"][0].reshape(-1, cfg.d_model)
@@ -173,7 +173,7 @@ def test_recurrent_lm_decodes_through_the_cache(small_config):
     cache gives the full forward pass's logits."""
     cfg = small_config(*RECURRENT_LM, "model.num_layers=2", "model.mlp.pattern=").model
     model = LM(cfg)
-    variables = nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, 8), jnp.int32)))
+    variables = nn.unbox(fast_init(model, jnp.zeros((2, 8), jnp.int32)))
     cached, full = cached_and_full_logits(model, variables, t=14, prefill=9)
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
@@ -186,7 +186,7 @@ def test_recurrent_router_flops_are_its_matmuls(small_config):
     cls = ROUTERS["recurrent"]
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
     args = (x, cls.initial_carry(cfg, x))
-    variables = nn.unbox(cls(cfg).init(jax.random.key(0), *args))
+    variables = nn.unbox(fast_init(cls(cfg), *args))
     traced = traced_matmul_flops(
         lambda v: cls(cfg).apply(v, *args, mutable=["losses", "stats", "state"])[0], variables)
     assert traced == 10 * cls.flops_per_token(cfg)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_init
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -44,8 +44,8 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
                        "model.moe.sigmoid_bias.seq_balance_loss=0.3").model
     sequences, length = 3, 8
     x = jax.random.normal(jax.random.key(1), (sequences * length, D))
-    params = nn.unbox(SigmoidBiasRouter(cfg).init(
-        jax.random.key(0), x.reshape(sequences, length, D), {}))["params"]
+    params = nn.unbox(fast_init(
+        SigmoidBiasRouter(cfg), x.reshape(sequences, length, D), {}))["params"]
     bias = np.array([0.3, -0.2, 0.0, 0.15], np.float32)
     state = {BALANCE: {"bias": jnp.asarray(bias), "load": jnp.zeros(E)}}
     w = np.asarray(jax.random.normal(jax.random.key(2), (sequences * length, K)))
