@@ -174,10 +174,10 @@ def padding_fraction(preset: str, overrides: list[str], batches: int) -> float:
     batches of `preset`."""
     import numpy as np
 
-    from efflm.data import get_tokenizer, make_train_iterator
+    from efflm.data import data_tokenizer, make_train_iterator
 
     cfg = load_config(preset, overrides)
-    it = make_train_iterator(cfg.data, get_tokenizer(cfg.data.tokenizer),
+    it = make_train_iterator(cfg.data, data_tokenizer(cfg.data),
                              global_batch=cfg.train.batch_size, seed=cfg.train.seed)
     return float(np.mean([np.mean(next(it)["segment_ids"] == 0) for _ in range(batches)]))
 

@@ -36,11 +36,11 @@ def _generate(args) -> int:
     from efflm.train.trainer import restore_run
 
     cfg, program, state, tokenizer, _ = restore_run(args.workdir, args.overrides)
+    ids = tokenizer.encode(args.prompt)
     if args.top_k > cfg.model.vocab_size:
         raise EfflmError(f"--top-k {args.top_k} is larger than the vocabulary "
                          f"({cfg.model.vocab_size}); use at most {cfg.model.vocab_size}, "
                          "or 0 for no limit")
-    ids = tokenizer.encode(args.prompt)
     with program.context():
         out = sample(program.model, state.variables(), ids, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
@@ -67,7 +67,7 @@ def _config_show(args) -> int:
 
 
 def _bench(args) -> int:
-    from efflm.bench import attention, depth, gdn, generate, kernels, mfu, moe, quant
+    from efflm.bench import attention, depth, gdn, generate, kernels, mfu, moe, quant, recall
     from efflm.bench import compile as compile_bench
 
     which = args.rest[0] if args.rest else "mfu"
@@ -75,7 +75,8 @@ def _bench(args) -> int:
                "flash_attention": kernels.main, "grouped_matmul": kernels.main,
                "linear_attention": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
-               "attention": attention.main, "quant": quant.main, "gdn": gdn.main}
+               "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
+               "recall": recall.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from efflm import mesh as mesh_lib
 from efflm.config import Config
+from efflm.data import IGNORE, SOURCES
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS, apply_step_updates
 from efflm.layers.depth.plain import repeating_group
 from efflm.layers.plan import check_mesh, layer_plan
@@ -26,6 +27,12 @@ from efflm.models import LM
 from efflm.train import sown as sown_lib
 from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
 from efflm.train.optim import learning_rate_schedule, make_optimizer
+
+
+def loss_mask(batch):
+    """The targets the loss trains and scores: those of real tokens (segment id > 0)
+    that are not IGNORE (a source's unscored positions)."""
+    return (batch["segment_ids"] > 0) & (batch["targets"] != IGNORE)
 
 
 def _global_norm(tree):
@@ -88,35 +95,42 @@ class Program:
                           model_state=model_state, opt_state=self.tx.init(params),
                           rng=jax.random.key_data(state_rng))
 
-    def forward(self, params, model_state, batch, rngs=None, update_state=False):
+    def forward(self, params, model_state, batch, rngs=None, update_state=False,
+                accuracy=False):
         """Token losses and what the layers sowed, for one (micro)batch.
 
-        Returns `(loss_sum, z_sum, count, aux_loss, stats, model_state)`: summed token
-        (z-)losses and their count, the sum of the sown auxiliary losses, the sown
-        statistics (`sown.reduce_stats`) and the model state, updated by the layers when
-        `update_state`. `train.loss_impl` naive computes the full logits; xla and pallas
-        take the final hidden states and the head weight and never hold
-        (tokens x vocab) logits.
+        Returns `(loss_sum, z_sum, count, aux_loss, stats, model_state, correct)`: summed
+        token (z-)losses over the scored targets (`loss_mask`) and their count, the sum
+        of the sown auxiliary losses, the sown statistics (`sown.reduce_stats`), the
+        model state, updated by the layers when `update_state`, and with `accuracy` how
+        many scored targets the logits' argmax predicts (else None). `train.loss_impl`
+        naive (and `accuracy`) computes the full logits; xla and pallas take the final
+        hidden states and the head weight and never hold (tokens x vocab) logits.
         """
         impl = resolve_loss_impl(self.cfg.train.loss_impl, dict(self.mesh.shape))
         args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-        mask = batch["segment_ids"] > 0
+        mask = loss_mask(batch)
+        targets = jnp.where(mask, batch["targets"], 0)
         variables = {"params": params, **model_state}
         mutable = [LOSSES, STATS, *(model_state if update_state else ())]
-        if impl == "naive":
+        correct = None
+        if impl == "naive" or accuracy:
             logits, sown = self.model.apply(variables, *args, rngs=rngs, mutable=mutable)
-            loss_sum, z_sum, count = cross_entropy(
-                logits, batch["targets"], mask, self.cfg.train.z_loss)
+            loss_sum, z_sum, count = cross_entropy(logits, targets, mask,
+                                                   self.cfg.train.z_loss)
+            if accuracy:
+                hit = (jnp.argmax(logits, axis=-1) == targets) & mask
+                correct = jnp.sum(hit.astype(jnp.float32))
         else:
             (h, w), sown = self.model.apply(
                 variables, *args, rngs=rngs, mutable=mutable,
                 method=lambda lm, *a: lm.head_operands(lm.hidden(*a)))
             loss_sum, z_sum, count = linear_cross_entropy_terms(
-                h, w, batch["targets"], mask, self.cfg.train.z_loss, impl)
+                h, w, targets, mask, self.cfg.train.z_loss, impl)
         stats = sown_lib.reduce_stats(sown.get(STATS, {}), self.period)
         new_state = {c: sown[c] for c in model_state} if update_state else model_state
         aux = sown_lib.sum_losses(sown.get(LOSSES, {}))
-        return loss_sum, z_sum, count, aux, stats, new_state
+        return loss_sum, z_sum, count, aux, stats, new_state, correct
 
     def grads(self, state: TrainState, batch):
         """Gradients of the step's objective, its metrics and the updated model state.
@@ -128,10 +142,10 @@ class Program:
         updated once by the rules of `efflm.layers.common.STEP_UPDATES`.
         """
         accum = self.cfg.train.grad_accum
-        denom = jnp.maximum(jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32), 1.0)
+        denom = jnp.maximum(jnp.sum(loss_mask(batch)).astype(jnp.float32), 1.0)
 
         def objective(params, micro, index):
-            loss_sum, z_sum, count, aux, stats, new_state = self.forward(
+            loss_sum, z_sum, count, aux, stats, new_state, _ = self.forward(
                 params, state.model_state, micro, step_rngs(state.rng, state.step, index),
                 update_state=True)
             return (loss_sum + z_sum) / denom + aux / accum, (
@@ -169,9 +183,18 @@ class Program:
         return new, metrics
 
     def _eval_step(self, params, model_state, batch):
-        loss_sum, _, count, _, _, _ = self.forward(params, model_state, batch)
-        return {"loss_sum": loss_sum, "tokens": count,
-                "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32))}
+        """Summed loss and count of the scored targets; their bytes where the batch
+        carries `target_bytes`; with a source that reports an accuracy
+        (`DataSource.accuracy`), how many the argmax predicts."""
+        accuracy = SOURCES[self.cfg.data.source].accuracy is not None
+        loss_sum, _, count, _, _, _, correct = self.forward(params, model_state, batch,
+                                                            accuracy=accuracy)
+        out = {"loss_sum": loss_sum, "tokens": count}
+        if "target_bytes" in batch:
+            out["bytes"] = jnp.sum(batch["target_bytes"].astype(jnp.float32))
+        if accuracy:
+            out["correct"] = correct
+        return out
 
     # -- jitted entry points ----------------------------------------------------------
 

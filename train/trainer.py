@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from efflm.config import (
     to_dict,
     to_yaml,
 )
-from efflm.data import get_tokenizer, make_eval_iterator, make_train_iterator
+from efflm.data import SOURCES, data_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.layers.plan import check_mesh, not_causal
@@ -51,7 +52,10 @@ def shape_differences(old: Config, new: Config) -> list[str]:
 def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for every setting of the data order that differs."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
-    return [(k, a[k], b[k]) for k in DATA_ORDER_KEYS if a[k] != b[k]]
+    source = SOURCES[new.data.source]  # and the source's own settings that fix its items
+    own = [f"data.{new.data.source}.{f.name}" for f in dataclasses.fields(source.settings)
+           if f.name not in source.resumable] if source.settings else []
+    return [(k, a.get(k), b[k]) for k in (*DATA_ORDER_KEYS, *own) if a.get(k) != b[k]]
 
 
 def load_workdir_config(workdir: str) -> Config:
@@ -133,8 +137,9 @@ def write_config(cfg: Config) -> None:
 
 
 def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
-    """Validation loss, perplexity and bits per byte of the model in the TrainState
-    `state` (parameters and model state).
+    """Validation loss and perplexity of the model in the TrainState `state` (parameters
+    and model state), with bits per byte where the tokens stand for text and the
+    source's accuracy where it reports one (`eval_recall_accuracy` for mqar).
 
     `num_batches` > 0: over a fixed sample of that many batches drawn from across the
     split (`eval_*` names, as logged during training); 0: over the whole split
@@ -144,29 +149,46 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
     it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), num_batches=num_batches)
-    byte_lengths = np.asarray(tokenizer.token_byte_lengths(), np.int32)
-    loss_sum = tokens = num_bytes = 0.0
+    byte_lengths = tokenizer.token_byte_lengths()
+    sums: dict = {}
     with program.context():
         for local in it:
             local = dict(local)
-            local["target_bytes"] = np.where(local["segment_ids"] > 0,
-                                             byte_lengths[local["targets"]], 0).astype(np.int32)
+            if byte_lengths is not None:
+                scored = (local["segment_ids"] > 0) & (local["targets"] >= 0)
+                local["target_bytes"] = np.where(
+                    scored, np.asarray(byte_lengths)[np.maximum(local["targets"], 0)],
+                    0).astype(np.int32)
             out = program.eval_step(state.params, state.model_state,
                                     mesh_lib.global_batch(local, program.mesh))
-            loss_sum += float(out["loss_sum"])
-            tokens += float(out["tokens"])
-            num_bytes += float(out["bytes"])
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    tokens = sums.get("tokens", 0.0)
     if tokens == 0:
-        raise EfflmError("the validation split produced no tokens; add data or raise "
-                         "data.val_fraction")
-    loss = loss_sum / tokens
+        raise EfflmError("the validation split produced no scored tokens; add data or "
+                         "raise data.val_fraction")
+    loss = sums["loss_sum"] / tokens
     prefix = "eval_" if num_batches else "full_eval_"
-    result = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0)),
-              f"{prefix}bits_per_byte": loss_sum / math.log(2) / max(num_bytes, 1.0),
-              f"{prefix}tokens": tokens}
+    result = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
+    if "bytes" in sums:
+        result[f"{prefix}bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(
+            sums["bytes"], 1.0)
+    if "correct" in sums:
+        result[f"{prefix}{SOURCES[cfg.data.source].accuracy}_accuracy"] = (
+            sums["correct"] / tokens)
+    result[f"{prefix}tokens"] = tokens
     if not_causal(cfg.model):  # the loss saw later tokens: not comparable to causal runs
         result["causal"] = False
     return result
+
+
+def eval_summary(ev: dict) -> str:
+    """`eval_loss 1.2345, bits/byte 0.9876` (or the accuracy where it was measured)."""
+    parts = [f"eval_loss {ev['eval_loss']:.4f}"]
+    parts += [f"bits/byte {v:.4f}" for k, v in ev.items() if k == "eval_bits_per_byte"]
+    parts += [f"{k[len('eval_'):].replace('_', ' ')} {v:.4f}" for k, v in ev.items()
+              if k.startswith("eval_") and k.endswith("_accuracy")]
+    return ", ".join(parts)
 
 
 class _StopFlag:
@@ -232,7 +254,7 @@ def restore_run(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> tu
         state, step = restore_or_init(program, checkpointer, None)
     finally:
         checkpointer.close()
-    return cfg, program, state, get_tokenizer(cfg.data.tokenizer), step
+    return cfg, program, state, data_tokenizer(cfg.data), step
 
 
 def train(cfg: Config) -> dict:
@@ -243,7 +265,7 @@ def train(cfg: Config) -> dict:
     mesh_lib.check_divisibility(cfg, mesh)  # a mesh that cannot run leaves no workdir
     check_mesh(cfg.model, dict(mesh.shape))
     prepare_workdir(cfg, is_writer)
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokenizer = data_tokenizer(cfg.data)
     program = build_program(cfg, mesh)
     data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                                seed=cfg.train.seed, process_index=jax.process_index(),
@@ -313,8 +335,7 @@ def train(cfg: Config) -> dict:
                     ev = evaluate(program, state, tokenizer, cfg.train.eval_batches)
                     row = {"step": done, **ev}
                     writer.write(row)
-                    writer.message(f"step {done}: eval_loss {ev['eval_loss']:.4f}, "
-                                   f"bits/byte {ev['eval_bits_per_byte']:.4f}"
+                    writer.message(f"step {done}: " + eval_summary(ev)
                                    + (" (not causal: sees later tokens)"
                                       if ev.get("causal") is False else ""))
                     timer_start, timer_steps = time.perf_counter(), 0

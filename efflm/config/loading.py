@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from efflm.data import get_tokenizer
+from efflm.data import SOURCES, data_tokenizer
 from efflm.errors import ConfigError
 
 from .schema import FAMILIES, Config
@@ -203,7 +203,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (),
     schema = OmegaConf.structured(Config)
     cfg = schema
     try:
-        cfg = OmegaConf.merge(schema, _read_preset(name_or_path, saved=saved))
+        preset = _read_preset(name_or_path, saved=saved)
+        cfg = OmegaConf.merge(schema, preset)
     except OmegaConfBaseException as e:
         raise _explain(e, schema, f"config {name_or_path!r}") from None
     for item in overrides:
@@ -213,8 +214,15 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (),
             raise _explain(e, schema, f"override {item!r}", item.split("=", 1)[0]) from None
     obj = OmegaConf.to_object(cfg)
     validate(obj)
-    _warn_unused(obj, [item.split("=", 1)[0].strip() for item in overrides])
-    obj.model.vocab_size = vocab_size(obj.model, get_tokenizer(obj.data.tokenizer).vocab_size)
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    _warn_unused(obj, keys)
+    if (SOURCES[obj.data.source].tokenizer(obj.data) is not None and not saved
+            and ("data.tokenizer" in keys or OmegaConf.select(preset, "data.tokenizer",
+                                                               default=None) is not None)):
+        raise ConfigError(f"data.tokenizer={obj.data.tokenizer!r} does not apply: "
+                          f"data.source={obj.data.source} yields token ids; drop the "
+                          "data.tokenizer setting")
+    obj.model.vocab_size = vocab_size(obj.model, data_tokenizer(obj.data).vocab_size)
     return obj
 
 

@@ -131,7 +131,7 @@ def vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
     if cfg.vocab_size:
         if cfg.vocab_size < tokenizer_vocab:
             raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the "
-                              f"tokenizer's vocabulary ({tokenizer_vocab})")
+                              f"data's vocabulary ({tokenizer_vocab} token ids)")
         return cfg.vocab_size
     k = cfg.vocab_multiple
     return -(-tokenizer_vocab // k) * k

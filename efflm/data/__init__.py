@@ -1,5 +1,6 @@
 """The data pipeline: corpus -> tokenizer -> grain (shuffle, pack, batch, shard per host)."""
 
+from efflm.data.base import IGNORE
 from efflm.data.pipeline import make_eval_iterator, make_train_iterator
 from efflm.data.sources import SOURCES
 from efflm.data.tokenizer import ByteTokenizer
@@ -16,5 +17,12 @@ def get_tokenizer(name: str):
     return TOKENIZERS[name]()
 
 
-__all__ = ["TOKENIZERS", "SOURCES", "get_tokenizer", "make_train_iterator",
-           "make_eval_iterator"]
+def data_tokenizer(cfg):
+    """The tokenizer of a data config (its `data` section): the source's own token ids
+    where it yields them (`DataSource.tokenizer`), else `data.tokenizer`."""
+    own = SOURCES[cfg.source].tokenizer(cfg) if cfg.source in SOURCES else None
+    return own if own is not None else get_tokenizer(cfg.tokenizer)
+
+
+__all__ = ["IGNORE", "TOKENIZERS", "SOURCES", "data_tokenizer", "get_tokenizer",
+           "make_train_iterator", "make_eval_iterator"]

@@ -4,7 +4,9 @@ A document becomes [bos] + tokens + [eos], cut into chunks of seq_len + 1 tokens
 overlap by one; a chunk gives inputs = chunk[:-1], targets = chunk[1:]. Examples are
 packed first-fit into rows of seq_len with segment ids (1, 2, ... per example, 0 for
 padding) and positions (0, 1, ... within each example), so attention and the loss
-(mask: segment_ids > 0) never cross examples.
+(mask: segment_ids > 0, targets not IGNORE) never cross examples. A source of token-id
+rows (`DataSource.tokenizer`) gives whole rows already: they are shuffled, dealt and
+batched as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import grain
 import numpy as np
 
-from efflm.data.sources import make_source
+from efflm.data.sources import SOURCES, make_source
 from efflm.errors import DataError
 
 # Documents are read and tokenized in the calling thread: on local files, reader threads
@@ -69,6 +71,11 @@ def pack(ds: grain.IterDataset, tokenizer, seq_len: int, num_bins: int) -> grain
         ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=num_bins,
         shuffle_bins=False, padding_struct=pad)
     return ds.map(_to_row)
+
+
+def _token_rows(cfg) -> bool:
+    """Whether `data.source` yields whole rows of token ids."""
+    return cfg.source in SOURCES and SOURCES[cfg.source].tokenizer(cfg) is not None
 
 
 def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
@@ -134,13 +141,17 @@ def make_train_iterator(cfg, tokenizer, *, global_batch: int, seed: int,
     source = make_source(cfg, "train")
     docs = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, 0)).repeat()
     docs = docs[process_index::process_count]
-    ds = examples(docs, tokenizer, cfg.seq_len)
-    # At most one epoch's worth of examples (each document gives at least one), so that
-    # a small corpus does not mix many epochs in one window.
-    window = max(1, min(SHUFFLE_WINDOW_TOKENS // cfg.seq_len, len(source) // process_count))
-    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window,
-                                                     seed=_derive_seed(seed, 1))
-    rows = pack(ds, tokenizer, cfg.seq_len, local)
+    if _token_rows(cfg):
+        rows = docs.to_iter_dataset(READ_OPTIONS)
+    else:
+        ds = examples(docs, tokenizer, cfg.seq_len)
+        # At most one epoch's worth of examples (each document gives at least one), so
+        # that a small corpus does not mix many epochs in one window.
+        window = max(1, min(SHUFFLE_WINDOW_TOKENS // cfg.seq_len,
+                            len(source) // process_count))
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window,
+                                                         seed=_derive_seed(seed, 1))
+        rows = pack(ds, tokenizer, cfg.seq_len, local)
     spec = {"split": "train", "source": cfg.source, "seq_len": cfg.seq_len,
             "global_batch": global_batch, "seed": seed, "process_index": process_index,
             "process_count": process_count}
@@ -215,13 +226,19 @@ def make_eval_iterator(cfg, tokenizer, *, global_batch: int, process_index: int 
     local = _local_batch(global_batch, process_index, process_count)
     if num_batches < 0:
         raise DataError(f"the number of evaluation batches must be >= 0, got {num_batches}")
-    if num_batches:
-        sample = SampledExamples(cfg, tokenizer, num_batches * global_batch)
-        ds = grain.MapDataset.source(sample).to_iter_dataset(READ_OPTIONS)
+    if _token_rows(cfg):  # the first num_batches batches (generated rows: no order)
+        rows = grain.MapDataset.source(make_source(cfg, "val"))
+        if num_batches:
+            rows = rows[:num_batches * global_batch]
+        rows = rows.to_iter_dataset(READ_OPTIONS)
     else:
-        ds = examples(grain.MapDataset.source(make_source(cfg, "val")), tokenizer,
-                      cfg.seq_len)
-    rows = pack(ds, tokenizer, cfg.seq_len, global_batch)
+        if num_batches:
+            sample = SampledExamples(cfg, tokenizer, num_batches * global_batch)
+            ds = grain.MapDataset.source(sample).to_iter_dataset(READ_OPTIONS)
+        else:
+            ds = examples(grain.MapDataset.source(make_source(cfg, "val")), tokenizer,
+                          cfg.seq_len)
+        rows = pack(ds, tokenizer, cfg.seq_len, global_batch)
     shard = functools.partial(_pad_and_shard, global_batch=global_batch,
                               pad_id=tokenizer.pad_id, start=process_index * local,
                               stop=(process_index + 1) * local)

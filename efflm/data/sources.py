@@ -1,7 +1,9 @@
-"""Document sources: the standard library's Python files, or local text and jsonl files.
+"""Data sources: the standard library's Python files, local text and jsonl files, or
+generated token ids (`mqar`).
 
 Each source is a grain random-access data source (`__len__`, `__getitem__`) whose
-items are documents (str). Files are read when grain asks for a document, not before.
+items are documents (str; files are read when grain asks for one, not before) or, for
+a source with its own `tokenizer`, rows of token ids.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from efflm.data.base import DataSource
+from efflm.data.mqar import Mqar
 from efflm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
@@ -177,23 +181,6 @@ class FilesSettings:
     val_paths: list[str] = field(default_factory=list)
 
 
-class DataSource:
-    """A `data.source`: its own settings (`data.<name>.*`) and its documents."""
-
-    settings = None  # a dataclass of its own settings, or None
-    resumable = ()  # fields of `settings` that a resumed run may change
-
-    @staticmethod
-    def validate_config(cfg) -> None:
-        """Raise ConfigError for a bad value of its settings (cfg: the data section)."""
-
-    @staticmethod
-    def open(cfg, split: str):
-        """(the documents of `split`, a grain data source; where they came from, for
-        messages)."""
-        raise NotImplementedError
-
-
 class PyCode(DataSource):
     """`data.source=pycode`: the Python files of the interpreter's standard library, a
     data.val_fraction of them (by a hash of the name) held out for validation."""
@@ -211,6 +198,7 @@ class Files(DataSource):
     """`data.source=files`: local text and jsonl files (`data.files.*`)."""
 
     settings = FilesSettings
+    resumable = ("paths", "val_paths")  # a resume may point at other files
 
     @staticmethod
     def validate_config(cfg) -> None:
@@ -234,7 +222,7 @@ class Files(DataSource):
 
 
 # `data.source` -> the source.
-SOURCES = {"pycode": PyCode, "files": Files}
+SOURCES = {"pycode": PyCode, "files": Files, "mqar": Mqar}
 
 
 def make_source(cfg, split: str):

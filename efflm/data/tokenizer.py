@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from efflm.errors import DataError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, plus pad, bos and eos specials above them."""
@@ -32,3 +34,26 @@ class ByteTokenizer:
         lengths = np.zeros(self.vocab_size, np.int32)
         lengths[:256] = 1
         return lengths
+
+
+class TokenIds:
+    """The vocabulary of a source that yields token ids (no text): ids 0..vocab_size-1,
+    0 the padding."""
+
+    name = "token ids"
+    pad_id = 0
+    bos_id = eos_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        raise DataError("this run's data are token ids, not text (its data.source "
+                        "generates them): it takes no text prompt")
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
+
+    def token_byte_lengths(self) -> None:
+        """None: token ids stand for no text, so bits per byte do not apply."""
+        return None
