@@ -1,8 +1,8 @@
 """Recall per mixer kind: multi-query associative recall (MQAR, `data.source=mqar`).
 
     efflm bench recall [--kinds softmax,linear,...] [--widths 64,128]
-                       [--settings 64:4,128:8] [--steps 500] [--vocab 64]
-                       [--lr 2e-3] [--tokens 2048] [--out FILE.md] [--plot FILE.png]
+                       [--settings 64:4,128:8] [--steps 300] [--vocab 32]
+                       [--lr 2e-3] [--tokens 4096] [--out FILE.md] [--plot FILE.png]
                        [key=value ...]
 
 A 2-layer model of each causal mixer kind registered (default: all of them), at each
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default=",".join(ATTENTION))
     p.add_argument("--widths", default="64,128")
     p.add_argument("--settings", default="64:4,128:8", help="length:pairs, ...")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--vocab", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per step")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step")
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     p.add_argument("--plot", default="", help="write the plot to this PNG file")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")

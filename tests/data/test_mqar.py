@@ -15,6 +15,7 @@ from efflm.cli import main
 from efflm.config import load_config
 from efflm.data import IGNORE, data_tokenizer, make_eval_iterator, make_train_iterator
 from efflm.data.mqar import MqarSettings, example, key_ids, value_ids
+from efflm.errors import ConfigError
 from efflm.train.step import build_program
 from efflm.train.trainer import train
 
@@ -120,15 +121,18 @@ def test_softmax_learns_easy_mqar_and_eval_reports_recall(tmp_path, capsys):
     the answers (copying any value of the context scores 1/4); eval rows carry the
     recall accuracy and no bits per byte, and so does `efflm eval`."""
     workdir = str(tmp_path / "mqar")
-    cfg = load_config("tiny", [
-        *SMALL, *MQAR, "model.attention.num_heads=2", "train.batch_size=64",
-        "optimizer.lr=2e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=20",
-        "train.steps=300", "train.eval_every=300", "train.eval_batches=4",
-        "checkpoint.every=300", "logging.every=100", f"train.workdir={workdir}"])
+    run = [*SMALL, *MQAR, "model.attention.num_heads=2", "train.batch_size=64",
+           "optimizer.lr=2e-3", "optimizer.schedule=constant", "optimizer.warmup_steps=20",
+           "train.steps=300", "train.eval_every=300", "train.eval_batches=4",
+           "checkpoint.every=300", "logging.every=100", f"train.workdir={workdir}"]
+    cfg = load_config("tiny", run)
+    assert cfg.model.vocab_size == 32  # the task's vocabulary
     train(cfg)
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        ev = [json.loads(line) for line in f if "eval_loss" in line][-1]
+        rows = [json.loads(line) for line in f]
+    ev = [r for r in rows if "eval_loss" in r][-1]
     assert ev["eval_recall_accuracy"] > 0.5 and "eval_bits_per_byte" not in ev, ev
+    assert rows[0]["tokens"] == 64 * 4  # the scored targets: one answer per pair
     assert "recall accuracy" in capsys.readouterr().out
     assert main(["eval", "--workdir", workdir, "--batches", "4"]) == 0
     again = json.loads(capsys.readouterr().out)
@@ -136,6 +140,9 @@ def test_softmax_learns_easy_mqar_and_eval_reports_recall(tmp_path, capsys):
     # Token ids take no text prompt.
     assert main(["generate", "--workdir", workdir, "--prompt", "def"]) == 2
     assert "token ids" in capsys.readouterr().err
+    # Other examples do not fit the saved data position.
+    with pytest.raises(ConfigError, match="data.mqar.seed=0 \\(now 1\\)"):
+        train(load_config("tiny", [*run, "data.mqar.seed=1", "train.steps=301"]))
 
 
 @pytest.mark.parametrize("overrides, message", [
