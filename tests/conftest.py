@@ -112,6 +112,18 @@ def fast_jit(fn, **kwargs):
     return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
+def fast_compiled(fn, *args):
+    """The jitted `fn` lowered for `args` and compiled with FAST_COMPILE (call it under
+    the program's context for a Program's steps)."""
+    return fn.lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+def fast_state(program, seed=0):
+    """`program.init(jax.random.key(seed))`, compiled with FAST_COMPILE."""
+    key = jax.random.key(seed)
+    return fast_compiled(program.init, key)(key)
+
+
 def fast_init(module, *args, seed=0):
     """`module.init(jax.random.key(seed), *args)` compiled with FAST_COMPILE: run
     eagerly, initialisation dispatches each op on its own (seconds for a routed layer)."""
@@ -159,10 +171,9 @@ def packed_batch_losses(cfg, steps=5):
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
     program = build_program(cfg, mesh)
     with program.context():
-        key = jax.random.key(0)
-        state = program.init.lower(key).compile(compiler_options=FAST_COMPILE)(key)
+        state = fast_state(program)
         batch = mesh_lib.global_batch(batch, mesh)
-        step = program.train_step.lower(state, batch).compile(compiler_options=FAST_COMPILE)
+        step = fast_compiled(program.train_step, state, batch)
         losses = []
         for _ in range(steps):
             state, metrics = step(state, batch)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, fast_init
+from conftest import SMALL, fast_compiled, fast_init, fast_state
 
 from efflm import layers
 from efflm import mesh as mesh_lib
@@ -152,9 +152,9 @@ def _grads(cfg, devices):
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     program = build_program(cfg, mesh)
     with program.context():
-        state = program.init(jax.random.key(0))
-        grads, metrics, _ = jax.jit(program.grads)(
-            state, mesh_lib.global_batch(_batch(cfg), mesh))
+        state = fast_state(program)
+        batch = mesh_lib.global_batch(_batch(cfg), mesh)
+        grads, metrics, _ = fast_compiled(jax.jit(program.grads), state, batch)(state, batch)
     return jax.device_get((state.params, grads, metrics))
 
 

@@ -4,7 +4,7 @@ exchanged inside shard_map; forward and gradients equal one device."""
 import jax
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_compiled, fast_state
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -32,15 +32,16 @@ def _run(overrides, devices, steps=0):
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:devices])
     program = build_program(cfg, mesh)
     with program.context():
-        state = program.init(jax.random.key(0))
+        state = fast_state(program)
         batch = mesh_lib.global_batch(_batch(cfg), mesh)
         if steps:
             losses = []
+            step = fast_compiled(program.train_step, state, batch)
             for _ in range(steps):
-                state, m = program.train_step(state, batch)
+                state, m = step(state, batch)
                 losses.append(float(m["loss"]))
             return losses
-        grads_fn = jax.jit(program.grads).lower(state, batch).compile()
+        grads_fn = fast_compiled(jax.jit(program.grads), state, batch)
         grads, metrics, _ = grads_fn(state, batch)
     return jax.device_get((grads, metrics)), grads_fn.as_text(), program
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, fast_init
+from conftest import SMALL, fast_compiled, fast_init, fast_state
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -136,10 +136,11 @@ def _steps(program, batch, steps):
     step's load CV."""
     cvs = []
     with program.context():
-        state = program.init(jax.random.key(0))
+        state = fast_state(program)
         batch = mesh_lib.global_batch(batch, program.mesh)
+        step = fast_compiled(program.train_step, state, batch)
         for _ in range(steps):
-            state, metrics = program.train_step(state, batch)
+            state, metrics = step(state, batch)
             cvs.append(float(metrics["stats"]["expert_load_cv"]))
     return state, cvs
 
