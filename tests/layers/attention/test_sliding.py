@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SPARSE_SEGMENTS, attention_against_reference, packed_batch_losses
+from conftest import SPARSE_SEGMENTS, attention_against_reference, fast_jit, packed_batch_losses
 
 from efflm.cli import main
 from efflm.layers.attention.sliding import (
@@ -41,8 +41,8 @@ def test_a_window_as_long_as_the_sequence_is_softmax():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 37, 4, 8)), jnp.float32) for _ in "qkv")
     seg = jnp.asarray(SPARSE_SEGMENTS)
-    full = jax.jit(dot_product_attention)(q, k, v, attention_mask(seg, 37))
-    sliding = jax.jit(sliding_attention, static_argnums=(4, 5, 6))
+    full = fast_jit(dot_product_attention)(q, k, v, attention_mask(seg, 37))
+    sliding = fast_jit(sliding_attention, static_argnums=(4, 5, 6))
     np.testing.assert_allclose(sliding(q, k, v, seg, 37, 4, 8), full, rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_generation_goes_past_max_seq_len_as_a_longer_model_would(small_config):
     short = LM(small_config(*common, "model.max_seq_len=16", "data.seq_len=16",
                             preset="tiny_sliding").model)
     long = LM(small_config(*common, "model.max_seq_len=64", preset="tiny_sliding").model)
-    params = nn.unbox(jax.jit(short.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    params = nn.unbox(fast_jit(short.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     prompt = np.array([ord(c) for c in "def f"])
     cached = sample(short, params, prompt, max_new_tokens=30, temperature=0, top_k=0,
                     seed=0, bos_id=257)

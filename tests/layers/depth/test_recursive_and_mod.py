@@ -122,8 +122,8 @@ def test_gathered_tokens_equal_the_masked_full_computation(small_config):
 
     w = jax.random.normal(jax.random.key(2), (b, t, d))
     np.testing.assert_allclose(gathered(params, x), masked(params, x), rtol=1e-5, atol=1e-5)
-    ga = jax.jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x) * w), (0, 1)))(params, x)
-    gm = jax.jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
+    ga = fast_jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x) * w), (0, 1)))(params, x)
+    gm = fast_jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
     for a, r in zip(jax.tree.leaves(ga), jax.tree.leaves(gm)):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
     router = ga[0]["router"]["kernel"]
@@ -184,7 +184,7 @@ def test_mod_decoding_follows_the_causal_predictor(small_config):
     r = jax.nn.sigmoid(x @ params["router"]["kernel"])
     expected = jnp.where(chosen[..., None], x + r * (y - x), x)
 
-    run = jax.jit(lambda cache, x, pos: layer.apply(
+    run = fast_jit(lambda cache, x, pos: layer.apply(
         {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
     shapes = jax.eval_shape(run, {}, x, pos)[1]["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, fast_jit
 
 from efflm.cli import main
 from efflm.config import load_config
@@ -59,12 +59,12 @@ def _check_against_reference(cfg, params, x, reference):
         out, sown = _apply(cfg, p, x)
         return jnp.sum(out * w), (out, sown)
 
-    (_, (out, sown)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+    (_, (out, sown)), grads = fast_jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
         params, x)
     ref = reference(params, x)
     scale = float(jnp.max(jnp.abs(ref)))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * scale)
-    ref_grads = jax.jit(jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), (0, 1)))(
+    ref_grads = fast_jit(jax.grad(lambda p, x: jnp.sum(reference(p, x) * w), (0, 1)))(
         params, x)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
@@ -143,7 +143,7 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     pattern[0, 9:16:2, 2] = 1.0
     pattern[0, 15, 3] = 3.0
     params = {"kernel": jnp.eye(E), "norm_scale": jnp.ones(E)}
-    _, sown = jax.jit(lambda p, x: ReluRouter(cfg).apply(
+    _, sown = fast_jit(lambda p, x: ReluRouter(cfg).apply(
         {"params": p}, x, {}, mutable=["losses", "stats"]))(params, jnp.asarray(pattern))
     stats = _stats(sown)
     assert stats["relu_token_sparsity"] == pytest.approx(1 - 17 / 64)
@@ -161,7 +161,7 @@ def test_relu_stays_causal_when_its_bound_drops_pairs(small_config):
     cfg, x, params = _layer(small_config, "model.moe.router=relu",
                             "model.moe.relu.rows_per_token=1")
     later = x.at[:, 5:].set(-3.0 * x[:, 5:])
-    apply = jax.jit(lambda x: _apply(cfg, params, x))
+    apply = fast_jit(lambda x: _apply(cfg, params, x))
     (out, sown), (out_later, _) = apply(x), apply(later)
     np.testing.assert_array_equal(out[:, :5], out_later[:, :5])
     assert not np.allclose(out[:, 5:], out_later[:, 5:])

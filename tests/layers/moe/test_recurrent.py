@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, cached_and_full_logits, fast_init
+from conftest import SMALL, cached_and_full_logits, fast_init, fast_jit
 
 from efflm.cli import main
 from efflm.flops import traced_matmul_flops
@@ -79,7 +79,7 @@ def test_recurrent_router_chain_matches_the_per_token_reference(small_config):
             routings.append(routing)
         return out, (routings, c)
 
-    (_, (routings, last)), grads = jax.jit(jax.value_and_grad(model, (0, 1), has_aux=True))(
+    (_, (routings, last)), grads = fast_jit(jax.value_and_grad(model, (0, 1), has_aux=True))(
         params, x)
     ref_logits, ref_states = _recurrent_reference(params, list(x))
     np.testing.assert_allclose(last[CARRY].reshape(10, R), ref_states[-1], rtol=1e-5,
@@ -105,7 +105,7 @@ def test_recurrent_router_chain_matches_the_per_token_reference(small_config):
         return sum(jnp.sum(jax.vmap(token_gates)(lg, experts[i]) * w[i])
                    for i, lg in enumerate(logits))
 
-    ref_grads = jax.jit(jax.grad(reference, (0, 1)))(params, x)
+    ref_grads = fast_jit(jax.grad(reference, (0, 1)))(params, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4,
                                    atol=1e-6 * float(jnp.max(jnp.abs(want))))
@@ -125,7 +125,7 @@ def _router_io(cfg, params, tokens):
     input) and its Routing, captured from one forward pass."""
     capture = lambda mdl, method: (method == "__call__" and (  # noqa: E731
         isinstance(mdl, RecurrentRouter) or mdl.name == "mlp_norm"))
-    out, inter = jax.jit(lambda p, t: LM(cfg).apply(
+    out, inter = fast_jit(lambda p, t: LM(cfg).apply(
         {"params": p}, t, capture_intermediates=capture,
         mutable=["intermediates", "losses", "stats"]))(params, tokens)
     return out, inter["intermediates"]["blocks"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, fast_compiled, fast_init, fast_state
+from conftest import SMALL, fast_compiled, fast_init, fast_jit, fast_state
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
@@ -58,7 +58,7 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
         loss = jnp.sum(routing.gates * w) + out["losses"]["seq_balance"][0]
         return loss, (routing, out)
 
-    (_, (routing, out)), grads = jax.jit(jax.value_and_grad(run, (0, 1, 2), has_aux=True))(
+    (_, (routing, out)), grads = fast_jit(jax.value_and_grad(run, (0, 1, 2), has_aux=True))(
         params["kernel"], x, jnp.asarray(bias))
 
     kernel, xs = np.asarray(params["kernel"], np.float64), np.asarray(x, np.float64)
@@ -96,7 +96,7 @@ def test_sigmoid_bias_matches_the_per_token_reference(small_config):
             balance += jnp.sum(f * p) / sequences
         return jnp.sum(gates * w) + 0.3 * balance, balance
 
-    (ref, balance), ref_grads = jax.jit(jax.value_and_grad(
+    (ref, balance), ref_grads = fast_jit(jax.value_and_grad(
         reference_loss, (0, 1), has_aux=True))(params["kernel"], x)
     assert float(out["losses"]["seq_balance"][0]) == pytest.approx(0.3 * float(balance),
                                                                    rel=1e-5)
