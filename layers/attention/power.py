@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.softmax import MASKED, softmax_impl
+from efflm.layers.attention.softmax import softmax_impl
 from efflm.layers.attention.sparse import (
+    gathered_softmax,
     masked_reference,
     pad_to_blocks,
     pattern_flops,
@@ -186,8 +187,9 @@ class PowerAttention(Mixer):
         slots, shown = visible_slots(positions, own.block_size, own.sinks, length)
         take = jax.vmap(lambda a, i: a[i])  # per batch row: (chunk, span, ...)
         shown = shown & take(valid.value, slots)
-        return gathered_attention(q, take(cached_k.value, slots), take(cached_v.value, slots),
+        out, _ = gathered_softmax(q, take(cached_k.value, slots), take(cached_v.value, slots),
                                   shown)
+        return out
 
 
 def visible_slots(positions, block: int, sinks: int, length: int):
@@ -205,20 +207,6 @@ def visible_slots(positions, block: int, sinks: int, length: int):
     sink_ok = (sink <= p) & ~covered(block)(p, sink)
     slots = jnp.clip(jnp.concatenate([blocks, sink], axis=-1), 0, length - 1)
     return slots, jnp.concatenate([ok, sink_ok], axis=-1)
-
-
-def gathered_attention(q, keys, values, shown):
-    """Softmax attention of each query over its own gathered keys: q (batch, chunk,
-    heads, dim); keys, values (batch, chunk, span, kv_heads, dim); shown (batch, chunk,
-    span). A query that sees no key gets 0."""
-    b, c, h, d = q.shape
-    kv = keys.shape[3]
-    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, c, kv, h // kv, d)
-    scores = jnp.einsum("bckgd,bcskd->bckgs", qg, keys, preferred_element_type=jnp.float32)
-    mask = shown[:, :, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
-    probs = jnp.where(mask, probs, 0.0).astype(values.dtype)
-    return jnp.einsum("bckgs,bcskd->bckgd", probs, values).reshape(b, c, h, d)
 
 
 def power_pallas(q, k, v, segment_ids, block: int, sinks: int):

@@ -1,7 +1,8 @@
 """What the sparse attention kinds (`sliding`, `power`) share: the q/k/v and output
 projections of softmax attention, attention sinks (each query's document's first
 tokens, as a branch merged into a kernel's output by log-sum-exp, or as extra keys of a
-tiled softmax), the tiled softmax itself, and the masked reference.
+tiled softmax), the tiled softmax itself, a softmax over keys gathered per query (the
+sink branch, power's decoding), and the masked reference.
 
 A pattern is given by `covered(query index, key index)` (elementwise, row indices):
 whether the pattern shows the key to the query; causality and documents are applied on
@@ -75,21 +76,31 @@ def sink_keys(k, v, seg, covered, sinks: int):
     return take(k, rows), take(v, rows), ok
 
 
+def gathered_softmax(q, keys, values, shown):
+    """(out, lse): softmax attention of each query over its own gathered keys. q (batch,
+    length, heads, dim); keys, values (batch, length, span, kv_heads, dim); shown (batch,
+    length, span). lse (batch, length, heads) float32, -inf for a query that sees no key
+    (out 0)."""
+    b, t, h, d = q.shape
+    kv = keys.shape[3]
+    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,btukd->btkgu", qg, keys, preferred_element_type=jnp.float32)
+    mask = shown[:, :, None, None, :]
+    scores = jnp.where(mask, scores, MASKED)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(values.dtype)
+    out = jnp.einsum("btkgu,btukd->btkgd", probs, values).reshape(b, t, h, d)
+    lse = jnp.where(jnp.any(shown, axis=-1)[:, :, None, None], lse, -jnp.inf)
+    return out, lse.reshape(b, t, h)
+
+
 def sink_branch(q, k, v, segment_ids, covered, sinks: int):
     """(out, lse): softmax attention of each query over its sink keys alone (`sink_keys`);
     lse (batch, heads, length) float32, -inf for a query that sees none (out 0)."""
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    ks, vs, ok = sink_keys(k, v, segments(segment_ids, b, t), covered, sinks)
-    qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,btukd->btkgu", qg, ks, preferred_element_type=jnp.float32)
-    mask = ok[:, :, None, None, :]
-    scores = jnp.where(mask, scores, MASKED)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(v.dtype)
-    out = jnp.einsum("btkgu,btukd->btkgd", probs, vs).reshape(b, t, h, d)
-    lse = jnp.where(jnp.any(ok, axis=-1)[:, :, None, None], lse, -jnp.inf)
-    return out, lse.reshape(b, t, h).transpose(0, 2, 1)
+    b, t = q.shape[:2]
+    out, lse = gathered_softmax(q, *sink_keys(k, v, segments(segment_ids, b, t), covered,
+                                              sinks))
+    return out, lse.transpose(0, 2, 1)
 
 
 def with_sinks(out, lse, q, k, v, segment_ids, covered, sinks: int):
