@@ -57,6 +57,11 @@ def cell_config(kind: str, width: int, length: int, pairs: int, args, workdir: s
         "optimizer.schedule=constant", "optimizer.warmup_steps=20", *args.overrides])
 
 
+def still_rising(r: dict) -> bool:
+    """Whether a cell's accuracy rose by more than RISE over its second half."""
+    return r["accuracy"] - r["half"] > RISE
+
+
 def run_cell(cfg) -> dict:
     """Train one cell; its final and half-way recall accuracy and median step time."""
     from efflm.train.trainer import train
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     workdir = os.path.join(root, f"{kind}-{width}-{length}")
                     r = run_cell(cell_config(kind, width, length, pairs, args, workdir))
                     results[kind][(width, length)] = r
-                    mark = "*" if r["accuracy"] - r["half"] > RISE else ""
+                    mark = "*" if still_rising(r) else ""
                     row.append(f"{r['accuracy']:.3f}{mark}")
                 lines.append(f"| {kind} | {width} | " + " | ".join(row)
                              + f" | {r['step_time']:.3f} |")

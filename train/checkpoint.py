@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -62,6 +63,7 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     iterator: Any
 
 
+@functools.cache
 def _plain_array_writes_on_cpu() -> None:
     """On CPU, write each array from one replica, as orbax already does on GPUs: its
     replica-parallel default slices every replicated array with eager ops (compiled

@@ -33,7 +33,7 @@ from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.layers.plan import check_mesh, not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
-from efflm.train.step import Program, build_program, count_params
+from efflm.train.step import Program, build_program, count_params, loss_mask
 
 log = logging.getLogger("efflm")
 
@@ -155,9 +155,8 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
         for local in it:
             local = dict(local)
             if byte_lengths is not None:
-                scored = (local["segment_ids"] > 0) & (local["targets"] >= 0)
                 local["target_bytes"] = np.where(
-                    scored, np.asarray(byte_lengths)[np.maximum(local["targets"], 0)],
+                    loss_mask(local), byte_lengths[np.maximum(local["targets"], 0)],
                     0).astype(np.int32)
             out = program.eval_step(state.params, state.model_state,
                                     mesh_lib.global_batch(local, program.mesh))
@@ -185,7 +184,8 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
 def eval_summary(ev: dict) -> str:
     """`eval_loss 1.2345, bits/byte 0.9876` (or the accuracy where it was measured)."""
     parts = [f"eval_loss {ev['eval_loss']:.4f}"]
-    parts += [f"bits/byte {v:.4f}" for k, v in ev.items() if k == "eval_bits_per_byte"]
+    if "eval_bits_per_byte" in ev:
+        parts.append(f"bits/byte {ev['eval_bits_per_byte']:.4f}")
     parts += [f"{k[len('eval_'):].replace('_', ' ')} {v:.4f}" for k, v in ev.items()
               if k.startswith("eval_") and k.endswith("_accuracy")]
     return ", ".join(parts)

@@ -51,9 +51,6 @@ class TokenIds:
         raise DataError("this run's data are token ids, not text (its data.source "
                         "generates them): it takes no text prompt")
 
-    def decode(self, ids) -> str:
-        return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
-
     def token_byte_lengths(self) -> None:
         """None: token ids stand for no text, so bits per byte do not apply."""
         return None

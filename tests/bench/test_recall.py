@@ -3,6 +3,7 @@ models it refuses."""
 
 import pytest
 
+from efflm.bench.recall import still_rising
 from efflm.cli import main
 
 
@@ -25,3 +26,9 @@ def test_refuses_in_one_line(capsys, args, message):
                  *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_cell_is_marked_while_its_accuracy_still_rises():
+    assert still_rising({"accuracy": 0.9, "half": 0.5})
+    assert not still_rising({"accuracy": 0.99, "half": 0.98})
+    assert not still_rising({"accuracy": 0.4, "half": 0.6})
