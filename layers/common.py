@@ -58,6 +58,10 @@ def flat_matmul(x, kernel, in_dims: int = 1):
 # The train step derives a fresh key for each from the state's key and the step; eval
 # and generation pass none, so a layer checks `self.has_rng(name)` and is deterministic
 # without one.
+# The score of a masked (query, key) pair: finite, so a row with every pair masked stays
+# a number, and far below any real score.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
 RNG_STREAMS = ("dropout", "router", "quant")
 
 # Collections of non-trainable variables (router biases, fp8 scale histories, counters)

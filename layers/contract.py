@@ -110,6 +110,10 @@ class Mixer(LayerKind):
     # Whether its decoding cache keeps a fixed size whatever the position (a ring
     # buffer): a model whose mixers all do may generate past model.max_seq_len.
     bounded_cache = False
+    # The strategies of `model.attention.context_parallel` it implements under
+    # `mesh.sequence` > 1, its default first (`layers/attention/context_parallel.py`);
+    # without one, `auto` leaves the split length to XLA's partitioner.
+    context_parallel = ()
 
 
 class FeedForward(LayerKind):

@@ -111,7 +111,17 @@ def validate_kinds(cfg: ModelConfig) -> tuple[LayerSpec, ...]:
 
 
 def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
-    """Each kind of the model checks that the mesh (axis -> size) can shard it."""
+    """Each kind of the model checks that the mesh (axis -> size) can shard it; under
+    `mesh.sequence` > 1 each mixer implements the chosen context-parallel strategy."""
+    chosen = cfg.attention.context_parallel
+    if mesh_shape.get("sequence", 1) > 1 and chosen != "auto":
+        for mixer in sorted({s.mixer for s in layer_plan(cfg)
+                             if chosen not in s.mixer_kind.context_parallel}):
+            has = ", ".join(ATTENTION[mixer].context_parallel) or "none"
+            raise ConfigError(
+                f"model.attention.kind={mixer} has no context_parallel={chosen} form "
+                f"(mesh.sequence={mesh_shape['sequence']}); it implements: {has}. Set "
+                "model.attention.context_parallel=auto to leave its split length to XLA")
     for kind in [*layer_kinds(layer_plan(cfg)), depth_kind(cfg)]:
         kind.check_mesh(cfg, mesh_shape)
 

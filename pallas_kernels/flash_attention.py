@@ -579,17 +579,18 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
                                                             **kwargs), q, k, v, segment_ids)
 
 
-def partitioned(fn, q, k, v, segment_ids=None):
+def partitioned(fn, q, k, v, segment_ids=None, length_axis: str | None = None):
     """`fn(q, k, v, segment_ids) -> out` (out shaped as q) under the active mesh, one call
-    per (batch, heads) shard.
+    per shard.
 
     A Pallas call is opaque to XLA's partitioner, which would gather every operand and
     run the whole batch on each device. Here the batch is split as the logical axis
     `batch` is, and heads as `heads` is when `kv_heads` is split the same way (so each
-    shard keeps whole query groups); otherwise heads stay whole. Length is never split:
-    the kernel needs every key, so a `sequence` axis is gathered (ring attention would
-    keep it split). A dimension the mesh does not divide (a batch of one at init) stays
-    whole.
+    shard keeps whole query groups); otherwise heads stay whole. The length is split
+    over the mesh axis `length_axis` when given (`fn` then runs in `shard_map` with that
+    axis and exchanges what it needs: context parallelism); otherwise it stays whole,
+    a `sequence` axis gathered. A dimension the mesh does not divide (a batch of one at
+    init) stays whole.
     """
     from jax.sharding import PartitionSpec as P
 
@@ -602,10 +603,11 @@ def partitioned(fn, q, k, v, segment_ids=None):
     if heads != mesh_axes_of(mesh, "kv_heads", k.shape[2]) or set(heads) & set(batch):
         heads = ()
     split = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
-    qkv_spec = P(split(batch), None, split(heads), None)
+    qkv_spec = P(split(batch), length_axis, split(heads), None)
     if segment_ids is None:
         return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh,
                              in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
                              check_vma=False)(q, k, v)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(split(batch), None),),
+    return jax.shard_map(fn, mesh=mesh,
+                         in_specs=(qkv_spec,) * 3 + (P(split(batch), length_axis),),
                          out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)

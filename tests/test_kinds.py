@@ -19,7 +19,7 @@ from efflm.config.schema import FAMILIES
 from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token
 from efflm.layers import ATTENTION, DEPTH, MLP
-from efflm.layers.attention.softmax import causal_mix_flops, projection_flops
+from efflm.layers.attention.softmax import attention_mask, causal_mix_flops, projection_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.layers.moe import ROUTERS
 from efflm.layers.moe.capacity import row_capacity
@@ -257,19 +257,22 @@ SEGMENTS = jnp.array([[1] * 6 + [2] * 9 + [3] * 4 + [0] * 2, [1] * 21])  # 21: c
 LAYER = ("model.d_model=32", "model.attention.num_heads=2")  # 2 heads of 16
 
 
-def _layer_value_and_grads(cfg, reference):
+def _layer_value_and_grads(cfg, reference=None, segments=SEGMENTS):
     """One mixer layer over packed segments: output and gradients (params, x) of
-    <layer(x), w>, with weights 5x training's init so every branch moves the output."""
+    <layer(x), w>, with weights 5x training's init so every branch moves the output
+    (`reference`: the kind's field of that name, when given)."""
     cls = ATTENTION[cfg.attention.kind]
+    kw = {} if reference is None else {"reference": reference}
+    b, t = segments.shape
     rng = np.random.default_rng(0)
-    x, w = (jnp.asarray(rng.normal(size=(2, 21, cfg.d_model)), jnp.float32) for _ in "xw")
-    positions = jnp.broadcast_to(jnp.arange(21), (2, 21))
-    params = _init(cls(cfg), x, positions, SEGMENTS, None)["params"]
+    x, w = (jnp.asarray(rng.normal(size=(b, t, cfg.d_model)), jnp.float32) for _ in "xw")
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(segments, t)
+    params = _init(cls(cfg), x, positions, segments, mask)["params"]
     params = jax.tree.map(lambda a: 5 * a, params)
 
     def objective(params, x):
-        out = cls(cfg, reference=reference).apply({"params": params}, x, positions,
-                                                  SEGMENTS, None)
+        out = cls(cfg, **kw).apply({"params": params}, x, positions, segments, mask)
         return jnp.sum(out * w), out
 
     grad = jax.value_and_grad(objective, (0, 1), has_aux=True)
@@ -289,6 +292,29 @@ def test_fast_path_equals_its_reference(kind):
     for got, want in zip(fast, reference, strict=True):
         scale = max(1.0, float(jnp.max(jnp.abs(want))))
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("kind, strategy", [
+    pytest.param(k, s, id=f"{k}-{s}") for k, cls in ATTENTION.items()
+    for s in cls.context_parallel])
+def test_context_parallel_equals_the_unsharded_layer(kind, strategy):
+    """Each strategy a mixer declares (`context_parallel`), under mesh.sequence=4 x
+    data=2 with documents crossing the chunk borders: the layer's values and gradients
+    equal the unsharded layer's."""
+    from efflm import mesh as mesh_lib
+
+    cfg = load_config("tiny", [*SMALL, *COMMON, f"model.attention.kind={kind}",
+                               *NEEDS.get(("mixer", kind), ()), *LAYER, "mesh.data=2",
+                               "mesh.sequence=4",
+                               f"model.attention.context_parallel={strategy}"])
+    segments = jnp.array([[1] * 5 + [2] * 9 + [3] * 7 + [0] * 3, [1] * 24])  # chunks of 6
+    want = _layer_value_and_grads(cfg.model, segments=segments)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.logical_rules(cfg, mesh)):
+        got = _layer_value_and_grads(cfg.model, segments=segments)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * max(1.0, float(jnp.max(
+            jnp.abs(r)))))
 
 
 # One bad value of one field per kind with settings, as `<family path>.<kind>`: field=value.

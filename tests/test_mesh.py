@@ -65,6 +65,10 @@ def one_device_losses():
     ["mesh.data=1", "mesh.fsdp=8"],
     ["mesh.data=2", "mesh.tensor=4"],
     ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    # Sequence parallelism: ring attention; all-gather with FSDP, tensor and remat.
+    ["mesh.data=2", "mesh.sequence=4"],
+    ["mesh.fsdp=2", "mesh.tensor=2", "mesh.sequence=2", "model.remat=full",
+     "model.attention.context_parallel=allgather"],
 ])
 def test_sharded_training_matches_one_device(small_config, one_device_losses, mesh):
     ref = one_device_losses

@@ -4,6 +4,7 @@ the config uses checks its own (`validate_config` and, for layer kinds, the plan
 
 from efflm.data import SOURCES, TOKENIZERS
 from efflm.errors import ConfigError, check_choice, check_positive
+from efflm.layers.attention.context_parallel import STRATEGIES as CONTEXT_PARALLEL
 from efflm.layers.plan import quant_targets, validate_kinds
 from efflm.layers.quant import QUANT
 from efflm.layers.quant.nm import parse_nm
@@ -20,6 +21,7 @@ def validate(cfg: Config) -> None:
     """Check ranges and registry choices; raise ConfigError naming the key."""
     m, a = cfg.model, cfg.model.attention
     check_choice("model.attention.impl", a.impl, ("auto", "xla", "pallas"))
+    check_choice("model.attention.context_parallel", a.context_parallel, CONTEXT_PARALLEL)
     check_positive("model.mlp.every", m.mlp.every)
     check_positive("model.mlp.first_dense", m.mlp.first_dense, allow_zero=True)
     validate_kinds(m)  # each kind the model uses checks its own settings, then the plan

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.common import resolve_impl, warn_once
+from efflm.layers.attention.context_parallel import context_parallel_attention, strategy
+from efflm.layers.common import MASKED, resolve_impl, warn_once
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
@@ -32,9 +33,6 @@ from efflm.shapes import head_dim, num_kv_heads
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
-
-MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def attention_mask(segment_ids, length: int, q_start: int = 0, q_len: int | None = None,
                    kv_len: int | None = None):
@@ -152,11 +150,14 @@ class SoftmaxAttention(Mixer):
     """Causal multi-head attention with rotary positions and grouped-query K/V heads.
 
     Decodes through a KV cache (keys and values at their positions, K/V heads as
-    grouped), always on the XLA path.
+    grouped), always on the XLA path. Under `mesh.sequence` > 1 the length stays split
+    (`context_parallel.py`: ring or all-gather, each ring step an XLA block on every
+    backend).
     """
 
     decodes = True
     quant_target = "attention"  # its projections go through the quantised-matmul hook
+    context_parallel = ("ring", "allgather")
     settings = SoftmaxSettings
     resumable = ("block_size",)
 
@@ -187,6 +188,8 @@ class SoftmaxAttention(Mixer):
         block = cfg.attention.softmax.block_size
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out = cached_attention(self, q, k, v, positions, segment_ids)
+        elif cp := strategy(cfg, self.context_parallel, q.shape[1]):
+            out = context_parallel_attention(q, k, v, segment_ids, cp, block)
         elif impl == "pallas":
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         elif block and q.shape[1] > block:

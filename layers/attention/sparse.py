@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efflm.layers.attention.softmax import MASKED, dot_product_attention, projection_flops
+from efflm.layers.attention.softmax import dot_product_attention, projection_flops
+from efflm.layers.common import MASKED
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
 from efflm.shapes import head_dim, num_kv_heads

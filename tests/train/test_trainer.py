@@ -250,6 +250,15 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
                      stop_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
     assert len(ids) == 5 and tokenizer.decode(ids)
     assert outs[0] == outs[1] == "def " + tokenizer.decode(ids) + "\n"
+    # The checkpoint is layout-free: under sequence parallelism (ring attention in eval,
+    # the cache when sampling) the same numbers and text.
+    ring = ["mesh.data=2", "mesh.sequence=4"]
+    assert main(["eval", "--workdir", workdir, "--batches", "2", *ring]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(
+        result["eval_loss"], rel=1e-5)
+    assert main(["generate", "--workdir", workdir, "--prompt", "def ", "--max-new-tokens",
+                 "5", "--temperature", "0", *ring]) == 0
+    assert capsys.readouterr().out == outs[0]
     assert _tree(workdir) == before  # eval and generate only read
     assert main(["eval", "--workdir", str(tmp_path / "nope")]) == 2
     assert "not a training workdir" in capsys.readouterr().err
@@ -267,6 +276,12 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
     (["model.attention.rope_theta=0"], "model.attention.rope_theta must be > 0"),
     (["model.norm_eps=-1"], "model.norm_eps must be > 0"),
     (["train.workdir={tmp}/file/w"], "cannot be created"),
+    (["mesh.data=1", "mesh.sequence=8", "data.seq_len=36"],
+     "data.seq_len=36 is not divisible by mesh.sequence=8"),
+    (["mesh.data=2", "mesh.sequence=4", "model.attention.kind=linear",
+      "model.attention.context_parallel=ring"],
+     "model.attention.kind=linear has no context_parallel=ring form"),
+    (["model.attention.context_parallel=rings"], "model.attention.context_parallel"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("not a directory")

@@ -1,0 +1,97 @@
+"""Context parallelism (`layers/attention/context_parallel.py`): ring and all-gather
+attention under `mesh.sequence` against the unsharded computation, what their lowered
+programs exchange. (Training under `mesh.sequence`: tests/test_mesh.py; eval and
+sampling under it: tests/train/test_trainer.py.)"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL, fast_jit
+
+from efflm import mesh as mesh_lib
+from efflm.config import load_config
+from efflm.layers.attention.context_parallel import context_parallel_attention
+from efflm.layers.attention.softmax import attention_mask, dot_product_attention
+from efflm.train.step import build_program
+
+B, T, HEADS, KV_HEADS, DIM = 2, 64, 4, 2, 8
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((B, T, n, DIM)), jnp.float32)
+                  for n in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+    # Documents of 10, 30 and 20 tokens and padding cross the chunk borders (16 or 8).
+    seg = jnp.asarray([[1] * 10 + [2] * 30 + [3] * 20 + [0] * 4, [1] * T], jnp.int32)
+    return q, k, v, w, seg
+
+
+def _mesh_context(*mesh):
+    cfg = load_config("tiny", [*mesh, f"model.attention.num_heads={HEADS}",
+                               f"model.attention.num_kv_heads={KV_HEADS}"])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    return mesh, mesh_lib.logical_rules(cfg, mesh)
+
+
+@pytest.mark.parametrize("strategy, mesh, block", [
+    ("ring", ("mesh.sequence=4", "mesh.data=2"), 4),  # 4 query blocks a ring step
+    ("allgather", ("mesh.sequence=4", "mesh.data=2"), 0),
+    ("ring", ("mesh.sequence=8", "mesh.data=1"), 0),
+])
+def test_strategies_equal_the_unsharded_attention(strategy, mesh, block):
+    """Values and gradients of q, k, v, with documents crossing shard borders; the ring
+    exchanges chunks point to point and gathers nothing, all-gather the reverse."""
+    q, k, v, w, seg = _inputs()
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+
+    full = loss(lambda q, k, v: dot_product_attention(q, k, v, attention_mask(seg, T)))
+    want, want_grads = fast_jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(q, k, v)
+    sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, strategy,
+                                                                    block))
+    mesh, rules = _mesh_context(*mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
+        text = step.lower(q, k, v).as_text()
+        got, grads = step(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    permutes, gathers = text.count("collective_permute"), text.count("all_gather")
+    assert (permutes > 0, gathers > 0) == (strategy == "ring", strategy == "allgather")
+
+
+def _all_gather_shapes(text):
+    """The result shapes of the all-gathers in lowered StableHLO text."""
+    shapes = re.findall(r'"stablehlo\.all_gather"\(.*?->\s*tensor<([0-9x]+)x[a-z]', text)
+    shapes += re.findall(r"stablehlo\.all_gather.*?->\s*tensor<([0-9x]+)x[a-z]", text)
+    return {tuple(int(n) for n in s.split("x")) for s in shapes}
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_a_train_step_under_fsdp_gathers_no_keys_with_the_ring(strategy):
+    """The lowered train step (FSDP, scanned and rematerialised layers): ring attention
+    sends chunks with collective-permutes and no all-gather yields a key/value-shaped
+    array (full length, head_dim last); all-gather attention does gather them. Nothing
+    is stacked over the 3 ring steps (as when a scan over layers hoists the masks)."""
+    cfg = load_config("tiny", [*SMALL, "mesh.fsdp=2", "mesh.sequence=4", "mesh.data=1",
+                               "model.scan_layers=true", "model.remat=full",
+                               f"model.attention.context_parallel={strategy}"])
+    program = build_program(cfg)
+    with program.context():
+        state = jax.eval_shape(program.init, jax.random.key(0))
+        b, t = cfg.train.batch_size, cfg.data.seq_len
+        ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+        batch = {"inputs": ids, "targets": ids, "segment_ids": ids, "positions": ids}
+        text = program.train_step.lower(state, batch).as_text()
+    head_dim = cfg.model.d_model // cfg.model.attention.num_heads
+    key_shaped = {s for s in _all_gather_shapes(text)
+                  if len(s) == 4 and s[1] == t and s[3] == head_dim}
+    assert bool(key_shaped) == (strategy == "allgather")
+    assert ("collective_permute" in text) == (strategy == "ring")
+    assert not re.search(r"tensor<3x\d+x\d+x\d+x", text)
