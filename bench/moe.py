@@ -36,11 +36,10 @@ validation bits per byte; and the fraction of padding in the training batches.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from efflm.bench.mfu import measure
-from efflm.bench.report import emit, header
+from efflm.bench.report import collective_bytes, emit, header
 from efflm.config import load_config
 
 VARIANTS = [
@@ -78,27 +77,7 @@ CAPACITY_VARIANTS = [
                              "model.moe.capacity_policy=batch"]),
 ]
 
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")
-_SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "bf16": 2}
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes in the results of each kind of collective op of an HLO module."""
-    out = dict.fromkeys(COLLECTIVES, 0)
-    for line in hlo.splitlines():
-        if "=" not in line:
-            continue
-        lhs, rhs = line.split("=", 1)
-        for op in COLLECTIVES:
-            if re.search(rf"\s{op}(-start)?\(", rhs):
-                shapes = rhs.split(f" {op}")[0]
-                for dtype, dims in _SHAPE.findall(shapes):
-                    size = _BYTES.get(dtype) or int(dtype[1:]) // 8
-                    for d in filter(None, dims.split(",")):
-                        size *= int(d)
-                    out[op] += size
-    return out
+EP_COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce")
 
 
 def _ep_table(args, argv) -> list[str]:
@@ -118,8 +97,8 @@ def _ep_table(args, argv) -> list[str]:
                                    "model.moe.ep_exchange=all_to_all"])]
     lines = [*header("moe", argv), "tiny_moe on 8 devices; MiB per step moved by each "
              "collective (result sizes summed over the ops in the compiled step)", "",
-             "| variant | step s | " + " | ".join(COLLECTIVES) + " |",
-             "|---|---|" + "---|" * len(COLLECTIVES)]
+             "| variant | step s | " + " | ".join(EP_COLLECTIVES) + " |",
+             "|---|---|" + "---|" * len(EP_COLLECTIVES)]
     for label, extra in variants:
         cfg = load_config("tiny_moe", ["logging.progress=false", *args.overrides, *extra])
         program = build_program(cfg, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8]))
@@ -129,7 +108,7 @@ def _ep_table(args, argv) -> list[str]:
             moved = collective_bytes(program.train_step.lower(state, batch).compile().as_text())
         r = measure(cfg, args.steps, args.warmup, program)
         lines.append(f"| {label} | {r['step_time']:.3f} | "
-                     + " | ".join(f"{moved[op] / 2**20:.1f}" for op in COLLECTIVES) + " |")
+                     + " | ".join(f"{moved[op] / 2**20:.1f}" for op in EP_COLLECTIVES) + " |")
     return lines
 
 

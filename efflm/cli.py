@@ -67,7 +67,18 @@ def _config_show(args) -> int:
 
 
 def _bench(args) -> int:
-    from efflm.bench import attention, depth, gdn, generate, kernels, mfu, moe, quant, recall
+    from efflm.bench import (
+        attention,
+        context,
+        depth,
+        gdn,
+        generate,
+        kernels,
+        mfu,
+        moe,
+        quant,
+        recall,
+    )
     from efflm.bench import compile as compile_bench
 
     which = args.rest[0] if args.rest else "mfu"
@@ -76,7 +87,7 @@ def _bench(args) -> int:
                "linear_attention": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
-               "recall": recall.main}
+               "recall": recall.main, "context": context.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)
