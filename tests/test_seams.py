@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL, fast_compiled, fast_init, fast_state
+from conftest import SMALL, fast_compiled, fast_init, fast_jit, fast_state
 
 from efflm import layers
 from efflm import mesh as mesh_lib
@@ -419,8 +419,8 @@ def test_feed_forwards_and_routers_see_which_positions_are_padding(small_config)
     seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
     variables = fast_init(model, tokens, pos, seg)
-    _, seen = model.apply({"params": variables["params"]}, tokens, pos, seg,
-                          mutable=["intermediates", "losses", "stats"])
+    _, seen = fast_jit(lambda p: model.apply({"params": p}, tokens, pos, seg, mutable=[
+        "intermediates", "losses", "stats"]))(variables["params"])
     seen = seen["intermediates"]["blocks"]
     np.testing.assert_array_equal(seen["layer_0"]["mlp"]["segment_ids"][0], seg)
     np.testing.assert_array_equal(seen["layer_1"]["mlp"]["router"]["segment_ids"][0], seg)

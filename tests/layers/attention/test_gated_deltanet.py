@@ -64,7 +64,7 @@ def test_chunked_form_matches_the_token_scan(dtype, tol):
     """Values, final state and gradients (q, k, v, log alpha, beta, initial state) over
     packed segments with boundaries inside chunks, a partial last chunk and decays down
     to e^-5 per step."""
-    inputs = _inputs(dtype)
+    inputs = fast_jit(_inputs, static_argnums=0)(dtype)  # eager: one compile per op
     chunked = lambda *a, **kw: gated_delta_rule_chunked(*a, chunk=CHUNK, **kw)  # noqa: E731
     got = _value_and_grads(chunked, *inputs)
     want = _value_and_grads(gated_delta_rule_recurrent, *inputs)

@@ -52,8 +52,8 @@ def test_recursive_equals_the_plain_stack_of_its_layers(small_config, sharing, u
     pick = lambda path: blocks[path] if "/" not in path else blocks["shared"][  # noqa: E731
         path.split("/")[1]]
     plain["blocks"] = {f"layer_{i}": pick(p) for i, p in enumerate(order)}
-    np.testing.assert_allclose(model.apply({"params": params}, x),
-                               LM(plain_cfg.model).apply({"params": plain}, x),
+    np.testing.assert_allclose(fast_jit(model.apply)({"params": params}, x),
+                               fast_jit(LM(plain_cfg.model).apply)({"params": plain}, x),
                                rtol=2e-5, atol=2e-5)
     n = sum(v.size for v in jax.tree.leaves(params["blocks"]))
     assert 4 * n == unique * sum(v.size for v in jax.tree.leaves(plain["blocks"]))
@@ -76,18 +76,22 @@ def test_mod_at_full_capacity_is_the_dense_stack_with_router_weights(small_confi
     assert [s.routed for s in plan] == [False, True, False, True]
     params = nn.unbox(fast_init(
         ModStack(cfg.model, Block, plan), x, {}, pos, None, None)["params"])
-    by_hand = x
-    for i, spec in enumerate(plan):
-        p = params[f"layer_{i}"]
-        if spec.routed:
-            r = jax.nn.sigmoid(by_hand @ p["router"]["kernel"])
-            y, _ = Block(cfg.model, spec).apply({"params": p["block"]}, by_hand, {}, pos,
-                                                None, causal)
-            by_hand = by_hand + r * (y - by_hand)
-        else:
-            by_hand, _ = Block(cfg.model, spec).apply({"params": p}, by_hand, {}, pos, None,
-                                                      causal)
-    got, _ = _stack(cfg, params, x, mutable=["losses", "stats"])
+
+    def hand(params, by_hand):
+        for i, spec in enumerate(plan):
+            p = params[f"layer_{i}"]
+            if spec.routed:
+                r = jax.nn.sigmoid(by_hand @ p["router"]["kernel"])
+                y, _ = Block(cfg.model, spec).apply({"params": p["block"]}, by_hand, {}, pos,
+                                                    None, causal)
+                by_hand = by_hand + r * (y - by_hand)
+            else:
+                by_hand, _ = Block(cfg.model, spec).apply({"params": p}, by_hand, {}, pos,
+                                                          None, causal)
+        return by_hand
+
+    by_hand = fast_jit(hand)(params, x)
+    got, _ = fast_jit(lambda p, x: _stack(cfg, p, x, mutable=["losses", "stats"]))(params, x)
     np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +125,8 @@ def test_gathered_tokens_equal_the_masked_full_computation(small_config):
         return jnp.where(chosen[..., None], x + r * (y - x), x)
 
     w = jax.random.normal(jax.random.key(2), (b, t, d))
-    np.testing.assert_allclose(gathered(params, x), masked(params, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast_jit(gathered)(params, x), fast_jit(masked)(params, x),
+                               rtol=1e-5, atol=1e-5)
     ga = fast_jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x) * w), (0, 1)))(params, x)
     gm = fast_jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
     for a, r in zip(jax.tree.leaves(ga), jax.tree.leaves(gm)):
@@ -176,13 +181,18 @@ def test_mod_decoding_follows_the_causal_predictor(small_config):
     spec = layer_plan(cfg.model)[1]
     layer = RoutedBlock(cfg.model, spec, Block)
     params = nn.unbox(fast_init(layer, x, {}, pos, None, None)["params"])
-    hidden = jax.nn.gelu(x @ params["predictor_in"]["kernel"])
-    chosen = (hidden @ params["predictor_out"]["kernel"])[..., 0] > 0
+
+    def reference(params, x):
+        hidden = jax.nn.gelu(x @ params["predictor_in"]["kernel"])
+        chosen = (hidden @ params["predictor_out"]["kernel"])[..., 0] > 0
+        mask = (jnp.tril(jnp.ones((t, t), bool)) & chosen[:, None, :])[:, None]
+        y, _ = Block(cfg.model, spec).apply({"params": params["block"]}, x, {}, pos, None,
+                                            mask)
+        r = jax.nn.sigmoid(x @ params["router"]["kernel"])
+        return chosen, jnp.where(chosen[..., None], x + r * (y - x), x)
+
+    chosen, expected = fast_jit(reference)(params, x)
     assert 0 < int(chosen.sum()) < b * t
-    mask = (jnp.tril(jnp.ones((t, t), bool)) & chosen[:, None, :])[:, None]
-    y, _ = Block(cfg.model, spec).apply({"params": params["block"]}, x, {}, pos, None, mask)
-    r = jax.nn.sigmoid(x @ params["router"]["kernel"])
-    expected = jnp.where(chosen[..., None], x + r * (y - x), x)
 
     run = fast_jit(lambda cache, x, pos: layer.apply(
         {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
@@ -204,7 +214,8 @@ def test_mod_flops_count_the_work_done(small_config):
                        "model.num_layers=4")
     b, t = 2, cfg.data.seq_len
     x = _tokens(cfg, b)
-    model, params = _init(cfg, x)
+    model = LM(cfg.model)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]  # shapes
     traced = traced_matmul_flops(
         lambda p, x: model.apply({"params": p}, x, mutable=["losses", "stats"])[0],
         params, x)
