@@ -3,13 +3,15 @@
     efflm bench quant [--steps 300] [--out FILE] [key=value ...]
 
 Side by side in one run: `tiny` on `pycode` trained for `--steps` steps in float32,
-int8, ternary and with 2:4 sparsity (model.quant.targets at its default, attention and
-MLP; the head stays float32), each from the same seed and data order. Then its
+bfloat16 compute, int8, ternary, with 2:4 sparsity and in fp8 (delayed and current
+scaling) (model.quant.targets at its default, attention and MLP; the head stays
+float32), each from the same seed and data order. Then its
 validation bits per byte over `train.eval_batches` batches, its median step time (from
-metrics.jsonl, which leaves out the compiling first step) and, for the integer formats, the size of
-`efflm export` against the same weights in bf16. The latent weights stay float32 while
-training, so training memory does not fall; int8 and ternary are simulated with int32
-accumulation, not run on faster hardware units.
+metrics.jsonl, which leaves out the compiling first step) and, for the quantised
+formats, the size of `efflm export` against the same weights in bf16. The latent
+weights stay float32 while training, so training memory does not fall; on a CPU int8
+and ternary are simulated with int32 accumulation and fp8 with XLA's emulated f8 dots,
+not run on faster hardware units.
 """
 
 from __future__ import annotations
@@ -23,16 +25,19 @@ from efflm.bench.report import emit, header, train_and_evaluate
 
 VARIANTS = [
     ("float32", []),
+    ("bfloat16", ["model.dtype=bfloat16"]),
     ("int8", ["model.quant.kind=int8"]),
     ("ternary", ["model.quant.kind=ternary"]),
     ("2:4 sparse (float32)", ["model.sparsity.nm=2:4"]),
+    ("fp8 delayed", ["model.quant.kind=fp8"]),
+    ("fp8 current", ["model.quant.kind=fp8", "model.quant.fp8.scaling=current"]),
 ]
 
 
 def _run(label: str, overrides: list[str], steps: int, root: str) -> dict:
     from efflm.train.export import export_quantized
 
-    workdir = os.path.join(root, label.split()[0].replace(":", "_"))
+    workdir = os.path.join(root, label.replace(" ", "_").replace(":", "_"))
     result = train_and_evaluate("tiny", overrides, steps, workdir)
     cfg, program, state = result.pop("restored")
     if cfg.model.quant.kind != "none":

@@ -67,8 +67,42 @@ RNG_STREAMS = ("dropout", "router", "quant")
 # Collections of non-trainable variables (router biases, fp8 scale histories, counters)
 # that the train state carries beside the parameters: updated by the forward pass of
 # the train step, checkpointed, never seen by the optimizer. A layer updates them only
-# when `self.is_mutable_collection(name)`.
-STATE_COLLECTIONS = ("state",)
+# when `self.is_mutable_collection(name)`. OBSERVED is one too (below).
+STATE_COLLECTIONS = ("state", "observed")
+
+# What only the backward pass sees (the amax of an output gradient, for fp8's delayed
+# scaling): a layer keeps a zero float variable in the OBSERVED collection, named as
+# the `state` variable it will update, and returns the statistic as that variable's
+# cotangent (a custom_vjp). The train step differentiates the collection with the
+# parameters, takes the elementwise max of the cotangents over microbatches, and
+# replaces the `state` variable at the same path with
+# `OBSERVE_UPDATES[name](cfg, value, observed)` once per step. The variables stay zero.
+OBSERVED = "observed"
+OBSERVE_UPDATES: dict = {}
+
+
+def observe_update(name: str):
+    """Register `rule(cfg, value, observed) -> value` as the once-per-step update of the
+    `state` variables named `name` from their OBSERVED cotangents (see OBSERVED)."""
+
+    def register(rule):
+        OBSERVE_UPDATES[name] = rule
+        return rule
+
+    return register
+
+
+def apply_observations(cfg, model_state, observed):
+    """`model_state` with each `state` variable named in OBSERVE_UPDATES updated from
+    the observed cotangents at its path (every other leaf unchanged)."""
+
+    def walk(tree, seen):
+        if not isinstance(tree, Mapping):
+            return tree
+        return type(tree)({k: OBSERVE_UPDATES[k](cfg, v, seen[k]) if k in OBSERVE_UPDATES
+                           else walk(v, seen.get(k, {})) for k, v in tree.items()})
+
+    return {**model_state, "state": walk(model_state["state"], observed)}
 
 # Model state that changes once per step, from what the step's forward passes recorded,
 # rather than in each forward pass: a layer keeps it in a STATE_COLLECTIONS variable

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -186,8 +187,25 @@ class Depth(nn.Module, Kind):
 
 
 class NumberFormat(Kind):
-    """A number format of the hooked matmuls (`model.quant.kind`): integer operands with
-    float32 scales."""
+    """A number format of the hooked matmuls (`model.quant.kind`): quantised operands
+    (integer or float8) with float32 scales."""
+
+    # Whether the format computes the hooked matmul itself (`matmul`); otherwise it runs
+    # as `quantize_activation` x `quantize_weight` through `dot`, gradients passing
+    # straight through the quantisers (`layers/quant/matmul.py:quantized_matmul`).
+    custom_matmul = False
+
+    @staticmethod
+    def matmul(module: nn.Module, quant, x: jax.Array, w: jax.Array) -> jax.Array:
+        """x (tokens, in) @ w (in, out), float32, inside the hooking `module` (which may
+        keep the format's variables); `quant` is model.quant. Only with custom_matmul."""
+        raise NotImplementedError
+
+    @staticmethod
+    def dot(xq: jax.Array, wq: jax.Array) -> jax.Array:
+        """The product of quantised operands in float32, before scaling (default: an
+        integer dot with int32 accumulation)."""
+        return jax.lax.dot(xq, wq, preferred_element_type=jnp.int32).astype(jnp.float32)
 
     @staticmethod
     def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -324,7 +324,7 @@ BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "fe
        "model.attention.sliding": "window=0", "model.attention.power": "block_size=0",
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
-       "model.depth.recursive": "recursions=0"}
+       "model.depth.recursive": "recursions=0", "model.quant.fp8": "history=0"}
 SETTINGS = [pytest.param(f, k, id=f"{f.path}.{k}") for f in FAMILIES
             if f.path.startswith("model.") for k, cls in f.kinds().items()
             if cls.settings is not None]

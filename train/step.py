@@ -20,7 +20,15 @@ from jax.sharding import Mesh
 from efflm import mesh as mesh_lib
 from efflm.config import Config
 from efflm.data import IGNORE, SOURCES
-from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS, apply_step_updates
+from efflm.layers.common import (
+    LOSSES,
+    OBSERVED,
+    RNG_STREAMS,
+    STATE_COLLECTIONS,
+    STATS,
+    apply_observations,
+    apply_step_updates,
+)
 from efflm.layers.depth.plain import repeating_group
 from efflm.layers.plan import check_mesh, layer_plan
 from efflm.models import LM
@@ -139,35 +147,44 @@ class Program:
         divided by its token count, plus each sown auxiliary loss (a per-(micro)batch
         mean) divided by `train.grad_accum`, so that both count once per step. The
         model state is what the forward passes wrote (averaged over microbatches), then
-        updated once by the rules of `efflm.layers.common.STEP_UPDATES`.
+        updated once by the rules of `efflm.layers.common.STEP_UPDATES`, and from what
+        the backward passes observed (`OBSERVED`: the max over microbatches).
         """
         accum = self.cfg.train.grad_accum
         denom = jnp.maximum(jnp.sum(loss_mask(batch)).astype(jnp.float32), 1.0)
+        observed = state.model_state.get(OBSERVED, {})
 
-        def objective(params, micro, index):
+        def objective(params, observed, micro, index):
+            model_state = {**state.model_state, **({OBSERVED: observed} if observed else {})}
             loss_sum, z_sum, count, aux, stats, new_state, _ = self.forward(
-                params, state.model_state, micro, step_rngs(state.rng, state.step, index),
+                params, model_state, micro, step_rngs(state.rng, state.step, index),
                 update_state=True)
             return (loss_sum + z_sum) / denom + aux / accum, (
                 (loss_sum, aux, count), stats, new_state)
 
-        grad_fn = jax.grad(objective, has_aux=True)
+        grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
         if accum == 1:
-            grads, (sums, stats, model_state) = grad_fn(state.params, batch, 0)
+            (grads, seen), (sums, stats, model_state) = grad_fn(state.params, observed,
+                                                                 batch, 0)
             stats = jax.tree.map(lambda x: x[None], stats)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, xs):
-                grads, (sums, stats, new_state) = grad_fn(state.params, *xs)
-                return jax.tree.map(jnp.add, carry, (grads, sums)), (stats, new_state)
+                (grads, seen), (sums, stats, new_state) = grad_fn(state.params, observed, *xs)
+                grads, sums = jax.tree.map(jnp.add, carry[::2], (grads, sums))
+                return (grads, jax.tree.map(jnp.maximum, carry[1], seen), sums), (
+                    stats, new_state)
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.zeros(()),) * 3)
-            (grads, sums), (stats, model_state) = jax.lax.scan(
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     jax.tree.map(jnp.zeros_like, observed), (jnp.zeros(()),) * 3)
+            (grads, seen, sums), (stats, model_state) = jax.lax.scan(
                 body, zeros, (micro, jnp.arange(accum)))
             model_state = sown_lib.combine_model_state(model_state)
         model_state = apply_step_updates(self.cfg.model, model_state)
+        if observed:
+            model_state = apply_observations(self.cfg.model, model_state, seen)
         loss_sum, aux, count = sums
         metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "aux_loss": aux / accum,
                    "tokens": count, "stats": sown_lib.combine_microbatches(stats)}

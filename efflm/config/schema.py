@@ -81,7 +81,7 @@ class DepthShared:
 class QuantShared:
     """Number format of the matmuls (`layers/quant/`); parameters stay float32."""
 
-    kind: str = "none"  # none | int8 | ternary
+    kind: str = "none"  # none | int8 | ternary | fp8 (its own settings: model.quant.fp8.*)
     # Which matmuls the format (and model.sparsity.nm) applies to: attention, mlp, head.
     targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
 

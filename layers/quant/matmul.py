@@ -1,6 +1,7 @@
 """The quantised-matmul hook: every projection covered by `model.quant.targets` (the
 attention and MLP Dense layers, the output head) computes `x @ w` here, through the
-N:M mask (`nm.py`) and the number format of `model.quant.kind`."""
+N:M mask (`nm.py`) and the number format of `model.quant.kind` (a format with its own
+matmul, fp8, computes it: `NumberFormat.custom_matmul`)."""
 
 import math
 from functools import partial
@@ -20,26 +21,25 @@ from efflm.layers.quant.nm import nm_mask, parse_nm, sr_ste
 QUANTIZED = "quantized"
 
 
-def _int_matmul(xq, x_scale, wq, w_scale):
-    acc = jax.lax.dot(xq, wq, preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) * x_scale * w_scale
+def _scaled_dot(fmt, xq, x_scale, wq, w_scale):
+    return fmt.dot(xq, wq) * x_scale * w_scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def quantized_matmul(fmt, x, w):
-    """x (tokens, in) @ w (in, out) in `fmt`: integer operands, int32 accumulation,
-    float32 result. Gradients pass straight through the quantisers: d/dx = g @ w_q^T,
+    """x (tokens, in) @ w (in, out) in `fmt`: quantised operands (`fmt.dot`), float32
+    result. Gradients pass straight through the quantisers: d/dx = g @ w_q^T,
     d/dw = x_q^T @ g with the dequantised operands."""
     xq, sx = fmt.quantize_activation(x)
     wq, sw = fmt.quantize_weight(w)
-    return _int_matmul(xq, sx, wq, sw)
+    return _scaled_dot(fmt, xq, sx, wq, sw)
 
 
 def _qm_fwd(fmt, x, w):
     xq, sx = fmt.quantize_activation(x)
     wq, sw = fmt.quantize_weight(w)
     # Zero-size arrays carry the operands' dtypes for the gradients.
-    return _int_matmul(xq, sx, wq, sw), (xq, sx, wq, sw, jnp.zeros((0,), x.dtype),
+    return _scaled_dot(fmt, xq, sx, wq, sw), (xq, sx, wq, sw, jnp.zeros((0,), x.dtype),
                                          jnp.zeros((0,), w.dtype))
 
 
@@ -124,7 +124,7 @@ class QuantMatmul(nn.Module):
             x2d = x.reshape(-1, math.prod(x.shape[-in_dims:]))
             wq = self.get_variable(QUANTIZED, "weight")
             xq, sx = fmt.quantize_activation(x2d)
-            y = _int_matmul(xq, sx, wq.reshape(x2d.shape[1], -1),
+            y = _scaled_dot(fmt, xq, sx, wq.reshape(x2d.shape[1], -1),
                             self.get_variable(QUANTIZED, "scale"))
             return y.astype(self.dtype).reshape(*x.shape[:-in_dims], *wq.shape[in_dims:])
         x2d, w2d, out_shape = self._operands(x, w, in_dims)
@@ -135,7 +135,8 @@ class QuantMatmul(nn.Module):
                 wq, sw = fmt.quantize_weight(w2d)
                 self.put_variable(QUANTIZED, "weight", wq.reshape(w.shape))
                 self.put_variable(QUANTIZED, "scale", sw)
-            y = quantized_matmul(fmt, x2d, w2d)
+            y = (fmt.matmul(self, self.quant, x2d, w2d) if fmt.custom_matmul
+                 else quantized_matmul(fmt, x2d, w2d))
         return y.astype(self.dtype).reshape(out_shape)
 
     def _fake_operands(self, x, w):

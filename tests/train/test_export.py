@@ -1,6 +1,7 @@
 """`efflm export`: the quantised weights of a trained run, reloaded, give the quantised
 forward pass; its errors are one line."""
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,7 @@ def _snapshot(workdir):
 @pytest.fixture(scope="module")
 def trained_workdirs(tmp_path_factory):
     dirs = {}
-    for kind in ("int8", "ternary", "none"):
+    for kind in ("int8", "ternary", "fp8", "none"):
         workdir = str(tmp_path_factory.mktemp(f"export_{kind}"))
         assert main(["train", "--config", "tiny", *SMALL, "train.steps=2",
                      f"train.workdir={workdir}", f"model.quant.kind={kind}",
@@ -36,7 +37,7 @@ def trained_workdirs(tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("kind", ["int8", "ternary"])
+@pytest.mark.parametrize("kind", ["int8", "ternary", "fp8"])
 def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, capsys,
                                                         tmp_path):
     from efflm.train.export import load_export
@@ -55,19 +56,27 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
     after = _snapshot(workdir)
     after.pop(os.path.join("export", "quantized.npz"), None)
     assert after == before  # checkpoints, metrics and config untouched
-    # int8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
+    # int8 and fp8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
     ratio = report["quantized_bytes"] / report["quantized_as_bf16_bytes"]
-    assert (0.5 < ratio < 0.55) if kind == "int8" else (0.125 <= ratio < 0.13), ratio
+    assert (0.5 <= ratio < 0.55) if kind != "ternary" else (0.125 <= ratio < 0.13), ratio
 
     with np.load(out) as data:
         weights = [k for k in data.files if k.endswith("/weight")]
-        assert weights and all(data[k].dtype == np.uint8 if kind == "ternary"
-                               else data[k].dtype == np.int8 for k in weights)
+        stored = {"int8": np.int8, "ternary": np.uint8, "fp8": np.uint8}[kind]  # fp8: bytes
+        assert weights and all(data[k].dtype == stored for k in weights)
     cfg, variables = load_export(out)
+    if kind == "fp8":
+        assert all(x.dtype == jnp.float8_e4m3fn for p, x in jax.tree_util.tree_flatten_with_path(
+            variables["quantized"])[0] if "weight" in jax.tree_util.keystr(p))
     _, program, state, _, _ = restore_run(workdir)
     tokens = jnp.asarray(random_batch(cfg)["inputs"])
+    model = program.model
+    if kind == "fp8":  # an exported fp8 model scales by the amax now (it has no history)
+        model = LM(dataclasses.replace(cfg.model, quant=dataclasses.replace(
+            cfg.model.quant, fp8=dataclasses.replace(cfg.model.quant.fp8,
+                                                     scaling="current"))))
     with program.context():
-        expected = jax.jit(program.model.apply, compiler_options=FAST_COMPILE)(
+        expected = jax.jit(model.apply, compiler_options=FAST_COMPILE)(
             state.variables(), tokens)
         got = jax.jit(LM(cfg.model).apply, compiler_options=FAST_COMPILE)(variables, tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """Low-precision layers: the int8 and ternary formats, N:M sparsity with SR-STE, the hook
-that routes every targeted matmul through them, and their config errors."""
+that routes every targeted matmul through them (and fp8, `test_fp8.py`), training in
+each, and their config errors."""
 
 
 import jax
@@ -151,12 +152,12 @@ TRAIN = ("optimizer.warmup_steps=0", "optimizer.lr=3e-3", "model.tie_embeddings=
 
 
 KINDS = [["model.quant.kind=int8"], ["model.quant.kind=ternary"],
-         ["model.sparsity.nm=2:4"]]
+         ["model.sparsity.nm=2:4"], ["model.quant.kind=fp8"]]  # fp8: delayed scaling
 
 
 @pytest.mark.parametrize("devices,mesh", [(1, []), (8, ["mesh.data=1", "mesh.fsdp=8"])],
                          ids=["one_device", "fsdp8"])
-@pytest.mark.parametrize("kind", KINDS, ids=["int8", "ternary", "2:4"])
+@pytest.mark.parametrize("kind", KINDS, ids=["int8", "ternary", "2:4", "fp8"])
 def test_each_kind_trains_with_finite_falling_loss(small_config, kind, devices, mesh):
     cfg = small_config(*TRAIN, *kind, *mesh)
     losses, stats, program, state = _train(cfg, jax.devices()[:devices])
@@ -211,9 +212,11 @@ def test_the_hook_changes_every_target_and_only_them(small_config):
     ("model.sparsity.nm=4:2", "0 < N < M"),
     ("model.sparsity.nm=2:3", "does not divide"),
     ("model.sparsity.nm=two", "N:M"),
+    ("model.quant.kind=fp8 model.quant.fp8.history=0", "model.quant.fp8.history must be"),
+    ("model.quant.kind=fp8 model.quant.fp8.scaling=dynamic", "model.quant.fp8.scaling"),
 ])
 def test_bad_quant_settings_are_one_line_exit_2(override, words, capsys):
-    assert main(["train", "--config", "tiny", override, "train.steps=1"]) == 2
+    assert main(["train", "--config", "tiny", *override.split(), "train.steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
 
@@ -236,8 +239,7 @@ def test_nm_override_is_read_as_text(small_config):
     assert cfg.model.quant.targets == ["attention", "mlp"]
 
 
-@pytest.mark.parametrize("kind", [["model.quant.kind=int8"], ["model.quant.kind=ternary"],
-                                  ["model.sparsity.nm=2:4"]], ids=["int8", "ternary", "2:4"])
+@pytest.mark.parametrize("kind", KINDS, ids=["int8", "ternary", "2:4", "fp8"])
 def test_flops_are_the_same_matmul_counts(small_config, kind):
     """A quantised or sparse matmul counts as the float one, in the accounting (MFU)
     and in the traced forward pass."""
