@@ -1,4 +1,5 @@
-"""The `efflm` command line: train, eval, generate, export, config show, bench."""
+"""The `efflm` command line: train, eval, generate, export, config show, data build,
+bench."""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ def _config_show(args) -> int:
     from efflm.config import load_config, to_yaml
 
     sys.stdout.write(to_yaml(load_config(args.config, args.overrides), used_only=True))
+    return 0
+
+
+def _data_build(args) -> int:
+    from efflm.data.build import build
+
+    result = build(args.name, args.paths, args.data_dir, args.val_fraction, args.overwrite)
+    state = "built" if result["built"] else "up to date"
+    print(f"{result['name']}: {state} in {result['path']} ({result['train']} training and "
+          f"{result['validation']} validation documents); train on it with "
+          f"data.source=tfds data.tfds.name={result['name']}"
+          + (f" data.tfds.data_dir={args.data_dir}" if args.data_dir else ""))
     return 0
 
 
@@ -132,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", default="tiny")
     show.add_argument("overrides", nargs="*")
     show.set_defaults(func=_config_show)
+
+    d = sub.add_parser("data", help="prepare datasets")
+    dsub = d.add_subparsers(dest="action", required=True)
+    db = dsub.add_parser("build", help="local .txt/.jsonl files as a TFDS dataset "
+                                       "(ArrayRecord) for data.source=tfds")
+    db.add_argument("name", help="the dataset's name: a letter, then letters, digits, _")
+    db.add_argument("--from", dest="paths", nargs="+", required=True,
+                    help="files, folders or glob patterns")
+    db.add_argument("--data-dir", default="", help="where to write it (default: TFDS's)")
+    db.add_argument("--val-fraction", type=float, default=0.02)
+    db.add_argument("--overwrite", action="store_true", help="rebuild when inputs changed")
+    db.set_defaults(func=_data_build)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -28,6 +28,7 @@ from efflm.config import (
     to_yaml,
 )
 from efflm.data import SOURCES, data_tokenizer, make_eval_iterator, make_train_iterator
+from efflm.data.sources import make_source
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.layers.plan import check_mesh, not_causal
@@ -270,6 +271,8 @@ def train(cfg: Config) -> dict:
     data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                                seed=cfg.train.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
+    if cfg.train.eval_every:  # a validation split that cannot be read fails before writing
+        make_source(cfg.data, "val")
     checkpointer = Checkpointer(os.path.join(cfg.train.workdir, CHECKPOINT_DIR), cfg.checkpoint)
     state, start = restore_or_init(program, checkpointer, data)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")

@@ -178,8 +178,8 @@ _EXAMPLE_COUNTS: dict = {}
 
 def examples_per_document(cfg, tokenizer, source) -> np.ndarray:
     """How many examples each document of the validation `source` gives (cached)."""
-    key = (cfg.source, tuple(cfg.files.paths), tuple(cfg.files.val_paths), cfg.val_fraction,
-           cfg.seq_len, type(tokenizer).__name__)
+    key = (cfg.source, repr(getattr(cfg, cfg.source, None)), cfg.val_fraction, cfg.seq_len,
+           type(tokenizer).__name__)
     if key not in _EXAMPLE_COUNTS:
         lengths = [len(encode_document(tokenizer, source[i])) for i in range(len(source))]
         _EXAMPLE_COUNTS[key] = -(-(np.array(lengths, np.int64) - 1) // cfg.seq_len)

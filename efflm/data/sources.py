@@ -1,5 +1,5 @@
-"""Data sources: the standard library's Python files, local text and jsonl files, or
-generated token ids (`mqar`).
+"""Data sources: the standard library's Python files, local text and jsonl files, a
+prepared TFDS dataset (`tfds.py`), or generated token ids (`mqar`).
 
 Each source is a grain random-access data source (`__len__`, `__getitem__`) whose
 items are documents (str; files are read when grain asks for one, not before) or, for
@@ -20,6 +20,7 @@ import numpy as np
 
 from efflm.data.base import DataSource
 from efflm.data.mqar import Mqar
+from efflm.data.tfds import Tfds
 from efflm.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
@@ -222,7 +223,7 @@ class Files(DataSource):
 
 
 # `data.source` -> the source.
-SOURCES = {"pycode": PyCode, "files": Files, "mqar": Mqar}
+SOURCES = {"pycode": PyCode, "files": Files, "mqar": Mqar, "tfds": Tfds}
 
 
 def make_source(cfg, split: str):
