@@ -83,6 +83,7 @@ def _bench(args) -> int:
     from efflm.bench import (
         attention,
         context,
+        data,
         depth,
         gdn,
         generate,
@@ -100,7 +101,7 @@ def _bench(args) -> int:
                "linear_attention": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
-               "recall": recall.main, "context": context.main}
+               "recall": recall.main, "context": context.main, "data": data.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

@@ -103,7 +103,7 @@ def test_unknown_tokenizer():
 
 
 def test_pycode_split_by_file_deterministic_disjoint():
-    assert set(SOURCES) == {"pycode", "files", "mqar", "tfds"}
+    assert set(SOURCES) == {"pycode", "files", "mqar", "tfds", "mixture"}
     root, names = pycode_files()
     assert len(names) > 100 and list(names) == sorted(names)
     assert all(n.endswith(".py") for n in names)

@@ -28,7 +28,7 @@ from efflm.config import (
     to_yaml,
 )
 from efflm.data import SOURCES, data_tokenizer, make_eval_iterator, make_train_iterator
-from efflm.data.sources import make_source
+from efflm.data.sources import make_source, mixture_parts
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.layers.plan import check_mesh, not_causal
@@ -137,17 +137,11 @@ def write_config(cfg: Config) -> None:
     os.replace(tmp, os.path.join(cfg.train.workdir, CONFIG_FILE))
 
 
-def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
-    """Validation loss and perplexity of the model in the TrainState `state` (parameters
-    and model state), with bits per byte where the tokens stand for text and the
-    source's accuracy where it reports one (`eval_recall_accuracy` for mqar).
-
-    `num_batches` > 0: over a fixed sample of that many batches drawn from across the
-    split (`eval_*` names, as logged during training); 0: over the whole split
-    (`full_eval_*` names).
-    """
+def _eval_sums(program: Program, state, tokenizer, data_cfg, num_batches: int) -> dict:
+    """Summed loss, scored tokens (and bytes, correct predictions) of the validation
+    split of `data_cfg`."""
     cfg = program.cfg
-    it = make_eval_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
+    it = make_eval_iterator(data_cfg, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), num_batches=num_batches)
     byte_lengths = tokenizer.token_byte_lengths()
@@ -163,20 +157,43 @@ def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
                                     mesh_lib.global_batch(local, program.mesh))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-    tokens = sums.get("tokens", 0.0)
-    if tokens == 0:
+    if sums.get("tokens", 0.0) == 0:
         raise EfflmError("the validation split produced no scored tokens; add data or "
                          "raise data.val_fraction")
+    return sums
+
+
+def _named(sums: dict, prefix: str, accuracy: str | None) -> dict:
+    tokens = sums["tokens"]
     loss = sums["loss_sum"] / tokens
-    prefix = "eval_" if num_batches else "full_eval_"
     result = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
     if "bytes" in sums:
         result[f"{prefix}bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(
             sums["bytes"], 1.0)
     if "correct" in sums:
-        result[f"{prefix}{SOURCES[cfg.data.source].accuracy}_accuracy"] = (
-            sums["correct"] / tokens)
+        result[f"{prefix}{accuracy}_accuracy"] = sums["correct"] / tokens
     result[f"{prefix}tokens"] = tokens
+    return result
+
+
+def evaluate(program: Program, state, tokenizer, num_batches: int) -> dict:
+    """Validation loss and perplexity of the model in the TrainState `state` (parameters
+    and model state), with bits per byte where the tokens stand for text and the
+    source's accuracy where it reports one (`eval_recall_accuracy` for mqar).
+
+    `num_batches` > 0: over a fixed sample of that many batches drawn from across the
+    split (`eval_*` names, as logged during training); 0: over the whole split
+    (`full_eval_*` names). A mixture of sources is also evaluated per source
+    (`eval_<source>_loss`, ...), each on its own sample of `num_batches` batches.
+    """
+    cfg = program.cfg
+    source = SOURCES[cfg.data.source]
+    prefix = "eval_" if num_batches else "full_eval_"
+    result = _named(_eval_sums(program, state, tokenizer, cfg.data, num_batches), prefix,
+                    source.accuracy)
+    for name, _, sub in mixture_parts(cfg.data) or ():
+        result.update(_named(_eval_sums(program, state, tokenizer, sub, num_batches),
+                             f"{prefix}{name}_", SOURCES[name].accuracy))
     if not_causal(cfg.model):  # the loss saw later tokens: not comparable to causal runs
         result["causal"] = False
     return result

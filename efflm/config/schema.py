@@ -88,7 +88,7 @@ class QuantShared:
 
 @dataclass
 class DataShared:
-    source: str = "pycode"  # pycode | files (its own settings: data.files.*)
+    source: str = "pycode"  # pycode | files | tfds | mixture | mqar (settings: data.<source>.*)
     val_fraction: float = 0.02
     tokenizer: str = "byte"
     seq_len: int = 256

@@ -3,6 +3,7 @@ the config uses checks its own (`validate_config` and, for layer kinds, the plan
 `efflm.layers.plan.validate_kinds`)."""
 
 from efflm.data import SOURCES, TOKENIZERS
+from efflm.data.sources import mixture_parts
 from efflm.errors import ConfigError, check_choice, check_positive
 from efflm.layers.attention.context_parallel import STRATEGIES as CONTEXT_PARALLEL
 from efflm.layers.plan import quant_targets, validate_kinds
@@ -91,6 +92,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("at most one mesh axis may be -1; got -1 for "
                           + ", ".join(f"mesh.{k}" for k, v in sizes.items() if v == -1))
     SOURCES[cfg.data.source].validate_config(cfg.data)
+    mixture_parts(cfg.data)  # each source of a mixture checks its own settings
     _validate_quant(m)
 
 

@@ -26,6 +26,12 @@ class DataSource:
         return None
 
     @staticmethod
+    def components(cfg):
+        """None; a mixture of sources gives its parts: (source name, weight, the data
+        config that reads that source)."""
+        return None
+
+    @staticmethod
     def open(cfg, split: str):
         """(the items of `split`, a grain data source; where they came from, for
         messages)."""

@@ -17,7 +17,7 @@ import json
 import grain
 import numpy as np
 
-from efflm.data.sources import SOURCES, make_source
+from efflm.data.sources import SOURCES, make_source, mixture_parts
 from efflm.errors import DataError
 
 # Documents are read and tokenized in the calling thread: on local files, reader threads
@@ -129,33 +129,51 @@ SPEC_NAMES = {"seq_len": "data.seq_len", "global_batch": "train.batch_size",
               "process_count": "number of processes", "process_index": "process index"}
 
 
-def make_train_iterator(cfg, tokenizer, *, global_batch: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> DataIterator:
-    """Endless, checkpointable batches of packed training rows for this process.
+def train_batches(cfg, tokenizer, *, global_batch: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> tuple[grain.IterDataset, dict]:
+    """The grain dataset of this process's training batches, and its spec (what a
+    resumed iterator must match).
 
     Documents are shuffled with `seed` (a new order each epoch) and dealt round-robin
     to processes, so processes read disjoint documents; their examples are shuffled in
     windows of about SHUFFLE_WINDOW_TOKENS tokens before packing.
     """
     local = _local_batch(global_batch, process_index, process_count)
-    source = make_source(cfg, "train")
-    docs = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, 0)).repeat()
-    docs = docs[process_index::process_count]
+
+    def documents(data_cfg, stream: int):
+        source = make_source(data_cfg, "train")
+        docs = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, stream))
+        return docs.repeat()[process_index::process_count], len(source)
+
+    parts = mixture_parts(cfg) if cfg.source in SOURCES else None
     if _token_rows(cfg):
-        rows = docs.to_iter_dataset(READ_OPTIONS)
+        rows = documents(cfg, 0)[0].to_iter_dataset(READ_OPTIONS)
     else:
-        ds = examples(docs, tokenizer, cfg.seq_len)
+        if parts:  # a mixture: each source's examples, interleaved by weight
+            streams = [documents(sub, 10 + i) for i, (_, _, sub) in enumerate(parts)]
+            ds = grain.IterDataset.mix([examples(d, tokenizer, cfg.seq_len) for d, _ in streams],
+                                       [w for _, w, _ in parts])
+            num_docs = sum(n for _, n in streams)
+        else:
+            docs, num_docs = documents(cfg, 0)
+            ds = examples(docs, tokenizer, cfg.seq_len)
         # At most one epoch's worth of examples (each document gives at least one), so
         # that a small corpus does not mix many epochs in one window.
-        window = max(1, min(SHUFFLE_WINDOW_TOKENS // cfg.seq_len,
-                            len(source) // process_count))
+        window = max(1, min(SHUFFLE_WINDOW_TOKENS // cfg.seq_len, num_docs // process_count))
         ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=window,
                                                          seed=_derive_seed(seed, 1))
         rows = pack(ds, tokenizer, cfg.seq_len, local)
     spec = {"split": "train", "source": cfg.source, "seq_len": cfg.seq_len,
             "global_batch": global_batch, "seed": seed, "process_index": process_index,
             "process_count": process_count}
-    return DataIterator(rows.batch(local, drop_remainder=True), spec)
+    return rows.batch(local, drop_remainder=True), spec
+
+
+def make_train_iterator(cfg, tokenizer, **kw) -> DataIterator:
+    """Endless, checkpointable batches of packed training rows for this process
+    (`train_batches`; keyword arguments global_batch, seed, process_index,
+    process_count)."""
+    return DataIterator(*train_batches(cfg, tokenizer, **kw))
 
 
 def _pad_and_shard(batch: dict, *, global_batch: int, pad_id: int, start: int,
@@ -178,8 +196,7 @@ _EXAMPLE_COUNTS: dict = {}
 
 def examples_per_document(cfg, tokenizer, source) -> np.ndarray:
     """How many examples each document of the validation `source` gives (cached)."""
-    key = (cfg.source, repr(getattr(cfg, cfg.source, None)), cfg.val_fraction, cfg.seq_len,
-           type(tokenizer).__name__)
+    key = (repr(cfg), type(tokenizer).__name__)
     if key not in _EXAMPLE_COUNTS:
         lengths = [len(encode_document(tokenizer, source[i])) for i in range(len(source))]
         _EXAMPLE_COUNTS[key] = -(-(np.array(lengths, np.int64) - 1) // cfg.seq_len)

@@ -1,5 +1,6 @@
 """Data sources: the standard library's Python files, local text and jsonl files, a
-prepared TFDS dataset (`tfds.py`), or generated token ids (`mqar`).
+prepared TFDS dataset (`tfds.py`), several of them in proportions (`mixture.py`), or
+generated token ids (`mqar`).
 
 Each source is a grain random-access data source (`__len__`, `__getitem__`) whose
 items are documents (str; files are read when grain asks for one, not before) or, for
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from efflm.data.base import DataSource
+from efflm.data.mixture import ConcatSource, Mixture
 from efflm.data.mqar import Mqar
 from efflm.data.tfds import Tfds
 from efflm.errors import ConfigError, DataError
@@ -223,16 +225,36 @@ class Files(DataSource):
 
 
 # `data.source` -> the source.
-SOURCES = {"pycode": PyCode, "files": Files, "mqar": Mqar, "tfds": Tfds}
+SOURCES = {"pycode": PyCode, "files": Files, "mqar": Mqar, "tfds": Tfds, "mixture": Mixture}
+
+
+def mixture_parts(cfg) -> list | None:
+    """A mixture's parts, (source name, weight, data config), each checked to be a
+    source of text (with its own settings valid); None for a single source."""
+    parts = SOURCES[cfg.source].components(cfg)
+    for name, _, sub in parts or ():
+        key = f"data.mixture.sources entry {name!r}"
+        if name not in SOURCES or SOURCES[name].components(sub) is not None:
+            text = [s for s in SOURCES if SOURCES[s].components is DataSource.components]
+            raise ConfigError(f"{key} is not a source; choose among: {', '.join(text)}")
+        if SOURCES[name].tokenizer(sub) is not None:
+            raise ConfigError(f"{key}: {name} yields token ids, not text; a mixture mixes "
+                              "text sources")
+        SOURCES[name].validate_config(sub)
+    return parts
 
 
 def make_source(cfg, split: str):
-    """The documents of `split` ("train" or "val") that `cfg` (a DataConfig) names."""
+    """The documents of `split` ("train" or "val") that `cfg` (a DataConfig) names; of a
+    mixture, its sources' documents one after another."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if cfg.source not in SOURCES:
         raise DataError(f"data.source={cfg.source!r} is not a valid choice; choose one of: "
                         f"{', '.join(SOURCES)}")
+    parts = mixture_parts(cfg)
+    if parts:
+        return ConcatSource([make_source(sub, split) for _, _, sub in parts])
     source, where = SOURCES[cfg.source].open(cfg, split)
     if not len(source):
         name = "training" if split == "train" else "validation"
