@@ -53,9 +53,11 @@ def shape_differences(old: Config, new: Config) -> list[str]:
 def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for every setting of the data order that differs."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
-    source = SOURCES[new.data.source]  # and the source's own settings that fix its items
-    own = [f"data.{new.data.source}.{f.name}" for f in dataclasses.fields(source.settings)
-           if f.name not in source.resumable] if source.settings else []
+    # And the source's own settings that fix its items (each mixed source's too).
+    names = [new.data.source, *(n for n, _, _ in mixture_parts(new.data) or ())]
+    own = [f"data.{name}.{f.name}" for name in names if SOURCES[name].settings
+           for f in dataclasses.fields(SOURCES[name].settings)
+           if f.name not in SOURCES[name].resumable]
     return [(k, a.get(k), b[k]) for k in (*DATA_ORDER_KEYS, *own) if a.get(k) != b[k]]
 
 

@@ -61,7 +61,7 @@ def test_examples_follow_the_weights_and_resume(sources):
     assert abs(_share_of_a([next(even) for _ in range(30)]) - 0.5) < 0.03
 
 
-def test_a_run_evaluates_each_source_and_all_together(sources, tmp_path):
+def test_a_run_evaluates_each_source_and_all_together(sources, tmp_path, capsys):
     files, data_dir = sources
     args = ["data.source=mixture", "data.mixture.sources=[files:1,tfds:3]",
             f"data.files.paths=[{files}]", "data.tfds.name=bees",
@@ -75,6 +75,11 @@ def test_a_run_evaluates_each_source_and_all_together(sources, tmp_path):
     # The combined numbers are over both splits' tokens together.
     total = row["eval_files_tokens"] + row["eval_tfds_tokens"]
     assert row["eval_tokens"] <= total
+    # A mixed source's own settings are checked on resume, as the mixture's are.
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *SMALL, *args, "data.tfds.val_split=train",
+                 "train.steps=3", f"train.workdir={tmp_path}"]) == 2
+    assert "data.tfds.val_split" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("entries, words", [
