@@ -118,9 +118,29 @@ def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:
 
 
 def shardings_of(abstract_boxed, mesh: Mesh, rules):
-    """NamedShardings for a pytree whose leaves may carry flax logical partitioning."""
-    specs = nn.get_partition_spec(abstract_boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    """NamedShardings for a pytree whose leaves may carry flax logical partitioning.
+
+    A leaf whose names do not fit its shape (their rank, or mesh axes that do not divide
+    it) is replicated: an optimizer state derived from a parameter with another shape
+    (Adafactor's row and column statistics) keeps the parameter's box, not its axes."""
+
+    def fits(names, shape) -> bool:
+        if len(names) != len(shape):
+            return False
+        spec = nn.logical_to_mesh_axes(names, rules)
+        for size, axes in zip(shape, spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            if size % math.prod(mesh.shape[a] for a in axes):
+                return False
+        return True
+
+    def fit(leaf):
+        if isinstance(leaf, nn.Partitioned) and not fits(leaf.names, leaf.value.shape):
+            return leaf.value
+        return leaf
+
+    fitted = jax.tree.map(fit, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(fitted), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

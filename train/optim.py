@@ -79,14 +79,12 @@ class AdamW(Optimizer):
     """AdamW ("Decoupled Weight Decay Regularization"), decay on weights by role."""
 
     settings = AdamWSettings
+    resumable = ("b1", "b2", "eps")
 
     @staticmethod
     def validate_config(cfg: OptimizerConfig) -> None:
-        own = cfg.adamw
-        for key, value in (("b1", own.b1), ("b2", own.b2)):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"optimizer.adamw.{key} must be in [0, 1), got {value}")
-        check_positive("optimizer.adamw.eps", own.eps, allow_zero=True)
+        _check_betas("adamw", cfg.adamw)
+        check_positive("optimizer.adamw.eps", cfg.adamw.eps, allow_zero=True)
 
     @staticmethod
     def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -95,7 +93,79 @@ class AdamW(Optimizer):
                            weight_decay=cfg.weight_decay, mask=decay_mask)
 
 
-OPTIMIZERS = {"adamw": AdamW}
+def _check_betas(name: str, own) -> None:
+    for key in ("b1", "b2"):
+        value = getattr(own, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"optimizer.{name}.{key} must be in [0, 1), got {value}")
+
+
+@dataclass
+class LionSettings:
+    b1: float = 0.9  # interpolation of momentum and gradient for the update's sign
+    b2: float = 0.99  # momentum decay
+
+
+class Lion(Optimizer):
+    """Lion ("Symbolic Discovery of Optimization Algorithms"): the sign of an
+    interpolation of momentum and gradient, one state per parameter, decoupled weight
+    decay by role. Its paper uses a 3-10x smaller learning rate and a larger weight
+    decay than AdamW's."""
+
+    settings = LionSettings
+    resumable = ("b1", "b2")
+
+    @staticmethod
+    def validate_config(cfg: OptimizerConfig) -> None:
+        _check_betas("lion", cfg.lion)
+
+    @staticmethod
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optax.lion(schedule, b1=cfg.lion.b1, b2=cfg.lion.b2,
+                          weight_decay=cfg.weight_decay, mask=decay_mask)
+
+
+@dataclass
+class AdafactorSettings:
+    factored: bool = True  # row and column second moments for matrices
+    min_dim_size_to_factor: int = 128  # smaller matrices keep a full second moment
+    decay_rate: float = 0.8  # of the second moment's decay schedule
+    clipping_threshold: float = 1.0  # of the update's RMS
+    momentum: float = 0.0  # 0: none (the memory-saving default)
+    multiply_by_parameter_scale: bool = True  # the learning rate is relative to |w|
+
+
+class Adafactor(Optimizer):
+    """Adafactor ("Adafactor: Adaptive Learning Rates with Sublinear Memory Cost"):
+    factored second moments (a row and a column vector per matrix), weight decay by
+    role."""
+
+    settings = AdafactorSettings
+    resumable = ("decay_rate", "clipping_threshold", "multiply_by_parameter_scale")
+
+    @staticmethod
+    def validate_config(cfg: OptimizerConfig) -> None:
+        own = cfg.adafactor
+        check_positive("optimizer.adafactor.min_dim_size_to_factor",
+                       own.min_dim_size_to_factor)
+        check_positive("optimizer.adafactor.clipping_threshold", own.clipping_threshold)
+        for key in ("decay_rate", "momentum"):
+            if not 0.0 <= getattr(own, key) < 1.0:
+                raise ConfigError(f"optimizer.adafactor.{key} must be in [0, 1), got "
+                                  f"{getattr(own, key)}")
+
+    @staticmethod
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+        own = cfg.adafactor
+        return optax.adafactor(
+            schedule, min_dim_size_to_factor=own.min_dim_size_to_factor,
+            decay_rate=own.decay_rate, clipping_threshold=own.clipping_threshold,
+            momentum=own.momentum or None, factored=own.factored,
+            multiply_by_parameter_scale=own.multiply_by_parameter_scale,
+            weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+
+
+OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "adafactor": Adafactor}
 SCHEDULES = ("cosine", "linear", "constant")
 
 

@@ -34,6 +34,7 @@ from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
 from efflm.layers.plan import check_mesh, not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
+from efflm.train.optim import OPTIMIZERS
 from efflm.train.step import Program, build_program, count_params, loss_mask
 
 log = logging.getLogger("efflm")
@@ -59,6 +60,17 @@ def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, 
            for f in dataclasses.fields(SOURCES[name].settings)
            if f.name not in SOURCES[name].resumable]
     return [(k, a.get(k), b[k]) for k in (*DATA_ORDER_KEYS, *own) if a.get(k) != b[k]]
+
+
+def optimizer_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, old, new) for the optimizer settings that shape its state: its name, and
+    its own settings that are not `resumable`."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    name = new.optimizer.name
+    own = OPTIMIZERS[name]
+    keys = ["optimizer.name", *(f"optimizer.{name}.{f.name}" for f in (
+        dataclasses.fields(own.settings) if own.settings else ()) if f.name not in own.resumable)]
+    return [(k, a.get(k), b[k]) for k in keys if a.get(k) != b[k]]
 
 
 def load_workdir_config(workdir: str) -> Config:
@@ -117,6 +129,13 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
                 + ", and their saved data position fits only that order of the data; to "
                 "resume, pass " + " ".join(f"{k}={old}" for k, old, _ in order)
                 + " (or use another train.workdir to train with the new value)")
+        state = optimizer_differences(saved, cfg)
+        if state:
+            raise ConfigError(
+                f"{workdir!r} holds checkpoints whose optimizer state fits "
+                + ", ".join(f"{k}={old} (now {new})" for k, old, new in state)
+                + "; to resume, pass " + " ".join(f"{k}={old}" for k, old, _ in state)
+                + ", or pass train.fresh=true to start over")
         if not cfg.optimizer.decay_steps:
             cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
     if not cfg.optimizer.decay_steps:

@@ -19,7 +19,7 @@ from efflm.config import MOVED_KEYS, load_config
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
 from efflm.train.generate import sample
-from efflm.train.trainer import restore_run, train
+from efflm.train.trainer import optimizer_differences, restore_run, train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
 RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
@@ -162,6 +162,14 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
     before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
     with pytest.raises(ConfigError, match="model.d_model: 64 -> 32.*train.fresh=true"):
         train(load_config("tiny", [*SMALL, "model.d_model=32", f"train.workdir={workdir}"]))
+    # Another optimizer's state does not fit; its hyperparameters may change.
+    with pytest.raises(ConfigError, match="optimizer.name=adamw .now lion.*train.fresh=true"):
+        train(load_config("tiny", [*SMALL, "optimizer.name=lion", f"train.workdir={workdir}"]))
+    saved = load_config("tiny", [*SMALL, "optimizer.name=adafactor"])
+    now = load_config("tiny", [*SMALL, "optimizer.name=adafactor",
+                               "optimizer.adafactor.factored=false",
+                               "optimizer.adafactor.decay_rate=0.9"])
+    assert optimizer_differences(saved, now) == [("optimizer.adafactor.factored", True, False)]
     assert {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)} == before
     train(load_config("tiny", [*SMALL, "model.d_model=32", "train.steps=2", "train.fresh=true",
                                "train.eval_every=0", f"train.workdir={workdir}"]))
