@@ -54,14 +54,14 @@ def flat_matmul(x, kernel, in_dims: int = 1):
     return y.reshape(*lead, *out)
 
 
-# Named random streams a layer may draw from with `self.make_rng(name)` while training.
-# The train step derives a fresh key for each from the state's key and the step; eval
-# and generation pass none, so a layer checks `self.has_rng(name)` and is deterministic
-# without one.
 # The score of a masked (query, key) pair: finite, so a row with every pair masked stays
 # a number, and far below any real score.
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# Named random streams a layer may draw from with `self.make_rng(name)` while training.
+# The train step derives a fresh key for each from the state's key and the step; eval
+# and generation pass none, so a layer checks `self.has_rng(name)` and is deterministic
+# without one.
 RNG_STREAMS = ("dropout", "router", "quant")
 
 # Collections of non-trainable variables (router biases, fp8 scale histories, counters)

@@ -172,10 +172,11 @@ class Program:
                 lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, xs):
+                total, most, sums_so_far = carry
                 (grads, seen), (sums, stats, new_state) = grad_fn(state.params, observed, *xs)
-                grads, sums = jax.tree.map(jnp.add, carry[::2], (grads, sums))
-                return (grads, jax.tree.map(jnp.maximum, carry[1], seen), sums), (
-                    stats, new_state)
+                return (jax.tree.map(jnp.add, total, grads),
+                        jax.tree.map(jnp.maximum, most, seen),  # observed: max, not sum
+                        jax.tree.map(jnp.add, sums_so_far, sums)), (stats, new_state)
 
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
                      jax.tree.map(jnp.zeros_like, observed), (jnp.zeros(()),) * 3)

@@ -53,23 +53,28 @@ def shape_differences(old: Config, new: Config) -> list[str]:
 
 def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for every setting of the data order that differs."""
-    a, b = flatten(to_dict(old)), flatten(to_dict(new))
-    # And the source's own settings that fix its items (each mixed source's too).
+    # With the source's own settings that fix its items (each mixed source's too).
     names = [new.data.source, *(n for n, _, _ in mixture_parts(new.data) or ())]
-    own = [f"data.{name}.{f.name}" for name in names if SOURCES[name].settings
-           for f in dataclasses.fields(SOURCES[name].settings)
-           if f.name not in SOURCES[name].resumable]
-    return [(k, a.get(k), b[k]) for k in (*DATA_ORDER_KEYS, *own) if a.get(k) != b[k]]
+    own = [k for name in names for k in _fixed_own_keys("data", name, SOURCES[name])]
+    return _differences(old, new, (*DATA_ORDER_KEYS, *own))
 
 
 def optimizer_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
     """(key, old, new) for the optimizer settings that shape its state: its name, and
     its own settings that are not `resumable`."""
-    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     name = new.optimizer.name
-    own = OPTIMIZERS[name]
-    keys = ["optimizer.name", *(f"optimizer.{name}.{f.name}" for f in (
-        dataclasses.fields(own.settings) if own.settings else ()) if f.name not in own.resumable)]
+    return _differences(old, new, ("optimizer.name",
+                                   *_fixed_own_keys("optimizer", name, OPTIMIZERS[name])))
+
+
+def _fixed_own_keys(section: str, name: str, kind) -> list[str]:
+    """`section.name.field` for each of a kind's own settings a resume may not change."""
+    fields = dataclasses.fields(kind.settings) if kind.settings else ()
+    return [f"{section}.{name}.{f.name}" for f in fields if f.name not in kind.resumable]
+
+
+def _differences(old: Config, new: Config, keys) -> list[tuple[str, object, object]]:
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
     return [(k, a.get(k), b[k]) for k in keys if a.get(k) != b[k]]
 
 

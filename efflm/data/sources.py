@@ -9,6 +9,7 @@ a source with its own `tokenizer`, rows of token ids.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -235,8 +236,10 @@ def mixture_parts(cfg) -> list | None:
     for name, _, sub in parts or ():
         key = f"data.mixture.sources entry {name!r}"
         if name not in SOURCES or SOURCES[name].components(sub) is not None:
-            text = [s for s in SOURCES if SOURCES[s].components is DataSource.components]
-            raise ConfigError(f"{key} is not a source; choose among: {', '.join(text)}")
+            text = [s for s in SOURCES if SOURCES[s].tokenizer(sub) is None
+                    and SOURCES[s].components(dataclasses.replace(sub, source=s)) is None]
+            raise ConfigError(f"{key} is not a source of text; choose among: "
+                              f"{', '.join(text)}")
         if SOURCES[name].tokenizer(sub) is not None:
             raise ConfigError(f"{key}: {name} yields token ids, not text; a mixture mixes "
                               "text sources")

@@ -7,8 +7,8 @@ of queries, keys and values.
   blocks): key/value chunks travel the ring with `ppermute`; each device merges the
   partial outputs of its query chunk by log-sum-exp, skipping the chunks that causality
   masks whole. The backward pass (`custom_vjp`) sends keys and values around again with
-  their gradient accumulators, so a device never holds more than two chunks of them:
-  memory per device falls with the devices.
+  their gradient accumulators instead of keeping the chunks it received: memory per
+  device falls with the devices (`efflm bench context`).
 - `allgather`: each device gathers every key and value once per layer and attends its
   query chunk to them (memory O(length) per device); the baseline.
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from efflm.errors import check_choice, check_positive
 from efflm.layers.common import OBSERVED, observe_update
 from efflm.layers.contract import NumberFormat
+from efflm.layers.quant.int8 import scale_of
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -42,12 +43,6 @@ HISTORY = "fp8_amax_history"  # (history, 3): rows of (activation, weight, gradi
 class Fp8Settings:
     scaling: str = "delayed"  # delayed | current
     history: int = 16  # delayed: steps of amax history per tensor
-
-
-def scale_of(amax, limit):
-    """The scale mapping `amax` to the format's largest value `limit` (1 for an amax of
-    0; NaN for a NaN amax)."""
-    return jnp.where(amax == 0, 1.0, amax / limit)
 
 
 def cast(x, dtype, scale):

@@ -8,9 +8,10 @@ from efflm.layers.contract import NumberFormat
 QMAX = 127  # symmetric: -128 is never used
 
 
-def scale_of(amax):
-    """Scale mapping `amax` to QMAX; 1 for an all-zero slice, NaN when the slice has one."""
-    return jnp.where(amax == 0, 1.0, amax / QMAX)
+def scale_of(amax, limit: float = QMAX):
+    """Scale mapping `amax` to `limit` (the format's largest value); 1 for an all-zero
+    slice, NaN when the slice has one."""
+    return jnp.where(amax == 0, 1.0, amax / limit)
 
 
 def quantize_with_scale(x, scale, qmax: int = QMAX):

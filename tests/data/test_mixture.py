@@ -85,8 +85,8 @@ def test_a_run_evaluates_each_source_and_all_together(sources, tmp_path, capsys)
 @pytest.mark.parametrize("entries, words", [
     ("[pycode:0.3,files:0]", "positive weight"),
     ("[pycode:0.3,files]", "positive weight"),
-    ("[pycode:1,nowhere:1]", "'nowhere' is not a source"),
-    ("[pycode:1,mixture:1]", "'mixture' is not a source"),
+    ("[pycode:1,nowhere:1]", "'nowhere' is not a source of text"),
+    ("[pycode:1,mixture:1]", "'mixture' is not a source of text"),
     ("[pycode:1,mqar:1]", "yields token ids"),
     ("[pycode:1]", "needs two sources or more"),
     ("[pycode:1,pycode:2]", "names pycode twice"),
