@@ -290,8 +290,9 @@ def test_layer_plan_scanned_and_unrolled_equal_layers_by_hand(small_config, num_
     structure = jax.tree.structure(nn.unbox(PlainStack(scan_cfg.model, Block, plan).init(
         jax.random.key(0), x, start, pos, None, None))["params"])
     assert jax.tree.structure(scanned) == structure
+    # float32: five layers of values near 1 reassociated by the scan differ by ~4e-6.
     np.testing.assert_allclose(_apply_stack(scan_cfg, scanned, x), by_hand, rtol=1e-5,
-                               atol=1e-6)
+                               atol=1e-5)
 
 
 def test_weight_decay_by_role_scanned_equals_unscanned(small_config):
