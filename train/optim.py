@@ -2,21 +2,28 @@
 then cosine/linear decay, global-norm clipping and weight decay by role.
 
 An optimizer is a class with its own settings (`optimizer.<name>.*`, a dataclass), a
-check of them and `transform(cfg, schedule)`, the optax transformation it applies after
-clipping; `cfg` is the `optimizer` section, whose shared fields (lr, schedule,
-weight_decay, clip_norm, ...) every optimizer reads.
+check of them and `transform(cfg, schedule, roles)`, the optax transformation it applies
+after clipping; `cfg` is the `optimizer` section, whose shared fields (lr, schedule,
+weight_decay, clip_norm, ...) every optimizer reads, and `roles` the parameters' roles
+(train/roles.py), which Muon, GaLore and APOLLO route by. `report(opt_state)` gives the
+scalars it logs under `optimizer/`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from efflm.errors import ConfigError, check_positive
+from efflm.train.lowrank import oriented, scale_by_lowrank
+from efflm.train.roles import ParamRoles, path_keys
 
 if TYPE_CHECKING:
     from efflm.config import OptimizerConfig
@@ -64,8 +71,15 @@ class Optimizer:
         """Raise ConfigError for a bad value of its own settings."""
 
     @staticmethod
-    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule,
+                  roles: ParamRoles) -> optax.GradientTransformation:
+        """Raises ConfigError for a setting the parameters cannot take."""
         raise NotImplementedError
+
+    @staticmethod
+    def report(opt_state) -> dict:
+        """Scalars to log (`optimizer/<name>`), read from the state after a step."""
+        return {}
 
 
 @dataclass
@@ -87,14 +101,14 @@ class AdamW(Optimizer):
         check_positive("optimizer.adamw.eps", cfg.adamw.eps, allow_zero=True)
 
     @staticmethod
-    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         own = cfg.adamw
         return optax.adamw(schedule, b1=own.b1, b2=own.b2, eps=own.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask)
 
 
-def _check_betas(name: str, own) -> None:
-    for key in ("b1", "b2"):
+def _check_betas(name: str, own, keys=("b1", "b2")) -> None:
+    for key in keys:
         value = getattr(own, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"optimizer.{name}.{key} must be in [0, 1), got {value}")
@@ -120,7 +134,7 @@ class Lion(Optimizer):
         _check_betas("lion", cfg.lion)
 
     @staticmethod
-    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         return optax.lion(schedule, b1=cfg.lion.b1, b2=cfg.lion.b2,
                           weight_decay=cfg.weight_decay, mask=decay_mask)
 
@@ -155,7 +169,7 @@ class Adafactor(Optimizer):
                                   f"{getattr(own, key)}")
 
     @staticmethod
-    def transform(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         own = cfg.adafactor
         return optax.adafactor(
             schedule, min_dim_size_to_factor=own.min_dim_size_to_factor,
@@ -165,12 +179,234 @@ class Adafactor(Optimizer):
             weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
 
 
-OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "adafactor": Adafactor}
+def _adamw_for_the_rest(cfg: OptimizerConfig, schedule, b1: float, b2: float, eps: float):
+    """The AdamW group of Muon, GaLore and APOLLO: every parameter that is not a weight
+    matrix, at `optimizer.lr`, decayed by role as AdamW decays it."""
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)
+
+
+def _by_role(roles: ParamRoles, matrices: optax.GradientTransformation,
+             rest: optax.GradientTransformation) -> optax.GradientTransformation:
+    return optax.partition(
+        {"matrix": matrices, "rest": rest},
+        lambda params: roles.map(lambda p: "matrix" if p in roles.matrices else "rest",
+                                 params))
+
+
+class OrthogonalityState(NamedTuple):
+    orthogonality_error: jax.Array
+
+
+def scale_orthogonalized(roles: ParamRoles, consistent_rms: float):
+    """Muon's per-matrix update scale, and the orthogonalisation error it logs.
+
+    The scale: `consistent_rms * sqrt(max(fan_in, fan_out))` (the update RMS of AdamW, so
+    the same learning rate and decay apply; "Muon is Scalable for LLM Training"), or with
+    0 `sqrt(max(1, fan_out / fan_in))` (modded-nanogpt's). The error: the mean over
+    matrix slices of |X X^T - I|_F / sqrt(s) for the Newton-Schulz output X (s x l, its
+    smaller side first), 0 for an exact orthogonalisation."""
+
+    def init_fn(params):
+        del params
+        return OrthogonalityState(jnp.zeros((), jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        errors = []
+
+        def one(path, u):
+            matrix = roles.matrices[path]
+            x = oriented(matrix, u)[0].astype(jnp.float32)
+            s = x.shape[1]
+            gram = jnp.einsum("bsl,btl->bst", x, x) - jnp.eye(s)
+            errors.append(jnp.sqrt(jnp.sum(gram * gram, axis=(1, 2)) / s))
+            _, fan_in, fan_out = matrix.stacked
+            factor = (consistent_rms * math.sqrt(max(fan_in, fan_out)) if consistent_rms
+                      else math.sqrt(max(1.0, fan_out / fan_in)))
+            return u * factor
+
+        updates = jax.tree_util.tree_map_with_path(
+            lambda p, u: one(path_keys(p), u), updates)
+        return updates, OrthogonalityState(jnp.mean(jnp.concatenate(errors)))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+@dataclass
+class MuonSettings:
+    beta: float = 0.95  # momentum
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    # The update scale: 0.2 matches AdamW's update RMS so optimizer.lr and weight_decay
+    # carry over; 0: modded-nanogpt's sqrt(max(1, fan_out / fan_in)), with a larger rate.
+    consistent_rms: float = 0.2
+    lr_ratio: float = 1.0  # the weight matrices' learning rate over optimizer.lr
+    adam_b1: float = 0.9  # the AdamW group (embedding, head, routers, norms, biases)
+    adam_b2: float = 0.95
+    eps: float = 1e-8
+
+
+class Muon(Optimizer):
+    """Muon (Keller Jordan's modded-nanogpt): momentum orthogonalised by Newton-Schulz for
+    the weight matrices (train/roles.py; scanned layers and experts are stacks of
+    matrices, each orthogonalised on its own), AdamW for the embedding, the head, the
+    routers and the vectors. Both groups follow the schedule, the matrices at
+    `lr_ratio` times it; weight decay is decoupled, on every matrix and on the rest by
+    role."""
+
+    settings = MuonSettings
+    resumable = ("beta", "nesterov", "ns_steps", "consistent_rms", "lr_ratio", "adam_b1",
+                 "adam_b2", "eps")
+
+    @staticmethod
+    def validate_config(cfg: OptimizerConfig) -> None:
+        own = cfg.muon
+        if not 0.0 <= own.beta < 1.0:
+            raise ConfigError(f"optimizer.muon.beta must be in [0, 1), got {own.beta}")
+        _check_betas("muon", own, ("adam_b1", "adam_b2"))
+        check_positive("optimizer.muon.ns_steps", own.ns_steps)
+        check_positive("optimizer.muon.consistent_rms", own.consistent_rms, allow_zero=True)
+        check_positive("optimizer.muon.lr_ratio", own.lr_ratio)
+        check_positive("optimizer.muon.eps", own.eps, allow_zero=True)
+
+    @staticmethod
+    def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
+        own = cfg.muon
+        dims = lambda tree: roles.map(
+            lambda p: MuonDimensionNumbers(roles.matrices[p].reduction,
+                                           roles.matrices[p].output), tree)
+        matrices = optax.chain(
+            scale_by_muon(ns_steps=own.ns_steps, beta=own.beta, eps=own.eps,
+                          nesterov=own.nesterov, weight_dimension_numbers=dims),
+            scale_orthogonalized(roles, own.consistent_rms),
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.scale_by_learning_rate(lambda step: own.lr_ratio * schedule(step)))
+        return _by_role(roles, matrices, _adamw_for_the_rest(cfg, schedule, own.adam_b1,
+                                                              own.adam_b2, own.eps))
+
+    @staticmethod
+    def report(opt_state) -> dict:
+        return {"optimizer/orthogonality_error":
+                optax.tree.get(opt_state, "orthogonality_error")}
+
+
+@dataclass
+class GaLoreSettings:
+    rank: int = 128  # of the projection (at most each matrix's smaller side)
+    refresh: int = 200  # steps between SVDs of the gradient
+    scale: float = 0.25  # alpha, the projected-back update's scale
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class ApolloSettings:
+    rank: int = 256  # of the random projection (at most each matrix's smaller side)
+    refresh: int = 200  # steps between redraws of the projection
+    scale: float = 1.0  # alpha, the scaled gradient's factor
+    growth_limit: float = 1.01  # the update norm's largest growth per step (0: none)
+    seed: int = 0  # of the random projections
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+
+
+@dataclass
+class ApolloMiniSettings(ApolloSettings):
+    rank: int = 1
+    scale: float = math.sqrt(128)
+
+
+class LowRank(Optimizer):
+    """Adam on a low-rank projection of each weight matrix's gradient (train/lowrank.py),
+    AdamW on the rest (same betas); weight decay decoupled, in the full space, by role.
+    A matrix whose smaller side is under `rank` uses that side."""
+
+    method = "galore"
+    channelwise = True
+
+    @classmethod
+    def validate_config(cls, cfg: OptimizerConfig) -> None:
+        name = cfg.name
+        own = getattr(cfg, name)
+        _check_betas(name, own)
+        for key in ("rank", "refresh"):
+            check_positive(f"optimizer.{name}.{key}", getattr(own, key))
+        check_positive(f"optimizer.{name}.scale", own.scale)
+        check_positive(f"optimizer.{name}.eps", own.eps, allow_zero=True)
+        limit = getattr(own, "growth_limit", 0.0)
+        if limit and limit < 1.0:
+            raise ConfigError(f"optimizer.{name}.growth_limit must be 0 (none) or >= 1, got "
+                              f"{limit}")
+
+    @classmethod
+    def transform(cls, cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
+        name = cfg.name
+        own = getattr(cfg, name)
+        sides = [min(m.stacked[1:]) for m in roles.matrices.values()]
+        if own.rank > max(sides, default=0):
+            raise ConfigError(f"optimizer.{name}.rank={own.rank} is larger than every "
+                              f"weight matrix's smaller side (the largest is "
+                              f"{max(sides, default=0)})")
+        matrices = optax.chain(
+            scale_by_lowrank(roles, cls.method, own.rank, own.refresh, own.scale, own.b1,
+                             own.b2, own.eps, channelwise=cls.channelwise,
+                             growth_limit=getattr(own, "growth_limit", 0.0),
+                             seed=getattr(own, "seed", 0)),
+            optax.add_decayed_weights(cfg.weight_decay),
+            optax.scale_by_learning_rate(schedule))
+        return _by_role(roles, matrices,
+                        _adamw_for_the_rest(cfg, schedule, own.b1, own.b2, own.eps))
+
+    @staticmethod
+    def report(opt_state) -> dict:
+        return {"optimizer/refreshed": optax.tree.get(opt_state, "refreshed")}
+
+
+class GaLore(LowRank):
+    """GaLore ("GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection"):
+    the projection is the gradient's top singular vectors, recomputed every `refresh`
+    steps; Adam's moments live in it. Its paper's defaults."""
+
+    settings = GaLoreSettings
+    resumable = ("refresh", "scale", "b1", "b2", "eps")
+
+
+class Apollo(LowRank):
+    """APOLLO ("APOLLO: SGD-like Memory, AdamW-level Performance"): Adam on a random
+    projection sets a per-channel scale of the raw gradient; a norm-growth limiter.
+    Defaults: its paper's runs (rank 256, alpha 1)."""
+
+    method = "apollo"
+    settings = ApolloSettings
+    resumable = ("scale", "growth_limit", "b1", "b2", "eps")
+
+    @staticmethod
+    def report(opt_state) -> dict:
+        return {"optimizer/refreshed": optax.tree.get(opt_state, "refreshed"),
+                "optimizer/limited": optax.tree.get(opt_state, "limited")}
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1 and one scale per matrix (tensor-wise); alpha sqrt(128), as in
+    its paper's runs. Its state is two vectors of a matrix's larger side."""
+
+    channelwise = False
+    settings = ApolloMiniSettings
+
+
+OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "adafactor": Adafactor, "muon": Muon,
+              "galore": GaLore, "apollo": Apollo, "apollo_mini": ApolloMini}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   roles: ParamRoles | None = None) -> optax.GradientTransformation:
+    """Clipping, then the optimizer; `roles` (the parameters' roles) for those that
+    route by them (ConfigError for a setting the parameters cannot take)."""
     schedule = learning_rate_schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(OPTIMIZERS[cfg.name].transform(cfg, schedule))
+    parts.append(OPTIMIZERS[cfg.name].transform(cfg, schedule, roles))
     return optax.chain(*parts)

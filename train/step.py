@@ -34,7 +34,8 @@ from efflm.layers.plan import check_mesh, layer_plan
 from efflm.models import LM
 from efflm.train import sown as sown_lib
 from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
-from efflm.train.optim import learning_rate_schedule, make_optimizer
+from efflm.train.optim import OPTIMIZERS, learning_rate_schedule, make_optimizer
+from efflm.train.roles import ParamRoles
 
 
 def loss_mask(batch):
@@ -90,6 +91,12 @@ class Program:
 
     def _init(self, rng, boxed: bool = False):
         """Fresh state; `boxed` keeps flax's partitioning metadata (for eval_shape)."""
+        step, params, model_state, rng = self._init_model(rng, boxed)
+        return TrainState(step=step, params=params, model_state=model_state,
+                          opt_state=self.tx.init(params), rng=rng)
+
+    def _init_model(self, rng, boxed: bool = False):
+        """(step, params, model_state, rng) of a fresh state: all but the optimizer's."""
         params_rng, state_rng = jax.random.split(rng)
         rngs = {"params": params_rng,
                 **{s: jax.random.fold_in(params_rng, i + 1) for i, s in enumerate(RNG_STREAMS)}}
@@ -99,9 +106,8 @@ class Program:
         model_state = {c: variables[c] for c in STATE_COLLECTIONS if c in variables}
         if not boxed:
             params, model_state = nn.unbox((params, model_state))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          model_state=model_state, opt_state=self.tx.init(params),
-                          rng=jax.random.key_data(state_rng))
+        return (jnp.zeros((), jnp.int32), params, model_state,
+                jax.random.key_data(state_rng))
 
     def forward(self, params, model_state, batch, rngs=None, update_state=False,
                 accuracy=False):
@@ -196,6 +202,7 @@ class Program:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = _global_norm(grads)
+        metrics["optimizer"] = OPTIMIZERS[self.cfg.optimizer.name].report(opt_state)
         new = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state)
         return new, metrics
@@ -240,10 +247,12 @@ def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     check_mesh(cfg.model, dict(mesh.shape))
     rules = mesh_lib.logical_rules(cfg, mesh)
     model = LM(cfg.model)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    partial = Program(cfg, mesh, model, tx, rules, None, None)
+    partial = Program(cfg, mesh, model, None, rules, None, None)
     with partial.context():
-        abstract = jax.eval_shape(lambda r: partial._init(r, boxed=True), jax.random.key(0))
+        step, params, model_state, rng = jax.eval_shape(
+            lambda r: partial._init_model(r, boxed=True), jax.random.key(0))
+        tx = make_optimizer(cfg.optimizer, cfg.train.steps, ParamRoles.of(params))
+        abstract = TrainState(step, params, model_state, jax.eval_shape(tx.init, params), rng)
     state_shardings = mesh_lib.shardings_of(abstract, mesh, rules)
     return Program(cfg, mesh, model, tx, rules, state_shardings, mesh_lib.batch_sharding(mesh))
 

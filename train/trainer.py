@@ -98,8 +98,8 @@ def load_workdir_config(workdir: str) -> Config:
     return config_from_dict(saved, path)
 
 
-def prepare_workdir(cfg: Config, writer: bool) -> None:
-    """Refuse to resume into an incompatible checkpoint; create the workdir.
+def check_workdir(cfg: Config) -> None:
+    """Refuse to resume into an incompatible checkpoint; write nothing.
 
     Resolves `optimizer.decay_steps=0` in `cfg` in place: a resumed run keeps the
     schedule it was saved with, a new one decays over `train.steps`.
@@ -112,14 +112,8 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     has_checkpoints = os.path.isdir(ckpt_dir) and any(
         name.isdigit() for name in os.listdir(ckpt_dir))
-    if cfg.train.fresh:
-        if writer and os.path.isdir(workdir):
-            for name in (CHECKPOINT_DIR, "tensorboard"):
-                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-            for name in ("metrics.jsonl", CONFIG_FILE):
-                if os.path.exists(os.path.join(workdir, name)):
-                    os.remove(os.path.join(workdir, name))
-    elif has_checkpoints and os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    if (not cfg.train.fresh and has_checkpoints
+            and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
         saved = load_workdir_config(workdir)
         diffs = shape_differences(saved, cfg)
         if diffs:
@@ -145,6 +139,18 @@ def prepare_workdir(cfg: Config, writer: bool) -> None:
             cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
     if not cfg.optimizer.decay_steps:
         cfg.optimizer.decay_steps = cfg.train.steps
+
+
+def prepare_workdir(cfg: Config, writer: bool) -> None:
+    """`check_workdir`, then (the writer) clear it under `train.fresh` and create it."""
+    check_workdir(cfg)
+    workdir = cfg.train.workdir
+    if writer and cfg.train.fresh and os.path.isdir(workdir):
+        for name in (CHECKPOINT_DIR, "tensorboard"):
+            shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        for name in ("metrics.jsonl", CONFIG_FILE):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
     if writer:
         try:
             os.makedirs(workdir, exist_ok=True)
@@ -308,14 +314,15 @@ def train(cfg: Config) -> dict:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_divisibility(cfg, mesh)  # a mesh that cannot run leaves no workdir
     check_mesh(cfg.model, dict(mesh.shape))
-    prepare_workdir(cfg, is_writer)
+    check_workdir(cfg)
     tokenizer = data_tokenizer(cfg.data)
-    program = build_program(cfg, mesh)
+    program = build_program(cfg, mesh)  # an optimizer the parameters cannot take fails here
     data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                                seed=cfg.train.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
     if cfg.train.eval_every:  # a validation split that cannot be read fails before writing
         make_source(cfg.data, "val")
+    prepare_workdir(cfg, is_writer)
     checkpointer = Checkpointer(os.path.join(cfg.train.workdir, CHECKPOINT_DIR), cfg.checkpoint)
     state, start = restore_or_init(program, checkpointer, data)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
@@ -365,6 +372,7 @@ def train(cfg: Config) -> dict:
                     if metrics["aux_loss"]:
                         row["aux_loss"] = metrics["aux_loss"]
                     row.update(metrics["stats"])
+                    row.update(metrics["optimizer"])
                     if timer_steps:
                         step_time = (time.perf_counter() - timer_start) / timer_steps
                         row["step_time_s"] = step_time

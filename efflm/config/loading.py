@@ -228,13 +228,18 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (),
 
 def _warn_unused(cfg: Config, keys: list[str]) -> None:
     """One line for each key that sets a kind's own setting when the config does not use
-    that kind (not an error: a sweep shares overrides across its variants)."""
+    that kind: a warning (a sweep shares overrides across its variants), or for a strict
+    family (the optimizer) an error."""
     for family in FAMILIES:
         chosen = family.chosen(cfg)
         for key in keys:
             kind = key[len(family.path) + 1:].split(".")[0]
             if (key.startswith(family.path + ".") and kind in family.kinds()
                     and kind not in chosen):
+                if family.strict:
+                    selector = f"{family.path}.{family.selectors[0]}"
+                    raise ConfigError(f"{key} applies to {selector}={kind}; this config "
+                                      f"uses {selector}={', '.join(sorted(chosen))}")
                 logging.warning("%s sets a setting of %s kind %r, which this config does "
                                 "not use (it uses %s)", key, family.path, kind,
                                 ", ".join(sorted(chosen)) or "none")

@@ -218,6 +218,9 @@ class Family:
     path: str
     registries: tuple
     selectors: tuple[str, ...]
+    # Setting an unchosen kind's own setting: an error when strict, else a warning (a
+    # sweep may share overrides across variants of a model).
+    strict: bool = False
 
     def section(self, cfg):
         for part in self.path.split("."):
@@ -241,7 +244,7 @@ FAMILIES = (
     Family("model.depth", (DEPTH,), ("kind",)),
     Family("model.quant", (QUANT,), ("kind",)),
     Family("data", (SOURCES, TOKENIZERS), ("source", "tokenizer")),
-    Family("optimizer", (OPTIMIZERS,), ("name",)),
+    Family("optimizer", (OPTIMIZERS,), ("name",), strict=True),
 )
 
 # Keys that describe the parameters' shapes and layout: a workdir's checkpoint only

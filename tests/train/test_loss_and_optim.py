@@ -57,23 +57,30 @@ def _optimizer(name, *extra):
                                 "optimizer.clip_norm=0", *extra]).optimizer
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "muon", "galore", "apollo",
+                                  "apollo_mini"])
 def test_each_optimizer_fits_a_least_squares_problem_with_its_state_size(name):
     """Loss falls; state per parameter as the method says: AdamW two moments, Lion one,
-    Adafactor a row and a column statistic for a matrix (and a full one for a vector)."""
+    Adafactor a row and a column statistic for a matrix (and a full one for a vector),
+    Muon one for the matrix; GaLore two of rank x 512 and a 256 x rank projector,
+    APOLLO two of rank x 512 and no projector, APOLLO-Mini two of 512 (the bias: AdamW)."""
     import jax
     import optax
 
     from efflm.train.optim import make_optimizer
+    from efflm.train.roles import ParamRoles
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
     target = x @ jnp.asarray(rng.normal(size=(256, 512)) / 16, jnp.float32)
     params = {"kernel": jnp.zeros((256, 512)), "bias": jnp.zeros((512,))}
     # Adafactor's default step is relative to |w|, which starts at 0 here.
-    extra = ["optimizer.adafactor.multiply_by_parameter_scale=false"] if name == "adafactor" \
-        else []
-    tx = make_optimizer(_optimizer(name, *extra), 100)
+    extra = {"adafactor": ["optimizer.adafactor.multiply_by_parameter_scale=false"],
+             "galore": ["optimizer.galore.rank=32"],
+             "apollo": ["optimizer.apollo.rank=32"]}.get(name, [])
+    roles = ParamRoles.from_names({("kernel",): ("embed", "mlp"), ("bias",): ("mlp",)},
+                                  {("kernel",): (256, 512), ("bias",): (512,)})
+    tx = make_optimizer(_optimizer(name, *extra), 100, roles)
 
     def loss(p):
         return jnp.mean((x @ p["kernel"] + p["bias"] - target) ** 2)
@@ -93,7 +100,13 @@ def test_each_optimizer_fits_a_least_squares_problem_with_its_state_size(name):
     size = 256 * 512 + 512
     # Adafactor: rows + columns for the kernel, a full moment for the bias, and optax's
     # one-element placeholders for the statistics each does not use.
-    assert floats == {"adamw": 2 * size, "lion": size, "adafactor": 256 + 512 + 512 + 3}[name]
+    # Muon: its 3 Newton-Schulz coefficients and the logged error; the low-rank ones:
+    # the two logged scalars, and APOLLO the last update norm.
+    assert floats == {"adamw": 2 * size, "lion": size, "adafactor": 256 + 512 + 512 + 3,
+                      "muon": 256 * 512 + 2 * 512 + 4,
+                      "galore": 2 * 32 * 512 + 256 * 32 + 2 * 512 + 2,
+                      "apollo": 2 * 32 * 512 + 1 + 2 * 512 + 2,
+                      "apollo_mini": 2 * 512 + 1 + 2 * 512 + 2}[name]
 
 
 def test_bad_optimizer_settings_are_one_line_exit_2(capsys):
