@@ -59,7 +59,8 @@ def measure(cfg, steps: int, warmup: int, program=None) -> dict:
     return {"params": count_params(state.params), "step_time": step_time,
             "tokens_per_sec": cfg.train.batch_size * cfg.data.seq_len / step_time,
             "model_flops": flops, "xla_flops": float(cost.get("flops", 0.0)) if cost else 0.0,
-            "temp_bytes": getattr(memory, "temp_size_in_bytes", 0) if memory else 0}
+            "temp_bytes": getattr(memory, "temp_size_in_bytes", 0) if memory else 0,
+            "argument_bytes": getattr(memory, "argument_size_in_bytes", 0) if memory else 0}
 
 
 def main(argv: list[str] | None = None) -> int:

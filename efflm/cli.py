@@ -90,6 +90,7 @@ def _bench(args) -> int:
         kernels,
         mfu,
         moe,
+        optim,
         quant,
         recall,
     )
@@ -101,7 +102,8 @@ def _bench(args) -> int:
                "linear_attention": kernels.main, "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
-               "recall": recall.main, "context": context.main, "data": data.main}
+               "recall": recall.main, "context": context.main, "data": data.main,
+               "optim": optim.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)

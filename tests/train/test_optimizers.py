@@ -87,15 +87,18 @@ def _run(tx, grads):
     return out, state
 
 
-def test_muon_orthogonalises_each_matrix_slice_as_optax_does_a_2d_matrix():
+@pytest.mark.parametrize("rms", [0.2, 0.0])
+def test_muon_orthogonalises_each_matrix_slice_as_optax_does_a_2d_matrix(rms):
     """Our Muon on stacked, 3-D and 4-D kernels equals optax's Muon on each slice seen as
-    its (reduction, output) matrix; the norm scale gets Adam, as AdamW would."""
+    its (reduction, output) matrix, with AdamW's RMS or modded-nanogpt's width scale;
+    the norm scale gets Adam, as AdamW would."""
     roles = ParamRoles.from_names(NAMES, SHAPES)
     grads = _grads(3)
-    ours, state = _run(make_optimizer(_optimizer("muon"), 10, roles), grads)
+    cfg = _optimizer("muon", f"optimizer.muon.consistent_rms={rms}")
+    ours, state = _run(make_optimizer(cfg, 10, roles), grads)
     slices = lambda g: {f"q{i}": g["q"][i].reshape(8, 6) for i in range(2)} | {
         "o": g["o"].reshape(10, 8)}
-    ref = optax.contrib.muon(1.0, beta=0.95, nesterov=True, consistent_rms=0.2)
+    ref = optax.contrib.muon(1.0, beta=0.95, nesterov=True, consistent_rms=rms or None)
     zeros = slices({k: jnp.zeros(s) for (k,), s in SHAPES.items()})
     ref_state = ref.init(zeros)
     adam = optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
