@@ -49,6 +49,8 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("router", "recurrent"): ("model.num_layers=2",),  # a chain of MoE layers
          ("depth", "recursive"): ("model.num_layers=2", "model.depth.recursive.unique_layers=1"),
          ("depth", "mod"): ("model.num_layers=2",),  # layer 1 routed
+         ("depth", "mor"): ("model.num_layers=2", "model.depth.mor.unique_layers=1",
+                            "model.depth.mor.recursions=2"),
          ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
          # Blocks that divide neither the FLOPs test's length (40) nor the decoding's (24).
          ("mixer", "sliding"): ("model.attention.sliding.window=6",  # 2 blocks back
@@ -324,7 +326,8 @@ BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "fe
        "model.attention.sliding": "window=0", "model.attention.power": "block_size=0",
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
-       "model.depth.recursive": "recursions=0", "model.quant.fp8": "history=0"}
+       "model.depth.recursive": "recursions=0", "model.depth.mor": "capacity=0.5,1",
+       "model.quant.fp8": "history=0"}
 SETTINGS = [pytest.param(f, k, id=f"{f.path}.{k}") for f in FAMILIES
             if f.path.startswith("model.") for k, cls in f.kinds().items()
             if cls.settings is not None]

@@ -38,7 +38,7 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return max(1, math.ceil(capacity * length))
 
 
-def _gather(a, idx):
+def gather(a, idx):
     return None if a is None else jnp.take_along_axis(a, idx.reshape(
         idx.shape + (1,) * (a.ndim - 2)), axis=1)
 
@@ -83,39 +83,62 @@ class RoutedBlock(nn.Module):
         # Padding ranks last, and the routed share counts real tokens only: the top
         # ceil(capacity * real) of each row are members, the rest of the static `keep`
         # slots go through the block as padding and are discarded.
-        top = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), keep)[1]
-        if segment_ids is None:
-            share = jnp.full((b, 1), keep)
-        else:
-            share = jnp.ceil(depth.capacity * jnp.sum(valid, axis=1, keepdims=True) - 1e-6)
-        chosen = (jnp.arange(keep) < share) & jnp.take_along_axis(valid, top, axis=1)
-        order = jnp.argsort(top, axis=-1)  # back to the original order
-        idx, chosen = (jnp.take_along_axis(a, order, axis=-1) for a in (top, chosen))
+        idx, chosen = choose_top(logits, valid, depth.capacity,
+                                 jnp.sum(valid, axis=1, keepdims=True))
         rows = jnp.arange(b)[:, None]
         member = jnp.zeros((b, t), jnp.float32).at[rows, idx].set(chosen.astype(jnp.float32))
         self._predictor_terms(predicted, member, weight, valid)
-        xs = _gather(x, idx)
-        seg = None if segment_ids is None else jnp.where(chosen, _gather(segment_ids, idx), 0)
-        y, carry = block(xs, carry, _gather(positions, idx), seg, attention_mask(seg, keep))
-        ws = _gather(weight, idx)[..., None].astype(x.dtype)
+        xs = gather(x, idx)
+        seg = None if segment_ids is None else jnp.where(chosen, gather(segment_ids, idx), 0)
+        y, carry = block(xs, carry, gather(positions, idx), seg, attention_mask(seg, keep))
+        ws = gather(weight, idx)[..., None].astype(x.dtype)
         sow_stat(self, "mod_capacity_use", jnp.mean(chosen), reduce="per_layer")
         return x.at[rows, idx].set(jnp.where(chosen[..., None], xs + ws * (y - xs), xs)), carry
 
     def _predictor_terms(self, predicted, member, weight, valid):
-        """The predictor's BCE loss and accuracy and the router's entropy, over the real
-        tokens."""
-        depth = self.cfg.depth.mod
-        mask = valid.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(mask), 1.0)
-        bce = jnp.sum((jnp.maximum(predicted, 0) - predicted * member
-                       + jnp.log1p(jnp.exp(-jnp.abs(predicted)))) * mask) / count
-        if depth.predictor_loss:
-            sow_loss(self, "mod_predictor", depth.predictor_loss * bce)
-        sow_stat(self, "mod_predictor_accuracy",
-                 jnp.sum(((predicted > 0) == (member > 0)) * mask) / count)
-        p = jnp.clip(weight, 1e-6, 1 - 1e-6)
-        sow_stat(self, "mod_router_entropy",
-                 jnp.sum((-p * jnp.log(p) - (1 - p) * jnp.log(1 - p)) * mask) / count)
+        predictor_terms(self, "mod", self.cfg.depth.mod.predictor_loss, predicted, member,
+                        weight, valid)
+
+
+def predictor_terms(module: nn.Module, prefix: str, loss_weight: float, predicted, member,
+                    weight, valid) -> None:
+    """The causal predictor's BCE loss (logits `predicted` against 0/1 `member`) and
+    accuracy and the router's entropy (of its gate `weight`), over the tokens `valid`,
+    sown as `<prefix>_predictor` (a loss), `<prefix>_predictor_accuracy` and
+    `<prefix>_router_entropy`."""
+    mask = valid.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    bce = jnp.sum((jnp.maximum(predicted, 0) - predicted * member
+                   + jnp.log1p(jnp.exp(-jnp.abs(predicted)))) * mask) / count
+    if loss_weight:
+        sow_loss(module, f"{prefix}_predictor", loss_weight * bce)
+    sow_stat(module, f"{prefix}_predictor_accuracy",
+             jnp.sum(((predicted > 0) == (member > 0)) * mask) / count)
+    p = jnp.clip(weight, 1e-6, 1 - 1e-6)
+    sow_stat(module, f"{prefix}_router_entropy",
+             jnp.sum((-p * jnp.log(p) - (1 - p) * jnp.log(1 - p)) * mask) / count)
+
+
+def choose_top(logits, eligible, capacity: float, real):
+    """Expert-choice selection of a sequence's tokens: the top `ceil(capacity * real)`
+    of each row's `eligible` tokens by `logits` (`real`: each row's real-token count,
+    (b, 1)), in static `capacity_tokens(capacity, t)` slots.
+
+    Returns (idx, chosen): the slots' positions in their original order, and which
+    slots hold a chosen token (the rest go through the block as padding)."""
+    keep = capacity_tokens(capacity, logits.shape[1])
+    top = jax.lax.top_k(jnp.where(eligible, logits, -jnp.inf), keep)[1]
+    share = jnp.ceil(capacity * real - 1e-6)
+    chosen = (jnp.arange(keep) < share) & jnp.take_along_axis(eligible, top, axis=1)
+    order = jnp.argsort(top, axis=-1)
+    return tuple(jnp.take_along_axis(a, order, axis=-1) for a in (top, chosen))
+
+
+def gather_tokens(x, positions, segment_ids, idx, chosen):
+    """The slots' hidden states, positions and segment ids (0 for an unchosen slot)."""
+    seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    return (gather(x, idx), gather(positions, idx),
+            jnp.where(chosen, gather(seg, idx), 0))
 
 
 class ModStack(PlainStack):

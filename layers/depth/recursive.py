@@ -26,16 +26,41 @@ if TYPE_CHECKING:
 SHARING = ("cycle", "middle_cycle")
 
 
-def shared_range(cfg: ModelConfig) -> tuple[int, int]:
-    """(first, stop): the plan's layers first .. stop - 1 are the shared blocks."""
-    unique = cfg.depth.recursive.unique_layers
-    return (0, unique) if cfg.depth.recursive.sharing == "cycle" else (1, unique - 1)
+def shared_range(own) -> tuple[int, int]:
+    """(first, stop): the plan's layers first .. stop - 1 are the shared blocks, under a
+    depth kind's own settings `own` (unique_layers, sharing)."""
+    return (0, own.unique_layers) if own.sharing == "cycle" else (1, own.unique_layers - 1)
 
 
-def recursive_depth(cfg: ModelConfig) -> int:
-    first, stop = shared_range(cfg)
-    own = cfg.depth.recursive
+def recursive_depth(own) -> int:
+    first, stop = shared_range(own)
     return own.unique_layers - (stop - first) + (stop - first) * own.recursions
+
+
+def check_sharing(cfg: ModelConfig, name: str, own) -> None:
+    """The sharing scheme of depth kind `name` (settings `own`) against the model."""
+    key = f"model.depth.{name}"
+    check_choice(f"{key}.sharing", own.sharing, SHARING)
+    check_positive(f"{key}.recursions", own.recursions)
+    check_positive(f"{key}.unique_layers", own.unique_layers)
+    if own.sharing == "middle_cycle" and own.unique_layers < 3:
+        raise ConfigError(f"{key}.sharing=middle_cycle needs {key}.unique_layers >= 3 "
+                          f"(first, last and at least one shared), got {own.unique_layers}")
+    want = recursive_depth(own)
+    if cfg.num_layers != want:
+        raise ConfigError(
+            f"{key}.unique_layers={own.unique_layers} with {key}.recursions="
+            f"{own.recursions} ({own.sharing}) makes {want} layers; set "
+            f"model.num_layers={want}")
+
+
+def check_shared_plan(cfg: ModelConfig, name: str, own, plan: tuple) -> None:
+    want = recursive_depth(own)
+    first, stop = shared_range(own)
+    period = stop - first
+    if any(plan[i] != plan[first + (i - first) % period] for i in range(first, want - first)):
+        raise ConfigError("the attention/MLP pattern must repeat with the shared blocks "
+                          f"(every {period} layers) under model.depth.kind={name}")
 
 
 @dataclass
@@ -58,7 +83,7 @@ class RecursiveStack(PlainStack):
     @nn.compact
     def __call__(self, x, carry, positions, segment_ids, mask):
         cfg, plan = self.cfg, self.plan
-        first, stop = shared_range(cfg)
+        first, stop = shared_range(cfg.depth.recursive)
         args = (positions, segment_ids, mask)
         if first:
             x, carry = make_layer(self.block, cfg, plan[0], "first", remat=True)(x, carry,
@@ -78,26 +103,8 @@ class RecursiveStack(PlainStack):
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
-        depth = cfg.depth.recursive
-        check_choice("model.depth.recursive.sharing", depth.sharing, SHARING)
-        check_positive("model.depth.recursive.recursions", depth.recursions)
-        check_positive("model.depth.recursive.unique_layers", depth.unique_layers)
-        if depth.sharing == "middle_cycle" and depth.unique_layers < 3:
-            raise ConfigError("model.depth.recursive.sharing=middle_cycle needs "
-                              "model.depth.recursive.unique_layers >= 3 (first, last and at least "
-                              f"one shared), got {depth.unique_layers}")
-        want = recursive_depth(cfg)
-        if cfg.num_layers != want:
-            raise ConfigError(
-                f"model.depth.recursive.unique_layers={depth.unique_layers} with "
-                f"model.depth.recursive.recursions={depth.recursions} ({depth.sharing}) makes "
-                f"{want} layers; set model.num_layers={want}")
+        check_sharing(cfg, "recursive", cfg.depth.recursive)
 
     @staticmethod
     def check_plan(cfg: ModelConfig, plan: tuple) -> None:
-        want = recursive_depth(cfg)
-        first, stop = shared_range(cfg)
-        period = stop - first
-        if any(plan[i] != plan[first + (i - first) % period] for i in range(first, want - first)):
-            raise ConfigError("the attention/MLP pattern must repeat with the shared blocks "
-                              f"(every {period} layers) under model.depth.kind=recursive")
+        check_shared_plan(cfg, "recursive", cfg.depth.recursive, plan)

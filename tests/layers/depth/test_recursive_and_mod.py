@@ -234,17 +234,21 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("preset, stats, layers", [
+@pytest.mark.parametrize("preset, stats, shape", [
     ("tiny_mod", ("mod_predictor_accuracy", "mod_router_entropy",
-                  "mod_capacity_use/layer_1"), 2),  # layer 1 routed
-    ("tiny_recursive", (), 4),  # 2 shared blocks, twice
+                  "mod_capacity_use/layer_1"), ["model.num_layers=2"]),  # layer 1 routed
+    ("tiny_recursive", (), ["model.num_layers=4"]),  # 2 shared blocks, twice
+    # One block, run by 1, 2/3 and 1/3 of the tokens.
+    ("tiny_mor", ("mor_predictor_accuracy", "mor_router_entropy", "mor_depth_mean",
+                  "mor_depth_3", "mor_capacity_use_2"),
+     ["model.num_layers=3", "model.depth.mor.sharing=cycle",
+      "model.depth.mor.unique_layers=1"]),
 ])
 def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, preset,
-                                                              stats, layers):
+                                                              stats, shape):
     common = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
               "optimizer.lr=3e-3", "logging.every=1", "train.eval_every=0",
-              "checkpoint.every=3", "mesh.fsdp=2", "train.batch_size=16",
-              f"model.num_layers={layers}"]
+              "checkpoint.every=3", "mesh.fsdp=2", "train.batch_size=16", *shape]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train(load_config(preset, [*common, "train.steps=6", f"train.workdir={a}"]))
     train(load_config(preset, [*common, "train.steps=3", f"train.workdir={b}"]))

