@@ -106,6 +106,21 @@ def test_gathered_steps_equal_the_masked_full_computation(small_config):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
     router = ga[0]["router"]
     assert np.all(np.isfinite(router)) and np.all(np.abs(router).max(axis=0) > 0)
+    # 13 real tokens a row run 1 step, 7 of them 2, 4 of those 3.
+    _, sown = stack.apply({"params": params}, x, {}, pos, seg, attention_mask(seg, t),
+                          mutable=["losses", "stats"])
+    stats = {k: float(v[0]) for k, v in sown["stats"].items()}
+    want = {"mean:mor_depth_0": 0, "mean:mor_depth_1": 6 / 13, "mean:mor_depth_2": 3 / 13,
+            "mean:mor_depth_3": 4 / 13, "mean:mor_depth_mean": 24 / 13,
+            "mean:mor_capacity_use_1": 7 / 13}
+    assert {k: stats[k] for k in want} == pytest.approx(want)
+
+
+def test_default_schedule_keeps_r_in_R_fewer_each_step():
+    from efflm.layers.depth.mor import capacity_schedule
+
+    assert capacity_schedule(load_config("tiny_mor").model.depth.mor) == pytest.approx(
+        (1, 2 / 3, 1 / 3))
 
 
 def test_decoding_follows_the_causal_predictor(small_config):
