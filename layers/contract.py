@@ -108,6 +108,10 @@ class Mixer(LayerKind):
     # Whether it decodes one token at a time through the `cache` collection (a layer
     # decodes while `cache` is mutable outside init); `efflm generate` refuses others.
     decodes = False
+    # Whether, decoding, a token of segment id 0 leaves its cache unchanged (not a key
+    # later tokens see): what a routed depth kind's predictor needs to skip a token;
+    # `efflm generate` refuses `mod`/`mor` over a mixer whose state takes every token.
+    decode_skips_tokens = False
     # Whether its decoding cache keeps a fixed size whatever the position (a ring
     # buffer): a model whose mixers all do may generate past model.max_seq_len.
     bounded_cache = False

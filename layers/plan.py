@@ -130,9 +130,15 @@ def not_causal(cfg: ModelConfig, decoding: bool = False) -> list[str]:
     """Why the model's outputs depend on later tokens, one reason per kind that says so;
     [] for a causal model. `decoding`: leave out the kinds that decode causally
     (`causal_decoding`)."""
-    kinds = [*layer_kinds(layer_plan(cfg)), depth_kind(cfg)]
-    return sorted({r for r in (k.not_causal(cfg) for k in kinds
-                               if not (decoding and k.causal_decoding)) if r})
+    plan = layer_plan(cfg)
+    kinds = [*layer_kinds(plan), depth_kind(cfg)]
+    reasons = {k.not_causal(cfg) for k in kinds if not (decoding and k.causal_decoding)}
+    keeping = sorted({s.mixer for s in plan if not s.mixer_kind.decode_skips_tokens})
+    if decoding and keeping:  # a causal decoding rule that skips tokens cannot skip them
+        reasons |= {f"{k.not_causal(cfg)}; while decoding it skips tokens, which the "
+                    f"decoding state of model.attention.kind={', '.join(keeping)} takes "
+                    "all the same" for k in kinds if k.causal_decoding}
+    return sorted(r for r in reasons if r)
 
 
 def quant_targets(cfg: ModelConfig) -> set[str]:

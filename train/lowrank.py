@@ -34,7 +34,7 @@ class LowRankState(NamedTuple):
     nu: Any
     projector: Any  # GaLore: (batch, s, r) per matrix; APOLLO: () (redrawn from the seed)
     last_norm: Any  # APOLLO: (batch,) per matrix, the last update's norm; GaLore: ()
-    refreshed: jax.Array  # 1.0 on a step that recomputed the projectors
+    projection_age: jax.Array  # steps since the projectors were made (0: this step)
     limited: jax.Array  # APOLLO: the fraction of matrix slices the growth limit scaled
 
 
@@ -83,7 +83,7 @@ def scale_by_lowrank(roles: ParamRoles, method: str, rank: int, refresh: int, sc
             nu=roles.map(moments, params),
             projector=roles.map(projector, params) if method == "galore" else (),
             last_norm=roles.map(norms, params) if method == "apollo" else (),
-            refreshed=zero, limited=zero)
+            projection_age=zero, limited=zero)
 
     def random_projector(p, period):
         batch, rows, cols = roles.matrices[p].stacked
@@ -133,8 +133,9 @@ def scale_by_lowrank(roles: ParamRoles, method: str, rank: int, refresh: int, sc
             full = jax.tree.map(lambda u: scale * u, full)
         out = jax.tree.map(lambda m, u, g: oriented(m, g)[1](u).astype(g.dtype), views, full,
                            updates, is_leaf=is_view)
+        age = (state.count % refresh).astype(jnp.float32)
         return out, LowRankState(count, mu, nu, projectors if method == "galore" else (),
-                                 last_norm, refresh_now.astype(jnp.float32), limited)
+                                 last_norm, age, limited)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -77,6 +77,12 @@ class Optimizer:
         raise NotImplementedError
 
     @staticmethod
+    def needs_roles(roles) -> None:
+        if roles is None:
+            raise ValueError("this optimizer routes parameters by role: pass make_optimizer "
+                             "the ParamRoles of the parameters")
+
+    @staticmethod
     def report(opt_state) -> dict:
         """Scalars to log (`optimizer/<name>`), read from the state after a step."""
         return {}
@@ -273,6 +279,7 @@ class Muon(Optimizer):
     @staticmethod
     def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         own = cfg.muon
+        Muon.needs_roles(roles)
         dims = lambda tree: roles.map(
             lambda p: MuonDimensionNumbers(roles.matrices[p].reduction,
                                            roles.matrices[p].output), tree)
@@ -337,14 +344,15 @@ class LowRank(Optimizer):
         check_positive(f"optimizer.{name}.scale", own.scale)
         check_positive(f"optimizer.{name}.eps", own.eps, allow_zero=True)
         limit = getattr(own, "growth_limit", 0.0)
-        if limit and limit < 1.0:
-            raise ConfigError(f"optimizer.{name}.growth_limit must be 0 (none) or >= 1, got "
-                              f"{limit}")
+        if limit and not 1.0 <= limit < float("inf"):
+            raise ConfigError(f"optimizer.{name}.growth_limit must be 0 (none) or >= 1 and "
+                              f"finite, got {limit}")
 
     @classmethod
     def transform(cls, cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         name = cfg.name
         own = getattr(cfg, name)
+        cls.needs_roles(roles)
         sides = [min(m.stacked[1:]) for m in roles.matrices.values()]
         if own.rank > max(sides, default=0):
             raise ConfigError(f"optimizer.{name}.rank={own.rank} is larger than every "
@@ -362,7 +370,7 @@ class LowRank(Optimizer):
 
     @staticmethod
     def report(opt_state) -> dict:
-        return {"optimizer/refreshed": optax.tree.get(opt_state, "refreshed")}
+        return {"optimizer/projection_age": optax.tree.get(opt_state, "projection_age")}
 
 
 class GaLore(LowRank):
@@ -385,7 +393,7 @@ class Apollo(LowRank):
 
     @staticmethod
     def report(opt_state) -> dict:
-        return {"optimizer/refreshed": optax.tree.get(opt_state, "refreshed"),
+        return {"optimizer/projection_age": optax.tree.get(opt_state, "projection_age"),
                 "optimizer/limited": optax.tree.get(opt_state, "limited")}
 
 

@@ -123,6 +123,7 @@ class PowerAttention(Mixer):
     """Causal PowerAttention (see the module)."""
 
     decodes = True
+    decode_skips_tokens = True
     quant_target = "attention"
     settings = PowerSettings
 

@@ -114,6 +114,7 @@ class SlidingAttention(Mixer):
     """Causal sliding-window attention with sinks (see the module)."""
 
     decodes = True
+    decode_skips_tokens = True
     bounded_cache = True  # the ring of `window` keys and the sink slots
     quant_target = "attention"
     settings = SlidingSettings

@@ -156,6 +156,7 @@ class SoftmaxAttention(Mixer):
     """
 
     decodes = True
+    decode_skips_tokens = True
     quant_target = "attention"  # its projections go through the quantised-matmul hook
     context_parallel = ("ring", "allgather")
     settings = SoftmaxSettings

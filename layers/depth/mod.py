@@ -128,7 +128,7 @@ def choose_top(logits, eligible, capacity: float, real):
     slots hold a chosen token (the rest go through the block as padding)."""
     keep = capacity_tokens(capacity, logits.shape[1])
     top = jax.lax.top_k(jnp.where(eligible, logits, -jnp.inf), keep)[1]
-    share = jnp.ceil(capacity * real - 1e-6)
+    share = jnp.maximum(jnp.ceil(capacity * real - 1e-6), 1)  # a row keeps a token
     chosen = (jnp.arange(keep) < share) & jnp.take_along_axis(eligible, top, axis=1)
     order = jnp.argsort(top, axis=-1)
     return tuple(jnp.take_along_axis(a, order, axis=-1) for a in (top, chosen))

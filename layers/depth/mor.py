@@ -55,7 +55,7 @@ class MorSettings:
     # The fraction of each sequence's tokens each step keeps, comma-separated, one per
     # recursion, not growing; "": (recursions - r) / recursions (1, 2/3, 1/3 for 3).
     capacity: str = ""
-    predictor_loss: float = 0.01  # weight of the causal predictor's BCE loss
+    predictor_loss: float = 0.01  # weight of the causal predictor's BCE (mean over steps)
     predictor_hidden: int = 64
 
 
@@ -86,6 +86,18 @@ def _scores(weights, x, r):
     x = x.astype(jnp.float32)
     hidden = jax.nn.gelu(jax.lax.stop_gradient(x) @ p_in)
     return x @ router[:, r], hidden @ p_out[:, r]
+
+
+def refuse_carry(cfg: ModelConfig, specs) -> None:
+    """The shared blocks, which only some tokens run at later steps, cannot take the
+    layer-to-layer carry (its per-token entries would be gathered out of shape)."""
+    for spec in specs:
+        for key, kind in (("attention.kind", spec.mixer), ("mlp.kind", spec.mlp)):
+            owner = spec.mixer_kind if key == "attention.kind" else spec.mlp_kind
+            if owner.takes_carry(cfg):
+                raise ConfigError(
+                    f"model.{key}={kind} passes a carry from layer to layer, which "
+                    "model.depth.kind=mor cannot route through its shared blocks")
 
 
 class DecodeStep(LayerGroup):
@@ -146,8 +158,8 @@ class MorStack(PlainStack):
             idx, chosen = choose_top(logits, active, capacity, real)
             member = jnp.zeros((b, t), jnp.float32).at[rows, idx].set(
                 chosen.astype(jnp.float32))
-            predictor_terms(self, "mor", own.predictor_loss, predicted, member,
-                            jax.nn.sigmoid(logits), active)
+            predictor_terms(self, "mor", own.predictor_loss / own.recursions, predicted,
+                            member, jax.nn.sigmoid(logits), active)
             sow_stat(self, f"mor_capacity_use_{r}",
                      jnp.sum(chosen) / jnp.maximum(jnp.sum(valid), 1))
             xs, pos, seg = gather_tokens(x, positions, segment_ids, idx, chosen)
@@ -156,6 +168,13 @@ class MorStack(PlainStack):
             x = x.at[rows, idx].set(jnp.where(chosen[..., None], xs + gate * (y - xs), xs))
             active = member > 0
             depth = depth + member
+        if self.is_initializing() and any(self.variables.get(c, {}).get("shared")
+                                          for c in STATE_COLLECTIONS):
+            raise ConfigError(
+                "model.depth.kind=mor runs its shared blocks once per recursion step, "
+                "unrolled, so their model state (an fp8 history, a sigmoid_bias router's "
+                "bias, N:M masks) would be updated several times a step; use kinds "
+                "without model state in the shared blocks")
         count = jnp.maximum(jnp.sum(valid), 1)
         sow_stat(self, "mor_depth_mean", jnp.sum(depth) / count)
         for r in range(own.recursions + 1):
@@ -164,7 +183,7 @@ class MorStack(PlainStack):
 
     def _decode(self, x, carry, positions, weights, specs):
         own = self.cfg.depth.mor
-        axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS, *STATE_COLLECTIONS)}
+        axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS)}
         scanned = nn.scan(
             DecodeStep, variable_axes=axes, variable_broadcast="params",
             split_rngs={"params": False, **{s: True for s in RNG_STREAMS}},
@@ -199,6 +218,9 @@ class MorStack(PlainStack):
     def validate_config(cfg: ModelConfig) -> None:
         own = cfg.depth.mor
         check_positive("model.depth.mor.recursions", own.recursions)
+        if own.recursions > cfg.num_layers:
+            raise ConfigError(f"model.depth.mor.recursions={own.recursions} is more than "
+                              f"model.num_layers={cfg.num_layers} (the full depth)")
         schedule = capacity_schedule(own)
         if len(schedule) != own.recursions:
             raise ConfigError(f"model.depth.mor.capacity={own.capacity!r} gives "
@@ -215,6 +237,8 @@ class MorStack(PlainStack):
     @staticmethod
     def check_plan(cfg: ModelConfig, plan: tuple) -> None:
         check_shared_plan(cfg, "mor", cfg.depth.mor, plan)
+        first, stop = shared_range(cfg.depth.mor)
+        refuse_carry(cfg, plan[first:stop])
 
     @staticmethod
     def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:

@@ -154,7 +154,7 @@ def test_galore_equals_a_per_slice_reference_across_a_refresh():
             n, m[i], v[i] = _adam_normalised(p.T @ s, m[i], v[i], t, own.b1, own.b2, own.eps)
             out.append(own.scale * p @ n)
         _check(u, out, atol=2e-5)
-    assert float(optax.tree.get(state, "refreshed")) == 1.0  # step 3 refreshed
+    assert float(optax.tree.get(state, "projection_age")) == 0.0  # step 3 refreshed
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])
@@ -202,19 +202,21 @@ def test_apollo_scales_the_raw_gradient_as_a_per_slice_reference(name):
 def test_state_shards_under_fsdp(small_config):
     """Muon's momentum shards like its parameter; APOLLO's projected moments (another
     shape) are replicated; neither fails at init under mesh.fsdp=4."""
-    for name, extra in (("muon", []), ("apollo", ["optimizer.apollo.rank=8"])):
+    for name, extra in (("muon", []), ("apollo", ["optimizer.apollo.rank=8"]),
+                        ("galore", ["optimizer.galore.rank=8"])):
         program = build_program(small_config(f"optimizer.name={name}", *extra,
                                              "mesh.data=2", "mesh.fsdp=4"))
         specs = [s.spec for s in jax.tree.leaves(program.state_shardings.opt_state)]
         split = [s for s in specs if any(a is not None for a in s)]
         assert split, name  # the AdamW group (and Muon's momenta) are split
-        if name == "apollo":
+        if name != "muon":  # the low-rank moments (another shape) are replicated
             assert len(split) < len(specs)
 
 
-def test_bitwise_resume_under_fsdp_and_the_logged_scalars(tmp_path):
-    """APOLLO under data=2 x fsdp=4: 2 steps, then a resume to 4, log what 4 at once
-    logs, its projection refreshes included."""
+@pytest.mark.parametrize("name", ["apollo", "galore"])
+def test_bitwise_resume_under_fsdp_and_the_logged_scalars(tmp_path, name):
+    """Under data=2 x fsdp=4: 2 steps, then a resume to 4, log what 4 at once logs, the
+    projections' age included (made at steps 1 and 4)."""
     import json
     import os
 
@@ -222,8 +224,8 @@ def test_bitwise_resume_under_fsdp_and_the_logged_scalars(tmp_path):
 
     def run(workdir, steps):
         train(load_config("tiny", [
-            *SMALL, "optimizer.name=apollo", "optimizer.apollo.rank=8",
-            "optimizer.apollo.refresh=3", "optimizer.schedule=constant",
+            *SMALL, f"optimizer.name={name}", f"optimizer.{name}.rank=8",
+            f"optimizer.{name}.refresh=3", "optimizer.schedule=constant",
             "optimizer.warmup_steps=0", "logging.every=1", "train.eval_every=0",
             "checkpoint.every=2", "mesh.data=2", "mesh.fsdp=4", f"train.steps={steps}",
             f"train.workdir={workdir}"]))
@@ -233,9 +235,10 @@ def test_bitwise_resume_under_fsdp_and_the_logged_scalars(tmp_path):
     straight = run(str(tmp_path / "a"), 4)
     run(str(tmp_path / "b"), 2)
     resumed = run(str(tmp_path / "b"), 4)
-    keys = ("loss", "grad_norm", "optimizer/refreshed", "optimizer/limited")
+    keys = ("loss", "grad_norm", "optimizer/projection_age",
+            *(["optimizer/limited"] if name == "apollo" else []))
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
-    assert [r["optimizer/refreshed"] for r in straight] == [1.0, 0.0, 0.0, 1.0]
+    assert [r["optimizer/projection_age"] for r in straight] == [0.0, 1.0, 2.0, 0.0]
 
 
 def test_bad_optimizer_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):

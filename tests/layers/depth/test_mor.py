@@ -181,10 +181,30 @@ def test_flops_count_the_tokens_each_step_runs():
     (["model.depth.mor.capacity=1,0.5,0"], "in (0, 1]"),
     (["model.depth.mor.capacity=1,0.5"], "gives 2 steps"),
     (["mesh.sequence=2"], "mesh.sequence > 1"),
+    (["model.depth.mor.recursions=100000"], "more than model.num_layers"),
+    (["model.mlp.kind=moe", "model.moe.router=recurrent"], "carry"),
 ])
 def test_bad_mor_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
     assert main(["train", "--config", "tiny_mor", *SMALL, "model.num_layers=5",
                  f"train.workdir={tmp_path}/w", *overrides]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_generate_refuses_routed_depth_over_recurrent_decoding_state():
+    from efflm.layers.plan import not_causal
+
+    assert not_causal(load_config("tiny_mor").model, decoding=True) == []
+    for preset in ("tiny_mor", "tiny_mod"):
+        reasons = not_causal(load_config(preset, ["model.attention.kind=gla"]).model,
+                             decoding=True)
+        assert len(reasons) == 1 and "model.attention.kind=gla takes" in reasons[0]
+
+
+def test_shared_blocks_with_model_state_are_refused(tmp_path, capsys):
+    assert main(["train", "--config", "tiny_mor", *SMALL, "model.num_layers=5",
+                 "model.quant.kind=fp8", f"train.workdir={tmp_path}/w"]) == 2
+    err = capsys.readouterr().err
+    assert "their model state" in err and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()
