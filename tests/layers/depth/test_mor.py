@@ -22,6 +22,10 @@ from efflm.models import Block
 MIDDLE = ("model.depth.kind=mor", "model.depth.mor.sharing=middle_cycle",
           "model.depth.mor.unique_layers=3", "model.depth.mor.recursions=3",
           "model.num_layers=5")
+# One shared block, three steps, no unique blocks: cheaper to compile.
+CYCLE = ("model.depth.kind=mor", "model.depth.mor.sharing=cycle",
+         "model.depth.mor.unique_layers=1", "model.depth.mor.recursions=3",
+         "model.num_layers=3")
 
 
 def _setup(cfg, x, seg=None):
@@ -39,25 +43,28 @@ def _scores(p, x, r):
 
 
 def _by_hand(cfg, plan, p, x, pos, seg, choose):
-    """first; then per step r the shared blocks on the full sequence with attention to
-    the chosen keys only, kept for the chosen tokens (`choose(r, logits, predicted,
-    active) -> chosen`); last."""
+    """first (middle_cycle); then per step r the shared block on the full sequence
+    with attention to the chosen keys only, kept for the chosen tokens (`choose(r,
+    logits, predicted, active) -> chosen`); last (middle_cycle)."""
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = jnp.ones_like(causal)[None] if seg is None else seg[:, :, None] == seg[:, None, :]
-    x, _ = Block(cfg.model, plan[0]).apply({"params": p["first"]}, x, {}, pos, seg,
-                                           attention_mask(seg, t))
+    unique = "first" in p
+    if unique:
+        x, _ = Block(cfg.model, plan[0]).apply({"params": p["first"]}, x, {}, pos, seg,
+                                               attention_mask(seg, t))
     active = jnp.ones(x.shape[:2], bool) if seg is None else seg > 0
     for r in range(3):
         logits, predicted = _scores(p, x, r)
         chosen = choose(r, logits, predicted, active)
         mask = (causal & same & chosen[:, None, :])[:, None]
-        (y, _), _ = LayerGroup(cfg.model, Block, plan[1:2]).apply(
+        (y, _), _ = LayerGroup(cfg.model, Block, plan[1:2] if unique else plan[:1]).apply(
             {"params": p["shared"]}, (x, {}), pos, seg, mask)
         x = jnp.where(chosen[..., None], x + jax.nn.sigmoid(logits)[..., None] * (y - x), x)
         active = chosen
-    x, _ = Block(cfg.model, plan[-1]).apply({"params": p["last"]}, x, {}, pos, seg,
-                                            attention_mask(seg, t))
+    if unique:
+        x, _ = Block(cfg.model, plan[-1]).apply({"params": p["last"]}, x, {}, pos, seg,
+                                                attention_mask(seg, t))
     return x
 
 
@@ -77,7 +84,7 @@ def test_gathered_steps_equal_the_masked_full_computation(small_config):
     """Values and gradients with packed documents and padding: step r keeps the top
     ceil(capacity * real tokens) of the tokens step r - 1 kept (padding never), and
     they attend to the kept tokens of their own document only."""
-    cfg = small_config(*MIDDLE, "model.depth.mor.capacity=1,0.5,0.25")
+    cfg = small_config(*CYCLE, "model.depth.mor.capacity=1,0.5,0.25")
     b, t, d = 2, 16, cfg.model.d_model
     x = jax.random.normal(jax.random.key(1), (b, t, d))
     seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], b, 0), jnp.int32)
@@ -127,7 +134,7 @@ def test_decoding_follows_the_causal_predictor(small_config):
     """Through the caches (a prefill, then one token at a time), step r runs the tokens
     the predictor keeps among those step r - 1 ran, attending to earlier such tokens:
     the masked full computation with the predictor's choices."""
-    cfg = small_config(*MIDDLE, "model.init_std=0.3")
+    cfg = small_config(*CYCLE, "model.init_std=0.3")
     b, t = 2, 12
     x = jax.random.normal(jax.random.key(1), (b, t, cfg.model.d_model))
     stack, plan, pos, params = _setup(cfg, x)
