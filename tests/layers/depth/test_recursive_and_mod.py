@@ -238,11 +238,11 @@ def _rows(workdir):
     ("tiny_mod", ("mod_predictor_accuracy", "mod_router_entropy",
                   "mod_capacity_use/layer_1"), ["model.num_layers=2"]),  # layer 1 routed
     ("tiny_recursive", (), ["model.num_layers=4"]),  # 2 shared blocks, twice
-    # One block, run by 1, 2/3 and 1/3 of the tokens.
+    # One block, run by all and half of the tokens.
     ("tiny_mor", ("mor_predictor_accuracy", "mor_router_entropy", "mor_depth_mean",
-                  "mor_depth_3", "mor_capacity_use_2"),
-     ["model.num_layers=3", "model.depth.mor.sharing=cycle",
-      "model.depth.mor.unique_layers=1"]),
+                  "mor_depth_2", "mor_capacity_use_1"),
+     ["model.num_layers=2", "model.depth.mor.sharing=cycle",
+      "model.depth.mor.unique_layers=1", "model.depth.mor.recursions=2"]),
 ])
 def test_presets_train_under_fsdp_resume_bitwise_and_generate(tmp_path, capsys, preset,
                                                               stats, shape):
