@@ -39,11 +39,14 @@ class LowRankState(NamedTuple):
 
 
 def oriented(matrix: Matrix, x):
-    """`x` as (batch, s, l), its smaller side first; and the inverse."""
+    """`x` as (batch, s, l), its smaller side first."""
     stack = matrix.to_stack(x)
-    if stack.shape[1] <= stack.shape[2]:
-        return stack, matrix.from_stack
-    return stack.swapaxes(1, 2), lambda y: matrix.from_stack(y.swapaxes(1, 2))
+    return stack if matrix.wide else stack.swapaxes(1, 2)
+
+
+def restored(matrix: Matrix, y):
+    """The inverse of `oriented`: (batch, s, l) back to the parameter's shape."""
+    return matrix.from_stack(y if matrix.wide else y.swapaxes(1, 2))
 
 
 def projected_shape(matrix: Matrix, rank: int) -> tuple[int, int, int]:
@@ -96,7 +99,7 @@ def scale_by_lowrank(roles: ParamRoles, method: str, rank: int, refresh: int, sc
         refresh_now = (state.count % refresh) == 0
         views = matrices(updates)
         is_view = lambda x: isinstance(x, Matrix)
-        grads = jax.tree.map(lambda m, g: oriented(m, g)[0], views, updates, is_leaf=is_view)
+        grads = jax.tree.map(oriented, views, updates, is_leaf=is_view)
         if method == "galore":
             projectors = jax.lax.cond(
                 refresh_now,
@@ -131,7 +134,7 @@ def scale_by_lowrank(roles: ParamRoles, method: str, rank: int, refresh: int, sc
             else:
                 last_norm, limited = state.last_norm, jnp.zeros((), jnp.float32)
             full = jax.tree.map(lambda u: scale * u, full)
-        out = jax.tree.map(lambda m, u, g: oriented(m, g)[1](u).astype(g.dtype), views, full,
+        out = jax.tree.map(lambda m, u, g: restored(m, u).astype(g.dtype), views, full,
                            updates, is_leaf=is_view)
         age = (state.count % refresh).astype(jnp.float32)
         return out, LowRankState(count, mu, nu, projectors if method == "galore" else (),

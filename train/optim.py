@@ -223,7 +223,7 @@ def scale_orthogonalized(roles: ParamRoles, consistent_rms: float):
 
         def one(path, u):
             matrix = roles.matrices[path]
-            x = oriented(matrix, u)[0].astype(jnp.float32)
+            x = oriented(matrix, u).astype(jnp.float32)
             s = x.shape[1]
             gram = jnp.einsum("bsl,btl->bst", x, x) - jnp.eye(s)
             errors.append(jnp.sqrt(jnp.sum(gram * gram, axis=(1, 2)) / s))

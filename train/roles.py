@@ -28,7 +28,6 @@ import jax
 import optax
 
 STACK_AXES = ("layers", "expert")
-ROLES = ("matrix", "vocab", "router", "vector")
 
 
 def path_keys(path) -> tuple[str, ...]:
@@ -82,6 +81,12 @@ class Matrix:
     def to_stack(self, x):
         return x.transpose(self.order).reshape(self.stacked)
 
+    @property
+    def wide(self) -> bool:
+        """Whether its smaller side is the rows (the low-rank optimizers' orientation)."""
+        _, rows, cols = self.stacked
+        return rows <= cols
+
     def from_stack(self, x):
         moved = tuple(self.shape[i] for i in self.order)
         inverse = tuple(self.order.index(i) for i in range(len(self.shape)))
@@ -124,9 +129,3 @@ class ParamRoles:
         return jax.tree_util.tree_map_with_path(
             lambda p, x: x if isinstance(x, optax.MaskedNode) else fn(path_keys(p)),
             tree, is_leaf=_is_leaf)
-
-    def labels(self, params):
-        return self.map(lambda p: self.roles[p], params)
-
-    def of_role(self, role: str) -> list[tuple[str, ...]]:
-        return [p for p, r in self.roles.items() if r == role]
