@@ -142,8 +142,8 @@ def check_workdir(cfg: Config) -> None:
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
-    """`check_workdir`, then (the writer) clear it under `train.fresh` and create it."""
-    check_workdir(cfg)
+    """After `check_workdir`: (the writer) clear the workdir under `train.fresh` and
+    create it."""
     workdir = cfg.train.workdir
     if writer and cfg.train.fresh and os.path.isdir(workdir):
         for name in (CHECKPOINT_DIR, "tensorboard"):
