@@ -29,17 +29,29 @@ only its own segment's tokens, and a chunk with a boundary passes on only its la
 segment's keys.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
+from efflm.pallas_kernels.common import mm
 from efflm.pallas_kernels.linear_attention import (
     check_inputs as check_linear_inputs,
 )
 from efflm.pallas_kernels.linear_attention import (
+    compiled_chunk_problem,
     from_chunks,
+    kernel_layout,
+    kernel_segments,
+    padded_head_dim,
     segment_chunks,
+    segment_index,
     segment_starts,
+    sub_chunk,
     to_chunks,
+    value_block,
 )
 
 
@@ -164,3 +176,336 @@ def gated_delta_rule_chunked(q, k, v, log_alpha, beta, *, chunk: int = 64,
 
     state, out = jax.lax.scan(step, state, (u0, w, scores, q_carried, k_tail, kept))
     return from_chunks(out, length).astype(v.dtype), state
+
+
+# ----------------------------------------------------------------------------
+# Pallas: one Triton-style program per (batch, head, slice of value columns) walks the
+# chunks with the state in float32 registers. Inside a chunk the rows go in blocks of
+# `sub_chunk(chunk)` (16): each block's U solves against the blocks before it (matmuls)
+# and its own unit lower triangle, whose inverse comes from a forward substitution on
+# the block (row by row, masked: Triton tiles cannot be indexed). The forward saves the
+# state entering every chunk; the backward walks the chunks in reverse from those,
+# recomputing each chunk's U and carrying the state's cotangent.
+#
+# Per chunk, with the module docstring's notation (c: the incoming state's decay per
+# token, tau: each key's decay to the chunk's end, kappa: the state's), the gradients
+# of U = (I + A)^-1 R, R = diag(beta) (V - diag(c) K S), are
+#     dU = (Gamma o Q K^T)^T dO + diag(tau) K dS',  dR = (I + A)^-T dU,
+#     dA = -dR U^T (strict lower),                   dS = kappa dS' + Q^T diag(c) dO
+#                                                         - K^T diag(beta c) dR,
+# and every decay exp(g_i - g_j) passes d g_i += e, d g_j -= e with e its own term
+# times its cotangent; the wrapper turns d g (g cumulative) into d log_alpha.
+
+_DELTA_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for a strictly lower triangular (n, n) tile: row i of the inverse is
+    e_i - a_i X, X the rows above it (those below are still zero)."""
+    n = a.shape[0]
+    rows = jnp.arange(n)[:, None]
+    eye = jnp.where(rows == jnp.arange(n)[None, :], 1.0, 0.0)
+
+    def row(i, x):
+        a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
+        x_i = jnp.sum(a_i[:, None] * x, axis=0)
+        return jnp.where(rows == i, eye - x_i[None, :], x)
+
+    return jax.lax.fori_loop(0, n, row, jnp.zeros_like(a))
+
+
+def _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, start, chunk, block):
+    """A chunk's blocks of rows, loaded, with the decays that do not pair blocks, and per
+    pair of blocks (r, m), m <= r: the decay masks, the strict lower A and the scores."""
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
+    last = start + chunk - 1
+    seg_last, g_last = seg_ref[last], g_ref[last]
+    kappa = jnp.where(seg_last == before, jnp.exp(g_last), 0.0)
+    tiles = []
+    for r in range(chunk // block):
+        rows = pl.ds(start + r * block, block)
+        g, seg = g_ref[rows], seg_ref[rows]
+        tiles.append(dict(
+            q=f32(q_ref[rows, :]), k=f32(k_ref[rows, :]), v=f32(v_ref[rows, :]), g=g,
+            seg=seg, beta=beta_ref[rows], rows=rows,
+            carried=jnp.where(seg == before, jnp.exp(g), 0.0),
+            tail=jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0)))
+    within = jnp.arange(block)
+    pairs = {}
+    for r, t in enumerate(tiles):
+        for m in range(r + 1):
+            s = tiles[m]
+            keep = t["seg"][:, None] == s["seg"][None, :]
+            strict = keep
+            if m == r:
+                keep = keep & (within[:, None] >= within[None, :])
+                strict = keep & (within[:, None] > within[None, :])
+            decay = jnp.exp(jnp.where(keep, t["g"][:, None] - s["g"][None, :], -jnp.inf))
+            gram = jnp.where(strict, decay * mm(t["k"], s["k"], trans_b=True), 0.0)
+            scores = jnp.where(keep, decay * mm(t["q"], s["k"], trans_b=True), 0.0)
+            pairs[r, m] = dict(keep=keep, strict=strict, decay=decay, gram=gram,
+                               a=t["beta"][:, None] * gram, scores=scores)
+    return tiles, pairs, kappa
+
+
+def _chunk_values(tiles, pairs, state):
+    """U block by block (module docstring), with each diagonal block's inverse."""
+    us, inverses = [], []
+    for r, t in enumerate(tiles):
+        t["kS"] = mm(t["k"], state)
+        rhs = t["beta"][:, None] * (t["v"] - t["carried"][:, None] * t["kS"])
+        for m in range(r):
+            rhs = rhs - mm(pairs[r, m]["a"], us[m])
+        inverses.append(_unit_lower_inverse(pairs[r, r]["a"]))
+        us.append(mm(inverses[r], rhs))
+    return us, inverses
+
+
+def _delta_forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, s0_ref, *refs,
+                          chunk: int, block: int, num_chunks: int, save_states: bool):
+    out_ref, state_ref = refs[:2]
+    states_ref = refs[2] if save_states else None
+
+    def body(c, state):
+        start = c * chunk
+        if save_states:
+            states_ref[c] = state
+        tiles, pairs, kappa = _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
+                                           start, chunk, block)
+        us, _ = _chunk_values(tiles, pairs, state)
+        for r, t in enumerate(tiles):
+            out = t["carried"][:, None] * mm(t["q"], state)
+            for m in range(r + 1):
+                out = out + mm(pairs[r, m]["scores"], us[m])
+            out_ref[t["rows"], :] = out.astype(out_ref.dtype)
+        new_state = kappa * state
+        for t, u in zip(tiles, us):
+            new_state = new_state + mm(t["tail"][:, None] * t["k"], u, trans_a=True)
+        return new_state
+
+    state_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def _delta_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, states_ref,
+                           d_out_ref, d_final_ref, dq_ref, dk_ref, dv_ref, d_beta_ref,
+                           dg_ref, d_initial_ref, *, chunk: int, block: int,
+                           num_chunks: int):
+    """The chunks in reverse, carrying the cotangent of the state each chunk passes on.
+    dq, dk, d beta and d g are this program's share (its value columns): the wrapper
+    sums the programs'."""
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    rowsum = lambda a: jnp.sum(a, axis=1)  # noqa: E731
+    last_row = jnp.arange(block) == block - 1
+
+    def body(i, d_state):
+        c = num_chunks - 1 - i
+        state = states_ref[c]
+        tiles, pairs, kappa = _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
+                                           c * chunk, chunk, block)
+        us, inverses = _chunk_values(tiles, pairs, state)
+        n = len(tiles)
+        d_outs = [f32(d_out_ref[t["rows"], :]) for t in tiles]
+        k_d_state = [mm(t["k"], d_state) for t in tiles]
+        d_rhs = [None] * n
+        for m in reversed(range(n)):  # (I + A)^T dR = dU, last block first
+            d_u = tiles[m]["tail"][:, None] * k_d_state[m]
+            for r in range(m, n):
+                d_u = d_u + mm(pairs[r, m]["scores"], d_outs[r], trans_a=True)
+            for r in range(m + 1, n):
+                d_u = d_u - mm(pairs[r, m]["a"], d_rhs[r], trans_a=True)
+            d_rhs[m] = mm(inverses[m], d_u, trans_a=True)
+        dq, dk, d_beta, dg = [], [], [], []
+        d_end = kappa * jnp.sum(d_state * state)
+        d_initial = kappa * d_state
+        for t, d_o, d_r, u, kds in zip(tiles, d_outs, d_rhs, us, k_d_state):
+            beta_carried = (t["beta"] * t["carried"])[:, None]
+            dq.append(t["carried"][:, None] * mm(d_o, state, trans_b=True))
+            dk.append(t["tail"][:, None] * mm(u, d_state, trans_b=True)
+                      - beta_carried * mm(d_r, state, trans_b=True))
+            d_beta.append(rowsum(d_r * (t["v"] - t["carried"][:, None] * t["kS"])))
+            d_tail = t["tail"] * rowsum(kds * u)
+            d_end = d_end + jnp.sum(d_tail)
+            dg.append(t["carried"] * (rowsum(d_o * mm(t["q"], state))
+                                      - t["beta"] * rowsum(d_r * t["kS"])) - d_tail)
+            d_initial = (d_initial + mm(t["q"], t["carried"][:, None] * d_o, trans_a=True)
+                         - mm(t["k"], beta_carried * d_r, trans_a=True))
+        for (r, m), p in pairs.items():
+            t, s = tiles[r], tiles[m]
+            d_scores = jnp.where(p["keep"], mm(d_outs[r], us[m], trans_b=True), 0.0)
+            d_a = jnp.where(p["strict"], -mm(d_rhs[r], us[m], trans_b=True), 0.0)
+            d_beta[r] = d_beta[r] + rowsum(d_a * p["gram"])
+            d_gram = d_a * t["beta"][:, None] * p["decay"]
+            d_qk = d_scores * p["decay"]
+            dq[r] = dq[r] + mm(d_qk, s["k"])
+            dk[r] = dk[r] + mm(d_gram, s["k"])
+            dk[m] = dk[m] + mm(d_qk, t["q"], trans_a=True) + mm(d_gram, t["k"], trans_a=True)
+            e = d_scores * p["scores"] + d_a * p["a"]  # each decay's own term x cotangent
+            dg[r] = dg[r] + rowsum(e)
+            dg[m] = dg[m] - jnp.sum(e, axis=0)
+        dg[-1] = dg[-1] + jnp.where(last_row, d_end, 0.0)  # the chunk's end decay
+        for t, *grads in zip(tiles, dq, dk, d_rhs, d_beta, dg):
+            dq_r, dk_r, d_r, d_beta_r, dg_r = grads
+            rows = t["rows"]
+            dq_ref[rows, :] = dq_r
+            dk_ref[rows, :] = dk_r
+            dv_ref[rows, :] = (t["beta"][:, None] * d_r).astype(dv_ref.dtype)
+            d_beta_ref[rows] = d_beta_r
+            dg_ref[rows] = dg_r
+        return d_initial
+
+    d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, body,
+                                           d_final_ref[...].astype(jnp.float32))
+
+
+def _specs(padded, dk, block_dv, num_chunks):
+    """BlockSpecs over the grid (batch, heads, value-column slices)."""
+    head = lambda *tail: pl.BlockSpec((None, None, *tail),  # noqa: E731
+                                      lambda i, j, n: (i, j) + (0,) * len(tail))
+    sliced = lambda *tail: pl.BlockSpec((None, None, *tail),  # noqa: E731
+                                        lambda i, j, n: (i, j) + (0,) * (len(tail) - 1) + (n,))
+    share = lambda *tail: pl.BlockSpec((None, None, None, *tail),  # noqa: E731
+                                       lambda i, j, n: (i, j, n) + (0,) * len(tail))
+    return dict(
+        whole=head(padded, dk), sliced=sliced(padded, block_dv), per_token=head(padded),
+        seg=pl.BlockSpec((None, padded), lambda i, j, n: (i, 0)),
+        state=sliced(dk, block_dv), states=sliced(num_chunks, dk, block_dv),
+        share=share(padded, dk), share_per_token=share(padded))
+
+
+def _forward_call(qh, kh, vh, g, bh, seg, initial_state, chunk, block_dv, interpret,
+                  save_states):
+    """The forward kernel on heads-first arrays padded to whole chunks -> (out, final
+    state[, the state entering each chunk])."""
+    batch, heads, padded, dk = qh.shape
+    dv = vh.shape[-1]
+    num_chunks = padded // chunk
+    specs = _specs(padded, dk, block_dv, num_chunks)
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, padded, dv), vh.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)]
+    out_specs = [specs["sliced"], specs["state"]]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), jnp.float32))
+        out_specs.append(specs["states"])
+    return pl.pallas_call(
+        functools.partial(_delta_forward_kernel, chunk=chunk, block=sub_chunk(chunk),
+                          num_chunks=num_chunks, save_states=save_states),
+        grid=(batch, heads, dv // block_dv),
+        in_specs=[specs["whole"], specs["whole"], specs["sliced"], specs["per_token"],
+                  specs["per_token"], specs["seg"], specs["state"]],
+        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+        compiler_params=_DELTA_TRITON, name="gated_delta_rule_fwd",
+    )(qh, kh, vh, g, bh, seg, initial_state)
+
+
+def _backward_call(qh, kh, vh, g, bh, seg, states, d_out, d_final, chunk, block_dv,
+                   interpret):
+    batch, heads, padded, dk = qh.shape
+    dv = vh.shape[-1]
+    num_chunks = padded // chunk
+    slices = dv // block_dv
+    specs = _specs(padded, dk, block_dv, num_chunks)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_delta_backward_kernel, chunk=chunk, block=sub_chunk(chunk),
+                          num_chunks=num_chunks),
+        grid=(batch, heads, slices),
+        in_specs=[specs["whole"], specs["whole"], specs["sliced"], specs["per_token"],
+                  specs["per_token"], specs["seg"], specs["states"], specs["sliced"],
+                  specs["state"]],
+        out_specs=[specs["share"], specs["share"], specs["sliced"], specs["share_per_token"],
+                   specs["share_per_token"], specs["state"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, slices, padded, dk), f32),
+                   jax.ShapeDtypeStruct((batch, heads, slices, padded, dk), f32),
+                   jax.ShapeDtypeStruct((batch, heads, padded, dv), f32),
+                   jax.ShapeDtypeStruct((batch, heads, slices, padded), f32),
+                   jax.ShapeDtypeStruct((batch, heads, slices, padded), f32),
+                   jax.ShapeDtypeStruct((batch, heads, dk, dv), f32)],
+        interpret=interpret, compiler_params=_DELTA_TRITON, name="gated_delta_rule_bwd",
+    )(qh, kh, vh, g, bh, seg, states, d_out, d_final)
+
+
+def _layout(q, k, v, log_alpha, beta, seg, chunk):
+    """Heads first, zero-padded to whole chunks (padded tokens: beta 0, no decay), the
+    log decay cumulative inside each chunk, segment indices edge-padded."""
+    qh, kh, vh, g = kernel_layout(q, k, v, log_alpha, chunk)
+    bh = jnp.moveaxis(jnp.pad(beta, [(0, 0), (0, qh.shape[2] - q.shape[1]), (0, 0)]), 2, 1)
+    return qh, kh, vh, g, bh, kernel_segments(seg, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _delta_rule_pallas(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv,
+                       interpret):
+    return _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg, chunk,
+                               block_dv, interpret, save_states=False)[:2]
+
+
+def _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv,
+                        interpret, save_states):
+    layout = _layout(q, k, v, log_alpha, beta, seg, chunk)
+    out, *states = _forward_call(*layout, initial_state, chunk, block_dv, interpret,
+                                 save_states)
+    return (jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], *states)
+
+
+def _delta_rule_fwd(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv, interpret):
+    out, final, states = _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg,
+                                             chunk, block_dv, interpret, save_states=True)
+    return (out, final), (q, k, v, log_alpha, beta, seg, states)
+
+
+def _delta_rule_bwd(chunk, block_dv, interpret, residuals, cotangents):
+    q, k, v, log_alpha, beta, seg, states = residuals
+    d_out, d_final = cotangents
+    layout = _layout(q, k, v, log_alpha, beta, seg, chunk)
+    length, padded = q.shape[1], layout[0].shape[2]
+    d_out = jnp.moveaxis(jnp.pad(d_out.astype(jnp.float32),
+                                 [(0, 0), (0, padded - length), (0, 0), (0, 0)]), 2, 1)
+    dq, dk, dv, d_beta, dg, d_initial = _backward_call(
+        *layout, states, d_out, d_final.astype(jnp.float32), chunk, block_dv, interpret)
+    # Back to (batch, length, heads, ...), summing the value-column programs' shares.
+    # g is cumulative inside each chunk: d log_alpha sums d g from each token to its
+    # chunk's end (padding included: the chunk's end decay lands on its last row).
+    dg = dg.sum(axis=2).reshape(*dg.shape[:2], padded // chunk, chunk)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), axis=-1), -1).reshape(*dg.shape[:2], padded)
+    tokens_first = lambda a: jnp.moveaxis(a, 2, 1)[:, :length]  # noqa: E731
+    dq, dk, d_beta = (tokens_first(a.sum(axis=2)) for a in (dq, dk, d_beta))
+    d_log_alpha = tokens_first(dg)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), tokens_first(dv).astype(v.dtype),
+            d_log_alpha.astype(log_alpha.dtype), d_beta.astype(beta.dtype), d_initial, None)
+
+
+_delta_rule_pallas.defvjp(_delta_rule_fwd, _delta_rule_bwd)
+
+
+def gated_delta_rule_pallas(q, k, v, log_alpha, beta, *, chunk: int = 64,
+                            initial_state=None, segment_ids=None,
+                            interpret: bool | None = None, block_dv: int | None = None):
+    """The chunked form as Pallas kernels, forward and backward (above): the same
+    arguments and results as `gated_delta_rule_recurrent`, any length (padded to whole
+    chunks). Head dims are zero-padded to `padded_head_dim` (exact: padded key dimensions
+    are zero in q and k, padded value columns zero in v and the state). Interpreted
+    unless on a GPU (or as `interpret` says); compiled, the chunk must be a power of two
+    (a ValueError otherwise). block_dv: value columns per program (None: `value_block`),
+    a divisor of the padded dv."""
+    check_inputs(q, k, v, log_alpha, beta, initial_state)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    reason = compiled_chunk_problem(chunk) if chunk >= 1 else f"chunk={chunk}: not positive"
+    if reason is not None and (chunk < 1 or not interpret):
+        raise ValueError(f"{reason}; use one, or the XLA form")
+    state = _initial(q, v, initial_state)
+    dk, dv = q.shape[-1], v.shape[-1]
+    dk_pad, dv_pad = padded_head_dim(dk) - dk, padded_head_dim(dv) - dv
+    last = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n)])  # noqa: E731
+    q, k, v = last(q, dk_pad), last(k, dk_pad), last(v, dv_pad)
+    state = jnp.pad(state, [(0, 0), (0, 0), (0, dk_pad), (0, dv_pad)])
+    block_dv = value_block(q.shape[-1], v.shape[-1]) if block_dv is None else block_dv
+    if v.shape[-1] % block_dv:
+        raise ValueError(f"block_dv={block_dv} does not divide the padded dv={v.shape[-1]}")
+    seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
+           else segment_index(segment_ids))
+    out, state = _delta_rule_pallas(q, k, v, log_alpha.astype(jnp.float32),
+                                    beta.astype(jnp.float32), state, seg, chunk, block_dv,
+                                    interpret)
+    return out[..., :dv], state[:, :, :dk, :dv]

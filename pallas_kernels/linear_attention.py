@@ -308,7 +308,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: i
     state_ref[...] = state
 
 
-def _kernel_layout(q, k, v, log_decay, chunk):
+def kernel_layout(q, k, v, log_decay, chunk):
     """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads[, G])
     f32 -> heads first, zero-padded to whole chunks, log decay cumulative in each chunk."""
     batch, length, heads, _ = q.shape
@@ -341,11 +341,11 @@ def value_block(dk: int, dv: int) -> int:
 
 def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
                   seg=None, block_dv=None):
-    """The kernel on `_kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
+    """The kernel on `kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
 
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
     tests: filled with NaN, they show every element is written). seg: segment indices
-    (batch, padded) int32 (`_kernel_segments`; None: one segment). block_dv: value columns
+    (batch, padded) int32 (`kernel_segments`; None: one segment). block_dv: value columns
     per program (None: `value_block`).
     """
     padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
@@ -388,7 +388,7 @@ def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, inter
     )(*args)
 
 
-def _kernel_segments(seg, chunk):
+def kernel_segments(seg, chunk):
     """Segment indices (batch, length) int32 -> edge-padded to whole chunks."""
     pad = -seg.shape[1] % chunk
     return jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
@@ -399,8 +399,8 @@ def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on
     or, per dimension, (..., dk) gating state rows (`on_keys`) or (..., dv) gating its
     columns; initial_state (batch, heads, dk, dv) f32; seg (batch, length) int32 segment
     indices -> (out, final_state)."""
-    qh, kh, vh, b = _kernel_layout(q, k, v, log_decay, chunk)
-    seg = _kernel_segments(seg, chunk)
+    qh, kh, vh, b = kernel_layout(q, k, v, log_decay, chunk)
+    seg = kernel_segments(seg, chunk)
     if log_decay.ndim == 4:
         out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
                                          on_keys, seg=seg)
@@ -483,7 +483,7 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, ch
 
 def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
                         initial_outputs=None, block_dv=64, seg=None):
-    """`_gated_forward_kernel` on `_kernel_layout`'s arrays (b: (batch, heads, padded, G)).
+    """`_gated_forward_kernel` on `kernel_layout`'s arrays (b: (batch, heads, padded, G)).
 
     The value dimension is split over programs, block_dv columns of the state each
     (gates on rows apply to every slice; gates on columns are sliced with them).

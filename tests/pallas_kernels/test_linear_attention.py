@@ -117,7 +117,7 @@ def test_pallas_kernel_writes_every_output_element(gates):
             0.5, 1.5, width)
         call = functools.partial(la_module._gated_forward_call, chunk=chunk, interpret=True,
                                  on_keys=gates == "keys")
-    layout = la_module._kernel_layout(q, k, v, log_decay, chunk)
+    layout = la_module.kernel_layout(q, k, v, log_decay, chunk)
     assert layout[0].shape[2] > LENGTH  # padding is exercised
     run = fast_jit(call)
     want = run(*layout, state)
@@ -273,7 +273,7 @@ def test_gated_kernel_splits_the_value_dimension(on_keys):
     v = jax.random.normal(keys[2], (1, 40, 2, 16))
     gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 40, 2, 4 if on_keys else 16)))
     state = jax.random.normal(keys[4], (1, 2, 4, 16))
-    layout = la_module._kernel_layout(q, k, v, gates, 32)
+    layout = la_module.kernel_layout(q, k, v, gates, 32)
     run = functools.partial(la_module._gated_forward_call, chunk=32, interpret=True,
                             on_keys=on_keys)
     split = fast_jit(functools.partial(run, block_dv=8))(*layout, state)
@@ -370,7 +370,7 @@ def test_large_states_split_the_value_columns():
     v = jax.random.normal(keys[2], (1, 32, 1, 32))
     gates = -jax.nn.softplus(jax.random.normal(keys[3], (1, 32, 1)))
     state = jax.random.normal(keys[4], (1, 1, 16, 32))
-    layout = la_module._kernel_layout(q, k, v, gates, 16)
+    layout = la_module.kernel_layout(q, k, v, gates, 16)
     run = functools.partial(la_module._forward_call, chunk=16, interpret=True)
     split = fast_jit(functools.partial(run, block_dv=16))(*layout, state)
     whole = fast_jit(run)(*layout, state)
