@@ -51,7 +51,6 @@ from efflm.pallas_kernels.linear_attention import (
     segment_starts,
     sub_chunk,
     to_chunks,
-    value_block,
 )
 
 
@@ -199,6 +198,14 @@ def gated_delta_rule_chunked(q, k, v, log_alpha, beta, *, chunk: int = 64,
 _DELTA_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
+def delta_value_block(dv: int) -> int:
+    """Value columns per program: 32 (or all dv, if fewer). The chunk's U, dR and the
+    state slice shrink with it, and the spills with them (`efflm bench compile`, sm_90a,
+    head dim 64, chunk 64: the forward spills 16 bytes at 64 columns and 4 at 32; the
+    backward 4.8 KB and 2.3 KB)."""
+    return 32 if dv > 32 and dv % 32 == 0 else dv
+
+
 def _unit_lower_inverse(a):
     """(I + a)^-1 for a strictly lower triangular (n, n) tile: row i of the inverse is
     e_i - a_i X, X the rows above it (those below are still zero)."""
@@ -214,51 +221,70 @@ def _unit_lower_inverse(a):
     return jax.lax.fori_loop(0, n, row, jnp.zeros_like(a))
 
 
-def _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, start, chunk, block):
-    """A chunk's blocks of rows, loaded, with the decays that do not pair blocks, and per
-    pair of blocks (r, m), m <= r: the decay masks, the strict lower A and the scores."""
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
-    last = start + chunk - 1
-    seg_last, g_last = seg_ref[last], g_ref[last]
-    kappa = jnp.where(seg_last == before, jnp.exp(g_last), 0.0)
-    tiles = []
-    for r in range(chunk // block):
-        rows = pl.ds(start + r * block, block)
-        g, seg = g_ref[rows], seg_ref[rows]
-        tiles.append(dict(
-            q=f32(q_ref[rows, :]), k=f32(k_ref[rows, :]), v=f32(v_ref[rows, :]), g=g,
-            seg=seg, beta=beta_ref[rows], rows=rows,
-            carried=jnp.where(seg == before, jnp.exp(g), 0.0),
-            tail=jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0)))
-    within = jnp.arange(block)
-    pairs = {}
-    for r, t in enumerate(tiles):
-        for m in range(r + 1):
-            s = tiles[m]
-            keep = t["seg"][:, None] == s["seg"][None, :]
-            strict = keep
-            if m == r:
-                keep = keep & (within[:, None] >= within[None, :])
-                strict = keep & (within[:, None] > within[None, :])
-            decay = jnp.exp(jnp.where(keep, t["g"][:, None] - s["g"][None, :], -jnp.inf))
-            gram = jnp.where(strict, decay * mm(t["k"], s["k"], trans_b=True), 0.0)
-            scores = jnp.where(keep, decay * mm(t["q"], s["k"], trans_b=True), 0.0)
-            pairs[r, m] = dict(keep=keep, strict=strict, decay=decay, gram=gram,
-                               a=t["beta"][:, None] * gram, scores=scores)
-    return tiles, pairs, kappa
+class _Chunk:
+    """One chunk's blocks of rows: q, k and v tiles loaded where used (so that few are
+    live at once), and the per-token decays that do not pair blocks: `carried` (the
+    incoming state's), `tail` (each key's to the chunk's end) and kappa (the state's
+    through the chunk)."""
+
+    def __init__(self, q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, start, chunk, block):
+        self.refs = dict(q=q_ref, k=k_ref, v=v_ref)
+        before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
+        last = start + chunk - 1
+        seg_last, g_last = seg_ref[last], g_ref[last]
+        self.kappa = jnp.where(seg_last == before, jnp.exp(g_last), 0.0)
+        self.blocks = []
+        for r in range(chunk // block):
+            rows = pl.ds(start + r * block, block)
+            g, seg = g_ref[rows], seg_ref[rows]
+            self.blocks.append(dict(
+                g=g, seg=seg, beta=beta_ref[rows], rows=rows,
+                carried=jnp.where(seg == before, jnp.exp(g), 0.0),
+                tail=jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0)))
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, r):
+        return self.blocks[r]
+
+    def load(self, name, r):
+        return self.refs[name][self.blocks[r]["rows"], :].astype(jnp.float32)
+
+    def pair(self, r, m):
+        """Block r's rows against block m's (m <= r): the decay exp(g_i - g_j) where
+        token j reaches token i (same segment, j <= i), the strict lower Gram matrix
+        k_i . k_j with the decay, A (beta_i times it) and the scores q_i . k_j with the
+        decay."""
+        t, s = self.blocks[r], self.blocks[m]
+        keep = t["seg"][:, None] == s["seg"][None, :]
+        strict = keep
+        if m == r:
+            within = jnp.arange(t["g"].shape[0])
+            keep = keep & (within[:, None] >= within[None, :])
+            strict = keep & (within[:, None] > within[None, :])
+        decay = jnp.exp(jnp.where(keep, t["g"][:, None] - s["g"][None, :], -jnp.inf))
+        k_m = self.load("k", m)
+        gram = jnp.where(strict, decay * mm(self.load("k", r), k_m, trans_b=True), 0.0)
+        scores = jnp.where(keep, decay * mm(self.load("q", r), k_m, trans_b=True), 0.0)
+        return dict(strict=strict, decay=decay, gram=gram, a=t["beta"][:, None] * gram,
+                    scores=scores, keep=keep)
 
 
-def _chunk_values(tiles, pairs, state):
-    """U block by block (module docstring), with each diagonal block's inverse."""
+def _chunk_values(chunk, state, visit=None):
+    """U block by block (module docstring), with each diagonal block's inverse;
+    `visit(r, pairs, us)` runs once block r's U is known (pairs: (r, m), m <= r)."""
     us, inverses = [], []
-    for r, t in enumerate(tiles):
-        t["kS"] = mm(t["k"], state)
-        rhs = t["beta"][:, None] * (t["v"] - t["carried"][:, None] * t["kS"])
+    for r, t in enumerate(chunk.blocks):
+        pairs = [chunk.pair(r, m) for m in range(r + 1)]
+        rhs = t["beta"][:, None] * (chunk.load("v", r)
+                                    - t["carried"][:, None] * mm(chunk.load("k", r), state))
         for m in range(r):
-            rhs = rhs - mm(pairs[r, m]["a"], us[m])
-        inverses.append(_unit_lower_inverse(pairs[r, r]["a"]))
+            rhs = rhs - mm(pairs[m]["a"], us[m])
+        inverses.append(_unit_lower_inverse(pairs[r]["a"]))
         us.append(mm(inverses[r], rhs))
+        if visit is not None:
+            visit(r, pairs, us)
     return us, inverses
 
 
@@ -268,23 +294,29 @@ def _delta_forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, s0_ref,
     states_ref = refs[2] if save_states else None
 
     def body(c, state):
-        start = c * chunk
         if save_states:
             states_ref[c] = state
-        tiles, pairs, kappa = _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
-                                           start, chunk, block)
-        us, _ = _chunk_values(tiles, pairs, state)
-        for r, t in enumerate(tiles):
-            out = t["carried"][:, None] * mm(t["q"], state)
+        blocks = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, c * chunk, chunk,
+                        block)
+
+        def write_out(r, pairs, us):
+            t = blocks[r]
+            out = t["carried"][:, None] * mm(blocks.load("q", r), state)
             for m in range(r + 1):
-                out = out + mm(pairs[r, m]["scores"], us[m])
+                out = out + mm(pairs[m]["scores"], us[m])
             out_ref[t["rows"], :] = out.astype(out_ref.dtype)
-        new_state = kappa * state
-        for t, u in zip(tiles, us):
-            new_state = new_state + mm(t["tail"][:, None] * t["k"], u, trans_a=True)
+
+        us, _ = _chunk_values(blocks, state, write_out)
+        new_state = blocks.kappa * state
+        for t, r in zip(blocks.blocks, range(len(blocks))):
+            new_state = new_state + mm(t["tail"][:, None] * blocks.load("k", r), us[r],
+                                       trans_a=True)
         return new_state
 
-    state_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+    state_ref[...] = state
+    if save_states:
+        states_ref[num_chunks] = state
 
 
 def _delta_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, states_ref,
@@ -293,65 +325,74 @@ def _delta_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, states
                            num_chunks: int):
     """The chunks in reverse, carrying the cotangent of the state each chunk passes on.
     dq, dk, d beta and d g are this program's share (its value columns): the wrapper
-    sums the programs'."""
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    sums the programs'. In a chunk, dq comes with U (block by block); then the blocks go
+    last to first: block m's dR needs the later blocks', after which every gradient of
+    block m's rows is complete (the pairs (r >= m, m) and (m, m' <= m))."""
     rowsum = lambda a: jnp.sum(a, axis=1)  # noqa: E731
-    last_row = jnp.arange(block) == block - 1
 
     def body(i, d_state):
         c = num_chunks - 1 - i
         state = states_ref[c]
-        tiles, pairs, kappa = _chunk_tiles(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref,
-                                           c * chunk, chunk, block)
-        us, inverses = _chunk_values(tiles, pairs, state)
-        n = len(tiles)
-        d_outs = [f32(d_out_ref[t["rows"], :]) for t in tiles]
-        k_d_state = [mm(t["k"], d_state) for t in tiles]
+        blocks = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, c * chunk, chunk,
+                        block)
+        d_out = lambda r: d_out_ref[blocks[r]["rows"], :].astype(jnp.float32)  # noqa: E731
+
+        def write_dq(r, pairs, us):
+            d_o = d_out(r)
+            dq = blocks[r]["carried"][:, None] * mm(d_o, state, trans_b=True)
+            for m in range(r + 1):
+                d_qk = jnp.where(pairs[m]["keep"], mm(d_o, us[m], trans_b=True), 0.0)
+                dq = dq + mm(d_qk * pairs[m]["decay"], blocks.load("k", m))
+            dq_ref[blocks[r]["rows"], :] = dq
+
+        us, inverses = _chunk_values(blocks, state, write_dq)
+        n = len(blocks)
+        # d g at the chunk's last row, through kappa and every tail: <dS', S'>.
+        d_end = jnp.sum(d_state * states_ref[c + 1])
+        d_initial = blocks.kappa * d_state
         d_rhs = [None] * n
         for m in reversed(range(n)):  # (I + A)^T dR = dU, last block first
-            d_u = tiles[m]["tail"][:, None] * k_d_state[m]
-            for r in range(m, n):
-                d_u = d_u + mm(pairs[r, m]["scores"], d_outs[r], trans_a=True)
-            for r in range(m + 1, n):
-                d_u = d_u - mm(pairs[r, m]["a"], d_rhs[r], trans_a=True)
-            d_rhs[m] = mm(inverses[m], d_u, trans_a=True)
-        dq, dk, d_beta, dg = [], [], [], []
-        d_end = kappa * jnp.sum(d_state * state)
-        d_initial = kappa * d_state
-        for t, d_o, d_r, u, kds in zip(tiles, d_outs, d_rhs, us, k_d_state):
-            beta_carried = (t["beta"] * t["carried"])[:, None]
-            dq.append(t["carried"][:, None] * mm(d_o, state, trans_b=True))
-            dk.append(t["tail"][:, None] * mm(u, d_state, trans_b=True)
-                      - beta_carried * mm(d_r, state, trans_b=True))
-            d_beta.append(rowsum(d_r * (t["v"] - t["carried"][:, None] * t["kS"])))
-            d_tail = t["tail"] * rowsum(kds * u)
-            d_end = d_end + jnp.sum(d_tail)
-            dg.append(t["carried"] * (rowsum(d_o * mm(t["q"], state))
-                                      - t["beta"] * rowsum(d_r * t["kS"])) - d_tail)
-            d_initial = (d_initial + mm(t["q"], t["carried"][:, None] * d_o, trans_a=True)
-                         - mm(t["k"], beta_carried * d_r, trans_a=True))
-        for (r, m), p in pairs.items():
-            t, s = tiles[r], tiles[m]
-            d_scores = jnp.where(p["keep"], mm(d_outs[r], us[m], trans_b=True), 0.0)
-            d_a = jnp.where(p["strict"], -mm(d_rhs[r], us[m], trans_b=True), 0.0)
-            d_beta[r] = d_beta[r] + rowsum(d_a * p["gram"])
-            d_gram = d_a * t["beta"][:, None] * p["decay"]
-            d_qk = d_scores * p["decay"]
-            dq[r] = dq[r] + mm(d_qk, s["k"])
-            dk[r] = dk[r] + mm(d_gram, s["k"])
-            dk[m] = dk[m] + mm(d_qk, t["q"], trans_a=True) + mm(d_gram, t["k"], trans_a=True)
-            e = d_scores * p["scores"] + d_a * p["a"]  # each decay's own term x cotangent
-            dg[r] = dg[r] + rowsum(e)
-            dg[m] = dg[m] - jnp.sum(e, axis=0)
-        dg[-1] = dg[-1] + jnp.where(last_row, d_end, 0.0)  # the chunk's end decay
-        for t, *grads in zip(tiles, dq, dk, d_rhs, d_beta, dg):
-            dq_r, dk_r, d_r, d_beta_r, dg_r = grads
-            rows = t["rows"]
-            dq_ref[rows, :] = dq_r
-            dk_ref[rows, :] = dk_r
-            dv_ref[rows, :] = (t["beta"][:, None] * d_r).astype(dv_ref.dtype)
-            d_beta_ref[rows] = d_beta_r
-            dg_ref[rows] = dg_r
+            s = blocks[m]
+            q_m, k_m, d_o = blocks.load("q", m), blocks.load("k", m), d_out(m)
+            k_d_state = mm(k_m, d_state)
+            k_state = mm(k_m, state)
+            column = {r: blocks.pair(r, m) for r in range(m, n)}
+            d_u = s["tail"][:, None] * k_d_state
+            for r, p in column.items():
+                d_u = d_u + mm(p["scores"], d_out(r), trans_a=True)
+                if r > m:
+                    d_u = d_u - mm(p["a"], d_rhs[r], trans_a=True)
+            d_r = d_rhs[m] = mm(inverses[m], d_u, trans_a=True)
+            beta_carried = (s["beta"] * s["carried"])[:, None]
+            d_tail = s["tail"] * rowsum(k_d_state * us[m])
+            dk = (s["tail"][:, None] * mm(us[m], d_state, trans_b=True)
+                  - beta_carried * mm(d_r, state, trans_b=True))
+            d_beta = rowsum(d_r * (blocks.load("v", m) - s["carried"][:, None] * k_state))
+            dg = (s["carried"] * (rowsum(d_o * mm(q_m, state)) - s["beta"]
+                                  * rowsum(d_r * k_state)) - d_tail)
+            d_initial = (d_initial + mm(q_m, s["carried"][:, None] * d_o, trans_a=True)
+                         - mm(k_m, beta_carried * d_r, trans_a=True))
+            for r, p in column.items():  # block m's keys against later (and its own) rows
+                d_scores = jnp.where(p["keep"], mm(d_out(r), us[m], trans_b=True), 0.0)
+                d_a = jnp.where(p["strict"], -mm(d_rhs[r], us[m], trans_b=True), 0.0)
+                d_gram = d_a * blocks[r]["beta"][:, None] * p["decay"]
+                dk = (dk + mm(d_scores * p["decay"], blocks.load("q", r), trans_a=True)
+                      + mm(d_gram, blocks.load("k", r), trans_a=True))
+                dg = dg - jnp.sum(d_scores * p["scores"] + d_a * p["a"], axis=0)
+            for m2 in range(m + 1):  # block m's rows against its own and earlier keys
+                p = column[m] if m2 == m else blocks.pair(m, m2)
+                d_scores = jnp.where(p["keep"], mm(d_o, us[m2], trans_b=True), 0.0)
+                d_a = jnp.where(p["strict"], -mm(d_r, us[m2], trans_b=True), 0.0)
+                d_beta = d_beta + rowsum(d_a * p["gram"])
+                dk = dk + mm(d_a * s["beta"][:, None] * p["decay"], blocks.load("k", m2))
+                dg = dg + rowsum(d_scores * p["scores"] + d_a * p["a"])
+            if m == n - 1:
+                dg = dg + jnp.where(jnp.arange(block) == block - 1, d_end, 0.0)
+            rows = s["rows"]
+            dk_ref[rows, :] = dk
+            dv_ref[rows, :] = (s["beta"][:, None] * d_r).astype(dv_ref.dtype)
+            d_beta_ref[rows] = d_beta
+            dg_ref[rows] = dg
         return d_initial
 
     d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, body,
@@ -369,14 +410,14 @@ def _specs(padded, dk, block_dv, num_chunks):
     return dict(
         whole=head(padded, dk), sliced=sliced(padded, block_dv), per_token=head(padded),
         seg=pl.BlockSpec((None, padded), lambda i, j, n: (i, 0)),
-        state=sliced(dk, block_dv), states=sliced(num_chunks, dk, block_dv),
+        state=sliced(dk, block_dv), states=sliced(num_chunks + 1, dk, block_dv),
         share=share(padded, dk), share_per_token=share(padded))
 
 
 def _forward_call(qh, kh, vh, g, bh, seg, initial_state, chunk, block_dv, interpret,
                   save_states):
     """The forward kernel on heads-first arrays padded to whole chunks -> (out, final
-    state[, the state entering each chunk])."""
+    state[, the state entering each chunk and, last, the final one])."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
     num_chunks = padded // chunk
@@ -385,7 +426,8 @@ def _forward_call(qh, kh, vh, g, bh, seg, initial_state, chunk, block_dv, interp
                  jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)]
     out_specs = [specs["sliced"], specs["state"]]
     if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks + 1, dk, dv),
+                                              jnp.float32))
         out_specs.append(specs["states"])
     return pl.pallas_call(
         functools.partial(_delta_forward_kernel, chunk=chunk, block=sub_chunk(chunk),
@@ -486,8 +528,8 @@ def gated_delta_rule_pallas(q, k, v, log_alpha, beta, *, chunk: int = 64,
     chunks). Head dims are zero-padded to `padded_head_dim` (exact: padded key dimensions
     are zero in q and k, padded value columns zero in v and the state). Interpreted
     unless on a GPU (or as `interpret` says); compiled, the chunk must be a power of two
-    (a ValueError otherwise). block_dv: value columns per program (None: `value_block`),
-    a divisor of the padded dv."""
+    (a ValueError otherwise). block_dv: value columns per program,
+    a divisor of the padded dv (None: `delta_value_block`)."""
     check_inputs(q, k, v, log_alpha, beta, initial_state)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -500,7 +542,7 @@ def gated_delta_rule_pallas(q, k, v, log_alpha, beta, *, chunk: int = 64,
     last = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n)])  # noqa: E731
     q, k, v = last(q, dk_pad), last(k, dk_pad), last(v, dv_pad)
     state = jnp.pad(state, [(0, 0), (0, 0), (0, dk_pad), (0, dv_pad)])
-    block_dv = value_block(q.shape[-1], v.shape[-1]) if block_dv is None else block_dv
+    block_dv = delta_value_block(v.shape[-1]) if block_dv is None else block_dv
     if v.shape[-1] % block_dv:
         raise ValueError(f"block_dv={block_dv} does not divide the padded dv={v.shape[-1]}")
     seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None
