@@ -4,8 +4,10 @@ recurrence behind `model.attention.kind=gated_deltanet`:
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
 
 `gated_delta_rule_recurrent` runs it one token at a time (the reference);
-`gated_delta_rule_chunked` is the chunked form below, in plain JAX (XLA). Both restart
-the state at every packed segment, take an initial state and return the final one.
+`gated_delta_rule_chunked` is the chunked form below, in plain JAX (XLA), and
+`gated_delta_rule_pallas` the same form as Pallas (Triton) kernels, forward and backward
+(further down). All restart the state at every packed segment, take an initial state and
+return the final one.
 
 The chunked form. Writing the update as S_t = alpha_t S_{t-1} + k_t u_t^T with
 u_t = beta_t (v_t - alpha_t S_{t-1}^T k_t), and g the cumulative log decay inside a

@@ -17,9 +17,10 @@ packed segment. Queries, keys and values have `model.attention.num_heads` heads 
 (`num_kv_heads` is not used by this kind, as by the other linear kinds).
 
 Training runs the chunked form (`gated_delta_rule_chunked` in
-`efflm.pallas_kernels.gated_delta_rule`, with its derivation);
-`gated_delta_rule_recurrent`, one state update per token, is its reference. Decoding
-keeps S and each convolution's last conv_width - 1 inputs in the cache.
+`efflm.pallas_kernels.gated_delta_rule`, with its derivation), or under
+`model.attention.impl=pallas` its Pallas kernels (`gated_delta_rule_pallas`; `auto`
+stays on XLA); `gated_delta_rule_recurrent`, one state update per token, is their
+reference. Decoding keeps S and each convolution's last conv_width - 1 inputs in the cache.
 """
 
 from __future__ import annotations
@@ -33,29 +34,45 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.linear import padded_length
+from efflm.layers.attention.linear import padded_length, validate_chunk
 from efflm.layers.attention.parts import HeadRMSNorm, ShortConvolution, l2_normalize, output_gate
-from efflm.layers.common import decoding
+from efflm.layers.common import decoding, resolve_impl
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
 from efflm.pallas_kernels.gated_delta_rule import (
     gated_delta_rule_chunked,
+    gated_delta_rule_pallas,
     gated_delta_rule_recurrent,
 )
+from efflm.pallas_kernels.linear_attention import sub_chunk
 from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 
+def delta_rule_impl(cfg: ModelConfig) -> str:
+    """`xla` or `pallas`: the kernels only when asked for (`auto` is XLA until a GPU
+    measurement says otherwise)."""
+    impl = "xla" if cfg.attention.impl == "auto" else cfg.attention.impl
+    return resolve_impl(impl, ("xla", "pallas"), "gated_deltanet")
+
+
 def delta_rule_flops(cfg: ModelConfig, seq_len: int, heads: int, dk: int, dv: int) -> float:
-    """Forward matmul FLOPs per token of `gated_delta_rule_chunked` over the padded
-    length: per chunk of C tokens, k k^T, q k^T and (scores) U over the whole C x C block
-    (2C (2 dk + dv) per token), the forward substitution against dv + dk columns (each
-    row against all C: 2C (dk + dv)), and W S, q S and the state update (2 dk dv each)."""
+    """Forward matmul FLOPs per token of the delta rule over the padded length. Both
+    forms spend 2 dk dv per token on each of K S, Q S and the state update. The XLA form
+    (`gated_delta_rule_chunked`) takes k k^T, q k^T and (scores) U over the whole C x C
+    block of a chunk of C tokens (2C (2 dk + dv) per token) and substitutes against
+    dv + dk columns, each row against all C (2C (dk + dv)). The Pallas kernels take
+    blocks of B rows and only the C / B (C / B + 1) / 2 pairs of blocks on or below the
+    diagonal, for k k^T, q k^T, A U and scores U, and the diagonal blocks' inverses times
+    the right-hand sides: 2 (C + B) (dk + dv) per token."""
     chunk = cfg.attention.chunk_size
-    per_token = 2 * chunk * (2 * dk + dv) + 2 * chunk * (dk + dv) + 6 * dk * dv
-    return heads * per_token * padded_length(cfg, seq_len) / seq_len
+    if cfg.attention.impl == "pallas":
+        mix = 2 * (chunk + sub_chunk(chunk)) * (dk + dv)
+    else:
+        mix = 2 * chunk * (2 * dk + dv) + 2 * chunk * (dk + dv)
+    return heads * (mix + 6 * dk * dv) * padded_length(cfg, seq_len) / seq_len
 
 
 def _time_step_bias_init(key, shape, dtype):
@@ -96,9 +113,7 @@ class GatedDeltaNet(Mixer):
             raise ConfigError(f"model.attention.chunk_size={a.chunk_size} is larger than "
                               f"model.max_seq_len={cfg.max_seq_len}: gated_deltanet's chunk "
                               "must fit in a sequence; lower it")
-        if a.impl == "pallas":
-            raise ConfigError("model.attention.impl=pallas: gated_deltanet has no Pallas "
-                              "kernel; set model.attention.impl=auto or xla")
+        validate_chunk(cfg)
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -162,5 +177,6 @@ class GatedDeltaNet(Mixer):
         if self.reference:
             return gated_delta_rule_recurrent(q, k, v, log_alpha, beta,
                                               segment_ids=segment_ids)[0]
-        return gated_delta_rule_chunked(q, k, v, log_alpha, beta, chunk=chunk,
-                                        segment_ids=segment_ids)[0]
+        mix = (gated_delta_rule_pallas if delta_rule_impl(self.cfg) == "pallas"
+               else gated_delta_rule_chunked)
+        return mix(q, k, v, log_alpha, beta, chunk=chunk, segment_ids=segment_ids)[0]

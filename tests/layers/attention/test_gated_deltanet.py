@@ -1,6 +1,8 @@
 """Gated DeltaNet (`model.attention.kind=gated_deltanet`): the chunked form against the
 token scan, the layer against its reference, decoding, FLOPs, presets and bad settings."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,12 +17,15 @@ from conftest import (
 from test_linear import LAYER, SEGMENTS, _close, _layer_run
 
 from efflm.cli import main
+from efflm.flops import traced_matmul_flops
 from efflm.layers import ATTENTION
+from efflm.layers.attention.gated_deltanet import delta_rule_flops, delta_rule_impl
 from efflm.layers.attention.parts import l2_normalize
 from efflm.layers.plan import layer_plan
 from efflm.models import LM
 from efflm.pallas_kernels.gated_delta_rule import (
     gated_delta_rule_chunked,
+    gated_delta_rule_pallas,
     gated_delta_rule_recurrent,
 )
 
@@ -59,31 +64,118 @@ def _value_and_grads(fn, q, k, v, log_alpha, beta, state, d_out, d_state):
     return out, final, *grads
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
-def test_chunked_form_matches_the_token_scan(dtype, tol):
+FORMS = {
+    "scan": gated_delta_rule_recurrent,
+    "chunked": functools.partial(gated_delta_rule_chunked, chunk=CHUNK),
+    # Chunks of 32: two blocks of 16 rows each, so blocks pair off the diagonal; the
+    # head dims (8, 6) are padded to 16 and the value columns split over two programs.
+    "pallas": functools.partial(gated_delta_rule_pallas, chunk=32, block_dv=8),
+}
+
+
+@functools.cache
+def _form_results(form, dtype):
+    inputs = fast_jit(_inputs, static_argnums=0)(dtype)  # eager: one compile per op
+    return _value_and_grads(FORMS[form], *inputs)
+
+
+@pytest.mark.parametrize("form, dtype, tol", [
+    ("chunked", jnp.float32, 2e-5), ("chunked", jnp.bfloat16, 1e-2),
+    ("pallas", jnp.float32, 2e-5)])
+def test_fast_forms_match_the_token_scan(form, dtype, tol):
     """Values, final state and gradients (q, k, v, log alpha, beta, initial state) over
     packed segments with boundaries inside chunks, a partial last chunk and decays down
-    to e^-5 per step."""
-    inputs = fast_jit(_inputs, static_argnums=0)(dtype)  # eager: one compile per op
-    chunked = lambda *a, **kw: gated_delta_rule_chunked(*a, chunk=CHUNK, **kw)  # noqa: E731
-    got = _value_and_grads(chunked, *inputs)
-    want = _value_and_grads(gated_delta_rule_recurrent, *inputs)
+    to e^-5 per step: the chunked XLA form and the Pallas kernels (interpreted on CPU),
+    which also match each other."""
+    got = _form_results(form, dtype)
+    want = _form_results("scan", dtype)
     names = ("out", "final_state", "dq", "dk", "dv", "dlog_alpha", "dbeta", "dstate")
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype, name
         _close(a, b, tol)
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    if form == "pallas":
+        for a, b in zip(got, _form_results("chunked", dtype)):
+            _close(a, b, tol)
+
+
+def test_pallas_kernels_lower_to_triton_for_a_gpu():
+    """No GPU needed: lowering the forward and backward for CUDA at GPU-sized shapes
+    checks that the kernels use only what Pallas's Triton backend supports."""
+    q = jnp.ones((1, 200, 2, 64), jnp.bfloat16)
+    gates = jnp.full((1, 200, 2), -0.1)
+
+    def grads(q, log_alpha, beta):
+        def loss(q, log_alpha, beta):
+            out = gated_delta_rule_pallas(q, q, q, log_alpha, beta, interpret=False)[0]
+            return jnp.sum(out.astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, log_alpha, beta)
+
+    lowered = jax.jit(grads).trace(q, gates, gates).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("@__gpu$xla.gpu.triton(") == 2
+
+
+def test_pallas_flops_equal_the_kernels_matmuls(small_config):
+    """Under impl=pallas the analytic count is the kernel's own: the matmuls its forward
+    traces (one program per batch row and head here) over two chunks of 32."""
+    cfg = small_config(GDN, "model.attention.impl=pallas",
+                       "model.attention.chunk_size=32").model
+    q = jnp.ones((1, 64, 1, 16))
+    gates = jnp.ones((1, 64, 1))
+    traced = traced_matmul_flops(
+        lambda q, g: gated_delta_rule_pallas(q, q, q, g, g, chunk=32), q, gates)
+    assert traced == pytest.approx(delta_rule_flops(cfg, 64, 1, 16, 16) * 64, rel=1e-12)
+    xla = small_config(GDN, "model.attention.chunk_size=32").model
+    assert delta_rule_flops(cfg, 64, 1, 16, 16) < delta_rule_flops(xla, 64, 1, 16, 16)
+
+
+def test_auto_stays_on_xla_on_a_gpu(small_config, monkeypatch):
+    """The kernels run when asked for; `auto` is XLA even on a GPU until measured there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert delta_rule_impl(small_config(GDN).model) == "xla"
+    assert delta_rule_impl(small_config(GDN, "model.attention.impl=pallas").model) == "pallas"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-2), (jnp.bfloat16, 6e-2)])
+def test_compiled_pallas_kernels_on_gpu(dtype, tol):
+    """The compiled kernels (chunk 64, head dim 64) against the token scan in float32,
+    values and gradients, with packed segments and an initial state (TF32 / bf16 dots)."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    b, t, h, d = 2, 200, 4, 64
+    q, k = (l2_normalize(jax.random.normal(key, (b, t, h, d))) for key in keys[:2])
+    v = jax.random.normal(keys[2], (b, t, h, d))
+    log_alpha = -jax.random.uniform(keys[3], (b, t, h))
+    beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h)))
+    state = jax.random.normal(keys[5], (b, h, d, d))
+    segments = jnp.where(jnp.arange(t) < 90, 1, 2)[None].repeat(b, 0)
+
+    def objective(fn, cast):
+        def f(q, k, v, log_alpha, beta, state):
+            out, final = fn(*(a.astype(cast) for a in (q, k, v)), log_alpha, beta,
+                            initial_state=state, segment_ids=segments)
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(final ** 2)
+        return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6))))
+
+    args = (q, k, v, log_alpha, beta, state)
+    fast = functools.partial(gated_delta_rule_pallas, chunk=64, interpret=False)
+    got = objective(fast, dtype)(*args)
+    want = objective(gated_delta_rule_recurrent, jnp.float32)(*args)
+    _close(got[0], want[0], tol)
+    for a, b in zip(got[1], want[1]):
+        _close(a, b, tol)
 
 
 @pytest.mark.parametrize("overrides", [
     [],
     ["model.attention.gated_deltanet.short_conv=false",
-     "model.attention.gated_deltanet.output_gate=false"],
+     "model.attention.gated_deltanet.output_gate=false", "model.attention.impl=pallas"],
 ])
 def test_layer_matches_its_token_scan_reference(small_config, overrides):
-    """The layer (chunks of 8 over 21 tokens) equals its token-scan reference over packed
-    segments, values and gradients of every parameter and the input; a segment's outputs
-    equal the layer run on that segment alone (the convolutions restart too)."""
+    """The layer (chunks of 8 over 21 tokens; XLA, or Pallas interpreted) equals its
+    token-scan reference over packed segments, values and gradients of every parameter
+    and the input; a segment's outputs equal the layer run on that segment alone (the
+    convolutions restart too)."""
     cfg = small_config(*LAYER, GDN, *overrides).model
     out, grads, (layer, params, x, positions) = _layer_run(cfg, SEGMENTS, reference=False)
     ref_out, ref_grads, _ = _layer_run(cfg, SEGMENTS, reference=True)
@@ -188,7 +280,7 @@ def test_preset_trains(small_config, preset):
      "gated_deltanet.conv_width"),
     ([GDN, "model.attention.chunk_size=2048"], "chunk_size"),
     ([GDN, "model.attention.chunk_size=0"], "chunk_size"),
-    ([GDN, "model.attention.impl=pallas"], "impl"),
+    ([GDN, "model.attention.impl=pallas", "model.attention.chunk_size=48"], "chunk_size"),
 ])
 def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
     assert main(["config", "show", "--config", "tiny", *overrides]) == 2
