@@ -310,7 +310,7 @@ def _delta_forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, s0_ref,
 
         us, _ = _chunk_values(blocks, state, write_out)
         new_state = blocks.kappa * state
-        for t, r in zip(blocks.blocks, range(len(blocks))):
+        for r, t in enumerate(blocks.blocks):
             new_state = new_state + mm(t["tail"][:, None] * blocks.load("k", r), us[r],
                                        trans_a=True)
         return new_state
