@@ -1,5 +1,5 @@
 """The `efflm` command line: train, eval, generate, export, config show, data build,
-bench."""
+sweep, report, bench."""
 
 from __future__ import annotations
 
@@ -76,6 +76,23 @@ def _data_build(args) -> int:
           f"{result['validation']} validation documents); train on it with "
           f"data.source=tfds data.tfds.name={result['name']}"
           + (f" data.tfds.data_dir={args.data_dir}" if args.data_dir else ""))
+    return 0
+
+
+def _sweep(args) -> int:
+    from efflm.train.sweep import run_sweep
+
+    return run_sweep(args.file, args.out, steps=args.steps, seeds=args.seeds)
+
+
+def _report(args) -> int:
+    from efflm.train.report import write_report
+
+    out = args.out
+    if not out:
+        single = args.paths[0] if len(args.paths) == 1 else ""
+        out = single if os.path.isfile(os.path.join(single, "plan.json")) else "runs/report"
+    print(f"report: {write_report(args.paths, out)}")
     return 0
 
 
@@ -161,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--overwrite", action="store_true", help="rebuild when inputs changed")
     db.set_defaults(func=_data_build)
 
+    w = sub.add_parser("sweep", help="run an ablation from a sweep file (configs/sweeps/)")
+    w.add_argument("file", help="a sweep file (YAML)")
+    w.add_argument("--out", default="", help="its folder (default runs/sweeps/<file name>)")
+    w.add_argument("--steps", type=int, help="the base's steps, in place of budget.steps")
+    w.add_argument("--seeds", type=int, help="in place of the file's seeds")
+    w.set_defaults(func=_sweep)
+    r = sub.add_parser("report", help="a table and plots of training runs")
+    r.add_argument("paths", nargs="+", help="a sweep's folder, or workdirs")
+    r.add_argument("--out", default="", help="where report.md and the plots go (default: "
+                   "the sweep's folder, else runs/report)")
+    r.set_defaults(func=_report)
     b = sub.add_parser("bench", help="benchmarks (see bench/)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
