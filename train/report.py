@@ -4,13 +4,15 @@ training runs: a sweep's folder (its variants and seeds), or any workdirs.
 Per variant, over its seeds: parameters (total and active per token), training FLOPs
 per token (the analytic count MFU uses: three times the forward's), steps, the final
 and best validation loss and bits per byte as mean ± standard deviation, the median
-tokens/s and MFU of the logged steps, and the final recall accuracy where the runs
-measured it (`data.source=mqar`). A `*` marks a final bits per byte (or loss,
-where bits per byte were not measured) that differs from the first row's by more than
-twice the standard error of the difference (Welch's form, the seeds as samples; at
-least two seeds on both sides). Plots (PNG, matplotlib): validation loss against steps
-and against training FLOPs (the seeds' mean, with their range as a band), and tokens/s.
-Peak memory is not in the table: the runs do not record it.
+tokens/s and MFU of the logged steps, the train step's memory per device (XLA's
+`memory_analysis()` of the compiled step, which each run logs in its first row: its
+arguments, outputs and temporaries, less the outputs that reuse donated arguments),
+and the final recall accuracy where the runs measured it (`data.source=mqar`). A `*`
+marks a final bits per byte (or loss, where bits per byte were not measured) that
+differs from the first row's by more than twice the standard error of the difference
+(Welch's form, the seeds as samples; at least two seeds on both sides). Plots (PNG,
+matplotlib): validation loss against steps and against training FLOPs (the seeds'
+mean, with their range as a band), tokens/s and step memory.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def _parameter_count(cfg) -> int:
 
     key = repr((cfg.model, cfg.data.seq_len))
     if key not in _COUNTS:
+        cfg.mesh = type(cfg.mesh)()  # any machine: the run's mesh may not fit this one
         program = build_program(cfg)
         _COUNTS[key] = count_params(jax.eval_shape(program._init, jax.random.key(0)).params)
     return _COUNTS[key]
@@ -160,8 +163,8 @@ def table(variants: list[Variant]) -> list[str]:
     recall = any(r.evals("eval_recall_accuracy") for v in variants for r in v.runs)
     lines = ["| variant | seeds | params (active) | train FLOPs/token | steps | "
              "final eval loss | best eval loss | final bits/byte | best bits/byte | "
-             "tokens/s | MFU |" + (" recall |" if recall else ""),
-             "|---" * (12 if recall else 11) + "|"]
+             "tokens/s | MFU | step memory MiB |" + (" recall |" if recall else ""),
+             "|---" * (13 if recall else 12) + "|"]
     reference = None
     for v in variants:
         runs = v.runs
@@ -179,11 +182,14 @@ def table(variants: list[Variant]) -> list[str]:
         steps = sorted({max((r["step"] for r in run.rows), default=0) for run in runs})
         speeds = [s for s in (r.median("tokens_per_sec") for r in runs) if s is not None]
         mfus = [m for m in (r.median("mfu") for r in runs) if m is not None]
+        memory = [m / 2 ** 20 for m in (r.median("step_memory_bytes") for r in runs)
+                  if m is not None]
         lines.append(
             f"| {v.name} | {len(runs)} | {params} | {first.flops_per_token / 1e6:.2f}M | "
             f"{', '.join(map(str, steps))} | {_fmt(loss)}{'' if bpb else mark} | "
             f"{_fmt(best_loss)} | {_fmt(bpb)}{mark if bpb else ''} | {_fmt(best_bpb)} | "
-            f"{_fmt(speeds, 0)} | {_fmt([100 * m for m in mfus], 2) + '%' if mfus else '—'} |"
+            f"{_fmt(speeds, 0)} | {_fmt([100 * m for m in mfus], 2) + '%' if mfus else '—'} | "
+            f"{_fmt(memory, 1)} |"
             + (f" {_fmt(_final_and_best(runs, 'eval_recall_accuracy')[0], 3)} |"
                if recall else ""))
     return lines
@@ -232,14 +238,17 @@ def plots(variants: list[Variant], out: str) -> list[str]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), sharey=True)
     names = [v.name for v in variants]
-    speeds = [statistics.fmean([s for s in (r.median("tokens_per_sec") for r in v.runs)
-                                if s is not None] or [0.0]) for v in variants]
-    ax.barh(names, speeds)
-    ax.set_xlabel("tokens/s (median step, mean over seeds)")
+    for ax, key, label, scale in (
+            (axes[0], "tokens_per_sec", "tokens/s (median step, mean over seeds)", 1),
+            (axes[1], "step_memory_bytes", "train step memory per device (MiB)", 2 ** 20)):
+        values = [statistics.fmean([m for m in (r.median(key) for r in v.runs)
+                                    if m is not None] or [0.0]) / scale for v in variants]
+        ax.barh(names, values)
+        ax.set_xlabel(label)
     fig.tight_layout()
-    path = os.path.join(out, "throughput.png")
+    path = os.path.join(out, "throughput_memory.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return written + [path]
@@ -255,7 +264,7 @@ def write_report(paths: list[str], out: str) -> str:
     notes = ["", "`*`: the final bits/byte (loss where bits/byte were not measured) differs "
              "from the first row's by more than twice the standard error of the difference "
              "(Welch; seeds as samples; needs two seeds on both sides). ± is the sample "
-             "standard deviation over seeds. Peak memory is not recorded by the runs.", "",
+             "standard deviation over seeds; — where the runs did not record a figure.", "",
              *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in images]]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

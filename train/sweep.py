@@ -315,14 +315,17 @@ def run_sweep(path: str, out: str = "", runner=launch, steps: int | None = None,
         key = f"{run.variant}/seed-{run.seed}"
         prefix = f"[{i}/{len(runs)}] {run.label} ({run.steps} steps)"
         if finished(run):
-            status[key] = {"state": "done", **{k: v for k, v in status.get(key, {}).items()
-                                                if k == "seconds"}}
+            status[key] = {"state": "done", "seconds": status.get(key, {}).get("seconds")}
             print(f"{prefix}: finished earlier", flush=True)
             continue
         print(f"{prefix}: training", flush=True)
         start = time.time()
         log_path = os.path.join(out, "logs", f"{run.variant}-seed-{run.seed}.log")
-        code, last = runner(run, sweep.base, log_path)
+        try:
+            code, last = runner(run, sweep.base, log_path)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted; run the sweep again to resume it", flush=True)
+            return 130
         seconds = round(time.time() - start, 1)
         if code == 0 and finished(run):
             status[key] = {"state": "done", "seconds": seconds}
@@ -334,8 +337,9 @@ def run_sweep(path: str, out: str = "", runner=launch, steps: int | None = None,
             print(f"{prefix}: FAILED (exit {code}): {last}", flush=True)
         _write_json(status_path, status)
     _write_json(status_path, status)
-    report = write_report([out], out)
-    print(f"sweep {sweep.name}: {len(runs) - failed} of {len(runs)} runs finished; "
-          f"report in {report}", flush=True)
+    summary = f"sweep {sweep.name}: {len(runs) - failed} of {len(runs)} runs finished"
+    if any(os.path.exists(os.path.join(r.workdir, "metrics.jsonl")) for r in runs):
+        summary += f"; report in {write_report([out], out)}"
+    print(summary, flush=True)
     return 1 if failed else 0
 

@@ -75,7 +75,7 @@ def test_sweep_resumes_records_failures_and_reports(tmp_path, capsys):
         cells = [c.strip() for c in line.split("|")]
         want = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
         assert cells[8].rstrip(" *") == want, (cells, want)
-    for name in ("loss_vs_steps.png", "loss_vs_flops.png", "throughput.png"):
+    for name in ("loss_vs_steps.png", "loss_vs_flops.png", "throughput_memory.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     before = open(os.path.join(out, "softmax", "seed-0", "metrics.jsonl")).read()
@@ -186,6 +186,15 @@ def test_duplicate_variant_names_are_refused(tmp_path, capsys):
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'a' appears twice" in err[0], err
+
+
+def test_report_of_nothing_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        assert main(["report", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0], err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_a_run_is_its_own_process(tmp_path):
