@@ -257,5 +257,21 @@ def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     return Program(cfg, mesh, model, tx, rules, state_shardings, mesh_lib.batch_sharding(mesh))
 
 
+def compiled_memory(compiled) -> dict:
+    """Per-device bytes of a compiled step, from XLA's `memory_analysis()`: its arguments,
+    outputs and temporaries, and `step_memory_bytes`, their sum less the outputs that
+    reuse donated arguments (what the step holds at its peak). Empty where the backend
+    reports nothing."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return {}
+    parts = {name: int(getattr(memory, f"{name}_size_in_bytes", 0))
+             for name in ("argument", "output", "temp", "alias")}
+    out = {f"memory_{name}_bytes": value for name, value in parts.items()}
+    out["step_memory_bytes"] = (parts["argument"] + parts["output"] + parts["temp"]
+                                - parts["alias"])
+    return out
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))

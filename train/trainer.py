@@ -35,7 +35,13 @@ from efflm.layers.plan import check_mesh, not_causal
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.optim import OPTIMIZERS
-from efflm.train.step import Program, build_program, count_params, loss_mask
+from efflm.train.step import (
+    Program,
+    build_program,
+    compiled_memory,
+    count_params,
+    loss_mask,
+)
 
 log = logging.getLogger("efflm")
 
@@ -346,6 +352,7 @@ def train(cfg: Config) -> dict:
                        "carry causal=false) and efflm generate refuses it")
     row: dict = {}
     timer_start, timer_steps = None, 0
+    step_fn, memory = None, {}
     try:
         multi = jax.process_count() > 1
         # One process stopping alone would leave the others waiting in a collective.
@@ -353,7 +360,10 @@ def train(cfg: Config) -> dict:
         with _StopFlag(signals) as stop, program.context():
             for step in range(start, cfg.train.steps):
                 batch = mesh_lib.global_batch(next(data), program.mesh)
-                state, metrics = program.train_step(state, batch)
+                if step_fn is None:  # compiled ahead of time, to record its memory
+                    step_fn = program.train_step.lower(state, batch).compile()
+                    memory = compiled_memory(step_fn)
+                state, metrics = step_fn(state, batch)
                 done = step + 1
                 if timer_start is None:  # the first step compiles: time from its end
                     jax.block_until_ready(metrics)
@@ -373,6 +383,8 @@ def train(cfg: Config) -> dict:
                         row["aux_loss"] = metrics["aux_loss"]
                     row.update(metrics["stats"])
                     row.update(metrics["optimizer"])
+                    row.update(memory)  # the first row written after compiling only
+                    memory = {}
                     if timer_steps:
                         step_time = (time.perf_counter() - timer_start) / timer_steps
                         row["step_time_s"] = step_time

@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 import yaml
-from conftest import SMALL
+from conftest import SMALL, random_batch
 
+from efflm import mesh as mesh_lib
 from efflm.cli import main
 from efflm.config import MOVED_KEYS, load_config
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
 from efflm.train.generate import sample
+from efflm.train.step import build_program, compiled_memory, count_params
 from efflm.train.trainer import optimizer_differences, restore_run, train
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
@@ -53,6 +56,17 @@ def test_metrics_and_files_of_a_run(tmp_path, uninterrupted, capsys):
     assert rows[1]["mfu"] == pytest.approx(train_flops_per_step(cfg.model, 32, 8)
                                            / rows[1]["step_time_s"] / rows[1]["peak_flops"])
     assert rows[2]["eval_loss"] > 0 and rows[2]["eval_bits_per_byte"] > 0
+    # The first row records the compiled step's memory (XLA's memory_analysis): the
+    # same figures as the step compiled again here, from the persistent cache.
+    program = build_program(cfg)
+    with program.context():
+        state = program.init(jax.random.key(0))
+        batch = mesh_lib.global_batch(random_batch(cfg), program.mesh)
+        memory = compiled_memory(program.train_step.lower(state, batch).compile())
+    assert {k: rows[0][k] for k in memory} == memory and "step_memory_bytes" not in rows[1]
+    assert memory["step_memory_bytes"] == (memory["memory_argument_bytes"] + memory[
+        "memory_output_bytes"] + memory["memory_temp_bytes"] - memory["memory_alias_bytes"])
+    assert memory["memory_argument_bytes"] > 4 * count_params(state.params) / 8  # 8 devices
     # `efflm eval --batches N` evaluates the same sample as training did.
     capsys.readouterr()
     assert main(["eval", "--workdir", workdir, "--batches", "2"]) == 0
