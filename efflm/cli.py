@@ -91,7 +91,8 @@ def _report(args) -> int:
     out = args.out
     if not out:
         single = args.paths[0] if len(args.paths) == 1 else ""
-        out = single if os.path.isfile(os.path.join(single, "plan.json")) else "runs/report"
+        out = single if single and os.path.isfile(os.path.join(single, "plan.json")) else (
+            "runs/report")
     print(f"report: {write_report(args.paths, out)}")
     return 0
 
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_data_build)
 
     w = sub.add_parser("sweep", help="run an ablation from a sweep file (configs/sweeps/)")
-    w.add_argument("file", help="a sweep file (YAML)")
+    w.add_argument("file", help="a sweep file (YAML), or the name of one in configs/sweeps/")
     w.add_argument("--out", default="", help="its folder (default runs/sweeps/<file name>)")
     w.add_argument("--steps", type=int, help="the base's steps, in place of budget.steps")
     w.add_argument("--seeds", type=int, help="in place of the file's seeds")

@@ -54,6 +54,18 @@ class Variant:
     runs: list[RunResult] = field(default_factory=list)
 
 
+def read_rows(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl, skipping a line cut short by a crash."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def _run_dirs(path: str) -> list[str]:
     if os.path.isfile(os.path.join(path, "metrics.jsonl")):
         return [path]
@@ -73,12 +85,15 @@ def _parameter_count(cfg) -> int:
     """Parameters of the config's model (traced, not initialised; once per model)."""
     import jax
 
+    from efflm.mesh import make_mesh
     from efflm.train.step import build_program, count_params
 
     key = repr((cfg.model, cfg.data.seq_len))
     if key not in _COUNTS:
-        cfg.mesh = type(cfg.mesh)()  # any machine: the run's mesh may not fit this one
-        program = build_program(cfg)
+        # One device, one sequence: the run's mesh and batch need not fit this machine.
+        cfg.mesh = type(cfg.mesh)()
+        cfg.train.batch_size, cfg.train.grad_accum = 1, 1
+        program = build_program(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
         _COUNTS[key] = count_params(jax.eval_shape(program._init, jax.random.key(0)).params)
     return _COUNTS[key]
 
@@ -88,8 +103,7 @@ def _describe(workdir: str) -> RunResult:
     from efflm.train.trainer import load_workdir_config
 
     cfg = load_workdir_config(workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(os.path.join(workdir, "metrics.jsonl"))
     name = os.path.basename(os.path.normpath(workdir))
     seed_dir = _SEED_DIR.match(name)
     variant = (os.path.basename(os.path.dirname(os.path.normpath(workdir))) if seed_dir
@@ -105,6 +119,7 @@ def collect(paths: list[str]) -> list[Variant]:
     """The runs under `paths`, grouped by variant: a sweep's in its plan's order, others
     in the order found."""
     variants: dict[str, Variant] = {}
+    seen: set[str] = set()
     for path in paths:
         if not os.path.isdir(path):
             raise EfflmError(f"{path!r} is not a folder; pass workdirs or a sweep's folder")
@@ -113,8 +128,16 @@ def collect(paths: list[str]) -> list[Variant]:
             raise EfflmError(f"{path!r} holds no training run (no metrics.jsonl beside a "
                              "config.yaml)")
         for d in dirs:
+            if os.path.realpath(d) in seen:
+                continue
+            seen.add(os.path.realpath(d))
             run = _describe(d)
-            variants.setdefault(run.variant, Variant(run.variant)).runs.append(run)
+            variant = variants.setdefault(run.variant, Variant(run.variant))
+            twin = next((r for r in variant.runs if r.seed == run.seed), None)
+            if twin is not None:
+                raise EfflmError(f"two runs would be {run.variant!r} seed {run.seed}: "
+                                 f"{twin.workdir} and {d}; report them separately")
+            variant.runs.append(run)
     order = []
     for path in paths:  # a sweep's variants in its plan's order (the first is the base)
         plan = os.path.join(path, "plan.json")

@@ -1,4 +1,5 @@
-"""Sweeps: an ablation as one command, `efflm sweep FILE [--out DIR]`.
+"""Sweeps: an ablation as one command, `efflm sweep FILE [--out DIR]` (FILE: a path,
+or the name of a file in configs/sweeps/).
 
 A sweep file (YAML, `configs/sweeps/*.yaml`):
 
@@ -20,16 +21,20 @@ comparable; `steps` is what the base (the base config with the shared overrides)
   * `flops`: every variant spends as many training FLOPs as the base (the analytic count
     MFU uses), so a cheaper variant trains longer;
   * `time`: every variant trains as long as the base, its step time measured by a short
-    timed run (`calibration_steps`, default 5, after 2 warm-up steps).
+    timed run in a process of its own (`calibration_steps`, default 5, after 2 warm-up
+    steps).
 
 The warm-up (and `optimizer.decay_steps` where set) scales with each variant's steps.
-The plan (each variant's overrides and steps) is written to DIR/plan.json before
-anything trains and read back on a rerun, so calibrated steps stay fixed.
+The plan (base, shared overrides, budget, and each variant's overrides and steps) is
+written to DIR/plan.json before anything trains and read back on a rerun, so calibrated
+steps stay fixed; a rerun whose base, shared overrides or budget differ, or whose
+variant of the same name has other overrides, is refused.
 
 Each run is a normal training run in DIR/<variant>/seed-<n>, in its own process (an
-XLA abort cannot be caught in process), its output in DIR/logs/. Finished runs are
-skipped, interrupted ones resume, a failed one is recorded in DIR/status.json and the
-sweep carries on; running the sweep again fills the gaps. When it ends, the report
+XLA abort cannot be caught in process), its output in DIR/logs/. A run is finished when
+its last step's checkpoint exists; finished runs are skipped, interrupted ones resume,
+a failed one is recorded in DIR/status.json and the sweep carries on; running the sweep
+again fills the gaps. Ctrl-C or SIGTERM lets the current run save and stop first. When it ends, the report
 (`efflm report`) is written to DIR/report.md with its plots.
 """
 
@@ -39,6 +44,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +52,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from efflm import configs
 from efflm.config import load_config
 from efflm.errors import EfflmError
 from efflm.flops import train_flops_per_step
@@ -53,6 +60,9 @@ from efflm.flops import train_flops_per_step
 BUDGETS = ("tokens", "flops", "time")
 _FILE_KEYS = {"base", "overrides", "variants", "grid", "seeds", "budget"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+# What a sweep's folder holds beside the variants' folders.
+_RESERVED = {"logs", "plan.json", "status.json", "report.md", "loss_vs_steps.png",
+             "loss_vs_flops.png", "throughput_memory.png"}
 
 
 class SweepError(EfflmError):
@@ -69,6 +79,7 @@ class Sweep:
     budget: str
     steps: int
     calibration_steps: int = 5
+    base_cost: float | None = None  # the base's cost per step, once planned
 
 
 @dataclass
@@ -112,17 +123,26 @@ def _overrides(value, where: str) -> list[str]:
 
 
 def _value_text(value) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """A grid value as override text (YAML: null, true, lists as JSON)."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _value_name(value) -> str:
+    """A grid value as part of a folder name."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", _value_text(value)).strip("_") or "_"
 
 
 def load_sweep(path: str) -> Sweep:
     """Read and check a sweep file (every variant's config is resolved, so an unknown key
     or kind fails here, naming the variant, before anything runs)."""
-    if not os.path.isfile(path):
-        raise SweepError(f"no sweep file {path!r}")
+    path = find_sweep(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path} cannot be read ({e})") from None
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -141,14 +161,14 @@ def load_sweep(path: str) -> Sweep:
     grid = raw.get("grid")
     if grid is not None:
         if not isinstance(grid, dict) or not grid or not all(
-                isinstance(v, list) and v for v in grid.values()):
+                isinstance(k, str) and isinstance(v, list) and v for k, v in grid.items()):
             raise SweepError(f"{path}: `grid` must map keys to non-empty lists of values; "
                              f"got {grid!r}")
         points = [[(key, value) for value in values] for key, values in grid.items()]
         crossed = {}
         for name, own in (variants or {"": []}).items():
             for point in itertools.product(*points):
-                label = ",".join(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in point)
+                label = ",".join(f"{k.split('.')[-1]}={_value_name(v)}" for k, v in point)
                 full = f"{name},{label}" if name else label
                 if full in crossed:
                     raise SweepError(f"{path}: two variants are both named {full!r}")
@@ -157,13 +177,16 @@ def load_sweep(path: str) -> Sweep:
     if not variants:
         raise SweepError(f"{path}: no variants: give `variants`, a `grid`, or both")
     for name in variants:
-        if not _NAME.match(name):
+        if not _NAME.match(name) or name in _RESERVED:
             raise SweepError(f"variant {name!r}: a name is letters, digits and . _ = , + - "
-                             "(it names a folder)")
+                             f"(it names a folder), and not one of {', '.join(sorted(_RESERVED))}")
     seeds = raw.get("seeds", 1)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise SweepError(f"{path}: `seeds` must be a positive integer; got {seeds!r}")
     budget = raw.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise SweepError(f"{path}: `budget` must be a mapping such as "
+                         f"{{kind: flops, steps: 100}}; got {budget!r}")
     kind, steps = budget.get("kind", "tokens"), budget.get("steps")
     if kind not in BUDGETS:
         raise SweepError(f"{path}: budget.kind must be one of {', '.join(BUDGETS)}; "
@@ -186,15 +209,25 @@ def load_sweep(path: str) -> Sweep:
     return sweep
 
 
-def _step_cost(cfg, budget: str, calibration_steps: int) -> float:
-    """What one training step costs under the budget."""
-    if budget == "tokens":
-        return cfg.train.batch_size * cfg.data.seq_len
-    if budget == "flops":
-        return train_flops_per_step(cfg.model, cfg.data.seq_len, cfg.train.batch_size)
-    from efflm.bench.mfu import measure
+_CALIBRATE = """
+import json, sys
+from efflm.bench.mfu import measure
+from efflm.config import load_config
+cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))
+print(json.dumps(measure(cfg, int(sys.argv[3]), 2)["step_time"]))
+"""
 
-    return measure(cfg, calibration_steps, 2)["step_time"]
+
+def calibrate(base: str, overrides: list[str], steps: int) -> float:
+    """Median step time of a config over `steps` timed steps (after 2 warm-up steps),
+    measured in a process of its own like every run."""
+    done = subprocess.run([sys.executable, "-c", _CALIBRATE, base, json.dumps(overrides),
+                           str(steps)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise SweepError(f"timing {' '.join(overrides) or base} failed (exit "
+                         f"{done.returncode}): {lines[-1] if lines else 'no output'}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def _scaled(cfg, steps: int, base_steps: int) -> list[str]:
@@ -207,30 +240,41 @@ def _scaled(cfg, steps: int, base_steps: int) -> list[str]:
 
 
 def plan(sweep: Sweep, out: str, recorded: dict | None = None) -> list[Run]:
-    """Every (variant, seed) run with its steps. `recorded`: a previous plan, whose steps
-    are kept for variants whose overrides did not change (a changed one is an error)."""
-    recorded = recorded or {}
-    for name, entry in recorded.items():
+    """Every (variant, seed) run with its steps. `recorded`: a previous plan
+    (`plan.json`): its steps are kept for variants whose overrides did not change, a
+    changed variant is an error, and under a time budget the base's recorded step time
+    is reused."""
+    recorded = recorded or {"variants": {}}
+    for name, entry in recorded["variants"].items():
         if name in sweep.variants and entry["overrides"] != sweep.variants[name]:
             raise SweepError(f"variant {name!r} changed since its runs started (was "
                              f"{' '.join(entry['overrides']) or 'no overrides'}); give it "
-                             "a new name or remove its folder")
+                             f"a new name, or use another --out than {out}")
     costs: dict[str, float] = {}  # one measurement per distinct config
 
-    def cost(cfg) -> float:
+    def cost(cfg, overrides) -> float:
         key = repr(cfg)
         if key not in costs:
-            costs[key] = _step_cost(cfg, sweep.budget, sweep.calibration_steps)
+            if sweep.budget == "tokens":
+                costs[key] = cfg.train.batch_size * cfg.data.seq_len
+            elif sweep.budget == "flops":
+                costs[key] = train_flops_per_step(cfg.model, cfg.data.seq_len,
+                                                  cfg.train.batch_size)
+            else:
+                costs[key] = calibrate(sweep.base, overrides, sweep.calibration_steps)
         return costs[key]
 
     base_cfg = load_config(sweep.base, sweep.overrides)
+    if recorded.get("base_cost"):
+        costs[repr(base_cfg)] = recorded["base_cost"]
     runs = []
     for name, own in sweep.variants.items():
         cfg = load_config(sweep.base, sweep.overrides + own)
-        if name in recorded:
-            steps = recorded[name]["steps"]
+        if name in recorded["variants"]:
+            steps = recorded["variants"][name]["steps"]
         else:
-            steps = round(sweep.steps * cost(base_cfg) / cost(cfg))
+            steps = round(sweep.steps * cost(base_cfg, sweep.overrides)
+                          / cost(cfg, sweep.overrides + own))
         if steps < 1:
             raise SweepError(f"variant {name!r}: the {sweep.budget} budget of {sweep.steps} "
                              "base steps buys it no step; raise budget.steps")
@@ -238,30 +282,52 @@ def plan(sweep: Sweep, out: str, recorded: dict | None = None) -> list[Run]:
             runs.append(Run(name, seed, sweep.overrides + own + _scaled(cfg, steps, sweep.steps)
                             + [f"train.steps={steps}", f"train.seed={seed}"], steps,
                             os.path.join(out, name, f"seed-{seed}")))
+    sweep.base_cost = costs.get(repr(base_cfg))
     return runs
 
 
 def finished(run: Run) -> bool:
-    """Whether the run's metrics reach its last step."""
-    path = os.path.join(run.workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
-    return bool(steps) and max(steps) >= run.steps
+    """Whether the run completed: its last step's checkpoint exists (a run saves it after
+    its last metrics and eval rows, whatever `checkpoint.every` says)."""
+    return os.path.isdir(os.path.join(run.workdir, "checkpoints", str(run.steps)))
+
+
+_child: subprocess.Popen | None = None  # the run in progress, for SIGTERM
+
+
+def _forward_sigterm(signum, frame):
+    """SIGTERM to the sweep: pass it to the run (which saves and stops), then stop as
+    Ctrl-C would."""
+    if _child is not None and _child.poll() is None:
+        _child.send_signal(signal.SIGTERM)
+    raise KeyboardInterrupt
 
 
 def launch(run: Run, base: str, log_path: str) -> tuple[int, str]:
-    """Train one run in its own process; (exit status, its last line of error output)."""
+    """Train one run in its own process; (exit status, its last line of output). On
+    Ctrl-C (which the run receives too) or SIGTERM, wait for the run to save its
+    checkpoint and stop, then raise KeyboardInterrupt."""
+    global _child
     argv = [sys.executable, "-m", "efflm.cli", "train", "--config", base, *run.overrides,
             f"train.workdir={run.workdir}", "logging.progress=false"]
     with open(log_path, "a") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
-        done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False)
-    with open(log_path) as log:
+        _child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = _child.wait()
+        except KeyboardInterrupt:
+            try:
+                _child.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                _child.kill()
+                _child.wait()
+            raise
+        finally:
+            _child = None
+    with open(log_path, encoding="utf-8", errors="replace") as log:
         lines = [line.strip() for line in log if line.strip()]
-    return done.returncode, lines[-1] if lines else ""
+    return code, lines[-1] if lines else ""
 
 
 def _write_json(path: str, value) -> None:
@@ -271,11 +337,23 @@ def _write_json(path: str, value) -> None:
     os.replace(tmp, path)
 
 
+def find_sweep(path: str) -> str:
+    """A sweep file's path: `path` itself, or the name of one in configs/sweeps/."""
+    if os.path.isfile(path):
+        return path
+    packaged = os.path.join(os.path.dirname(configs.__file__), "sweeps",
+                            path if path.endswith(".yaml") else path + ".yaml")
+    if os.path.isfile(packaged):
+        return packaged
+    names = sorted(f[:-5] for f in os.listdir(os.path.dirname(packaged)) if f.endswith(".yaml"))
+    raise SweepError(f"no sweep file {path!r}; give a path, or one of: {', '.join(names)}")
+
+
 def run_sweep(path: str, out: str = "", runner=launch, steps: int | None = None,
               seeds: int | None = None) -> int:
     """Run a sweep file's plan (module docstring); 0 when every run finished, 1 if any
-    failed (each recorded in DIR/status.json). `steps`, `seeds`: in place of the file's
-    budget.steps and seeds."""
+    failed (each recorded in DIR/status.json), 130 when interrupted. `steps`, `seeds`:
+    in place of the file's budget.steps and seeds."""
     from efflm.train.report import write_report
 
     sweep = load_sweep(path)
@@ -286,23 +364,25 @@ def run_sweep(path: str, out: str = "", runner=launch, steps: int | None = None,
     sweep.seeds = seeds or sweep.seeds
     out = out or os.path.join("runs", "sweeps", sweep.name)
     plan_path = os.path.join(out, "plan.json")
-    recorded = {}
+    recorded = None
     if os.path.exists(plan_path):
         with open(plan_path) as f:
-            previous = json.load(f)
-        if (previous["budget"], previous["base_steps"]) != (sweep.budget, sweep.steps):
-            raise SweepError(f"{out} holds a sweep with a {previous['budget']} budget of "
-                             f"{previous['base_steps']} base steps, not {sweep.budget} of "
-                             f"{sweep.steps}; use another --out")
-        recorded = previous["variants"]
+            recorded = json.load(f)
+        before = [recorded.get(k) for k in ("base", "overrides", "budget", "base_steps")]
+        if before != [sweep.base, sweep.overrides, sweep.budget, sweep.steps]:
+            raise SweepError(f"{out} holds a sweep of base {before[0]!r}, shared overrides "
+                             f"{before[1]}, a {before[2]} budget of {before[3]} base steps; "
+                             "this one differs: use another --out")
     runs = plan(sweep, out, recorded)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    steps = {r.variant: r.steps for r in runs}
-    _write_json(plan_path, {"file": os.path.abspath(path), "base": sweep.base,
-                            "budget": sweep.budget, "base_steps": sweep.steps,
-                            "variants": {**recorded, **{name: {"overrides": own,
-                                                              "steps": steps[name]}
-                                                       for name, own in sweep.variants.items()}}})
+    steps_of = {r.variant: r.steps for r in runs}
+    variants = {**(recorded or {}).get("variants", {}),
+                **{name: {"overrides": own, "steps": steps_of[name]}
+                   for name, own in sweep.variants.items()}}
+    _write_json(plan_path, {"file": os.path.abspath(find_sweep(path)), "base": sweep.base,
+                            "overrides": sweep.overrides, "budget": sweep.budget,
+                            "base_steps": sweep.steps, "base_cost": sweep.base_cost,
+                            "variants": variants})
     status_path = os.path.join(out, "status.json")
     status = {}
     if os.path.exists(status_path):
@@ -311,35 +391,40 @@ def run_sweep(path: str, out: str = "", runner=launch, steps: int | None = None,
     print(f"sweep {sweep.name}: {len(sweep.variants)} variants x {sweep.seeds} seeds, "
           f"{sweep.budget} budget of {sweep.steps} base steps, in {out}", flush=True)
     failed = 0
-    for i, run in enumerate(runs, 1):
-        key = f"{run.variant}/seed-{run.seed}"
-        prefix = f"[{i}/{len(runs)}] {run.label} ({run.steps} steps)"
-        if finished(run):
-            status[key] = {"state": "done", "seconds": status.get(key, {}).get("seconds")}
-            print(f"{prefix}: finished earlier", flush=True)
-            continue
-        print(f"{prefix}: training", flush=True)
-        start = time.time()
-        log_path = os.path.join(out, "logs", f"{run.variant}-seed-{run.seed}.log")
-        try:
+    previous = signal.signal(signal.SIGTERM, _forward_sigterm)
+    try:
+        for i, run in enumerate(runs, 1):
+            key = f"{run.variant}/seed-{run.seed}"
+            prefix = f"[{i}/{len(runs)}] {run.label} ({run.steps} steps)"
+            if finished(run):
+                status[key] = {"state": "done", "seconds": status.get(key, {}).get("seconds")}
+                print(f"{prefix}: finished earlier", flush=True)
+                continue
+            print(f"{prefix}: training", flush=True)
+            start = time.time()
+            log_path = os.path.join(out, "logs", f"{run.variant}-seed-{run.seed}.log")
             code, last = runner(run, sweep.base, log_path)
-        except KeyboardInterrupt:
-            print(f"{prefix}: interrupted; run the sweep again to resume it", flush=True)
-            return 130
-        seconds = round(time.time() - start, 1)
-        if code == 0 and finished(run):
-            status[key] = {"state": "done", "seconds": seconds}
-            print(f"{prefix}: done in {seconds:.0f} s", flush=True)
-        else:
-            failed += 1
-            status[key] = {"state": "failed", "exit_status": code, "message": last,
-                           "log": log_path}
-            print(f"{prefix}: FAILED (exit {code}): {last}", flush=True)
+            seconds = round(time.time() - start, 1)
+            if code == 0 and finished(run):
+                status[key] = {"state": "done", "seconds": seconds}
+                print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+            else:
+                failed += 1
+                status[key] = {"state": "failed", "exit_status": code, "message": last,
+                               "log": log_path}
+                print(f"{prefix}: FAILED (exit {code}): {last}", flush=True)
+            _write_json(status_path, status)
+    except KeyboardInterrupt:
+        print(f"sweep {sweep.name}: interrupted; run it again to resume", flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
         _write_json(status_path, status)
-    _write_json(status_path, status)
     summary = f"sweep {sweep.name}: {len(runs) - failed} of {len(runs)} runs finished"
     if any(os.path.exists(os.path.join(r.workdir, "metrics.jsonl")) for r in runs):
-        summary += f"; report in {write_report([out], out)}"
+        try:
+            summary += f"; report in {write_report([out], out)}"
+        except EfflmError as e:
+            summary += f"; no report ({e})"
     print(summary, flush=True)
     return 1 if failed else 0
-

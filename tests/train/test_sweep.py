@@ -111,28 +111,46 @@ def test_flop_matched_budget_equalises_training_flops(tmp_path):
     assert warmup[-1] == f"optimizer.warmup_steps={round(runs['narrow'].steps / 40)}"
 
 
-def test_time_budget_measures_each_variant_once(tmp_path, monkeypatch):
+def test_time_budget_measures_each_config_once(tmp_path, monkeypatch):
     """Equal time: a variant whose step takes half the base's trains twice the steps;
-    the recorded plan keeps its steps without measuring again."""
-    import efflm.bench.mfu
-
+    a recorded plan keeps its steps and the base's time without measuring again."""
     measured = []
 
-    def measure(cfg, steps, warmup):
-        measured.append(cfg.model.mlp.d_ff)
-        return {"step_time": 0.5 if cfg.model.mlp.d_ff == 16 else 1.0}
+    def calibrate(base, overrides, steps):
+        measured.append(overrides)
+        return 0.5 if "model.mlp.d_ff=16" in overrides else 1.0
 
-    monkeypatch.setattr(efflm.bench.mfu, "measure", measure)
+    monkeypatch.setattr(sweep_lib, "calibrate", calibrate)
     sweep = sweep_lib.load_sweep(_write(tmp_path, variants={"base": [], "fast": [
         "model.mlp.d_ff=16"]}, budget={"kind": "time", "steps": 10}))
     runs = sweep_lib.plan(sweep, str(tmp_path))
     assert [(r.variant, r.steps) for r in runs] == [("base", 10), ("fast", 20)]
-    assert sorted(measured) == [16, 64]  # each distinct config once
-    recorded = {r.variant: {"overrides": sweep.variants[r.variant], "steps": r.steps}
-                for r in runs}
+    assert measured == [MICRO, MICRO + ["model.mlp.d_ff=16"]]  # each distinct config once
+    recorded = {"base_cost": sweep.base_cost, "variants": {
+        "base": {"overrides": [], "steps": 10}}}
     measured.clear()
     assert [r.steps for r in sweep_lib.plan(sweep, str(tmp_path), recorded)] == [10, 20]
-    assert measured == []
+    assert measured == [MICRO + ["model.mlp.d_ff=16"]]  # the new variant alone
+
+
+def test_grid_crossed_with_variants_and_shipped_sweeps(tmp_path):
+    """A grid crosses every variant; its values (floats, booleans, text with a colon)
+    name the folders and pass as overrides. Every shipped sweep file resolves."""
+    sweep = sweep_lib.load_sweep(_write(tmp_path, variants={"a": [], "b": [
+        "model.mlp.d_ff=16"]}, grid={"optimizer.lr": [0.001, 0.003],
+                                     "model.sparsity.nm": ["2:4", ""]},
+        budget={"kind": "tokens", "steps": 4}))
+    assert list(sweep.variants) == ["a,lr=0.001,nm=2_4", "a,lr=0.001,nm=_",
+                                    "a,lr=0.003,nm=2_4", "a,lr=0.003,nm=_",
+                                    "b,lr=0.001,nm=2_4", "b,lr=0.001,nm=_",
+                                    "b,lr=0.003,nm=2_4", "b,lr=0.003,nm=_"]
+    assert sweep.variants["b,lr=0.003,nm=2_4"] == ["model.mlp.d_ff=16", "optimizer.lr=0.003",
+                                                   "model.sparsity.nm=2:4"]
+    shipped = os.path.join(os.path.dirname(sweep_lib.configs.__file__), "sweeps")
+    names = sorted(f[:-5] for f in os.listdir(shipped))
+    assert names == ["attention", "depth", "moe_routers", "number_formats", "optimizers"]
+    for name in names:
+        assert len(sweep_lib.load_sweep(name).variants) >= 4, name
 
 
 def test_table_marks_differences_beyond_seed_noise():
@@ -169,6 +187,8 @@ def test_table_marks_differences_beyond_seed_noise():
       "budget": {"kind": "flops", "steps": 1}}, "variant 'b'"),
     ({"variants": {"a": []}, "seeds": 0}, "seeds"),
     ({"variants": {"a": []}, "budget": {"kind": "energy", "steps": 5}}, "budget.kind"),
+    ({"variants": {"a": []}, "budget": 100}, "budget"),
+    ({"variants": {"logs": []}}, "variant 'logs'"),
     ({}, "no variants"),
 ])
 def test_bad_sweep_files_exit_2_with_one_line(tmp_path, capsys, fields, expected):
