@@ -9,8 +9,8 @@ tokens/s and MFU of the logged steps, the train step's memory per device (XLA's
 arguments, outputs and temporaries, less the outputs that reuse donated arguments),
 and the final recall accuracy where the runs measured it (`data.source=mqar`). A `*`
 marks a final bits per byte (or loss, where bits per byte were not measured) that
-differs from the first row's by more than twice the standard error of the difference
-(Welch's form, the seeds as samples; at least two seeds on both sides). Plots (PNG,
+differs from the first row's by Welch's t-test at the two-sided 5% level (the seeds as
+samples; at least two seeds on both sides). Plots (PNG,
 matplotlib): validation loss against steps and against training FLOPs (the seeds'
 mean, with their range as a band), tokens/s and step memory.
 """
@@ -154,13 +154,26 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+# Student's t at 0.975 (two-sided 5%) for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+         2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
 def differs(a: list[float], b: list[float]) -> bool:
-    """Whether two samples' means differ by more than twice the standard error of the
-    difference (Welch); False with fewer than two values on either side."""
+    """Welch's t-test at the two-sided 5% level: whether two samples' means differ by
+    more than t(0.975, df) standard errors of the difference, df by Welch-Satterthwaite
+    rounded down (so never too lenient; 2.042 past 30). False with fewer than two values
+    on either side."""
     if len(a) < 2 or len(b) < 2:
         return False
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    gap = abs(statistics.fmean(a) - statistics.fmean(b))
+    if va + vb == 0:
+        return gap > 0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = _T975[min(max(int(df), 1), len(_T975)) - 1]
+    return gap > t * math.sqrt(va + vb)
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
@@ -285,8 +298,8 @@ def write_report(paths: list[str], out: str) -> str:
     lines = table(variants)
     images = plots(variants, out)
     notes = ["", "`*`: the final bits/byte (loss where bits/byte were not measured) differs "
-             "from the first row's by more than twice the standard error of the difference "
-             "(Welch; seeds as samples; needs two seeds on both sides). ± is the sample "
+             "from the first row's by Welch's t-test at the two-sided 5% level (seeds as "
+             "samples; needs two seeds on both sides). ± is the sample "
              "standard deviation over seeds; — where the runs did not record a figure.", "",
              *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in images]]
     path = os.path.join(out, "report.md")

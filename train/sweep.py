@@ -34,8 +34,8 @@ Each run is a normal training run in DIR/<variant>/seed-<n>, in its own process 
 XLA abort cannot be caught in process), its output in DIR/logs/. A run is finished when
 its last step's checkpoint exists; finished runs are skipped, interrupted ones resume,
 a failed one is recorded in DIR/status.json and the sweep carries on; running the sweep
-again fills the gaps. Ctrl-C or SIGTERM lets the current run save and stop first. When it ends, the report
-(`efflm report`) is written to DIR/report.md with its plots.
+again fills the gaps. Ctrl-C or SIGTERM lets the current run save and stop first. When
+the sweep ends, the report (`efflm report`) is written to DIR/report.md with its plots.
 """
 
 from __future__ import annotations

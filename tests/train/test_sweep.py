@@ -155,11 +155,15 @@ def test_grid_crossed_with_variants_and_shipped_sweeps(tmp_path):
 
 def test_table_marks_differences_beyond_seed_noise():
     """Mean ± sample standard deviation over seeds; `*` where the final bits per byte
-    differs from the first row's by more than twice the standard error (Welch), not
-    with one seed; a recall column where runs measured recall."""
+    differs from the first row's by Welch's t-test at 5%, not with one seed; a recall
+    column where runs measured recall."""
     assert differs([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
     assert not differs([1.0, 1.5, 0.5], [1.2, 0.7, 1.7])
     assert not differs([1.0], [5.0])
+    # Two seeds each, 3 standard errors apart: beyond 2 (a normal's 5%), not beyond
+    # t(0.975, 2) = 4.30 (Welch's df here is 2).
+    assert not differs([0.0, 2.0], [3 * 2 ** 0.5, 3 * 2 ** 0.5 + 2])
+    assert differs([0.0, 2.0], [5 * 2 ** 0.5, 5 * 2 ** 0.5 + 2])
 
     def variant(name, bpbs, recall=None):
         runs = [RunResult(name, seed, "", [{"step": 5, "eval_loss": b, "eval_bits_per_byte": b,
