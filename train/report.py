@@ -5,7 +5,7 @@ Per variant, over its seeds: parameters (total and active per token), training F
 per token (the analytic count MFU uses: three times the forward's), steps, the final
 and best validation loss and bits per byte as mean ± standard deviation, the median
 tokens/s and MFU of the logged steps, the train step's memory per device (XLA's
-`memory_analysis()` of the compiled step, which each run logs in its first row: its
+`memory_analysis()` of the compiled step, which a run logs in its first row: its
 arguments, outputs and temporaries, less the outputs that reuse donated arguments),
 and the final recall accuracy where the runs measured it (`data.source=mqar`). A `*`
 marks a final bits per byte (or loss, where bits per byte were not measured) that

@@ -362,7 +362,9 @@ def train(cfg: Config) -> dict:
                 batch = mesh_lib.global_batch(next(data), program.mesh)
                 if step_fn is None:  # compiled ahead of time, to record its memory
                     step_fn = program.train_step.lower(state, batch).compile()
-                    memory = compiled_memory(step_fn)
+                    # Logged by a fresh run only: a resumed run's rows stay the same as
+                    # an uninterrupted run's.
+                    memory = compiled_memory(step_fn) if start == 0 else {}
                 state, metrics = step_fn(state, batch)
                 done = step + 1
                 if timer_start is None:  # the first step compiles: time from its end
