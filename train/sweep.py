@@ -48,7 +48,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -80,6 +80,7 @@ class Sweep:
     steps: int
     calibration_steps: int = 5
     base_cost: float | None = None  # the base's cost per step, once planned
+    configs: dict = field(default_factory=dict)  # each variant's resolved config
 
 
 @dataclass
@@ -203,7 +204,7 @@ def load_sweep(path: str) -> Sweep:
                   calibration)
     for name, own in variants.items():
         try:
-            load_config(sweep.base, sweep.overrides + own)
+            sweep.configs[name] = load_config(sweep.base, sweep.overrides + own)
         except EfflmError as e:
             raise SweepError(f"variant {name!r}: {e}") from None
     return sweep
@@ -269,7 +270,7 @@ def plan(sweep: Sweep, out: str, recorded: dict | None = None) -> list[Run]:
         costs[repr(base_cfg)] = recorded["base_cost"]
     runs = []
     for name, own in sweep.variants.items():
-        cfg = load_config(sweep.base, sweep.overrides + own)
+        cfg = sweep.configs[name]
         if name in recorded["variants"]:
             steps = recorded["variants"][name]["steps"]
         else:

@@ -24,6 +24,7 @@ from efflm.layers.attention.parts import l2_normalize
 from efflm.layers.plan import layer_plan
 from efflm.models import LM
 from efflm.pallas_kernels.gated_delta_rule import (
+    delta_value_block,
     gated_delta_rule_chunked,
     gated_delta_rule_pallas,
     gated_delta_rule_recurrent,
@@ -127,6 +128,8 @@ def test_pallas_flops_equal_the_kernels_matmuls(small_config):
     assert traced == pytest.approx(delta_rule_flops(cfg, 64, 1, 16, 16) * 64, rel=1e-12)
     xla = small_config(GDN, "model.attention.chunk_size=32").model
     assert delta_rule_flops(cfg, 64, 1, 16, 16) < delta_rule_flops(xla, 64, 1, 16, 16)
+    # A program takes 32 value columns (README), or all of a narrower head.
+    assert [delta_value_block(dv) for dv in (16, 32, 64, 128)] == [16, 32, 32, 32]
 
 
 def test_auto_stays_on_xla_on_a_gpu(small_config, monkeypatch):
