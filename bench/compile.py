@@ -208,13 +208,13 @@ def _linear_case(dt, d, heads=8, length=4096, per_dim=False):
     return _grad_all(fn, 4), args
 
 
-def _delta_case(dt, d, chunk=64, heads=8, length=4096):
+def _delta_case(dt, d, chunk=64, heads=8, length=4096, dv=None):
     from efflm.pallas_kernels.gated_delta_rule import gated_delta_rule_pallas
 
     def fn(q, k, v, log_alpha, beta):
         return gated_delta_rule_pallas(q, k, v, log_alpha, beta, chunk=chunk,
                                        interpret=False)
-    args = (*[_spec((1, length, heads, d), dt)] * 3,
+    args = (*[_spec((1, length, heads, d), dt)] * 2, _spec((1, length, heads, dv or d), dt),
             *[_spec((1, length, heads), jnp.float32)] * 2)
     return _grad_all(fn, 5), args
 
@@ -266,8 +266,9 @@ CASES = {
         "GLA gates d128": lambda dt: _linear_case(dt, 128, per_dim=True),
     },
     "delta": {
-        f"gated delta d{d} chunk {c}": (lambda dt, d=d, c=c: _delta_case(dt, d, c))
-        for d in (64, 128) for c in (32, 64)
+        **{f"gated delta d{d} chunk {c}": (lambda dt, d=d, c=c: _delta_case(dt, d, c))
+           for d in (64, 128) for c in (32, 64)},
+        "gated delta d64 dv128 chunk 64": lambda dt: _delta_case(dt, 64, 64, dv=128),
     },
     "step": {
         "train step, small preset (its bfloat16)": _step_case,

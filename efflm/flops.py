@@ -10,7 +10,8 @@ length x length scores that causality keeps (as FlashAttention reports), so work
 spent on masked scores never raises MFU.
 
 `traced_matmul_flops` counts the matmuls a function really runs, from its jaxpr
-(scan bodies times their length), for checking the analytic figures.
+(scan bodies times their length, Pallas kernels times their grid), for checking the
+analytic figures.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
             total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
             continue
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        if eqn.primitive.name == "pallas_call":  # the kernel once per program
+            repeat = math.prod(eqn.params["grid_mapping"].grid)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
@@ -77,7 +80,8 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
 
 def traced_matmul_flops(fn, *args) -> float:
     """FLOPs of every `dot_general` that `fn(*args)` traces to, each scan body counted
-    `length` times (XLA:CPU's `cost_analysis` counts a loop body once)."""
+    `length` times (XLA:CPU's `cost_analysis` counts a loop body once) and each Pallas
+    kernel once per program of its grid."""
     return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 

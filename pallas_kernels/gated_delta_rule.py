@@ -51,7 +51,6 @@ from efflm.pallas_kernels.linear_attention import (
     segment_chunks,
     segment_index,
     segment_starts,
-    sub_chunk,
     to_chunks,
 )
 
@@ -180,32 +179,41 @@ def gated_delta_rule_chunked(q, k, v, log_alpha, beta, *, chunk: int = 64,
 
 
 # ----------------------------------------------------------------------------
-# Pallas: one Triton-style program per (batch, head, slice of value columns) walks the
-# chunks with the state in float32 registers. Inside a chunk the rows go in blocks of
-# `sub_chunk(chunk)` (16): each block's U solves against the blocks before it (matmuls)
-# and its own unit lower triangle, whose inverse comes from a forward substitution on
-# the block (row by row, masked: Triton tiles cannot be indexed). The forward saves the
-# state entering every chunk; the backward walks the chunks in reverse from those,
-# recomputing each chunk's U and carrying the state's cotangent.
+# Pallas: seven Triton kernels, each small enough to keep its tiles in registers
+# (`efflm bench compile`: no spills at head dim 64, chunk 64). Two walk the chunks, one
+# program per (batch row, head, 32 value columns) with a float32 state; the others take
+# one chunk per program, whole C x C tiles. With the module docstring's notation (c:
+# the incoming state's decay per token, tau: each key's decay to the chunk's end,
+# kappa: the state's through the chunk, P the decayed causal scores), a chunk's
+# U = T R, T = (I + A)^-1, R = diag(beta) (V - diag(c) K S):
 #
-# Per chunk, with the module docstring's notation (c: the incoming state's decay per
-# token, tau: each key's decay to the chunk's end, kappa: the state's), the gradients
-# of U = (I + A)^-1 R, R = diag(beta) (V - diag(c) K S), are
-#     dU = (Gamma o Q K^T)^T dO + diag(tau) K dS',  dR = (I + A)^-T dU,
-#     dA = -dR U^T (strict lower),                   dS = kappa dS' + Q^T diag(c) dO
-#                                                         - K^T diag(beta c) dR,
-# and every decay exp(g_i - g_j) passes d g_i += e, d g_j -= e with e its own term
-# times its cotangent; the wrapper turns d g (g cumulative) into d log_alpha.
+#   tril       T, by forward substitution over the chunk's rows (masked: Triton tiles
+#              cannot be indexed);
+#   states     (walk) U = T R, S <- kappa S + (diag(tau) K)^T U; saves U and the state
+#              entering every chunk (the last entry: the final state);
+#   fwd        O = diag(c) Q S + P U;
+#   bwd_du     P^T dO, U's cotangent through O;
+#   state_bwd  (walk, in reverse) carries dS', the cotangent of the state a chunk passes
+#              on: dU = P^T dO + diag(tau) K dS', dR = T^T dU,
+#              dS = kappa dS' + Q^T diag(c) dO - K^T diag(beta c) dR; saves dR and dS';
+#   bwd_scores dq, and dk and d g through O (dP = dO U^T);
+#   bwd_values dv, d beta, and dk and d g through R, A (dA = -dR U^T, strictly lower)
+#              and the state passed on.
+#
+# Every decay exp(g_i - g_j) passes d g_i += e, d g_j -= e, with e its term times its
+# cotangent. The wrapper adds the chunk's end decay's (<dS', S'> at its last row), sums
+# the value-column programs' dq, dk, d beta and d g, and turns d g (g cumulative in a
+# chunk) into d log_alpha. T, U and the states are the backward's residuals.
 
 _DELTA_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
 
 
-def delta_value_block(dv: int) -> int:
-    """Value columns per program: 32 (or all dv, if fewer). The chunk's U, dR and the
-    state slice shrink with it, and the spills with them (`efflm bench compile`, sm_90a,
-    head dim 64, chunk 64: the forward spills 16 bytes at 64 columns and 4 at 32; the
-    backward 4.8 KB and 2.3 KB)."""
-    return 32 if dv > 32 and dv % 32 == 0 else dv
+def delta_value_block(dk: int, dv: int) -> int:
+    """Value columns per program: 32, or 16 past dk = 64 (the key tiles take more
+    registers; `efflm bench compile`: no spills at dk 128, chunk 64), or all dv if
+    fewer."""
+    block = 32 if dk <= 64 else 16
+    return block if dv > block and dv % block == 0 else dv
 
 
 def _unit_lower_inverse(a):
@@ -223,250 +231,301 @@ def _unit_lower_inverse(a):
     return jax.lax.fori_loop(0, n, row, jnp.zeros_like(a))
 
 
-class _Chunk:
-    """One chunk's blocks of rows: q, k and v tiles loaded where used (so that few are
-    live at once), and the per-token decays that do not pair blocks: `carried` (the
-    incoming state's), `tail` (each key's to the chunk's end) and kappa (the state's
-    through the chunk)."""
-
-    def __init__(self, q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, start, chunk, block):
-        self.refs = dict(q=q_ref, k=k_ref, v=v_ref)
-        before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
-        last = start + chunk - 1
-        seg_last, g_last = seg_ref[last], g_ref[last]
-        self.kappa = jnp.where(seg_last == before, jnp.exp(g_last), 0.0)
-        self.blocks = []
-        for r in range(chunk // block):
-            rows = pl.ds(start + r * block, block)
-            g, seg = g_ref[rows], seg_ref[rows]
-            self.blocks.append(dict(
-                g=g, seg=seg, beta=beta_ref[rows], rows=rows,
-                carried=jnp.where(seg == before, jnp.exp(g), 0.0),
-                tail=jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0)))
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, r):
-        return self.blocks[r]
-
-    def load(self, name, r):
-        return self.refs[name][self.blocks[r]["rows"], :].astype(jnp.float32)
-
-    def pair(self, r, m):
-        """Block r's rows against block m's (m <= r): the decay exp(g_i - g_j) where
-        token j reaches token i (same segment, j <= i), the strict lower Gram matrix
-        k_i . k_j with the decay, A (beta_i times it) and the scores q_i . k_j with the
-        decay."""
-        t, s = self.blocks[r], self.blocks[m]
-        keep = t["seg"][:, None] == s["seg"][None, :]
-        strict = keep
-        if m == r:
-            within = jnp.arange(t["g"].shape[0])
-            keep = keep & (within[:, None] >= within[None, :])
-            strict = keep & (within[:, None] > within[None, :])
-        decay = jnp.exp(jnp.where(keep, t["g"][:, None] - s["g"][None, :], -jnp.inf))
-        k_m = self.load("k", m)
-        gram = jnp.where(strict, decay * mm(self.load("k", r), k_m, trans_b=True), 0.0)
-        scores = jnp.where(keep, decay * mm(self.load("q", r), k_m, trans_b=True), 0.0)
-        return dict(strict=strict, decay=decay, gram=gram, a=t["beta"][:, None] * gram,
-                    scores=scores, keep=keep)
+def _decay(g_ref, seg_ref, start, chunk, strict):
+    """exp(g_i - g_j) over the chunk at `start` where token j reaches token i (same
+    segment, j <= i; j < i if `strict`), else 0."""
+    rows = pl.ds(start, chunk)
+    g, seg = g_ref[rows], seg_ref[rows]
+    within = jnp.arange(chunk)
+    order = (within[:, None] > within[None, :]) if strict else (within[:, None] >= within[None, :])
+    keep = (seg[:, None] == seg[None, :]) & order
+    return jnp.exp(jnp.where(keep, g[:, None] - g[None, :], -jnp.inf))
 
 
-def _chunk_values(chunk, state, visit=None):
-    """U block by block (module docstring), with each diagonal block's inverse;
-    `visit(r, pairs, us)` runs once block r's U is known (pairs: (r, m), m <= r)."""
-    us, inverses = [], []
-    for r, t in enumerate(chunk.blocks):
-        pairs = [chunk.pair(r, m) for m in range(r + 1)]
-        rhs = t["beta"][:, None] * (chunk.load("v", r)
-                                    - t["carried"][:, None] * mm(chunk.load("k", r), state))
-        for m in range(r):
-            rhs = rhs - mm(pairs[m]["a"], us[m])
-        inverses.append(_unit_lower_inverse(pairs[r]["a"]))
-        us.append(mm(inverses[r], rhs))
-        if visit is not None:
-            visit(r, pairs, us)
-    return us, inverses
+def _chunk_decays(g_ref, seg_ref, start, chunk):
+    """The per-token decays of the chunk at `start` that do not pair tokens: c (the
+    incoming state's), tau (each key's to the chunk's end) and kappa (the state's)."""
+    rows = pl.ds(start, chunk)
+    g, seg = g_ref[rows], seg_ref[rows]
+    before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
+    last = start + chunk - 1
+    seg_last, g_last = seg_ref[last], g_ref[last]
+    return (jnp.where(seg == before, jnp.exp(g), 0.0),
+            jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0),
+            jnp.where(seg_last == before, jnp.exp(g_last), 0.0))
 
 
-def _delta_forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, s0_ref, *refs,
-                          chunk: int, block: int, num_chunks: int, save_states: bool):
-    out_ref, state_ref = refs[:2]
-    states_ref = refs[2] if save_states else None
+def _scores(q, k, g_ref, seg_ref, start, chunk):
+    """P: q_i . k_j exp(g_i - g_j) where token j reaches token i, else 0."""
+    return _decay(g_ref, seg_ref, start, chunk, False) * mm(q, k, trans_b=True)
 
+
+def _tril_kernel(k_ref, g_ref, beta_ref, seg_ref, t_ref, *, chunk: int):
+    """T = (I + A)^-1 for this program's chunk, A_ij = beta_i exp(g_i - g_j) k_i . k_j
+    (j < i, same segment)."""
+    start = pl.program_id(2) * chunk
+    k = k_ref[...].astype(jnp.float32)
+    a = (beta_ref[pl.ds(start, chunk)][:, None] * _decay(g_ref, seg_ref, start, chunk, True)
+         * mm(k, k, trans_b=True))
+    t_ref[...] = _unit_lower_inverse(a)
+
+
+def _states_kernel(k_ref, v_ref, g_ref, beta_ref, seg_ref, t_ref, s0_ref, u_ref,
+                   states_ref, *, chunk: int, num_chunks: int):
+    """The walk over the chunks: U = T R for each, and the state entering each (the
+    last entry: the final state)."""
     def body(c, state):
-        if save_states:
-            states_ref[c] = state
-        blocks = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, c * chunk, chunk,
-                        block)
+        start = c * chunk
+        rows = pl.ds(start, chunk)
+        k, v = k_ref[rows, :].astype(jnp.float32), v_ref[rows, :].astype(jnp.float32)
+        carried, tail, kappa = _chunk_decays(g_ref, seg_ref, start, chunk)
+        r = beta_ref[rows][:, None] * (v - carried[:, None] * mm(k, state))
+        u = mm(t_ref[rows, :], r)
+        states_ref[c] = state
+        u_ref[rows, :] = u
+        return kappa * state + mm(tail[:, None] * k, u, trans_a=True)
 
-        def write_out(r, pairs, us):
-            t = blocks[r]
-            out = t["carried"][:, None] * mm(blocks.load("q", r), state)
-            for m in range(r + 1):
-                out = out + mm(pairs[m]["scores"], us[m])
-            out_ref[t["rows"], :] = out.astype(out_ref.dtype)
-
-        us, _ = _chunk_values(blocks, state, write_out)
-        new_state = blocks.kappa * state
-        for r, t in enumerate(blocks.blocks):
-            new_state = new_state + mm(t["tail"][:, None] * blocks.load("k", r), us[r],
-                                       trans_a=True)
-        return new_state
-
-    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
-    state_ref[...] = state
-    if save_states:
-        states_ref[num_chunks] = state
+    states_ref[num_chunks] = jax.lax.fori_loop(0, num_chunks, body,
+                                               s0_ref[...].astype(jnp.float32))
 
 
-def _delta_backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, states_ref,
-                           d_out_ref, d_final_ref, dq_ref, dk_ref, dv_ref, d_beta_ref,
-                           dg_ref, d_initial_ref, *, chunk: int, block: int,
-                           num_chunks: int):
-    """The chunks in reverse, carrying the cotangent of the state each chunk passes on.
-    dq, dk, d beta and d g are this program's share (its value columns): the wrapper
-    sums the programs'. In a chunk, dq comes with U (block by block); then the blocks go
-    last to first: block m's dR needs the later blocks', after which every gradient of
-    block m's rows is complete (the pairs (r >= m, m) and (m, m' <= m))."""
-    rowsum = lambda a: jnp.sum(a, axis=1)  # noqa: E731
+def _output_kernel(q_ref, k_ref, g_ref, seg_ref, state_ref, u_ref, out_ref, *, chunk: int):
+    """O = diag(c) Q S + P U for one chunk, S the state entering it."""
+    start = pl.program_id(2) * chunk
+    q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
+    carried, _, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    scores = _scores(q, k, g_ref, seg_ref, start, chunk)
+    out_ref[...] = (carried[:, None] * mm(q, state_ref[...])
+                    + mm(scores, u_ref[...])).astype(out_ref.dtype)
 
+
+def _state_backward_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, t_ref, d_out_ref,
+                           d_u_ref, d_final_ref, d_r_ref, d_states_ref, d_initial_ref, *,
+                           chunk: int, num_chunks: int):
+    """The walk back over the chunks carrying the state's cotangent: dR for each, and
+    the cotangent of the state each passes on."""
     def body(i, d_state):
         c = num_chunks - 1 - i
-        state = states_ref[c]
-        blocks = _Chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, seg_ref, c * chunk, chunk,
-                        block)
-        d_out = lambda r: d_out_ref[blocks[r]["rows"], :].astype(jnp.float32)  # noqa: E731
-
-        def write_dq(r, pairs, us):
-            d_o = d_out(r)
-            dq = blocks[r]["carried"][:, None] * mm(d_o, state, trans_b=True)
-            for m in range(r + 1):
-                d_qk = jnp.where(pairs[m]["keep"], mm(d_o, us[m], trans_b=True), 0.0)
-                dq = dq + mm(d_qk * pairs[m]["decay"], blocks.load("k", m))
-            dq_ref[blocks[r]["rows"], :] = dq
-
-        us, inverses = _chunk_values(blocks, state, write_dq)
-        n = len(blocks)
-        # d g at the chunk's last row, through kappa and every tail: <dS', S'>.
-        d_end = jnp.sum(d_state * states_ref[c + 1])
-        d_initial = blocks.kappa * d_state
-        d_rhs = [None] * n
-        for m in reversed(range(n)):  # (I + A)^T dR = dU, last block first
-            s = blocks[m]
-            q_m, k_m, d_o = blocks.load("q", m), blocks.load("k", m), d_out(m)
-            k_d_state = mm(k_m, d_state)
-            k_state = mm(k_m, state)
-            column = {r: blocks.pair(r, m) for r in range(m, n)}
-            d_u = s["tail"][:, None] * k_d_state
-            for r, p in column.items():
-                d_u = d_u + mm(p["scores"], d_out(r), trans_a=True)
-                if r > m:
-                    d_u = d_u - mm(p["a"], d_rhs[r], trans_a=True)
-            d_r = d_rhs[m] = mm(inverses[m], d_u, trans_a=True)
-            beta_carried = (s["beta"] * s["carried"])[:, None]
-            d_tail = s["tail"] * rowsum(k_d_state * us[m])
-            dk = (s["tail"][:, None] * mm(us[m], d_state, trans_b=True)
-                  - beta_carried * mm(d_r, state, trans_b=True))
-            d_beta = rowsum(d_r * (blocks.load("v", m) - s["carried"][:, None] * k_state))
-            dg = (s["carried"] * (rowsum(d_o * mm(q_m, state)) - s["beta"]
-                                  * rowsum(d_r * k_state)) - d_tail)
-            d_initial = (d_initial + mm(q_m, s["carried"][:, None] * d_o, trans_a=True)
-                         - mm(k_m, beta_carried * d_r, trans_a=True))
-            for r, p in column.items():  # block m's keys against later (and its own) rows
-                d_scores = jnp.where(p["keep"], mm(d_out(r), us[m], trans_b=True), 0.0)
-                d_a = jnp.where(p["strict"], -mm(d_rhs[r], us[m], trans_b=True), 0.0)
-                d_gram = d_a * blocks[r]["beta"][:, None] * p["decay"]
-                dk = (dk + mm(d_scores * p["decay"], blocks.load("q", r), trans_a=True)
-                      + mm(d_gram, blocks.load("k", r), trans_a=True))
-                dg = dg - jnp.sum(d_scores * p["scores"] + d_a * p["a"], axis=0)
-            for m2 in range(m + 1):  # block m's rows against its own and earlier keys
-                p = column[m] if m2 == m else blocks.pair(m, m2)
-                d_scores = jnp.where(p["keep"], mm(d_o, us[m2], trans_b=True), 0.0)
-                d_a = jnp.where(p["strict"], -mm(d_r, us[m2], trans_b=True), 0.0)
-                d_beta = d_beta + rowsum(d_a * p["gram"])
-                dk = dk + mm(d_a * s["beta"][:, None] * p["decay"], blocks.load("k", m2))
-                dg = dg + rowsum(d_scores * p["scores"] + d_a * p["a"])
-            if m == n - 1:
-                dg = dg + jnp.where(jnp.arange(block) == block - 1, d_end, 0.0)
-            rows = s["rows"]
-            dk_ref[rows, :] = dk
-            dv_ref[rows, :] = (s["beta"][:, None] * d_r).astype(dv_ref.dtype)
-            d_beta_ref[rows] = d_beta
-            dg_ref[rows] = dg
-        return d_initial
+        start = c * chunk
+        rows = pl.ds(start, chunk)
+        d_states_ref[c] = d_state
+        q, k = (r[rows, :].astype(jnp.float32) for r in (q_ref, k_ref))
+        d_out = d_out_ref[rows, :]
+        carried, tail, kappa = _chunk_decays(g_ref, seg_ref, start, chunk)
+        d_u = d_u_ref[rows, :] + tail[:, None] * mm(k, d_state)
+        d_r = mm(t_ref[rows, :], d_u, trans_a=True)
+        d_r_ref[rows, :] = d_r
+        return (kappa * d_state + mm(q, carried[:, None] * d_out, trans_a=True)
+                - mm(k, (beta_ref[rows] * carried)[:, None] * d_r, trans_a=True))
 
     d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, body,
                                            d_final_ref[...].astype(jnp.float32))
 
 
-def _specs(padded, dk, block_dv, num_chunks):
-    """BlockSpecs over the grid (batch, heads, value-column slices)."""
-    head = lambda *tail: pl.BlockSpec((None, None, *tail),  # noqa: E731
-                                      lambda i, j, n: (i, j) + (0,) * len(tail))
-    sliced = lambda *tail: pl.BlockSpec((None, None, *tail),  # noqa: E731
-                                        lambda i, j, n: (i, j) + (0,) * (len(tail) - 1) + (n,))
-    share = lambda *tail: pl.BlockSpec((None, None, None, *tail),  # noqa: E731
-                                       lambda i, j, n: (i, j, n) + (0,) * len(tail))
-    return dict(
-        whole=head(padded, dk), sliced=sliced(padded, block_dv), per_token=head(padded),
-        seg=pl.BlockSpec((None, padded), lambda i, j, n: (i, 0)),
-        state=sliced(dk, block_dv), states=sliced(num_chunks + 1, dk, block_dv),
-        share=share(padded, dk), share_per_token=share(padded))
+def _scores_transposed_kernel(q_ref, k_ref, g_ref, seg_ref, d_out_ref, d_u_ref, *,
+                              chunk: int):
+    """P^T dO for one chunk: U's cotangent through O, before the state's share."""
+    start = pl.program_id(2) * chunk
+    q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
+    scores = _scores(q, k, g_ref, seg_ref, start, chunk)
+    d_u_ref[...] = mm(scores, d_out_ref[...], trans_a=True)
 
 
-def _forward_call(qh, kh, vh, g, bh, seg, initial_state, chunk, block_dv, interpret,
-                  save_states):
-    """The forward kernel on heads-first arrays padded to whole chunks -> (out, final
-    state[, the state entering each chunk and, last, the final one])."""
-    batch, heads, padded, dk = qh.shape
-    dv = vh.shape[-1]
-    num_chunks = padded // chunk
-    specs = _specs(padded, dk, block_dv, num_chunks)
-    out_shape = [jax.ShapeDtypeStruct((batch, heads, padded, dv), vh.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)]
-    out_specs = [specs["sliced"], specs["state"]]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks + 1, dk, dv),
-                                              jnp.float32))
-        out_specs.append(specs["states"])
+def _grads_scores_kernel(q_ref, k_ref, g_ref, seg_ref, state_ref, u_ref, d_out_ref,
+                         dq_ref, dk_ref, dg_ref, *, chunk: int):
+    """One chunk's gradients through O = diag(c) Q S + P U (the kernel comment above),
+    with S the state entering it: dq, and this part of dk and d g."""
+    start = pl.program_id(2) * chunk
+    q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
+    u, d_out, state = u_ref[...], d_out_ref[...], state_ref[...]
+    carried, _, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    scores = _scores(q, k, g_ref, seg_ref, start, chunk)
+    d_scores = mm(d_out, u, trans_b=True)
+    d_decay = d_scores * scores  # each decayed product's term times its cotangent
+    dg_ref[...] = (jnp.sum(d_decay, axis=1) - jnp.sum(d_decay, axis=0)
+                   + carried * jnp.sum(d_out * mm(q, state), axis=1))
+    d_qk = d_scores * _decay(g_ref, seg_ref, start, chunk, False)  # again: fewer live tiles
+    dq_ref[...] = carried[:, None] * mm(d_out, state, trans_b=True) + mm(d_qk, k)
+    dk_ref[...] = mm(d_qk, q, trans_a=True)
+
+
+def _grads_values_kernel(k_ref, v_ref, g_ref, beta_ref, seg_ref, state_ref, d_next_ref,
+                         u_ref, d_r_ref, dk_ref, dv_ref, d_beta_ref, dg_ref, *, chunk: int):
+    """One chunk's gradients through U = (I + A)^-1 R and the state it passes on: dv,
+    d beta, and the rest of dk and d g (but the chunk's end decay's: the wrapper's).
+    state: the state entering the chunk, d_next the cotangent of the one it passes on."""
+    start = pl.program_id(2) * chunk
+    k, v = k_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
+    u, d_r, state, d_next = u_ref[...], d_r_ref[...], state_ref[...], d_next_ref[...]
+    beta = beta_ref[pl.ds(start, chunk)]
+    carried, tail, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    decay = _decay(g_ref, seg_ref, start, chunk, True)
+    d_a = -mm(d_r, u, trans_b=True) * decay  # d A times the decay, strictly lower
+    d_gram = d_a * mm(k, k, trans_b=True)  # d A * A / beta
+    k_state = mm(k, state)
+    d_beta_ref[...] = (jnp.sum(d_r * (v - carried[:, None] * k_state), axis=1)
+                       + jnp.sum(d_gram, axis=1))
+    d_decay = beta[:, None] * d_gram  # d A * A
+    dg_ref[...] = (jnp.sum(d_decay, axis=1) - jnp.sum(d_decay, axis=0)
+                   - carried * beta * jnp.sum(d_r * k_state, axis=1)
+                   - tail * jnp.sum(mm(k, d_next) * u, axis=1))
+    d_kk = beta[:, None] * d_a
+    dk_ref[...] = (mm(d_kk + d_kk.T, k) + tail[:, None] * mm(u, d_next, trans_b=True)
+                   - (beta * carried)[:, None] * mm(d_r, state, trans_b=True))
+    dv_ref[...] = (beta[:, None] * d_r).astype(dv_ref.dtype)
+
+
+def _spec(block, index):
+    """A BlockSpec of `block` (None: a squeezed dim) over any grid: `index` maps
+    (batch, head, third[, fourth]) grid indices to block indices."""
+    return pl.BlockSpec(block, lambda *grid: index(*grid))
+
+
+def _sequential_specs(padded, dk, chunk, block_dv):
+    """Specs over the grid (batch, heads, value-column slices) of the kernels that walk
+    the chunks: whole arrays, or this program's value columns."""
+    whole = lambda *tail: _spec((None, None, *tail),  # noqa: E731
+                                lambda i, j, s: (i, j) + (0,) * len(tail))
+    sliced = lambda *tail: _spec((None, None, *tail),  # noqa: E731
+                                 lambda i, j, s: (i, j) + (0,) * (len(tail) - 1) + (s,))
+    return dict(keys=whole(padded, dk), values=sliced(padded, block_dv),
+                per_token=whole(padded), seg=_spec((None, padded), lambda i, j, s: (i, 0)),
+                tril=whole(padded, chunk), state=sliced(dk, block_dv),
+                states=lambda n: sliced(n, dk, block_dv))
+
+
+def _tril_call(kh, g, bh, seg, chunk, interpret):
+    batch, heads, padded, dk = kh.shape
+    whole = lambda *tail: _spec((None, None, *tail),  # noqa: E731
+                                lambda i, j, c: (i, j) + (0,) * len(tail))
     return pl.pallas_call(
-        functools.partial(_delta_forward_kernel, chunk=chunk, block=sub_chunk(chunk),
-                          num_chunks=num_chunks, save_states=save_states),
-        grid=(batch, heads, dv // block_dv),
-        in_specs=[specs["whole"], specs["whole"], specs["sliced"], specs["per_token"],
-                  specs["per_token"], specs["seg"], specs["state"]],
-        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-        compiler_params=_DELTA_TRITON, name="gated_delta_rule_fwd",
-    )(qh, kh, vh, g, bh, seg, initial_state)
+        functools.partial(_tril_kernel, chunk=chunk),
+        grid=(batch, heads, padded // chunk),
+        in_specs=[_spec((None, None, chunk, dk), lambda i, j, c: (i, j, c, 0)),
+                  whole(padded), whole(padded), _spec((None, padded), lambda i, j, c: (i, 0))],
+        out_specs=_spec((None, None, chunk, chunk), lambda i, j, c: (i, j, c, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, padded, chunk), jnp.float32),
+        interpret=interpret, compiler_params=_DELTA_TRITON, name="gated_delta_rule_tril",
+    )(kh, g, bh, seg)
 
 
-def _backward_call(qh, kh, vh, g, bh, seg, states, d_out, d_final, chunk, block_dv,
+def _forward_calls(qh, kh, vh, g, bh, seg, tril, initial_state, chunk, block_dv,
                    interpret):
+    """The forward kernels on heads-first arrays padded to whole chunks -> (out, the
+    state entering each chunk and, last, the final one, U)."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
     num_chunks = padded // chunk
-    slices = dv // block_dv
-    specs = _specs(padded, dk, block_dv, num_chunks)
+    specs = _sequential_specs(padded, dk, chunk, block_dv)
+    f32 = jnp.float32
+    u, states = pl.pallas_call(
+        functools.partial(_states_kernel, chunk=chunk, num_chunks=num_chunks),
+        grid=(batch, heads, dv // block_dv),
+        in_specs=[specs["keys"], specs["values"], specs["per_token"], specs["per_token"],
+                  specs["seg"], specs["tril"], specs["state"]],
+        out_specs=[specs["values"], specs["states"](num_chunks + 1)],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), f32),
+                   jax.ShapeDtypeStruct((batch, heads, num_chunks + 1, dk, dv), f32)],
+        interpret=interpret, compiler_params=_DELTA_TRITON, name="gated_delta_rule_states",
+    )(kh, vh, g, bh, seg, tril, initial_state)
+    specs = _parallel_specs(padded, dk, chunk, block_dv)
+    out = pl.pallas_call(
+        functools.partial(_output_kernel, chunk=chunk),
+        grid=(batch, heads, num_chunks, dv // block_dv),
+        in_specs=[specs["keys"], specs["keys"], specs["per_token"], specs["seg"],
+                  specs["state"](0), specs["values"]],
+        out_specs=specs["values"],
+        out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dv), vh.dtype),
+        interpret=interpret, compiler_params=_DELTA_TRITON, name="gated_delta_rule_fwd",
+    )(qh, kh, g, seg, states, u)
+    return out, states, u
+
+
+def _state_backward_call(qh, kh, g, bh, seg, tril, d_out, d_u, d_final, chunk, block_dv,
+                         interpret):
+    batch, heads, padded, dk = qh.shape
+    dv = d_out.shape[-1]
+    num_chunks = padded // chunk
+    specs = _sequential_specs(padded, dk, chunk, block_dv)
     f32 = jnp.float32
     return pl.pallas_call(
-        functools.partial(_delta_backward_kernel, chunk=chunk, block=sub_chunk(chunk),
-                          num_chunks=num_chunks),
-        grid=(batch, heads, slices),
-        in_specs=[specs["whole"], specs["whole"], specs["sliced"], specs["per_token"],
-                  specs["per_token"], specs["seg"], specs["states"], specs["sliced"],
+        functools.partial(_state_backward_kernel, chunk=chunk, num_chunks=num_chunks),
+        grid=(batch, heads, dv // block_dv),
+        in_specs=[specs["keys"], specs["keys"], specs["per_token"], specs["per_token"],
+                  specs["seg"], specs["tril"], specs["values"], specs["values"],
                   specs["state"]],
-        out_specs=[specs["share"], specs["share"], specs["sliced"], specs["share_per_token"],
-                   specs["share_per_token"], specs["state"]],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, slices, padded, dk), f32),
-                   jax.ShapeDtypeStruct((batch, heads, slices, padded, dk), f32),
-                   jax.ShapeDtypeStruct((batch, heads, padded, dv), f32),
-                   jax.ShapeDtypeStruct((batch, heads, slices, padded), f32),
-                   jax.ShapeDtypeStruct((batch, heads, slices, padded), f32),
+        out_specs=[specs["values"], specs["states"](num_chunks), specs["state"]],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), f32),
+                   jax.ShapeDtypeStruct((batch, heads, num_chunks, dk, dv), f32),
                    jax.ShapeDtypeStruct((batch, heads, dk, dv), f32)],
-        interpret=interpret, compiler_params=_DELTA_TRITON, name="gated_delta_rule_bwd",
-    )(qh, kh, vh, g, bh, seg, states, d_out, d_final)
+        interpret=interpret, compiler_params=_DELTA_TRITON,
+        name="gated_delta_rule_state_bwd",
+    )(qh, kh, g, bh, seg, tril, d_out, d_u, d_final)
+
+
+def _parallel_specs(padded, dk, chunk, block_dv):
+    """Specs over the grid (batch, heads, chunks, value-column slices) of the gradient
+    kernels: this program's chunk (and value columns), or whole per-token arrays."""
+    state = lambda step: _spec((None, None, None, dk, block_dv),  # noqa: E731
+                               lambda i, j, c, s: (i, j, c + step, 0, s))
+    share = lambda *tail: _spec((None, None, None, chunk, *tail),  # noqa: E731
+                                lambda i, j, c, s: (i, j, s, c) + (0,) * len(tail))
+    return dict(keys=_spec((None, None, chunk, dk), lambda i, j, c, s: (i, j, c, 0)),
+                values=_spec((None, None, chunk, block_dv), lambda i, j, c, s: (i, j, c, s)),
+                per_token=_spec((None, None, padded), lambda i, j, c, s: (i, j, 0)),
+                seg=_spec((None, padded), lambda i, j, c, s: (i, 0)),
+                state=state, share=share)
+
+
+def _scores_grads_call(qh, kh, g, seg, states, u, d_out, chunk, block_dv, interpret):
+    """P^T dO, and the dq, dk and d g shares through O (one per value slice)."""
+    batch, heads, padded, dk = qh.shape
+    dv = u.shape[-1]
+    slices = dv // block_dv
+    specs = _parallel_specs(padded, dk, chunk, block_dv)
+    shape = lambda *tail: jax.ShapeDtypeStruct(  # noqa: E731
+        (batch, heads, *tail), jnp.float32)
+    call = functools.partial(pl.pallas_call, grid=(batch, heads, padded // chunk, slices),
+                             interpret=interpret)
+    d_u = call(
+        functools.partial(_scores_transposed_kernel, chunk=chunk),
+        in_specs=[specs["keys"], specs["keys"], specs["per_token"], specs["seg"],
+                  specs["values"]],
+        out_specs=specs["values"], out_shape=shape(padded, dv),
+        compiler_params=_DELTA_TRITON, name="gated_delta_rule_bwd_du",
+    )(qh, kh, g, seg, d_out)
+    return d_u, *call(
+        functools.partial(_grads_scores_kernel, chunk=chunk),
+        in_specs=[specs["keys"], specs["keys"], specs["per_token"], specs["seg"],
+                  specs["state"](0), specs["values"], specs["values"]],
+        out_specs=[specs["share"](dk), specs["share"](dk), specs["share"]()],
+        out_shape=[shape(slices, padded, dk), shape(slices, padded, dk),
+                   shape(slices, padded)],
+        compiler_params=_DELTA_TRITON, name="gated_delta_rule_bwd_scores",
+    )(qh, kh, g, seg, states, u, d_out)
+
+
+def _values_grads_call(kh, vh, g, bh, seg, states, d_states, u, d_r, chunk, block_dv,
+                       interpret):
+    """dv, and the dk, d beta and d g shares through U and the state passed on."""
+    batch, heads, padded, dk = kh.shape
+    dv = vh.shape[-1]
+    slices = dv // block_dv
+    specs = _parallel_specs(padded, dk, chunk, block_dv)
+    shape = lambda *tail: jax.ShapeDtypeStruct(  # noqa: E731
+        (batch, heads, *tail), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_grads_values_kernel, chunk=chunk),
+        grid=(batch, heads, padded // chunk, slices),
+        in_specs=[specs["keys"], specs["values"], specs["per_token"], specs["per_token"],
+                  specs["seg"], specs["state"](0), specs["state"](0), specs["values"],
+                  specs["values"]],
+        out_specs=[specs["share"](dk), specs["values"], specs["share"](), specs["share"]()],
+        out_shape=[shape(slices, padded, dk), shape(padded, dv), shape(slices, padded),
+                   shape(slices, padded)],
+        interpret=interpret, compiler_params=_DELTA_TRITON,
+        name="gated_delta_rule_bwd_values",
+    )(kh, vh, g, bh, seg, states, d_states, u, d_r)
 
 
 def _layout(q, k, v, log_alpha, beta, seg, chunk):
@@ -480,33 +539,37 @@ def _layout(q, k, v, log_alpha, beta, seg, chunk):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _delta_rule_pallas(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv,
                        interpret):
-    return _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg, chunk,
-                               block_dv, interpret, save_states=False)[:2]
-
-
-def _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv,
-                        interpret, save_states):
-    layout = _layout(q, k, v, log_alpha, beta, seg, chunk)
-    out, *states = _forward_call(*layout, initial_state, chunk, block_dv, interpret,
-                                 save_states)
-    return (jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], *states)
+    return _delta_rule_fwd(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv,
+                           interpret)[0]
 
 
 def _delta_rule_fwd(q, k, v, log_alpha, beta, initial_state, seg, chunk, block_dv, interpret):
-    out, final, states = _delta_rule_forward(q, k, v, log_alpha, beta, initial_state, seg,
-                                             chunk, block_dv, interpret, save_states=True)
-    return (out, final), (q, k, v, log_alpha, beta, seg, states)
+    qh, kh, vh, g, bh, seg_padded = _layout(q, k, v, log_alpha, beta, seg, chunk)
+    tril = _tril_call(kh, g, bh, seg_padded, chunk, interpret)
+    out, states, u = _forward_calls(qh, kh, vh, g, bh, seg_padded, tril, initial_state,
+                                    chunk, block_dv, interpret)
+    out = jnp.moveaxis(out, 1, 2)[:, :q.shape[1]]
+    return (out, states[:, :, -1]), (q, k, v, log_alpha, beta, seg, states, u, tril)
 
 
 def _delta_rule_bwd(chunk, block_dv, interpret, residuals, cotangents):
-    q, k, v, log_alpha, beta, seg, states = residuals
+    q, k, v, log_alpha, beta, seg, states, u, tril = residuals
     d_out, d_final = cotangents
-    layout = _layout(q, k, v, log_alpha, beta, seg, chunk)
-    length, padded = q.shape[1], layout[0].shape[2]
+    qh, kh, vh, g, bh, seg = _layout(q, k, v, log_alpha, beta, seg, chunk)
+    length, padded = q.shape[1], qh.shape[2]
     d_out = jnp.moveaxis(jnp.pad(d_out.astype(jnp.float32),
                                  [(0, 0), (0, padded - length), (0, 0), (0, 0)]), 2, 1)
-    dq, dk, dv, d_beta, dg, d_initial = _backward_call(
-        *layout, states, d_out, d_final.astype(jnp.float32), chunk, block_dv, interpret)
+    d_u, dq, dk_scores, dg_scores = _scores_grads_call(qh, kh, g, seg, states, u, d_out,
+                                                       chunk, block_dv, interpret)
+    d_r, d_states, d_initial = _state_backward_call(
+        qh, kh, g, bh, seg, tril, d_out, d_u, d_final.astype(jnp.float32), chunk, block_dv,
+        interpret)
+    dk, dv, d_beta, dg = _values_grads_call(kh, vh, g, bh, seg, states, d_states, u, d_r,
+                                            chunk, block_dv, interpret)
+    dk, dg = dk + dk_scores, dg + dg_scores
+    # Through the decay at each chunk's last row (kappa's and every tail's): <dS', S'>.
+    end = jnp.einsum("bhnkv,bhnkv->bhn", d_states, states[:, :, 1:])
+    dg = dg.at[:, :, 0, chunk - 1::chunk].add(end)
     # Back to (batch, length, heads, ...), summing the value-column programs' shares.
     # g is cumulative inside each chunk: d log_alpha sums d g from each token to its
     # chunk's end (padding included: the chunk's end decay lands on its last row).
@@ -544,7 +607,7 @@ def gated_delta_rule_pallas(q, k, v, log_alpha, beta, *, chunk: int = 64,
     last = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n)])  # noqa: E731
     q, k, v = last(q, dk_pad), last(k, dk_pad), last(v, dv_pad)
     state = jnp.pad(state, [(0, 0), (0, 0), (0, dk_pad), (0, dv_pad)])
-    block_dv = delta_value_block(v.shape[-1]) if block_dv is None else block_dv
+    block_dv = delta_value_block(q.shape[-1], v.shape[-1]) if block_dv is None else block_dv
     if v.shape[-1] % block_dv:
         raise ValueError(f"block_dv={block_dv} does not divide the padded dv={v.shape[-1]}")
     seg = (jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None

@@ -40,11 +40,12 @@ from efflm.layers.common import decoding, resolve_impl
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
 from efflm.pallas_kernels.gated_delta_rule import (
+    delta_value_block,
     gated_delta_rule_chunked,
     gated_delta_rule_pallas,
     gated_delta_rule_recurrent,
 )
-from efflm.pallas_kernels.linear_attention import sub_chunk
+from efflm.pallas_kernels.linear_attention import padded_head_dim
 from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
@@ -64,12 +65,13 @@ def delta_rule_flops(cfg: ModelConfig, seq_len: int, heads: int, dk: int, dv: in
     (`gated_delta_rule_chunked`) takes k k^T, q k^T and (scores) U over the whole C x C
     block of a chunk of C tokens (2C (2 dk + dv) per token) and substitutes against
     dv + dk columns, each row against all C (2C (dk + dv)). The Pallas kernels take
-    blocks of B rows and only the C / B (C / B + 1) / 2 pairs of blocks on or below the
-    diagonal, for k k^T, q k^T, A U and scores U, and the diagonal blocks' inverses times
-    the right-hand sides: 2 (C + B) (dk + dv) per token."""
+    k k^T once, T R and P U (2C (dk + 2 dv)), and q k^T once per program of
+    `delta_value_block` value columns (n of them: 2C dk n)."""
     chunk = cfg.attention.chunk_size
     if cfg.attention.impl == "pallas":
-        mix = 2 * (chunk + sub_chunk(chunk)) * (dk + dv)
+        columns = padded_head_dim(dv)
+        programs = columns // delta_value_block(padded_head_dim(dk), columns)
+        mix = 2 * chunk * (dk + 2 * dv) + 2 * chunk * dk * programs
     else:
         mix = 2 * chunk * (2 * dk + dv) + 2 * chunk * (dk + dv)
     return heads * (mix + 6 * dk * dv) * padded_length(cfg, seq_len) / seq_len

@@ -1,4 +1,5 @@
-"""`efflm bench compile` pieces that run without jax's CUDA plugin."""
+"""`efflm bench compile`: the pieces that run without jax's CUDA plugin, and (with it) the
+gated delta rule's register verdict."""
 
 import os
 import stat
@@ -8,10 +9,16 @@ import pytest
 from efflm.bench import compile as compile_bench
 
 
-def test_without_cuda_compiler_exits_2_with_advice(capsys):
+def _cuda_compiler() -> bool:
+    import jax
     from jax._src.lib import triton
 
-    if triton.has_compilation_handler("CUDA"):
+    jax.devices()  # plugin discovery registers the compilation handler
+    return triton.has_compilation_handler("CUDA")
+
+
+def test_without_cuda_compiler_exits_2_with_advice(capsys):
+    if _cuda_compiler():
         pytest.skip("the CUDA plugin is installed: the whole table would be compiled")
     with pytest.raises(SystemExit) as e:
         compile_bench.main(["--cases", "gmm"])
@@ -37,3 +44,20 @@ def test_ptxas_report_is_parsed(tmp_path):
     ptx = ".version 8.8\n.target sm_90a\n.visible .entry flash_attention_dkv(\n"
     assert compile_bench._kernel_name(ptx) == "flash_attention_dkv"
     assert compile_bench._ptxas_info(os.fspath(fake), ptx, "90a") == (255, 92, 220)
+
+
+def test_gated_delta_rule_kernels_do_not_spill_at_the_default_chunk():
+    """The README's compiler verdict: at head dim 64 and chunk 64, in bfloat16, none of
+    the gated delta rule's kernels spills registers on sm_90a (needs jax's CUDA plugin
+    and ptxas; no GPU)."""
+    import jax.numpy as jnp
+
+    ptxas = compile_bench._find_ptxas()
+    if not _cuda_compiler() or ptxas is None:
+        pytest.skip("needs jax's CUDA plugin and ptxas (`efflm bench compile --help`)")
+    rows = compile_bench.compile_case("gated delta d64 chunk 64",
+                                      compile_bench.CASES["delta"]["gated delta d64 chunk 64"],
+                                      jnp.bfloat16)
+    assert len(rows) == 7
+    for row in rows:
+        assert compile_bench._ptxas_info(ptxas, row.ptx, "90a")[1:] == (0, 0), row.kernel

@@ -68,8 +68,8 @@ def _value_and_grads(fn, q, k, v, log_alpha, beta, state, d_out, d_state):
 FORMS = {
     "scan": gated_delta_rule_recurrent,
     "chunked": functools.partial(gated_delta_rule_chunked, chunk=CHUNK),
-    # Chunks of 32: two blocks of 16 rows each, so blocks pair off the diagonal; the
-    # head dims (8, 6) are padded to 16 and the value columns split over two programs.
+    # Chunks of 32 (two, the second partial); the head dims (8, 6) are padded to 16
+    # and the value columns split over two programs, whose shares the wrapper sums.
     "pallas": functools.partial(gated_delta_rule_pallas, chunk=32, block_dv=8),
 }
 
@@ -113,23 +113,28 @@ def test_pallas_kernels_lower_to_triton_for_a_gpu():
         return jax.grad(loss, argnums=(0, 1, 2))(q, log_alpha, beta)
 
     lowered = jax.jit(grads).trace(q, gates, gates).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("@__gpu$xla.gpu.triton(") == 2
+    assert lowered.as_text().count("@__gpu$xla.gpu.triton(") == 7
 
 
 def test_pallas_flops_equal_the_kernels_matmuls(small_config):
     """Under impl=pallas the analytic count is the kernel's own: the matmuls its forward
-    traces (one program per batch row and head here) over two chunks of 32."""
+    traces over two chunks of 32, with one program per batch row and head (dv 16) or
+    two value-column programs per head, each taking q k^T again (dv 64)."""
     cfg = small_config(GDN, "model.attention.impl=pallas",
                        "model.attention.chunk_size=32").model
     q = jnp.ones((1, 64, 1, 16))
     gates = jnp.ones((1, 64, 1))
-    traced = traced_matmul_flops(
-        lambda q, g: gated_delta_rule_pallas(q, q, q, g, g, chunk=32), q, gates)
-    assert traced == pytest.approx(delta_rule_flops(cfg, 64, 1, 16, 16) * 64, rel=1e-12)
+    for dv in (16, 64):
+        traced = traced_matmul_flops(
+            lambda q, v, g: gated_delta_rule_pallas(q, q, v, g, g, chunk=32), q,
+            jnp.ones((1, 64, 1, dv)), gates)
+        assert traced == pytest.approx(delta_rule_flops(cfg, 64, 1, 16, dv) * 64, rel=1e-12)
     xla = small_config(GDN, "model.attention.chunk_size=32").model
     assert delta_rule_flops(cfg, 64, 1, 16, 16) < delta_rule_flops(xla, 64, 1, 16, 16)
-    # A program takes 32 value columns (README), or all of a narrower head.
-    assert [delta_value_block(dv) for dv in (16, 32, 64, 128)] == [16, 32, 32, 32]
+    # A program takes 32 value columns, 16 past dk = 64 (README), or all of a narrower
+    # head.
+    assert [delta_value_block(64, dv) for dv in (16, 32, 64, 128)] == [16, 32, 32, 32]
+    assert [delta_value_block(128, dv) for dv in (16, 32, 256)] == [16, 16, 16]
 
 
 def test_auto_stays_on_xla_on_a_gpu(small_config, monkeypatch):
