@@ -187,8 +187,9 @@ def gated_delta_rule_chunked(q, k, v, log_alpha, beta, *, chunk: int = 64,
 # kappa: the state's through the chunk, P the decayed causal scores), a chunk's
 # U = T R, T = (I + A)^-1, R = diag(beta) (V - diag(c) K S):
 #
-#   tril       T, by forward substitution over the chunk's rows (masked: Triton tiles
-#              cannot be indexed);
+#   tril       T, by blocks of `tril_block` (32) rows: forward substitution inside
+#              the diagonal blocks (row by row, masked: Triton tiles cannot be
+#              indexed), matmuls for the blocks below them;
 #   states     (walk) U = T R, S <- kappa S + (diag(tau) K)^T U; saves U and the state
 #              entering every chunk (the last entry: the final state);
 #   fwd        O = diag(c) Q S + P U;
@@ -260,14 +261,40 @@ def _scores(q, k, g_ref, seg_ref, start, chunk):
     return _decay(g_ref, seg_ref, start, chunk, False) * mm(q, k, trans_b=True)
 
 
+def tril_block(chunk: int) -> int:
+    """Rows per block of the triangular solve: 32, or the whole chunk if not more or not
+    a multiple (blocks of 16 spill registers on sm_90a, the whole chunk of 64 takes four
+    times the substitution work)."""
+    return 32 if chunk > 32 and chunk % 32 == 0 else chunk
+
+
 def _tril_kernel(k_ref, g_ref, beta_ref, seg_ref, t_ref, *, chunk: int):
     """T = (I + A)^-1 for this program's chunk, A_ij = beta_i exp(g_i - g_j) k_i . k_j
-    (j < i, same segment)."""
+    (j < i, same segment), by blocks of rows: the diagonal blocks' inverses by forward
+    substitution, each block below them from the blocks above:
+    T_rm = -T_rr sum_{m <= j < r} A_rj T_jm."""
     start = pl.program_id(2) * chunk
-    k = k_ref[...].astype(jnp.float32)
-    a = (beta_ref[pl.ds(start, chunk)][:, None] * _decay(g_ref, seg_ref, start, chunk, True)
-         * mm(k, k, trans_b=True))
-    t_ref[...] = _unit_lower_inverse(a)
+    block = tril_block(chunk)
+    rows = lambda r: pl.ds(r * block, block)  # noqa: E731
+    tokens = lambda r: pl.ds(start + r * block, block)  # noqa: E731
+    t = {}
+    for r in range(chunk // block):
+        g, seg = g_ref[tokens(r)], seg_ref[tokens(r)]
+        k = k_ref[rows(r), :]  # the input dtype: bf16 products are exact in float32
+        a = {}
+        for m in range(r + 1):
+            keep = seg[:, None] == seg_ref[tokens(m)][None, :]
+            if m == r:
+                within = jnp.arange(block)
+                keep = keep & (within[:, None] > within[None, :])
+            decay = jnp.exp(jnp.where(keep, g[:, None] - g_ref[tokens(m)][None, :], -jnp.inf))
+            a[m] = (beta_ref[tokens(r)][:, None] * decay
+                    * mm(k, k_ref[rows(m), :], trans_b=True))
+        t[r, r] = _unit_lower_inverse(a[r])
+        for m in range(r):
+            t[r, m] = -mm(t[r, r], sum(mm(a[j], t[j, m]) for j in range(m, r)))
+        for m in range(chunk // block):
+            t_ref[rows(r), rows(m)] = t[r, m] if m <= r else jnp.zeros((block, block))
 
 
 def _states_kernel(k_ref, v_ref, g_ref, beta_ref, seg_ref, t_ref, s0_ref, u_ref,

@@ -28,6 +28,7 @@ from efflm.pallas_kernels.gated_delta_rule import (
     gated_delta_rule_chunked,
     gated_delta_rule_pallas,
     gated_delta_rule_recurrent,
+    tril_block,
 )
 
 GDN = "model.attention.kind=gated_deltanet"
@@ -71,6 +72,8 @@ FORMS = {
     # Chunks of 32 (two, the second partial); the head dims (8, 6) are padded to 16
     # and the value columns split over two programs, whose shares the wrapper sums.
     "pallas": functools.partial(gated_delta_rule_pallas, chunk=32, block_dv=8),
+    # One chunk of 64: the triangular solve in two blocks of 32 rows (`tril_block`).
+    "pallas_blocks": functools.partial(gated_delta_rule_pallas, chunk=64),
 }
 
 
@@ -82,7 +85,7 @@ def _form_results(form, dtype):
 
 @pytest.mark.parametrize("form, dtype, tol", [
     ("chunked", jnp.float32, 2e-5), ("chunked", jnp.bfloat16, 1e-2),
-    ("pallas", jnp.float32, 2e-5)])
+    ("pallas", jnp.float32, 2e-5), ("pallas_blocks", jnp.float32, 2e-5)])
 def test_fast_forms_match_the_token_scan(form, dtype, tol):
     """Values, final state and gradients (q, k, v, log alpha, beta, initial state) over
     packed segments with boundaries inside chunks, a partial last chunk and decays down
@@ -95,7 +98,7 @@ def test_fast_forms_match_the_token_scan(form, dtype, tol):
         assert a.dtype == b.dtype, name
         _close(a, b, tol)
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
-    if form == "pallas":
+    if form.startswith("pallas"):
         for a, b in zip(got, _form_results("chunked", dtype)):
             _close(a, b, tol)
 
@@ -135,6 +138,7 @@ def test_pallas_flops_equal_the_kernels_matmuls(small_config):
     # head.
     assert [delta_value_block(64, dv) for dv in (16, 32, 64, 128)] == [16, 32, 32, 32]
     assert [delta_value_block(128, dv) for dv in (16, 32, 256)] == [16, 16, 16]
+    assert [tril_block(c) for c in (16, 32, 48, 64, 128)] == [16, 32, 48, 32, 32]
 
 
 def test_auto_stays_on_xla_on_a_gpu(small_config, monkeypatch):
