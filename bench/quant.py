@@ -1,14 +1,17 @@
 """Validation bits per byte, step time and exported size of each number format.
 
-    efflm bench quant [--steps 300] [--out FILE] [key=value ...]
+    efflm bench quant [--config tiny] [--formats ...] [--steps 300] [--out FILE]
+                      [key=value ...]
 
-Side by side in one run: `tiny` on `pycode` trained for `--steps` steps in float32,
-bfloat16 compute, int8, ternary, with 2:4 sparsity and in fp8 (delayed and current
-scaling) (model.quant.targets at its default, attention and MLP; the head stays
-float32), each from the same seed and data order. Then its
+Side by side in one run: `--config` (default `tiny`) on `pycode` trained for `--steps`
+steps in float32, bfloat16 compute, int8, ternary, with 2:4 sparsity and in fp8
+(delayed and current scaling), or the `--formats` named (model.quant.targets at its
+default: attention, MLP and routed experts, but fp8's; the head stays float32), each
+from the same seed and data order. Then its
 validation bits per byte over `train.eval_batches` batches, its median step time (from
 metrics.jsonl, which leaves out the compiling first step) and, for the quantised
-formats, the size of `efflm export` against the same weights in bf16. The latent
+formats, the size of `efflm export` against the same weights in bf16 (routed experts are
+exported in float32 and quantised again when loaded). The latent
 weights stay float32 while training, so training memory does not fall; on a CPU int8
 and ternary are simulated with int32 accumulation and fp8 with XLA's emulated f8 dots,
 not run on faster hardware units.
@@ -34,11 +37,11 @@ VARIANTS = [
 ]
 
 
-def _run(label: str, overrides: list[str], steps: int, root: str) -> dict:
+def _run(preset: str, label: str, overrides: list[str], steps: int, root: str) -> dict:
     from efflm.train.export import export_quantized
 
     workdir = os.path.join(root, label.replace(" ", "_").replace(":", "_"))
-    result = train_and_evaluate("tiny", overrides, steps, workdir)
+    result = train_and_evaluate(preset, overrides, steps, workdir)
     cfg, program, state = result.pop("restored")
     if cfg.model.quant.kind != "none":
         result["export"] = export_quantized(program, state,
@@ -50,18 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench quant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="quant", choices=["quant"])
+    p.add_argument("--config", default="tiny", help="the preset or YAML file to train")
+    p.add_argument("--formats", default="",
+                   help=f"comma-separated subset of: {', '.join(v for v, _ in VARIANTS)} "
+                        "(the first is the baseline)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = p.parse_intermixed_args(argv)
+    named = dict(VARIANTS)
+    chosen = [f.strip() for f in args.formats.split(",") if f.strip()] or list(named)
+    unknown = [f for f in chosen if f not in named]
+    if unknown:
+        p.error(f"--formats: unknown {unknown}; choose from {', '.join(named)}")
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for label, extra in VARIANTS:
-            rows.append((label, _run(label, [*args.overrides, *extra], args.steps, root)))
+        for label in chosen:
+            rows.append((label, _run(args.config, label, [*args.overrides, *named[label]],
+                                     args.steps, root)))
     base = rows[0][1]["step_time"]
     lines = [*header("quant", argv if argv is not None else sys.argv[1:]),
-             f"`tiny` on pycode, {args.steps} steps; targets attention and MLP.", "",
-             "| format | val bits/byte | step s | vs float32 | exported targets | "
+             f"`{args.config}` on pycode, {args.steps} steps; the default targets.", "",
+             f"| format | val bits/byte | step s | vs {chosen[0]} | exported targets | "
              "vs bf16 | whole file | vs all bf16 |", "|---|---|---|---|---|---|---|---|"]
     for label, r in rows:
         e = r.get("export")

@@ -75,9 +75,11 @@ class LayerKind(nn.Module, Kind):
 
     cfg: Any  # the ModelConfig
 
-    # Which entry of model.quant.targets the kind's projections belong to (they go
-    # through the quantised-matmul hook); None: they never do.
-    quant_target = None
+    @staticmethod
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+        """The entries of model.quant.targets whose matmuls this kind has (they go
+        through the quantised-matmul hook); (): none."""
+        return ()
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -143,9 +143,9 @@ def not_causal(cfg: ModelConfig, decoding: bool = False) -> list[str]:
 
 def quant_targets(cfg: ModelConfig) -> set[str]:
     """The entries of model.quant.targets that some matmul of this model goes through:
-    the head, and each layer kind's `quant_target`."""
+    the head, and each layer kind's `quant_targets`."""
     kinds = layer_kinds(layer_plan(cfg))
-    return {"head"} | {k.quant_target for k in kinds if k.quant_target is not None}
+    return {"head"} | {t for k in kinds for t in k.quant_targets(cfg)}
 
 
 def not_decoding(cfg: ModelConfig) -> list[str]:

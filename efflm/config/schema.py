@@ -82,8 +82,10 @@ class QuantShared:
     """Number format of the matmuls (`layers/quant/`); parameters stay float32."""
 
     kind: str = "none"  # none | int8 | ternary | fp8 (its own settings: model.quant.fp8.*)
-    # Which matmuls the format (and model.sparsity.nm) applies to: attention, mlp, head.
-    targets: list[str] = field(default_factory=lambda: ["attention", "mlp"])
+    # Which matmuls the format (and model.sparsity.nm) applies to: attention, mlp
+    # (dense MLPs and shared experts), experts (routed), head. The default applies to
+    # those of its entries the model has; a named entry must match a layer.
+    targets: list[str] = field(default_factory=lambda: ["attention", "mlp", "experts"])
 
 
 @dataclass

@@ -12,7 +12,7 @@ from efflm.layers.quant.nm import parse_nm
 from efflm.shapes import head_dim
 from efflm.train.optim import OPTIMIZERS, SCHEDULES
 
-from .schema import Config, ModelConfig
+from .schema import Config, ModelConfig, QuantShared
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -96,7 +96,7 @@ def validate(cfg: Config) -> None:
     _validate_quant(m)
 
 
-QUANT_TARGETS = ("attention", "mlp", "head")
+QUANT_TARGETS = ("attention", "mlp", "experts", "head")
 
 
 def _validate_quant(m: ModelConfig) -> None:
@@ -114,16 +114,26 @@ def _validate_quant(m: ModelConfig) -> None:
     if fmt is not None:
         fmt.validate_config(m)
     present = quant_targets(m)  # a kind routes its matmuls through the hook: its target
-    for t in q.targets:
-        if t not in present:
+    default = q.targets == QuantShared().targets
+    if fmt is not None and fmt.custom_matmul and "experts" in q.targets and not default:
+        raise ConfigError(f"model.quant.kind={q.kind} does not cover routed experts (it "
+                          "keeps state per matmul); drop experts from model.quant.targets")
+    for t in q.targets:  # the defaults apply to the roles the model has
+        if t not in present and not default:
             raise ConfigError(f"model.quant.targets entry {t!r} matches no layer of this "
                               "model (its layers of that role do not use the quantised "
                               "matmul); drop it")
+    targets = [t for t in q.targets if t in present]
+    if not targets:
+        raise ConfigError(f"model.quant.targets {q.targets} match no layer of this model; "
+                          f"name some of: {', '.join(sorted(present))}")
     if sp.nm:
         _, group = parse_nm(sp.nm)
+        shared = m.moe.num_shared_experts * m.moe.expert_d_ff
         widths = {"attention": (m.d_model, m.attention.num_heads * head_dim(m)),
-                  "mlp": (m.d_model, m.mlp.d_ff), "head": (m.d_model,)}
-        for t in q.targets:
+                  "mlp": (m.d_model, m.mlp.d_ff, *([shared] if shared else [])),
+                  "experts": (m.d_model, m.moe.expert_d_ff), "head": (m.d_model,)}
+        for t in targets:
             for width in widths[t]:
                 if width % group:
                     raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={group} does not "

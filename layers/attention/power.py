@@ -124,7 +124,9 @@ class PowerAttention(Mixer):
 
     decodes = True
     decode_skips_tokens = True
-    quant_target = "attention"
+    @staticmethod
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("attention",)  # its projections go through the quantised-matmul hook
     settings = PowerSettings
 
     @staticmethod

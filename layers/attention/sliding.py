@@ -116,7 +116,9 @@ class SlidingAttention(Mixer):
     decodes = True
     decode_skips_tokens = True
     bounded_cache = True  # the ring of `window` keys and the sink slots
-    quant_target = "attention"
+    @staticmethod
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("attention",)  # its projections go through the quantised-matmul hook
     settings = SlidingSettings
     resumable = ("block_size",)
 

@@ -157,7 +157,9 @@ class SoftmaxAttention(Mixer):
 
     decodes = True
     decode_skips_tokens = True
-    quant_target = "attention"  # its projections go through the quantised-matmul hook
+    @staticmethod
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("attention",)  # its projections go through the quantised-matmul hook
     context_parallel = ("ring", "allgather")
     settings = SoftmaxSettings
     resumable = ("block_size",)

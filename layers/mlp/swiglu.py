@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 class SwiGLU(FeedForward):
     """Gated MLP `W_out(silu(x W_gate) * x W_up)` ("GLU Variants Improve Transformer")."""
 
-    quant_target = "mlp"  # its projections go through the quantised-matmul hook
+    @staticmethod
+
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+
+        return ("mlp",)  # its projections go through the quantised-matmul hook
 
     d_ff: int = 0  # hidden width; 0: model.mlp.d_ff
 

@@ -34,6 +34,12 @@ import jax.numpy as jnp
 
 from efflm.errors import ConfigError
 from efflm.layers.common import resolve_impl
+from efflm.layers.quant.matmul import (
+    expert_format,
+    expert_matmul,
+    fake_quantize_experts,
+    fake_quantize_rows,
+)
 from efflm.mesh import mesh_axes_of
 from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 
@@ -52,10 +58,12 @@ class Pairs(NamedTuple):
     length: int = 0
 
 
-def expert_ffn(rows, gate, up, out, spec: str = "nbd,ndf->nbf", back: str = "nbf,nfd->nbd"):
-    """SwiGLU `(silu(x W_gate) * x W_up) W_out`, batched over a leading axis."""
-    h = jax.nn.silu(jnp.einsum(spec, rows, gate)) * jnp.einsum(spec, rows, up)
-    return jnp.einsum(back, h, out)
+def expert_ffn(rows, gate, up, out, fmt=None):
+    """SwiGLU `(silu(x W_gate) * x W_up) W_out` of rows (n, d) with one expert's weights,
+    or batched over a leading expert axis; its matmuls in the experts' number format
+    `fmt` (`expert_format`; None: plain)."""
+    mm = expert_matmul(fmt)
+    return mm(jax.nn.silu(mm(rows, gate)) * mm(rows, up), out)
 
 
 def _sorted_pairs(flat_experts, num_experts: int):
@@ -68,7 +76,7 @@ def _sorted_pairs(flat_experts, num_experts: int):
     return order, sizes, starts, rank
 
 
-def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
+def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int, fmt):
     """Rows sorted by expert -> expert outputs, via row blocks of one expert each."""
     pairs, d = x_sorted.shape
     num_experts = sizes.shape[0]
@@ -84,7 +92,7 @@ def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
     def one_block(_, block_and_expert):
         rows, expert = block_and_expert
         w = (jax.lax.dynamic_index_in_dim(w, expert, keepdims=False) for w in weights)
-        return None, expert_ffn(rows, *w, spec="bd,df->bf", back="bf,fd->bd")
+        return None, expert_ffn(rows, *w, fmt)
 
     # A loop over the blocks reads each block's expert weights in place: gathering them
     # for one batched matmul would copy (blocks, d, f) weights forward and backward. The
@@ -95,9 +103,16 @@ def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int):
     return y.reshape(total, d)[dest]
 
 
-def _grouped(x_sorted, sizes, weights, impl: str):
+def _grouped(x_sorted, sizes, weights, impl: str, fmt):
+    """The experts as grouped matmuls; in a number format `fmt` by fake quantisation
+    (the kernel multiplies the dequantised operands)."""
+    if fmt is not None:
+        weights = tuple(fake_quantize_experts(fmt, w).astype(w.dtype) for w in weights)
     gate, up, out = weights
-    mm = lambda a, w: grouped_matmul(a, w, sizes, impl=impl)  # noqa: E731
+
+    def mm(a, w):
+        a = a if fmt is None else fake_quantize_rows(fmt, a).astype(a.dtype)
+        return grouped_matmul(a, w, sizes, impl=impl)
     return mm(jax.nn.silu(mm(x_sorted, gate)) * mm(x_sorted, up), out)
 
 
@@ -118,11 +133,12 @@ def dropless_dispatch(x, experts, gates, weights, cfg: ModelConfig, pairs: Pairs
     impl = cfg.moe.impl
     if impl != "ragged":
         impl = resolve_impl(impl, ("xla", "pallas"), "MoE dropless dispatch")
+    fmt = expert_format(cfg)
     if impl == "xla":
         y = _blocked(x_sorted, flat[order], rank, sizes, weights,
-                     block_rows(cfg, flat.shape[0]))
+                     block_rows(cfg, flat.shape[0]), fmt)
     else:
-        y = _grouped(x_sorted, sizes, weights, "xla" if impl == "ragged" else "pallas")
+        y = _grouped(x_sorted, sizes, weights, "xla" if impl == "ragged" else "pallas", fmt)
     pair_out = jnp.zeros_like(y).at[order].set(y).reshape(tokens, k, -1)
     out = jnp.einsum("tkd,tk->td", pair_out, jnp.where(pairs.keep, gates, 0).astype(
         pair_out.dtype))
@@ -171,7 +187,7 @@ def capacity_dispatch(x, experts, gates, weights, cfg: ModelConfig, pairs: Pairs
     token = jnp.broadcast_to(jnp.arange(tokens)[:, None], (tokens, k))
     buffer = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
     buffer = buffer.at[experts, index].set(x[token], mode="drop")
-    y = expert_ffn(buffer, *weights)
+    y = expert_ffn(buffer, *weights, expert_format(cfg))
     pair_out = jnp.where(kept[..., None], y[experts, jnp.minimum(index, capacity - 1)], 0)
     out = jnp.einsum("tkd,tk->td", pair_out, gates.astype(pair_out.dtype))
     return out, kept

@@ -33,6 +33,7 @@ from efflm.layers.moe.capacity import (
 )
 from efflm.layers.moe.dispatch import EP_EXCHANGES, Pairs, capacity_rate, sharded_dispatch
 from efflm.layers.moe.topk import real_tokens, token_mean
+from efflm.layers.quant.matmul import fake_quantize_experts, fake_quantize_rows, sparsify
 from efflm.mesh import mesh_axes_of
 
 if TYPE_CHECKING:
@@ -139,6 +140,12 @@ class MoE(FeedForward):
                        (e, d, f), pdt),
             self.param("out", _expert_init(out_std, ("expert", "mlp", "embed")), (e, f, d),
                        pdt))
+        if cfg.sparsity.nm and "experts" in cfg.quant.targets:  # each expert's own mask
+            weights = tuple(
+                sparsify(self, cfg.sparsity, w, 1, axes, f"nm_mask_{name}", in_axis=1)
+                for w, name, axes in zip(weights, ("gate", "up", "out"), (
+                    ("expert", "embed", "mlp"), ("expert", "embed", "mlp"),
+                    ("expert", "mlp", "embed"))))
         weights = tuple(w.astype(cfg.dtype) for w in weights)
         if routing.rows is None:
             asking, pairs = self._pairs(routing.experts.reshape(batch, length, -1),
@@ -260,6 +267,11 @@ class MoE(FeedForward):
         sow_stat(self, "router_entropy", token_mean(entropy, valid))
 
     @staticmethod
+    def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
+        """Routed experts: `experts`; shared experts are a SwiGLU: `mlp`."""
+        return ("experts", "mlp") if cfg.moe.num_shared_experts else ("experts",)
+
+    @staticmethod
     def routed_rows_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
         """Expert rows a token costs: the router's `rows_per_token` (top_k for token
         choice; a per-sequence router's static rows over the sequence)."""
@@ -367,7 +379,7 @@ class MoE(FeedForward):
 
 
 def moe_reference(x, experts, gates, weights, capacity: float | None = None,
-                  policy: str = "causal", segment_ids=None):
+                  policy: str = "causal", segment_ids=None, fmt=None):
     """Every expert on every token, each token's output the sum over its kept choices of
     `gate * expert(x_t)` (differentiable in `x`, `gates` and `weights`). `x` (batch,
     length, d); `experts` (batch * length, k) concrete, `gates` the same shape. With
@@ -375,7 +387,9 @@ def moe_reference(x, experts, gates, weights, capacity: float | None = None,
     follow `policy`: causal by `causal_picks`, batch by a loop over choices then tokens
     that takes the real tokens' pairs while their expert has fewer than
     `ceil(capacity * real tokens)`.
-    Padding (segment 0) keeps nothing. Returns (output (batch, length, d), kept (batch *
+    Padding (segment 0) keeps nothing. With a number format `fmt`, every expert matmul
+    takes fake-quantised operands: x per token, each expert's weights, and the hidden
+    activations per (token, expert). Returns (output (batch, length, d), kept (batch *
     length, k) bool)."""
     batch, length, _ = x.shape
     experts = np.asarray(experts).reshape(batch, length, -1)
@@ -397,9 +411,15 @@ def moe_reference(x, experts, gates, weights, capacity: float | None = None,
                     taken[flat[t, j]] += 1
         keep = keep.reshape(experts.shape)
     gate_w, up_w, out_w = weights
-    h = jax.nn.silu(jnp.einsum("bld,edf->blef", x, gate_w)) * jnp.einsum(
-        "bld,edf->blef", x, up_w)
-    every = jnp.einsum("blef,efd->bled", h, out_w)
+    rows = lambda a: a  # noqa: E731
+    if fmt is not None:
+        gate_w, up_w, out_w = (fake_quantize_experts(fmt, w) for w in weights)
+
+        def rows(a):  # quantised along the last axis, one scale per row
+            return fake_quantize_rows(fmt, a.reshape(-1, a.shape[-1])).reshape(a.shape)
+    h = jax.nn.silu(jnp.einsum("bld,edf->blef", rows(x), gate_w)) * jnp.einsum(
+        "bld,edf->blef", rows(x), up_w)
+    every = jnp.einsum("blef,efd->bled", rows(h), out_w)
     chosen = np.eye(gate_w.shape[0], dtype=np.float32)[experts] * keep[..., None]
     weight = jnp.einsum("blke,blk->ble", chosen, gates.reshape(experts.shape))
     return jnp.einsum("bled,ble->bld", every, weight), keep.reshape(-1, k)

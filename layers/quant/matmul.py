@@ -1,7 +1,10 @@
 """The quantised-matmul hook: every projection covered by `model.quant.targets` (the
 attention and MLP Dense layers, the output head) computes `x @ w` here, through the
 N:M mask (`nm.py`) and the number format of `model.quant.kind` (a format with its own
-matmul, fp8, computes it: `NumberFormat.custom_matmul`)."""
+matmul, fp8, computes it: `NumberFormat.custom_matmul`). The routed experts (target
+`experts`) are masked by `sparsify` in the MoE layer and multiplied by
+`expert_matmul` (or, in the grouped matmul, `fake_quantize_rows` and
+`fake_quantize_experts`) inside the dispatch."""
 
 import math
 from functools import partial
@@ -72,12 +75,68 @@ def reference_matmul(fmt, x, w):
     return xd.astype(jnp.float32) @ wd.astype(jnp.float32)
 
 
+def expert_format(cfg):
+    """The number format of the routed experts' matmuls (a ModelConfig's): that of
+    model.quant.kind when `experts` is a target, else None. A format with its own matmul
+    (fp8) keeps state per matmul and does not cover them (validation refuses it)."""
+    fmt = QUANT[cfg.quant.kind]
+    if fmt is None or fmt.custom_matmul or "experts" not in cfg.quant.targets:
+        return None
+    return fmt
+
+
+def expert_matmul(fmt):
+    """`mm(a, w)`: a (rows, in) @ w (in, out), or batched over a leading expert axis, in
+    `fmt` (`quantized_matmul`; None: plain), in a's dtype."""
+    def mm(a, w):
+        if fmt is None:
+            return jnp.matmul(a, w)
+        one = partial(quantized_matmul, fmt)
+        return (one(a, w) if a.ndim == 2 else jax.vmap(one)(a, w)).astype(a.dtype)
+    return mm
+
+
+def fake_quantize_rows(fmt, x):
+    """x (rows, in) quantised per row as `fmt`'s activations, dequantised, with a
+    straight-through gradient."""
+    xq, sx = fmt.quantize_activation(x)
+    return _ste(x, xq.astype(jnp.float32) * sx)
+
+
+def fake_quantize_experts(fmt, w):
+    """w (experts, in, out) quantised per expert as `fmt`'s weights, dequantised, with a
+    straight-through gradient."""
+    def one(w):
+        wq, sw = fmt.quantize_weight(w)
+        return wq.astype(jnp.float32) * sw
+    return _ste(w, jax.vmap(one)(w))
+
+
+def sparsify(module, sparsity, w, in_dims: int, axes, name: str = "nm_mask",
+             in_axis: int = 0):
+    """`w` under its N:M mask (`model.sparsity`), along the `in_dims` input axes that
+    start at `in_axis`, trained with SR-STE. Keeps the mask of the previous step in
+    `module`'s `state` collection as `name` (logical `axes` of `w`) and logs
+    `nm_flip_rate`, the fraction of mask entries that changed."""
+    n, m = parse_nm(sparsity.nm)
+    moved = jnp.moveaxis(w, in_axis, 0) if in_axis else w
+    w2d = moved.reshape(math.prod(moved.shape[:in_dims]), -1)
+    mask = nm_mask(jax.lax.stop_gradient(w2d), n, m)
+    full = jnp.moveaxis(mask.reshape(moved.shape), 0, in_axis).astype(jnp.int8)
+    init = (nn.with_logical_partitioning(lambda: full, axes) if axes else (lambda: full))
+    prev = module.variable("state", name, init)
+    if module.is_mutable_collection("state") and not module.is_initializing():
+        sow_stat(module, "nm_flip_rate", jnp.mean((prev.value != full).astype(jnp.float32)))
+        prev.value = full
+    masked = sr_ste(w2d, mask, float(sparsity.decay)).reshape(moved.shape)
+    return jnp.moveaxis(masked, 0, in_axis) if in_axis else masked
+
+
 class QuantMatmul(nn.Module):
     """`x @ w` over the trailing `in_dims` axes of `x`, in the model's number format and
     sparsity when `target` is one of `model.quant.targets`, else plain.
 
-    Keeps the N:M mask of the previous step in the `state` collection (logical `axes`
-    of `w`) and logs `nm_flip_rate`, the fraction of mask entries that changed.
+    Keeps the N:M mask of the previous step in the `state` collection (`sparsify`).
     """
 
     quant: Any  # QuantConfig
@@ -90,26 +149,12 @@ class QuantMatmul(nn.Module):
         on = QUANT[self.quant.kind] is not None or bool(self.sparsity.nm)
         return on and self.target in self.quant.targets
 
-    def _sparsify(self, w2d, shape):
-        n, m = parse_nm(self.sparsity.nm)
-        mask = nm_mask(jax.lax.stop_gradient(w2d), n, m)
-        init = nn.with_logical_partitioning(
-            lambda: mask.reshape(shape).astype(jnp.int8), self.axes) if self.axes else (
-            lambda: mask.reshape(shape).astype(jnp.int8))
-        prev = self.variable("state", "nm_mask", init)
-        if self.is_mutable_collection("state") and not self.is_initializing():
-            changed = prev.value.reshape(mask.shape) != mask.astype(jnp.int8)
-            sow_stat(self, "nm_flip_rate", jnp.mean(changed.astype(jnp.float32)))
-            prev.value = mask.reshape(shape).astype(jnp.int8)
-        return sr_ste(w2d, mask, float(self.sparsity.decay))
-
     def _operands(self, x, w, in_dims):
         """(x as (tokens, in), w as (in, out) after the N:M mask) and the output shape."""
         lead, width = x.shape[:-in_dims], math.prod(x.shape[-in_dims:])
-        w2d = w.reshape(width, -1)
         if self.sparsity.nm:
-            w2d = self._sparsify(w2d, w.shape)
-        return x.reshape(-1, width), w2d, (*lead, *w.shape[in_dims:])
+            w = sparsify(self, self.sparsity, w, in_dims, self.axes)
+        return x.reshape(-1, width), w.reshape(width, -1), (*lead, *w.shape[in_dims:])
 
     @nn.compact
     def __call__(self, x, w, in_dims: int = 1, operands: bool = False):

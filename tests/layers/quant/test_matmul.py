@@ -236,7 +236,7 @@ def test_nm_override_is_read_as_text(small_config):
     # YAML 1.1 would read an unquoted 2:4 as the base-60 integer 124.
     cfg = small_config("model.quant.kind=ternary", "model.sparsity.nm=2:4")
     assert cfg.model.sparsity.nm == "2:4"
-    assert cfg.model.quant.targets == ["attention", "mlp"]
+    assert cfg.model.quant.targets == ["attention", "mlp", "experts"]
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=["int8", "ternary", "2:4", "fp8"])
