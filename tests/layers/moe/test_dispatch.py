@@ -70,6 +70,17 @@ def test_expert_parallel_equals_one_device(one_device, mesh, exchange, collectiv
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7)
 
 
+def test_int8_experts_under_expert_parallel_equal_one_device():
+    """Routed experts in int8 (`model.quant.targets` entry `experts`): each device's
+    share of the experts quantised as on one device (each expert's own scales)."""
+    int8 = ["model.quant.kind=int8", "model.quant.targets=[experts]"]
+    (ref_grads, ref_metrics), _, _ = _run(int8, 1)
+    (grads, metrics), _, _ = _run([*int8, "mesh.expert=4", "mesh.data=2"], 8)
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-7)
+
+
 def test_a_short_expert_parallel_run_follows_one_device():
     ref = _run([], 1, steps=3)
     got = _run(["mesh.expert=4", "mesh.data=2", "model.moe.ep_exchange=gather_scatter"], 8,
