@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in rows:
         e = r.get("export")
         size = (f"{e['quantized_bytes'] / 2**20:.2f} MiB | "
-                f"{e['quantized_bytes'] / e['quantized_as_bf16_bytes']:.3f} | "
+                f"{e['quantized_bytes'] / max(e['quantized_as_bf16_bytes'], 1):.3f} | "
                 f"{e['file_bytes'] / 2**20:.2f} MiB | {e['ratio_vs_bf16']:.3f}"
                 if e else "— | — | — | —")
         lines.append(f"| {label} | {r['bpb']:.4f} | {r['step_time']:.3f} | "

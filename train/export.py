@@ -1,8 +1,10 @@
 """`efflm export`: the quantised weights of a trained run, with their scales.
 
-The file is a numpy `.npz` (no pickled objects): for each matmul of model.quant.targets
-its integer weights (`quantized/<module path>/weight`: int8 as int8, ternary packed four
-2-bit codes per byte) and float32 `scale`; every other parameter in float32 under
+The file is a numpy `.npz` (no pickled objects): for each hooked matmul of
+model.quant.targets (routed experts are not: they stay float32 parameters, quantised
+again when loaded) its integer weights (`quantized/<module path>/weight`: int8 as
+int8, ternary packed four 2-bit codes per byte) and float32 `scale`; every other
+parameter in float32 under
 `params/<path>`; and `meta`, a JSON string with the format, the shapes and the config.
 `load_export` rebuilds the variables whose forward pass is the quantised one.
 """
@@ -45,7 +47,8 @@ def export_quantized(program, state, out: str) -> dict:
     with program.context():
         _, captured = jax.jit(lambda v: program.model.apply(v, dummy, mutable=[QUANTIZED]))(
             state.variables())
-    quantized = flax.traverse_util.flatten_dict(jax.device_get(captured[QUANTIZED]))
+    # Routed experts are not hooked matmuls: with only `experts` targeted, none is.
+    quantized = flax.traverse_util.flatten_dict(jax.device_get(captured.get(QUANTIZED, {})))
     params = flax.traverse_util.flatten_dict(jax.device_get(state.params))
     arrays, replaced, shapes = {}, {}, {}
     quant_bytes = target_elements = 0

@@ -34,7 +34,34 @@ def trained_workdirs(tmp_path_factory):
                      "model.quant.targets=[attention,mlp,head]", "model.sparsity.nm=2:4",
                      "train.eval_every=0"]) == 0
         dirs[kind] = workdir
+    workdir = str(tmp_path_factory.mktemp("export_experts"))
+    assert main(["train", "--config", "tiny", *SMALL, "train.steps=2", "model.mlp.kind=moe",
+                 "model.moe.expert_d_ff=64", f"train.workdir={workdir}",
+                 "model.quant.kind=int8", "model.quant.targets=[experts]",
+                 "train.eval_every=0"]) == 0
+    dirs["experts"] = workdir
     return dirs
+
+
+def test_routed_experts_export_as_float_and_reload_quantised(trained_workdirs, tmp_path,
+                                                             capsys):
+    """Only the routed experts in int8: no hooked matmul, so no integer weights; the
+    reloaded float32 experts run the int8 forward pass again."""
+    from efflm.train.export import load_export
+    from efflm.train.trainer import restore_run
+
+    out = str(tmp_path / "q.npz")
+    assert main(["export", "--workdir", trained_workdirs["experts"], "--out", out]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["quantized_bytes"] == 0
+    cfg, variables = load_export(out)
+    _, program, state, _, _ = restore_run(trained_workdirs["experts"])
+    tokens = jnp.asarray(random_batch(cfg)["inputs"])
+    with program.context():
+        expected = jax.jit(program.model.apply, compiler_options=FAST_COMPILE)(
+            state.variables(), tokens)
+        got = jax.jit(LM(cfg.model).apply, compiler_options=FAST_COMPILE)(variables, tokens)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "ternary", "fp8"])
