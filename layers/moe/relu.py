@@ -18,10 +18,25 @@ reproduces it from a counter in the `cache` (a decoded token may use up to every
 expert, as its budget allows). Rows left over have gate 0 (computed, adding nothing).
 Padding (segment id 0) activates no expert and is in no loss or statistic.
 
-Sparsity loss: `model.moe.relu.l1` times the mean over tokens of the L1 norm of the
-RMS-normalised ReLU vector (before the learned scale, so shrinking the router's output
-cannot lower it). BlockFFN's activation-locality and chunk-sparsity losses are not
-implemented. Logged: token-level sparsity (fraction of (token, expert) gates that are
+Losses, each at its weight under `model.moe.relu` (0 turns one off):
+
+- `locality` (activation locality, BlockFFN's `transfer_lambda`): the binary cross
+  entropy between neighbours' soft activation patterns. For each pair of consecutive real
+  tokens of one document and each expert, the logit `a * z_{t-1}` against the target
+  `sigmoid(a * z_t)`, z the router logits `x W_r` and a = `sharpness` (a sigmoid this
+  steep is nearly the 0/1 activity of the ReLU, yet has a gradient); mean over the pairs
+  and experts. Both tokens of a pair receive gradient.
+- `chunk` (chunk sparsification): with p_{t,e} the token's gates normalised to sum 1 over
+  the experts (0 at padding), the probability that some token of a chunk of
+  `chunk_len` consecutive positions activates expert e is 1 - prod_t (1 - p_{t,e});
+  the loss is its mean over experts and the chunks that hold a real token (whole chunks
+  only; a shorter sequence is one chunk), with the product as exp(sum log(1 - p + 1e-5)).
+- `l1`: the mean over tokens of the L1 norm of the RMS-normalised ReLU vector (before
+  the learned scale, so shrinking the router's output cannot lower it).
+
+The locality and chunk defaults (2e-3; 0.05 over 64-token chunks; a = 100) are the
+published recipe's (thunlp/BlockFFN); its adaptive raising of the chunk weight after
+1000 steps is not implemented. Logged: token-level sparsity (fraction of (token, expert) gates that are
 zero), 8-token chunk-level sparsity (fraction of experts that none of a chunk's 8
 consecutive tokens uses; whole chunks only, a shorter sequence is one chunk) and the
 mean active experts per token. `balance_loss` does not apply.
@@ -80,6 +95,33 @@ def sparsity(active, valid):
     return token, chunk_level
 
 
+def locality_loss(logits, pairs, sharpness: float):
+    """Activation locality: mean over the (pair, expert) entries of the binary cross
+    entropy of the logit `sharpness * z_t` against `sigmoid(sharpness * z_{t+1})`.
+    `logits` (batch, length, experts); `pairs` (batch, length - 1): tokens t and t + 1
+    are real and of one document."""
+    x = sharpness * logits[:, :-1]
+    target = jax.nn.sigmoid(sharpness * logits[:, 1:])
+    bce = jax.nn.softplus(x) - x * target
+    weights = pairs[..., None].astype(jnp.float32)
+    return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights) * logits.shape[-1], 1.0)
+
+
+def chunk_loss(normalised, valid, chunk_len: int):
+    """Chunk sparsification: 1 - the mean over (chunk, expert) of prod_t (1 - p_{t,e}),
+    p the gates normalised to sum 1 per token (0 at padding), over whole chunks of
+    `min(chunk_len, length)` positions that hold a real token."""
+    batch, length, experts = normalised.shape
+    chunk = min(chunk_len, length)
+    chunks = length // chunk
+    p = normalised / (jnp.sum(normalised, axis=-1, keepdims=True) + 1e-5) * valid[..., None]
+    p = p[:, :chunks * chunk].reshape(batch, chunks, chunk, experts)
+    none = jnp.exp(jnp.sum(jnp.log(1.0 - p + 1e-5), axis=2))  # no token uses the expert
+    real = jnp.any(valid[:, :chunks * chunk].reshape(batch, chunks, chunk), axis=2)
+    weights = real[..., None].astype(jnp.float32)
+    return 1.0 - jnp.sum(none * weights) / jnp.maximum(jnp.sum(weights) * experts, 1.0)
+
+
 def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=None):
     """Pack each sequence's active (token, expert) pairs into `bound` rows under the causal
     budget (`efflm.layers.moe.capacity.causal_pairs` at `rate` rows per token; a token's
@@ -110,6 +152,10 @@ class ReluSettings:
     # filled in token order (a token's largest gates first); active pairs beyond that
     # are dropped and counted.
     rows_per_token: float = 2.0
+    locality: float = 2e-3  # weight of the activation-locality loss
+    sharpness: float = 100.0  # its sigmoid's steepness
+    chunk: float = 0.05  # weight of the chunk-sparsification loss
+    chunk_len: int = 64  # its chunk, in positions
     l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
 
 
@@ -132,11 +178,19 @@ class ReluRouter(Router):
         counters = None
         if decoding(self):  # the budget's counters, carried from token to token
             counters = self.variable("cache", "budget", counters_init, batch, 1)
-        valid = documents(segment_ids, batch, length)[0]
+        valid, starts = documents(segment_ids, batch, length)[:2]
         active = (logits > 0) & valid[..., None]
-        if moe.relu.l1:
-            sow_loss(self, "relu_l1", moe.relu.l1 * token_mean(
+        own = moe.relu
+        if own.l1:
+            sow_loss(self, "relu_l1", own.l1 * token_mean(
                 jnp.sum(normalised, axis=-1).reshape(-1), valid.reshape(-1)))
+        if own.locality and length > 1:
+            pairs = valid[:, 1:] & valid[:, :-1] & ~starts[:, 1:]
+            sow_loss(self, "relu_locality",
+                     own.locality * locality_loss(logits, pairs, own.sharpness))
+        if own.chunk:
+            sow_loss(self, "relu_chunk", own.chunk * chunk_loss(normalised, valid,
+                                                                own.chunk_len))
         # Decoding: a token may take every expert its budget allows, up to all of them.
         bound = (moe.num_experts * length if counters is not None
                  else rows_per_sequence(cfg, length))
@@ -172,7 +226,10 @@ class ReluRouter(Router):
     def validate_config(cfg: ModelConfig) -> None:
         moe = cfg.moe
         check_positive("model.moe.relu.rows_per_token", moe.relu.rows_per_token)
-        check_positive("model.moe.relu.l1", moe.relu.l1, allow_zero=True)
+        for key in ("l1", "locality", "chunk"):
+            check_positive(f"model.moe.relu.{key}", getattr(moe.relu, key), allow_zero=True)
+        check_positive("model.moe.relu.sharpness", moe.relu.sharpness)
+        check_positive("model.moe.relu.chunk_len", moe.relu.chunk_len)
         if moe.relu.rows_per_token > moe.num_experts:
             raise ConfigError(f"model.moe.relu.rows_per_token={moe.relu.rows_per_token} is "
                               f"more than model.moe.num_experts={moe.num_experts} (every "

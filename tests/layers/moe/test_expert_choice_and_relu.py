@@ -17,7 +17,8 @@ from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.expert_choice import expert_choice_picks, expert_choice_reference
 from efflm.layers.moe.experts import MoE
-from efflm.layers.moe.relu import ReluRouter, relu_gates, relu_picks, relu_reference
+from efflm.layers.moe.relu import (ReluRouter, locality_loss, relu_gates, relu_picks,
+                                   relu_reference)
 
 D, E, K, F, SHAPE = 16, 4, 2, 8, (2, 8)
 LAYER = ("model.mlp.kind=moe", f"model.d_model={D}", f"model.moe.num_experts={E}",
@@ -154,6 +155,46 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     assert float(sown["losses"]["relu_l1"][0]) == pytest.approx(0.5 * l1, rel=1e-5)
 
 
+def test_relu_locality_and_chunk_losses_against_per_token_loops(small_config):
+    """BlockFFN's losses on two rows (the second with two documents and padding) against
+    loops over tokens: locality is the BCE of a * z_{t-1} against sigmoid(a * z_t) over
+    the consecutive real pairs of one document; chunk is 1 - prod_t (1 - p_{t,e}) over
+    the chunks with a real token, p the gates normalised to sum 1. Both tokens of a pair
+    get gradient."""
+    a, chunk_len = 3.0, 4
+    cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.l1=0",
+                       f"model.moe.relu.sharpness={a}", "model.moe.relu.locality=0.5",
+                       "model.moe.relu.chunk=0.25",
+                       f"model.moe.relu.chunk_len={chunk_len}").model
+    z = np.random.default_rng(3).normal(size=(2, 10, E)).astype(np.float32)
+    seg = np.array([[1] * 10, [1, 1, 1, 2, 2, 2, 2, 0, 0, 0]], np.int32)
+    params = {"kernel": jnp.eye(E), "norm_scale": jnp.ones(E)}
+    _, sown = fast_jit(lambda p, x, s: ReluRouter(cfg).apply(
+        {"params": p}, x, {}, s, mutable=["losses", "stats"]))(params, jnp.asarray(z),
+                                                                  jnp.asarray(seg))
+
+    def bce(x, y):  # -(y log sigmoid(x) + (1 - y) log(1 - sigmoid(x)))
+        return y * np.logaddexp(0, -x) + (1 - y) * np.logaddexp(0, x)
+
+    terms = [bce(a * z[b, t - 1, e], 1 / (1 + np.exp(-a * z[b, t, e])))
+             for b in range(2) for t in range(1, 10) for e in range(E)
+             if seg[b, t] and seg[b, t] == seg[b, t - 1]]
+    assert len(terms) == (9 + 5) * E
+    assert float(sown["losses"]["relu_locality"][0]) == pytest.approx(
+        0.5 * np.mean(terms), rel=1e-5)
+    relu = np.maximum(z, 0) * (seg > 0)[..., None]
+    p = relu / np.maximum(relu.sum(-1, keepdims=True), 1e-30)
+    used = [1 - np.prod(1 - p[b, c:c + chunk_len, e]) for b in range(2)
+            for c in range(0, 8, chunk_len) if seg[b, c:c + chunk_len].any()
+            for e in range(E)]
+    assert len(used) == 4 * E
+    assert float(sown["losses"]["relu_chunk"][0]) == pytest.approx(0.25 * np.mean(used),
+                                                                   abs=1e-4)
+    pair = np.zeros((1, 1), bool) | True
+    grad = jax.grad(lambda lg: locality_loss(lg, pair, a))(jnp.asarray(z[:1, :2]))
+    assert np.all(np.abs(np.asarray(grad)) > 0)
+
+
 def test_relu_stays_causal_when_its_bound_drops_pairs(small_config):
     """Changing the last tokens of each sequence leaves the earlier outputs of a relu
     layer as they were, even with a bound (1 row per token) that drops pairs (every kind
@@ -261,6 +302,14 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
     (["model.moe.router=relu", "model.moe.relu.rows_per_token=9"],
      "model.moe.relu.rows_per_token=9.0 is more than model.moe.num_experts=8"),
     (["model.moe.router=relu", "model.moe.relu.l1=-0.1"], "model.moe.relu.l1 must be >= 0"),
+    (["model.moe.router=relu", "model.moe.relu.locality=-1e-3"],
+     "model.moe.relu.locality must be >= 0"),
+    (["model.moe.router=relu", "model.moe.relu.chunk=-0.05"],
+     "model.moe.relu.chunk must be >= 0"),
+    (["model.moe.router=relu", "model.moe.relu.sharpness=0"],
+     "model.moe.relu.sharpness must be > 0"),
+    (["model.moe.router=relu", "model.moe.relu.chunk_len=0"],
+     "model.moe.relu.chunk_len must be > 0"),
     ([*EXPERT_CHOICE, "mesh.expert=2"], "model.moe.router=expert_choice cannot run under "
                                         "mesh.expert=2"),
 ])
