@@ -36,10 +36,18 @@ Losses, each at its weight under `model.moe.relu` (0 turns one off):
 
 The locality and chunk defaults (2e-3; 0.05 over 64-token chunks; a = 100) are the
 published recipe's (thunlp/BlockFFN); its adaptive raising of the chunk weight after
-1000 steps is not implemented. Logged: token-level sparsity (fraction of (token, expert) gates that are
-zero), 8-token chunk-level sparsity (fraction of experts that none of a chunk's 8
-consecutive tokens uses; whole chunks only, a shorter sequence is one chunk) and the
-mean active experts per token. `balance_loss` does not apply.
+1000 steps is not implemented.
+
+Logged: token-level sparsity (fraction of (token, expert) gates that are zero), 8-token
+chunk-level sparsity (fraction of experts that none of a chunk's 8 consecutive tokens
+uses; whole chunks only, a shorter sequence is one chunk) and the mean active experts per
+token.
+
+Balance: `model.moe.balance_loss` weighs `E * sum_i f_i P_i`, f_i expert i's share of the
+kept (computed) pairs and P_i its mean normalised gate p_{t,i} over the real tokens (the
+published code's form, there over every active pair since it bounds no rows; its
+recipe sets the weight to 0). Without it `tiny_moe`'s kept rows crowd onto a few experts
+within its first ten steps (bench/results/moe_quality_cpu.md).
 """
 
 from __future__ import annotations
@@ -107,6 +115,12 @@ def locality_loss(logits, pairs, sharpness: float):
     return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights) * logits.shape[-1], 1.0)
 
 
+def shares(normalised, valid):
+    """Each token's gates normalised to sum 1 over the experts (0 at padding and for a
+    token with no active expert)."""
+    return normalised / (jnp.sum(normalised, axis=-1, keepdims=True) + 1e-5) * valid[..., None]
+
+
 def chunk_loss(normalised, valid, chunk_len: int):
     """Chunk sparsification: 1 - the mean over (chunk, expert) of prod_t (1 - p_{t,e}),
     p the gates normalised to sum 1 per token (0 at padding), over whole chunks of
@@ -114,8 +128,7 @@ def chunk_loss(normalised, valid, chunk_len: int):
     batch, length, experts = normalised.shape
     chunk = min(chunk_len, length)
     chunks = length // chunk
-    p = normalised / (jnp.sum(normalised, axis=-1, keepdims=True) + 1e-5) * valid[..., None]
-    p = p[:, :chunks * chunk].reshape(batch, chunks, chunk, experts)
+    p = shares(normalised, valid)[:, :chunks * chunk].reshape(batch, chunks, chunk, experts)
     none = jnp.exp(jnp.sum(jnp.log(1.0 - p + 1e-5), axis=2))  # no token uses the expert
     real = jnp.any(valid[:, :chunks * chunk].reshape(batch, chunks, chunk), axis=2)
     weights = real[..., None].astype(jnp.float32)
@@ -126,7 +139,8 @@ def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=No
     """Pack each sequence's active (token, expert) pairs into `bound` rows under the causal
     budget (`efflm.layers.moe.capacity.causal_pairs` at `rate` rows per token; a token's
     largest gates first). Returns (positions, experts, row_gates), each (batch, bound),
-    the number of active pairs dropped and the budget's counters after the chunk."""
+    the kept pairs per expert (num_experts,), the number of active pairs dropped and the
+    budget's counters after the chunk."""
     batch, length, num_experts = gates.shape
     _, order = jax.lax.top_k(jnp.where(active, gates, -jnp.inf), num_experts)
     asking = jnp.take_along_axis(active, order, axis=-1)
@@ -143,7 +157,9 @@ def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=No
     experts = spare.at[b, dest].set(order.reshape(batch, -1).astype(jnp.int32), mode="drop")
     row_gates = jnp.zeros((batch, bound), gates.dtype).at[b, dest].set(flat_gates,
                                                                        mode="drop")
-    return positions, experts, row_gates, jnp.sum(asking) - jnp.sum(keep), counters
+    load = jnp.zeros((num_experts,), jnp.float32).at[order.reshape(-1)].add(
+        keep.reshape(-1).astype(jnp.float32))
+    return positions, experts, row_gates, load, jnp.sum(asking) - jnp.sum(keep), counters
 
 
 @dataclass
@@ -194,11 +210,16 @@ class ReluRouter(Router):
         # Decoding: a token may take every expert its budget allows, up to all of them.
         bound = (moe.num_experts * length if counters is not None
                  else rows_per_sequence(cfg, length))
-        positions, experts, row_gates, dropped, after = select_rows(
+        positions, experts, row_gates, load, dropped, after = select_rows(
             gates, active, bound, moe.relu.rows_per_token, segment_ids,
             None if counters is None else counters.value)
         if counters is not None:
             counters.value = after
+        if moe.balance_loss:  # E * sum_i f_i P_i over the kept pairs and the real tokens
+            share = token_mean(shares(normalised, valid).reshape(-1, moe.num_experts),
+                               valid.reshape(-1))
+            sow_loss(self, "balance", moe.balance_loss * moe.num_experts * jnp.sum(
+                load / jnp.maximum(jnp.sum(load), 1.0) * share))
         token_sparsity, chunk_sparsity = sparsity(active, valid)
         sow_stat(self, "relu_token_sparsity", token_sparsity)
         sow_stat(self, "relu_chunk_sparsity", chunk_sparsity)

@@ -17,8 +17,7 @@ from efflm.config import load_config
 from efflm.flops import traced_matmul_flops
 from efflm.layers.moe.expert_choice import expert_choice_picks, expert_choice_reference
 from efflm.layers.moe.experts import MoE
-from efflm.layers.moe.relu import (ReluRouter, locality_loss, relu_gates, relu_picks,
-                                   relu_reference)
+from efflm.layers.moe.relu import ReluRouter, locality_loss, relu_gates, relu_picks, relu_reference
 
 D, E, K, F, SHAPE = 16, 4, 2, 8, (2, 8)
 LAYER = ("model.mlp.kind=moe", f"model.d_model={D}", f"model.moe.num_experts={E}",
