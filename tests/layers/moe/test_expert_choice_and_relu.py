@@ -154,12 +154,13 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     assert float(sown["losses"]["relu_l1"][0]) == pytest.approx(0.5 * l1, rel=1e-5)
 
 
-def test_relu_locality_and_chunk_losses_against_per_token_loops(small_config):
+def test_relu_locality_chunk_and_balance_losses_against_per_token_loops(small_config):
     """BlockFFN's losses on two rows (the second with two documents and padding) against
     loops over tokens: locality is the BCE of a * z_{t-1} against sigmoid(a * z_t) over
     the consecutive real pairs of one document; chunk is 1 - prod_t (1 - p_{t,e}) over
-    the chunks with a real token, p the gates normalised to sum 1. Both tokens of a pair
-    get gradient."""
+    the chunks with a real token, p the gates normalised to sum 1; balance is
+    E * sum_i f_i P_i over the pairs kept under the row bound. Both tokens of a pair get
+    gradient."""
     a, chunk_len = 3.0, 4
     cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.l1=0",
                        f"model.moe.relu.sharpness={a}", "model.moe.relu.locality=0.5",
@@ -189,6 +190,20 @@ def test_relu_locality_and_chunk_losses_against_per_token_loops(small_config):
     assert len(used) == 4 * E
     assert float(sown["losses"]["relu_chunk"][0]) == pytest.approx(0.25 * np.mean(used),
                                                                    abs=1e-4)
+    # Balance at a bound of one row per token: E * sum_i f_i P_i, f over the kept pairs.
+    cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.rows_per_token=1",
+                       "model.moe.balance_loss=0.3").model
+    _, sown = fast_jit(lambda p, x, s: ReluRouter(cfg).apply(
+        {"params": p}, x, {}, s, mutable=["losses"]))(params, jnp.asarray(z),
+                                                       jnp.asarray(seg))
+    gates = relu_gates(jnp.asarray(z), params["kernel"], params["norm_scale"],
+                       cfg.norm_eps)[0]
+    kept, dropped = relu_picks(gates, (z > 0) & (seg > 0)[..., None], 1, seg)
+    assert dropped > 0
+    f = np.bincount([e for _, _, e in kept], minlength=E) / len(kept)
+    share = p[seg > 0].mean(0)
+    assert float(sown["losses"]["balance"][0]) == pytest.approx(0.3 * E * np.sum(f * share),
+                                                               rel=1e-4)
     pair = np.zeros((1, 1), bool) | True
     grad = jax.grad(lambda lg: locality_loss(lg, pair, a))(jnp.asarray(z[:1, :2]))
     assert np.all(np.abs(np.asarray(grad)) > 0)
