@@ -7,7 +7,9 @@ and best validation loss and bits per byte as mean ± standard deviation, the me
 tokens/s and MFU of the logged steps, the train step's memory per device (XLA's
 `memory_analysis()` of the compiled step, which a run logs in its first row: its
 arguments, outputs and temporaries, less the outputs that reuse donated arguments),
-and the final recall accuracy where the runs measured it (`data.source=mqar`). A `*`
+the final recall accuracy where the runs measured it (`data.source=mqar`), and, where
+logged, the expert load's coefficient of variation and the relu router's token- and
+8-token chunk-level sparsity (means over the last tenth of the steps). A `*`
 marks a final bits per byte (or loss, where bits per byte were not measured) that
 differs from the first row's by Welch's t-test at the two-sided 5% level (the seeds as
 samples; at least two seeds on both sides). Plots (PNG,
@@ -42,6 +44,12 @@ class RunResult:
 
     def evals(self, key: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in self.rows if key in r]
+
+    def tail_mean(self, key: str) -> float | None:
+        """The mean of `key` over the logged rows of the run's last tenth of steps."""
+        last = max((r["step"] for r in self.rows), default=0)
+        values = [r[key] for r in self.rows if key in r and r["step"] >= 0.9 * last]
+        return statistics.fmean(values) if values else None
 
     def median(self, key: str) -> float | None:
         values = [r[key] for r in self.rows if r.get(key) is not None]
@@ -193,14 +201,28 @@ def _final_and_best(runs: list[RunResult], key: str) -> tuple[list[float], list[
     return final, best
 
 
+# Router statistics, each a column where a run logged it: the mean over the last tenth
+# of the steps, then over seeds.
+ROUTER_COLUMNS = (("load CV", "expert_load_cv"), ("token sparsity", "relu_token_sparsity"),
+                  ("8-token chunk sparsity", "relu_chunk_sparsity"))
+
+
+def _tail_means(runs: list[RunResult], key: str) -> list[float]:
+    return [m for m in (r.tail_mean(key) for r in runs) if m is not None]
+
+
 def table(variants: list[Variant]) -> list[str]:
     """The Markdown table (module docstring); a recall column where a run measured recall
-    (`eval_recall_accuracy`, the final value)."""
+    (`eval_recall_accuracy`, the final value), and a column for each of ROUTER_COLUMNS
+    that a run logged."""
     recall = any(r.evals("eval_recall_accuracy") for v in variants for r in v.runs)
+    routers = [(title, key) for title, key in ROUTER_COLUMNS
+               if any(r.evals(key) for v in variants for r in v.runs)]
     lines = ["| variant | seeds | params (active) | train FLOPs/token | steps | "
              "final eval loss | best eval loss | final bits/byte | best bits/byte | "
-             "tokens/s | MFU | step memory MiB |" + (" recall |" if recall else ""),
-             "|---" * (13 if recall else 12) + "|"]
+             "tokens/s | MFU | step memory MiB |" + (" recall |" if recall else "")
+             + "".join(f" {title} |" for title, _ in routers),
+             "|---" * (12 + recall + len(routers)) + "|"]
     reference = None
     for v in variants:
         runs = v.runs
@@ -227,7 +249,8 @@ def table(variants: list[Variant]) -> list[str]:
             f"{_fmt(speeds, 0)} | {_fmt([100 * m for m in mfus], 2) + '%' if mfus else '—'} | "
             f"{_fmt(memory, 1)} |"
             + (f" {_fmt(_final_and_best(runs, 'eval_recall_accuracy')[0], 3)} |"
-               if recall else ""))
+               if recall else "")
+            + "".join(f" {_fmt(_tail_means(runs, key), 3)} |" for _, key in routers))
     return lines
 
 

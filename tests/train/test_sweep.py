@@ -157,7 +157,7 @@ def test_grid_crossed_with_variants_and_shipped_sweeps(tmp_path):
 def test_table_marks_differences_beyond_seed_noise():
     """Mean ± sample standard deviation over seeds; `*` where the final bits per byte
     differs from the first row's by Welch's t-test at 5%, not with one seed; a recall
-    column where runs measured recall."""
+    column where runs measured recall; router statistics where logged."""
     assert differs([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
     assert not differs([1.0, 1.5, 0.5], [1.2, 0.7, 1.7])
     assert not differs([1.0], [5.0])
@@ -180,7 +180,14 @@ def test_table_marks_differences_beyond_seed_noise():
     assert cells["base"][7] == "1.0000 ± 0.1000"
     assert cells["far"][7] == "2.0000 ± 0.1000 *"
     assert not cells["near"][7].endswith("*") and not cells["one"][7].endswith("*")
-    assert cells["one"][-1] == "0.500" and cells["base"][-1] == "—"
+    assert cells["one"][12] == "0.500" and cells["base"][12] == "—"
+    # Router statistics: the mean over the last tenth of the steps, a column if logged.
+    cv = [{"step": s, "expert_load_cv": v} for s, v in ((80, 9.0), (90, 0.2), (100, 0.4))]
+    runs = [RunResult("moe", 0, "", cv, 1000, 1000, 6e6, 64)]
+    rows = table([variant("base", [1.0]), Variant("moe", runs)])
+    assert rows[0].endswith(" load CV |") and "sparsity" not in rows[0]
+    assert [c.strip() for c in rows[3].split("|")[1:-1]][-1] == "0.300"
+    assert [c.strip() for c in rows[2].split("|")[1:-1]][-1] == "—"
 
 
 @pytest.mark.parametrize("fields, expected", [
