@@ -49,6 +49,12 @@ def _run(preset: str, label: str, overrides: list[str], steps: int, root: str) -
     return result
 
 
+def targets_line(overrides: list[str]) -> str:
+    """The quantised targets as the overrides set them."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("model.quant.targets=")]
+    return f"targets {given[-1]}" if given else "the default targets"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench quant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.steps, root)))
     base = rows[0][1]["step_time"]
     lines = [*header("quant", argv if argv is not None else sys.argv[1:]),
-             f"`{args.config}` on pycode, {args.steps} steps; the default targets.", "",
+             f"`{args.config}` on pycode, {args.steps} steps; {targets_line(args.overrides)}.", "",
              f"| format | val bits/byte | step s | vs {chosen[0]} | exported targets | "
              "vs bf16 | whole file | vs all bf16 |", "|---|---|---|---|---|---|---|---|"]
     for label, r in rows:

@@ -38,3 +38,10 @@ def test_group_sizes_in_each_notation():
     assert group_size("replica_groups=[2,4]<=[8], to_apply=%add") == 4
     assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, x") == 2
     assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}") == 8
+
+
+def test_quant_table_names_the_targets_it_was_given():
+    from efflm.bench.quant import targets_line
+
+    assert targets_line(["optimizer.lr=1e-3"]) == "the default targets"
+    assert targets_line(["model.quant.targets=[experts]"]) == "targets [experts]"
