@@ -62,15 +62,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.common import decoding, sow_loss, sow_stat
+from efflm.layers.common import decoding, sow_loss, sow_stat, step_update
 from efflm.layers.contract import Router, Routing
 from efflm.layers.moe.capacity import causal_pairs, causal_picks, counters_init, documents
+from efflm.layers.moe.sigmoid_bias import toward_even_load
 from efflm.layers.moe.topk import token_mean
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 CHUNK = 8  # tokens per chunk of the chunk-level sparsity statistic
+RELU_BALANCE = "relu_balance"  # the model-state variable of the bias, in STEP_UPDATES
 
 
 def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
@@ -79,10 +81,13 @@ def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
     return min(moe.num_experts * length, math.ceil(moe.relu.rows_per_token * length))
 
 
-def relu_gates(x, kernel, scale, eps: float):
-    """(gates, logits, normalised): `scale * RMSNorm(ReLU(x W_r))` over the experts, the
-    logits `x W_r` and the ReLU output RMS-normalised without the scale; float32."""
+def relu_gates(x, kernel, scale, eps: float, bias=None):
+    """(gates, logits, normalised): `scale * RMSNorm(ReLU(x W_r + bias))` over the experts,
+    the logits `x W_r + bias` and the ReLU output RMS-normalised without the scale;
+    float32."""
     logits = x.astype(jnp.float32) @ kernel
+    if bias is not None:
+        logits = logits + bias
     relu = jax.nn.relu(logits)
     normalised = relu * jax.lax.rsqrt(jnp.mean(relu * relu, axis=-1, keepdims=True) + eps)
     return normalised * scale, logits, normalised
@@ -162,6 +167,12 @@ def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=No
     return positions, experts, row_gates, load, jnp.sum(asking) - jnp.sum(keep), counters
 
 
+@step_update(RELU_BALANCE)
+def update_relu_bias(cfg: ModelConfig, value: dict) -> dict:
+    """`b += bias_rate * sign(mean(load) - load)`, load the kept pairs per expert."""
+    return toward_even_load(value, cfg.moe.relu.bias_rate)
+
+
 @dataclass
 class ReluSettings:
     # Each sequence computes at most ceil(rows_per_token * length) (token, expert) rows,
@@ -173,6 +184,9 @@ class ReluSettings:
     chunk: float = 0.05  # weight of the chunk-sparsification loss
     chunk_len: int = 64  # its chunk, in positions
     l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
+    # After each train step every expert's logit bias moves by bias_rate toward an even
+    # load of kept pairs (b += bias_rate * sign(mean load - load)); 0: no bias.
+    bias_rate: float = 0.0
 
 
 class ReluRouter(Router):
@@ -190,13 +204,19 @@ class ReluRouter(Router):
             (d, moe.num_experts), jnp.float32)
         scale = self.param("norm_scale", nn.with_logical_partitioning(
             nn.initializers.ones, (None,)), (moe.num_experts,), jnp.float32)
-        gates, logits, normalised = relu_gates(x, kernel, scale, cfg.norm_eps)
+        own = moe.relu
+        balance = None
+        if own.bias_rate:
+            balance = self.variable("state", RELU_BALANCE, lambda: {
+                "bias": jnp.zeros((moe.num_experts,), jnp.float32),
+                "load": jnp.zeros((moe.num_experts,), jnp.float32)})
+        gates, logits, normalised = relu_gates(
+            x, kernel, scale, cfg.norm_eps, None if balance is None else balance.value["bias"])
         counters = None
         if decoding(self):  # the budget's counters, carried from token to token
             counters = self.variable("cache", "budget", counters_init, batch, 1)
         valid, starts = documents(segment_ids, batch, length)[:2]
         active = (logits > 0) & valid[..., None]
-        own = moe.relu
         if own.l1:
             sow_loss(self, "relu_l1", own.l1 * token_mean(
                 jnp.sum(normalised, axis=-1).reshape(-1), valid.reshape(-1)))
@@ -215,6 +235,11 @@ class ReluRouter(Router):
             None if counters is None else counters.value)
         if counters is not None:
             counters.value = after
+        if balance is not None:
+            if self.is_mutable_collection("state") and not self.is_initializing():
+                balance.value = {"bias": balance.value["bias"], "load": load}
+            bias = balance.value["bias"]
+            sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
         if moe.balance_loss:  # E * sum_i f_i P_i over the kept pairs and the real tokens
             share = token_mean(shares(normalised, valid).reshape(-1, moe.num_experts),
                                valid.reshape(-1))
@@ -247,7 +272,7 @@ class ReluRouter(Router):
     def validate_config(cfg: ModelConfig) -> None:
         moe = cfg.moe
         check_positive("model.moe.relu.rows_per_token", moe.relu.rows_per_token)
-        for key in ("l1", "locality", "chunk"):
+        for key in ("l1", "locality", "chunk", "bias_rate"):
             check_positive(f"model.moe.relu.{key}", getattr(moe.relu, key), allow_zero=True)
         check_positive("model.moe.relu.sharpness", moe.relu.sharpness)
         check_positive("model.moe.relu.chunk_len", moe.relu.chunk_len)
