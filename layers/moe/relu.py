@@ -43,11 +43,11 @@ chunk-level sparsity (fraction of experts that none of a chunk's 8 consecutive t
 uses; whole chunks only, a shorter sequence is one chunk) and the mean active experts per
 token.
 
-Balance: `model.moe.balance_loss` weighs `E * sum_i f_i P_i`, f_i expert i's share of the
+Balance: `model.moe.relu.balance` weighs `E * sum_i f_i P_i`, f_i expert i's share of the
 kept (computed) pairs and P_i its mean normalised gate p_{t,i} over the real tokens (the
 published code's form, there over every active pair since it bounds no rows; its
-recipe sets the weight to 0). Without it `tiny_moe`'s kept rows crowd onto a few experts
-within its first ten steps (bench/results/moe_quality_cpu.md).
+recipe sets the weight to 0). `model.moe.balance_loss` (top-k's) does not apply. The
+defaults come from the tuning runs in bench/results/moe_quality_cpu.md.
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class ReluSettings:
     chunk: float = 0.05  # weight of the chunk-sparsification loss
     chunk_len: int = 64  # its chunk, in positions
     l1: float = 0.01  # weight of the L1 loss on the RMS-normalised ReLU gates
+    balance: float = 0.1  # weight of E * sum_i f_i P_i over the kept pairs
     # After each train step every expert's logit bias moves by bias_rate toward an even
     # load of kept pairs (b += bias_rate * sign(mean load - load)); 0: no bias.
     bias_rate: float = 0.0
@@ -240,10 +241,10 @@ class ReluRouter(Router):
                 balance.value = {"bias": balance.value["bias"], "load": load}
             bias = balance.value["bias"]
             sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
-        if moe.balance_loss:  # E * sum_i f_i P_i over the kept pairs and the real tokens
+        if own.balance:  # E * sum_i f_i P_i over the kept pairs and the real tokens
             share = token_mean(shares(normalised, valid).reshape(-1, moe.num_experts),
                                valid.reshape(-1))
-            sow_loss(self, "balance", moe.balance_loss * moe.num_experts * jnp.sum(
+            sow_loss(self, "balance", own.balance * moe.num_experts * jnp.sum(
                 load / jnp.maximum(jnp.sum(load), 1.0) * share))
         token_sparsity, chunk_sparsity = sparsity(active, valid)
         sow_stat(self, "relu_token_sparsity", token_sparsity)
@@ -272,7 +273,7 @@ class ReluRouter(Router):
     def validate_config(cfg: ModelConfig) -> None:
         moe = cfg.moe
         check_positive("model.moe.relu.rows_per_token", moe.relu.rows_per_token)
-        for key in ("l1", "locality", "chunk", "bias_rate"):
+        for key in ("l1", "locality", "chunk", "balance", "bias_rate"):
             check_positive(f"model.moe.relu.{key}", getattr(moe.relu, key), allow_zero=True)
         check_positive("model.moe.relu.sharpness", moe.relu.sharpness)
         check_positive("model.moe.relu.chunk_len", moe.relu.chunk_len)

@@ -163,6 +163,7 @@ def test_relu_locality_chunk_and_balance_losses_against_per_token_loops(small_co
     gradient."""
     a, chunk_len = 3.0, 4
     cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.l1=0",
+                       "model.moe.relu.balance=0",
                        f"model.moe.relu.sharpness={a}", "model.moe.relu.locality=0.5",
                        "model.moe.relu.chunk=0.25",
                        f"model.moe.relu.chunk_len={chunk_len}").model
@@ -192,7 +193,7 @@ def test_relu_locality_chunk_and_balance_losses_against_per_token_loops(small_co
                                                                    abs=1e-4)
     # Balance at a bound of one row per token: E * sum_i f_i P_i, f over the kept pairs.
     cfg = small_config(*LAYER, "model.moe.router=relu", "model.moe.relu.rows_per_token=1",
-                       "model.moe.balance_loss=0.3").model
+                       "model.moe.relu.balance=0.3").model
     _, sown = fast_jit(lambda p, x, s: ReluRouter(cfg).apply(
         {"params": p}, x, {}, s, mutable=["losses"]))(params, jnp.asarray(z),
                                                        jnp.asarray(seg))
@@ -322,6 +323,10 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
      "model.moe.relu.chunk must be >= 0"),
     (["model.moe.router=relu", "model.moe.relu.sharpness=0"],
      "model.moe.relu.sharpness must be > 0"),
+    (["model.moe.router=relu", "model.moe.relu.balance=-1"],
+     "model.moe.relu.balance must be >= 0"),
+    (["model.moe.router=relu", "model.moe.relu.bias_rate=-0.01"],
+     "model.moe.relu.bias_rate must be >= 0"),
     (["model.moe.router=relu", "model.moe.relu.chunk_len=0"],
      "model.moe.relu.chunk_len must be > 0"),
     ([*EXPERT_CHOICE, "mesh.expert=2"], "model.moe.router=expert_choice cannot run under "
