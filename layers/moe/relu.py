@@ -40,8 +40,9 @@ published recipe's (thunlp/BlockFFN); its adaptive raising of the chunk weight a
 
 Logged: token-level sparsity (fraction of (token, expert) gates that are zero), 8-token
 chunk-level sparsity (fraction of experts that none of a chunk's 8 consecutive tokens
-uses; whole chunks only, a shorter sequence is one chunk) and the mean active experts per
-token.
+uses; whole chunks only, a shorter sequence is one chunk), the mean active experts per
+token and `relu_active_load_cv`, the coefficient of variation over the experts of their
+active pairs before the row bound (`expert_load_cv` is over the kept pairs).
 
 Balance: `model.moe.relu.balance` weighs `E * sum_i f_i P_i`, f_i expert i's share of the
 kept (computed) pairs and P_i its mean normalised gate p_{t,i} over the real tokens (the
@@ -241,6 +242,9 @@ class ReluRouter(Router):
                 balance.value = {"bias": balance.value["bias"], "load": load}
             bias = balance.value["bias"]
             sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
+        activity = jnp.sum(active, axis=(0, 1)).astype(jnp.float32)
+        sow_stat(self, "relu_active_load_cv",
+                 jnp.std(activity) / jnp.maximum(jnp.mean(activity), 1e-9))
         if own.balance:  # E * sum_i f_i P_i over the kept pairs and the real tokens
             share = token_mean(shares(normalised, valid).reshape(-1, moe.num_experts),
                                valid.reshape(-1))

@@ -149,6 +149,8 @@ def test_relu_sparsity_statistics_and_l1_on_a_hand_built_case(small_config):
     assert stats["relu_token_sparsity"] == pytest.approx(1 - 17 / 64)
     assert stats["relu_chunk_sparsity"] == pytest.approx((3 + 1) / 8)
     assert stats["relu_active_per_token"] == pytest.approx(17 / 16)
+    activity = np.array([8, 4, 4, 1])
+    assert stats["relu_active_load_cv"] == pytest.approx(activity.std() / activity.mean())
     # one active expert: normalised gate sqrt(E) = 2; token 15: (1, 3) / sqrt(10 / 4)
     l1 = (15 * 2 + 4 / math.sqrt(10 / 4)) / 16
     assert float(sown["losses"]["relu_l1"][0]) == pytest.approx(0.5 * l1, rel=1e-5)
