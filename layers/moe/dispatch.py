@@ -39,6 +39,7 @@ from efflm.layers.quant.matmul import (
     expert_matmul,
     fake_quantize_experts,
     fake_quantize_rows,
+    quantize_experts,
 )
 from efflm.mesh import mesh_axes_of
 from efflm.pallas_kernels.grouped_matmul import grouped_matmul
@@ -58,12 +59,14 @@ class Pairs(NamedTuple):
     length: int = 0
 
 
-def expert_ffn(rows, gate, up, out, fmt=None):
+def expert_ffn(rows, gate, up, out, fmt=None, prepared=(None, None, None)):
     """SwiGLU `(silu(x W_gate) * x W_up) W_out` of rows (n, d) with one expert's weights,
     or batched over a leading expert axis; its matmuls in the experts' number format
-    `fmt` (`expert_format`; None: plain)."""
+    `fmt` (`expert_format`; None: plain), with the weights' quantisation `prepared`
+    once per expert where given (`quantize_experts`)."""
     mm = expert_matmul(fmt)
-    return mm(jax.nn.silu(mm(rows, gate)) * mm(rows, up), out)
+    g, u, o = prepared
+    return mm(jax.nn.silu(mm(rows, gate, g)) * mm(rows, up, u), out, o)
 
 
 def _sorted_pairs(flat_experts, num_experts: int):
@@ -89,10 +92,15 @@ def _blocked(x_sorted, sorted_experts, rank, sizes, weights, block: int, fmt):
     block_expert = jnp.minimum(
         jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), num_experts - 1)
 
+    # In a number format each expert's weights are quantised once, not once per block.
+    prepared = (None,) * 3 if fmt is None else tuple(quantize_experts(fmt, w)
+                                                     for w in weights)
+
     def one_block(_, block_and_expert):
         rows, expert = block_and_expert
-        w = (jax.lax.dynamic_index_in_dim(w, expert, keepdims=False) for w in weights)
-        return None, expert_ffn(rows, *w, fmt)
+        w, q = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, expert, keepdims=False),
+                            (weights, prepared))
+        return None, expert_ffn(rows, *w, fmt, q)
 
     # A loop over the blocks reads each block's expert weights in place: gathering them
     # for one batched matmul would copy (blocks, d, f) weights forward and backward. The

@@ -57,6 +57,33 @@ def _qm_bwd(fmt, res, g):
 quantized_matmul.defvjp(_qm_fwd, _qm_bwd)
 
 
+def quantize_experts(fmt, w):
+    """w (experts, in, out) quantised as `fmt`'s weights once per expert: (wq, scale),
+    each with a leading expert axis, outside the gradient."""
+    return jax.vmap(fmt.quantize_weight)(jax.lax.stop_gradient(w))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def prequantized_matmul(fmt, x, w, wq, w_scale):
+    """`quantized_matmul(fmt, x, w)` given w's quantisation (`wq`, `w_scale`, computed
+    once outside a loop over row blocks); the gradient reaches `w` straight through."""
+    xq, sx = fmt.quantize_activation(x)
+    return _scaled_dot(fmt, xq, sx, wq, w_scale)
+
+
+def _pq_fwd(fmt, x, w, wq, w_scale):
+    xq, sx = fmt.quantize_activation(x)
+    return _scaled_dot(fmt, xq, sx, wq, w_scale), (
+        xq, sx, wq, w_scale, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _pq_bwd(fmt, res, g):
+    return (*_qm_bwd(fmt, res, g), None, None)
+
+
+prequantized_matmul.defvjp(_pq_fwd, _pq_bwd)
+
+
 def _ste(x, value):
     """`value` forward, the identity's gradient backward."""
     return x + jax.lax.stop_gradient(value.astype(x.dtype) - x)
@@ -86,11 +113,14 @@ def expert_format(cfg):
 
 
 def expert_matmul(fmt):
-    """`mm(a, w)`: a (rows, in) @ w (in, out), or batched over a leading expert axis, in
-    `fmt` (`quantized_matmul`; None: plain), in a's dtype."""
-    def mm(a, w):
+    """`mm(a, w, prepared=None)`: a (rows, in) @ w (in, out), or batched over a leading
+    expert axis, in `fmt` (`quantized_matmul`; None: plain), in a's dtype; `prepared`:
+    w's (wq, scale) from `quantize_experts`, for one expert."""
+    def mm(a, w, prepared=None):
         if fmt is None:
             return jnp.matmul(a, w)
+        if prepared is not None:
+            return prequantized_matmul(fmt, a, w, *prepared).astype(a.dtype)
         one = partial(quantized_matmul, fmt)
         return (one(a, w) if a.ndim == 2 else jax.vmap(one)(a, w)).astype(a.dtype)
     return mm
