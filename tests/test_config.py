@@ -79,7 +79,7 @@ def test_config_show_cli(capsys):
     assert main(["config", "show", "--config", "tiny_moe", "model.moe.router=relu",
                  "model.attention.pattern=gla,softmax", "model.moe.relu.l1=0.5"]) == 0
     out = capsys.readouterr().out
-    assert "gate_rank: 16" in out and "l1: 0.5" in out and "bias_rate" not in out
+    assert "gate_rank: 16" in out and "l1: 0.5" in out and "seq_balance_loss" not in out
 
 
 def test_kind_settings_sit_beside_their_kinds():
