@@ -65,17 +65,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.common import decoding, sow_loss, sow_stat, step_update
+from efflm.layers.common import decoding, sow_loss, sow_stat
 from efflm.layers.contract import Router, Routing
 from efflm.layers.moe.capacity import causal_pairs, causal_picks, counters_init, documents
-from efflm.layers.moe.sigmoid_bias import toward_even_load
 from efflm.layers.moe.topk import token_mean
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 CHUNK = 8  # tokens per chunk of the chunk-level sparsity statistic
-RELU_BALANCE = "relu_balance"  # the model-state variable of the bias, in STEP_UPDATES
 
 
 def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
@@ -84,13 +82,10 @@ def rows_per_sequence(cfg: ModelConfig, length: int) -> int:
     return min(moe.num_experts * length, math.ceil(moe.relu.rows_per_token * length))
 
 
-def relu_gates(x, kernel, scale, eps: float, bias=None):
-    """(gates, logits, normalised): `scale * RMSNorm(ReLU(x W_r + bias))` over the experts,
-    the logits `x W_r + bias` and the ReLU output RMS-normalised without the scale;
-    float32."""
+def relu_gates(x, kernel, scale, eps: float):
+    """(gates, logits, normalised): `scale * RMSNorm(ReLU(x W_r))` over the experts, the
+    logits `x W_r` and the ReLU output RMS-normalised without the scale; float32."""
     logits = x.astype(jnp.float32) @ kernel
-    if bias is not None:
-        logits = logits + bias
     relu = jax.nn.relu(logits)
     normalised = relu * jax.lax.rsqrt(jnp.mean(relu * relu, axis=-1, keepdims=True) + eps)
     return normalised * scale, logits, normalised
@@ -170,12 +165,6 @@ def select_rows(gates, active, bound: int, rate: float, segment_ids, counters=No
     return positions, experts, row_gates, load, jnp.sum(asking) - jnp.sum(keep), counters
 
 
-@step_update(RELU_BALANCE)
-def update_relu_bias(cfg: ModelConfig, value: dict) -> dict:
-    """`b += bias_rate * sign(mean(load) - load)`, load the kept pairs per expert."""
-    return toward_even_load(value, cfg.moe.relu.bias_rate)
-
-
 @dataclass
 class ReluSettings:
     # Each sequence computes at most ceil(rows_per_token * length) (token, expert) rows,
@@ -188,9 +177,6 @@ class ReluSettings:
     chunk_len: int = 64  # its chunk, in positions
     l1: float = 0.0  # weight of the L1 loss on the RMS-normalised ReLU gates
     balance: float = 0.1  # weight of E * sum_i f_i P_i over the kept pairs
-    # After each train step every expert's logit bias moves by bias_rate toward an even
-    # load of kept pairs (b += bias_rate * sign(mean load - load)); 0: no bias.
-    bias_rate: float = 0.0
 
 
 class ReluRouter(Router):
@@ -209,13 +195,7 @@ class ReluRouter(Router):
         scale = self.param("norm_scale", nn.with_logical_partitioning(
             nn.initializers.ones, (None,)), (moe.num_experts,), jnp.float32)
         own = moe.relu
-        balance = None
-        if own.bias_rate:
-            balance = self.variable("state", RELU_BALANCE, lambda: {
-                "bias": jnp.zeros((moe.num_experts,), jnp.float32),
-                "load": jnp.zeros((moe.num_experts,), jnp.float32)})
-        gates, logits, normalised = relu_gates(
-            x, kernel, scale, cfg.norm_eps, None if balance is None else balance.value["bias"])
+        gates, logits, normalised = relu_gates(x, kernel, scale, cfg.norm_eps)
         counters = None
         if decoding(self):  # the budget's counters, carried from token to token
             counters = self.variable("cache", "budget", counters_init, batch, 1)
@@ -239,11 +219,6 @@ class ReluRouter(Router):
             None if counters is None else counters.value)
         if counters is not None:
             counters.value = after
-        if balance is not None:
-            if self.is_mutable_collection("state") and not self.is_initializing():
-                balance.value = {"bias": balance.value["bias"], "load": load}
-            bias = balance.value["bias"]
-            sow_stat(self, "router_bias_range", jnp.max(bias) - jnp.min(bias), reduce="max")
         activity = jnp.sum(active, axis=(0, 1)).astype(jnp.float32)
         sow_stat(self, "relu_active_load_cv",
                  jnp.std(activity) / jnp.maximum(jnp.mean(activity), 1e-9))
@@ -279,7 +254,7 @@ class ReluRouter(Router):
     def validate_config(cfg: ModelConfig) -> None:
         moe = cfg.moe
         check_positive("model.moe.relu.rows_per_token", moe.relu.rows_per_token)
-        for key in ("l1", "locality", "chunk", "balance", "bias_rate"):
+        for key in ("l1", "locality", "chunk", "balance"):
             check_positive(f"model.moe.relu.{key}", getattr(moe.relu, key), allow_zero=True)
         check_positive("model.moe.relu.sharpness", moe.relu.sharpness)
         check_positive("model.moe.relu.chunk_len", moe.relu.chunk_len)

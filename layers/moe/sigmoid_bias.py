@@ -68,18 +68,12 @@ def sequence_balance_loss(experts, scores, valid, sequences: int, top_k: int):
     return jnp.sum(jnp.sum(f * prob, axis=-1) * held) / jnp.maximum(jnp.sum(held), 1.0)
 
 
-def toward_even_load(value: dict, rate: float) -> dict:
-    """`value` ({bias, load}) with `bias += rate * sign(mean(load) - load)` over the
-    experts (the last axis)."""
-    load = value["load"]
-    direction = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
-    return {**value, "bias": value["bias"] + rate * direction}
-
-
 @step_update(BALANCE)
 def update_bias(cfg: ModelConfig, value: dict) -> dict:
     """`b += bias_rate * sign(mean(load) - load)` over the experts (the last axis)."""
-    return toward_even_load(value, cfg.moe.sigmoid_bias.bias_rate)
+    load = value["load"]
+    direction = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    return {**value, "bias": value["bias"] + cfg.moe.sigmoid_bias.bias_rate * direction}
 
 
 @dataclass

@@ -327,8 +327,6 @@ def test_flops_count_the_static_rows_each_router_computes(small_config, router):
      "model.moe.relu.sharpness must be > 0"),
     (["model.moe.router=relu", "model.moe.relu.balance=-1"],
      "model.moe.relu.balance must be >= 0"),
-    (["model.moe.router=relu", "model.moe.relu.bias_rate=-0.01"],
-     "model.moe.relu.bias_rate must be >= 0"),
     (["model.moe.router=relu", "model.moe.relu.chunk_len=0"],
      "model.moe.relu.chunk_len must be > 0"),
     ([*EXPERT_CHOICE, "mesh.expert=2"], "model.moe.router=expert_choice cannot run under "
