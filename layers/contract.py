@@ -150,6 +150,9 @@ class Router(nn.Module, Kind):
     # Whether every expert computes the same number of rows by construction (its load
     # statistics would carry no information, so the MoE layer does not log them).
     balanced = False
+    # (column title, logged statistic) pairs that `efflm report` tabulates where a run
+    # logged them (means over the last tenth of the steps).
+    report_statistics: tuple = ()
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig) -> float:

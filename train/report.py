@@ -8,8 +8,8 @@ tokens/s and MFU of the logged steps, the train step's memory per device (XLA's
 `memory_analysis()` of the compiled step, which a run logs in its first row: its
 arguments, outputs and temporaries, less the outputs that reuse donated arguments),
 the final recall accuracy where the runs measured it (`data.source=mqar`), and, where
-logged, the expert load's coefficient of variation and the relu router's token- and
-8-token chunk-level sparsity (means over the last tenth of the steps). A `*`
+logged, the MoE statistics of `efflm.layers.moe.REPORT_STATISTICS` (the expert load's
+coefficient of variation, each router's own; means over the last tenth of the steps). A `*`
 marks a final bits per byte (or loss, where bits per byte were not measured) that
 differs from the first row's by Welch's t-test at the two-sided 5% level (the seeds as
 samples; at least two seeds on both sides). Plots (PNG,
@@ -201,22 +201,19 @@ def _final_and_best(runs: list[RunResult], key: str) -> tuple[list[float], list[
     return final, best
 
 
-# Router statistics, each a column where a run logged it: the mean over the last tenth
-# of the steps, then over seeds.
-ROUTER_COLUMNS = (("load CV", "expert_load_cv"), ("token sparsity", "relu_token_sparsity"),
-                  ("8-token chunk sparsity", "relu_chunk_sparsity"))
-
-
 def _tail_means(runs: list[RunResult], key: str) -> list[float]:
     return [m for m in (r.tail_mean(key) for r in runs) if m is not None]
 
 
 def table(variants: list[Variant]) -> list[str]:
     """The Markdown table (module docstring); a recall column where a run measured recall
-    (`eval_recall_accuracy`, the final value), and a column for each of ROUTER_COLUMNS
-    that a run logged."""
+    (`eval_recall_accuracy`, the final value), and a column for each MoE statistic
+    (`efflm.layers.moe.REPORT_STATISTICS`) that a run logged: the mean over the last
+    tenth of its steps, then over seeds."""
+    from efflm.layers.moe import REPORT_STATISTICS
+
     recall = any(r.evals("eval_recall_accuracy") for v in variants for r in v.runs)
-    routers = [(title, key) for title, key in ROUTER_COLUMNS
+    routers = [(title, key) for title, key in REPORT_STATISTICS
                if any(r.evals(key) for v in variants for r in v.runs)]
     lines = ["| variant | seeds | params (active) | train FLOPs/token | steps | "
              "final eval loss | best eval loss | final bits/byte | best bits/byte | "

@@ -12,4 +12,9 @@ ROUTERS = {"topk": TopKRouter, "sigmoid_bias": SigmoidBiasRouter,
            "recurrent": RecurrentRouter, "expert_choice": ExpertChoiceRouter,
            "relu": ReluRouter}
 
-__all__ = ["DISPATCH", "ROUTERS"]
+# What `efflm report` tabulates for MoE runs: the MoE layer's load spread, then each
+# router's own statistics (`Router.report_statistics`).
+REPORT_STATISTICS = (("load CV", "expert_load_cv"),
+                     *dict.fromkeys(s for r in ROUTERS.values() for s in r.report_statistics))
+
+__all__ = ["DISPATCH", "REPORT_STATISTICS", "ROUTERS"]

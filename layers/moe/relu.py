@@ -184,6 +184,8 @@ class ReluRouter(Router):
     on the rows of each sequence (`Routing.rows`)."""
 
     settings = ReluSettings
+    report_statistics = (("token sparsity", "relu_token_sparsity"),
+                         ("8-token chunk sparsity", "relu_chunk_sparsity"))
 
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
@@ -215,7 +217,7 @@ class ReluRouter(Router):
         bound = (moe.num_experts * length if counters is not None
                  else rows_per_sequence(cfg, length))
         positions, experts, row_gates, load, dropped, after = select_rows(
-            gates, active, bound, moe.relu.rows_per_token, segment_ids,
+            gates, active, bound, own.rows_per_token, segment_ids,
             None if counters is None else counters.value)
         if counters is not None:
             counters.value = after

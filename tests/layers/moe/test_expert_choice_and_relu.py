@@ -207,7 +207,7 @@ def test_relu_locality_chunk_and_balance_losses_against_per_token_loops(small_co
     share = p[seg > 0].mean(0)
     assert float(sown["losses"]["balance"][0]) == pytest.approx(0.3 * E * np.sum(f * share),
                                                                rel=1e-4)
-    pair = np.zeros((1, 1), bool) | True
+    pair = np.ones((1, 1), bool)
     grad = jax.grad(lambda lg: locality_loss(lg, pair, a))(jnp.asarray(z[:1, :2]))
     assert np.all(np.abs(np.asarray(grad)) > 0)
 
