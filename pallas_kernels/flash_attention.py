@@ -70,8 +70,9 @@ def _full_mask(segment_ids, q_len: int, kv_len: int, causal: bool, window: int,
     return mask
 
 
-def reference_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scale=None,
-                        block_q=None, block_k=None, interpret=None, return_lse=False):
+def reference_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=True,
+                        window=0, sm_scale=None, block_q=None, block_k=None, interpret=None,
+                        return_lse=False):
     """Full masked softmax attention in float32: what `flash_attention` must equal.
 
     Same arguments and masks as `flash_attention` (the block sizes and `interpret` are
@@ -81,11 +82,12 @@ def reference_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_
     length) float32.
     """
     del block_q, block_k, interpret
-    _check_args(q, k, v, segment_ids, causal, window)
+    _check_args(q, k, v, segment_ids, causal, window, kv_segment_ids)
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if sm_scale is None else sm_scale
-    mask = _full_mask(segment_ids, t, s, causal, window)[:, :, None]  # (b|1, 1, 1, t, s)
+    mask = _full_mask(segment_ids, t, s, causal, window, kv_segment_ids)
+    mask = mask[:, :, None]  # (b|1, 1, 1, t, s)
     qg = (q.astype(jnp.float32) * scale).reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32))
     # A finite fill keeps every exponent finite, so an empty row's zero probabilities
@@ -113,17 +115,25 @@ def check_qkv(q, k, v):
         raise ValueError(f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
 
 
-def _check_args(q, k, v, segment_ids, causal, window):
+def _check_args(q, k, v, segment_ids, causal, window, kv_segment_ids=None):
     check_qkv(q, k, v)
     if window < 0:
         raise ValueError(f"window must be >= 0 (0: no window), got {window}")
     if window and not causal:
         raise ValueError("a sliding window needs causal=True (query i sees keys "
                          "i - window + 1 .. i)")
-    if segment_ids is not None:
+    if kv_segment_ids is not None:
+        if segment_ids is None or kv_segment_ids.shape != k.shape[:2]:
+            raise ValueError(f"kv_segment_ids {kv_segment_ids.shape} must be (batch, "
+                             f"kv_length) = {k.shape[:2]}, with segment_ids given")
+        if segment_ids.shape != q.shape[:2]:
+            raise ValueError(f"segment_ids {segment_ids.shape} must be (batch, length) "
+                             f"= {q.shape[:2]}")
+    elif segment_ids is not None:
         if segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]:
             raise ValueError(f"segment_ids {segment_ids.shape} must be (batch, length) "
-                             f"= {q.shape[:2]}, with queries and keys of one length")
+                             f"= {q.shape[:2]}, with queries and keys of one length "
+                             "(or kv_segment_ids for the keys)")
 
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -303,8 +313,9 @@ def store_rows(o_ref, lse_ref, acc, row_max, row_sum):
     lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
 
 
-def _segment_args(segment_ids):
-    return () if segment_ids is None else (segment_ids, segment_ids)
+def _segment_args(segments):
+    """The kernels' segment operands from `_padded`'s (query ids, key ids) or None."""
+    return () if segments is None else segments
 
 
 def forward_specs(s: CallStatics, d: int, kv_len: int, group: int, has_segments: bool):
@@ -351,23 +362,26 @@ def dq_specs_of(s: CallStatics, d: int, kv_len: int, group: int, has_segments: b
     return specs
 
 
-def _forward(q, k, v, segment_ids, s: CallStatics, initial_outputs=None):
-    """Padded inputs in, (out, lse) out: out like q, lse (batch, heads, length) float32.
+def _forward(q, k, v, segments, s: CallStatics, initial_outputs=None, out_dtype=None):
+    """Padded inputs in, (out, lse) out: out like q (or `out_dtype`), lse (batch, heads,
+    length) float32. segments: None or (query ids, key ids).
 
     initial_outputs: optional (out, lse) buffers the kernel writes into in place (for
     tests: filled with NaN, they show every position is written).
     """
     h, d = q.shape[2:]
     kv_len, kv = k.shape[1], k.shape[2]
-    has_segments = segment_ids is not None
+    has_segments = segments is not None
     return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
-                        q, [q, k, v, *_segment_args(segment_ids)],
+                        q, [q, k, v, *_segment_args(segments)],
                         forward_specs(s, d, kv_len, h // kv, has_segments), s,
-                        "flash_attention_forward", initial_outputs)
+                        "flash_attention_forward", initial_outputs, out_dtype)
 
 
-def forward_call(kernel, q, args, in_specs, s: CallStatics, name: str, initial_outputs=None):
-    """(out, lse) of a forward kernel run once per (query block, batch, head)."""
+def forward_call(kernel, q, args, in_specs, s: CallStatics, name: str, initial_outputs=None,
+                 out_dtype=None):
+    """(out, lse) of a forward kernel run once per (query block, batch, head); out in
+    `out_dtype` (default q's)."""
     b, t, h, d = q.shape
     out_specs = [
         pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
@@ -380,7 +394,7 @@ def forward_call(kernel, q, args, in_specs, s: CallStatics, name: str, initial_o
         grid=(t // s.block_q, b, h),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
                    jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
         input_output_aliases=aliases,
         interpret=s.interpret,
@@ -442,21 +456,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, s: CallSt
     dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, segment_ids, do, lse, delta, s: CallStatics):
-    has_segments = segment_ids is not None
+def _backward(q, k, v, segments, do, lse, delta, s: CallStatics, grad_dtype=None):
+    has_segments = segments is not None
     group = q.shape[2] // k.shape[2]
     return backward_calls(
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
-        q, k, v, [do, lse, delta, *_segment_args(segment_ids)], s, "flash_attention")
+        q, k, v, [do, lse, delta, *_segment_args(segments)], s, "flash_attention",
+        grad_dtype=grad_dtype)
 
 
 def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix: str,
-                   tables=None):
+                   tables=None, grad_dtype=None):
     """(dq, dk, dv) from two kernels: dK/dV with one program per (key block, batch, K/V
     head) over all its query heads, dQ with one per (query block, batch, head) over the
     key blocks it sees. rest: (do, lse, delta[, q_seg, k_seg]); tables: optional
-    (q_table, k_table), passed first, one row per query (key) block."""
+    (q_table, k_table), passed first, one row per query (key) block; gradients in
+    `grad_dtype` (default their operands')."""
     b, t, h, d = q.shape
     kv_len, kv = k.shape[1], k.shape[2]
     group, has_segments = h // kv, len(rest) > 3
@@ -471,8 +487,8 @@ def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix:
         grid=(kv_len // s.block_k, b, kv),
         in_specs=[*row(k_table), *dkv_specs_of(s, t, d, group, has_segments)],
         out_specs=[kv_out, kv_out],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, grad_dtype or k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, grad_dtype or v.dtype)],
         interpret=s.interpret,
         compiler_params=dkv_params(d),
         name=f"{prefix}_dkv",
@@ -483,7 +499,7 @@ def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix:
         grid=(t // s.block_q, b, h),
         in_specs=[*row(q_table), *dq_specs_of(s, d, kv_len, group, has_segments)],
         out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         interpret=s.interpret,
         compiler_params=_TRITON,
         name=f"{prefix}_dq",
@@ -492,31 +508,32 @@ def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segment_ids, s: CallStatics):
-    return _forward(q, k, v, segment_ids, s)
+def _flash(q, k, v, segments, s: CallStatics):
+    return _forward(q, k, v, segments, s)
 
 
-def _flash_fwd(q, k, v, segment_ids, s: CallStatics):
-    out, lse = _forward(q, k, v, segment_ids, s)
-    return (out, lse), (q, k, v, segment_ids, out, lse)
+def _flash_fwd(q, k, v, segments, s: CallStatics):
+    out, lse = _forward(q, k, v, segments, s)
+    return (out, lse), (q, k, v, segments, out, lse)
 
 
 def _flash_bwd(s: CallStatics, residuals, cotangents):
-    q, k, v, segment_ids, out, lse = residuals
+    q, k, v, segments, out, lse = residuals
     do, dlse = cotangents
     # delta_i = rowsum(o * do) (FlashAttention-2's D). A cotangent on the lse adds
     # dlse_i * p_ij to dS_ij, which is the same as subtracting dlse_i from delta_i.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     delta = delta - dlse
-    dq, dk, dv = _backward(q, k, v, segment_ids, do.astype(q.dtype), lse, delta, s)
+    dq, dk, dv = _backward(q, k, v, segments, do.astype(q.dtype), lse, delta, s)
     return dq, dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scale=None,
-                    block_q=64, block_k=64, interpret=None, return_lse=False):
+def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=True,
+                    window=0, sm_scale=None, block_q=64, block_k=64, interpret=None,
+                    return_lse=False):
     """Fused softmax attention with grouped-query K/V heads (FlashAttention-2).
 
     q: (batch, length, heads, head_dim); k, v: (batch, kv_length, kv_heads, head_dim) with
@@ -526,25 +543,28 @@ def flash_attention(q, k, v, *, segment_ids=None, causal=True, window=0, sm_scal
     after a cache, decoding). causal: query i sees keys j <= p. window > 0 (with causal):
     only keys p - window + 1 .. p. A row that sees no key (p < 0 when length >
     kv_length) gives 0, lse = +inf and no gradient. Without causal every query sees
-    every key. segment_ids (batch, length) int: attention stays inside
-    equal ids (needs length == kv_length). sm_scale defaults to head_dim ** -0.5.
+    every key. segment_ids (batch, length) int: attention stays inside equal ids, the
+    keys' ids being `kv_segment_ids` (batch, kv_length) when given, else segment_ids
+    (then length == kv_length). sm_scale defaults to head_dim ** -0.5.
     Lengths need not divide the block sizes (padded here, padded keys masked); a head_dim
     that is not a power of two is zero-padded to one. interpret=None: interpret mode
     unless the default backend is GPU. Returns the output in q.dtype and, with
     return_lse, the log-sum-exp of the scaled, masked scores, (batch, heads, length)
     float32; both are differentiable.
     """
-    _check_args(q, k, v, segment_ids, causal, window)
+    _check_args(q, k, v, segment_ids, causal, window, kv_segment_ids)
     t, d = q.shape[1], q.shape[3]
-    args, s = _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k,
-                      interpret)
+    args, s = _padded(q, k, v, segment_ids, kv_segment_ids, causal, window, sm_scale,
+                      block_q, block_k, interpret)
     out, lse = _flash(*args, s)
     out, lse = out[:, :t, :, :d], lse[:, :, :t]
     return (out, lse) if return_lse else out
 
 
-def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, interpret):
-    """Pad lengths to whole blocks and head_dim to a power of two; fix the statics."""
+def _padded(q, k, v, segment_ids, kv_segment_ids, causal, window, sm_scale, block_q,
+            block_k, interpret):
+    """Pad lengths to whole blocks and head_dim to a power of two; fix the statics.
+    Returns ((q, k, v, segments), statics), segments None or (query ids, key ids)."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     t, d = q.shape[1], q.shape[3]
@@ -556,10 +576,15 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     t_pad = -(-t // block_q) * block_q
     kv_pad = -(-kv_len // block_k) * block_k
     d_pad = max(16, next_power_of_2(d))
-    if segment_ids is not None:  # then t == kv_len; one padded length serves both
-        t_pad = kv_pad = max(t_pad, kv_pad)
-        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)),
-                              constant_values=-1)
+    segments = None
+    if segment_ids is not None:
+        if kv_segment_ids is None:  # then t == kv_len; one padded length serves both
+            t_pad = kv_pad = max(t_pad, kv_pad)
+            kv_segment_ids = segment_ids
+        pad_ids = lambda ids, length: jnp.pad(ids.astype(jnp.int32),
+                                              ((0, 0), (0, length - ids.shape[1])),
+                                              constant_values=-1)
+        segments = (pad_ids(segment_ids, t_pad), pad_ids(kv_segment_ids, kv_pad))
 
     def pad(x, length):
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
@@ -567,7 +592,46 @@ def _padded(q, k, v, segment_ids, causal, window, sm_scale, block_q, block_k, in
     s = CallStatics(causal=bool(causal), window=int(window), sm_scale=scale, block_q=block_q,
                 block_k=block_k, q_len=t, kv_len=kv_len, interpret=bool(interpret),
                 q_offset=kv_len - t)
-    return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segment_ids), s
+    return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segments), s
+
+
+def flash_attention_block(q, k, v, segment_ids, kv_segment_ids, *, causal, block_q=64,
+                          block_k=64, interpret=None):
+    """One block of a larger attention, for callers that merge blocks themselves (a ring
+    step of context parallelism): the forward kernel alone, not differentiable.
+
+    Arguments as `flash_attention` (query and key ids both given). Returns the output in
+    float32 and the log-sum-exp (batch, heads, length) with -inf for rows that saw no
+    key, as a log-sum-exp merge wants. `flash_attention_block_grads` gives the block's
+    share of the gradients.
+    """
+    _check_args(q, k, v, segment_ids, causal, 0, kv_segment_ids)
+    t, d = q.shape[1], q.shape[3]
+    args, s = _padded(q, k, v, segment_ids, kv_segment_ids, causal, 0, None, block_q,
+                      block_k, interpret)
+    out, lse = _forward(*args, s, out_dtype=jnp.float32)
+    lse = lse[:, :, :t]
+    return out[:, :t, :, :d], jnp.where(lse == jnp.inf, -jnp.inf, lse)
+
+
+def flash_attention_block_grads(q, k, v, segment_ids, kv_segment_ids, dout, lse, delta, *,
+                                causal, block_q=64, block_k=64, interpret=None):
+    """The gradients of q, k, v (float32) through one block of a larger attention, given
+    the whole attention's log-sum-exp `lse` and `delta` = rowsum(dout * out), both
+    (batch, heads, length) float32: the probabilities are exp(scores - lse), so the
+    blocks' shares sum to the gradient of the whole (the backward kernels alone)."""
+    _check_args(q, k, v, segment_ids, causal, 0, kv_segment_ids)
+    t, d = q.shape[1], q.shape[3]
+    (q_p, k_p, v_p, segments), s = _padded(q, k, v, segment_ids, kv_segment_ids, causal, 0,
+                                           None, block_q, block_k, interpret)
+    t_pad, d_pad = q_p.shape[1], q_p.shape[3]
+    do = jnp.pad(dout.astype(q.dtype), ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d)))
+    rows = ((0, 0), (0, 0), (0, t_pad - t))
+    lse = jnp.pad(lse, rows, constant_values=jnp.inf)  # padded rows: no gradient
+    delta = jnp.pad(delta, rows)
+    dq, dk, dv = _backward(q_p, k_p, v_p, segments, do, lse, delta, s, jnp.float32)
+    kv_len = k.shape[1]
+    return dq[:, :t, :, :d], dk[:, :kv_len, :, :d], dv[:, :kv_len, :, :d]
 
 
 def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):

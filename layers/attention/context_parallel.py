@@ -16,11 +16,14 @@ Both run inside `shard_map` over the whole mesh: the batch split as the logical 
 `batch` is, heads as `heads` is (when `kv_heads` splits the same way), the length over
 `sequence`. Packed documents may cross chunk borders: the mask compares segment ids and
 global positions. Each ring step runs in XLA, its queries in blocks of
-`model.attention.softmax.block_size` (scores block x chunk, float32, at a time).
+`model.attention.softmax.block_size` (scores block x chunk, float32, at a time), or
+under `model.attention.impl=pallas` as one call of the flash kernels (forward, and
+dK/dV plus dQ in the backward); all-gather stays in XLA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -29,7 +32,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from efflm.layers.common import MASKED
-from efflm.pallas_kernels.flash_attention import partitioned
+from efflm.pallas_kernels.flash_attention import (
+    flash_attention_block,
+    flash_attention_block_grads,
+    partitioned,
+)
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -93,15 +100,6 @@ def _merge(out, lse, block_out, block_lse):
             + block_out * jnp.exp(block_lse - new)[..., None]), new
 
 
-def _ring_geometry(n: int, q, seg):
-    """(this device's chunk index, the permutation sending each chunk to the next, q and
-    seg). The index and seg pass through one optimization barrier with q: nothing of the
-    ring then depends on loop-invariant values alone, which a scan over layers would
-    otherwise hoist out of the loop, stacking the masks of every ring step."""
-    me, q, seg = lax.optimization_barrier((lax.axis_index(AXIS), q, seg))
-    return me, [(i, (i + 1) % n) for i in range(n)], q, seg
-
-
 def _split_queries(block: int, x, axis: int = 3):
     """`x` with its query axis (`axis`, of the chunk's length) cut into blocks, the block
     index first."""
@@ -115,120 +113,161 @@ def _join_queries(x, axis: int = 3):
     return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
 
 
-def _query_block(c: int, block: int) -> int:
-    """Queries per block inside a ring step: `block` when it divides the chunk of `c`
-    (0 or otherwise: the whole chunk)."""
-    return block if block and c % block == 0 else c
+@dataclasses.dataclass(frozen=True)
+class RingSteps:
+    """How each ring step attends one query chunk to one key chunk: in XLA (heads-major
+    operands, queries in blocks of `block` when it divides the chunk, 0: whole) or with
+    the Pallas flash kernels (`pallas`; operands as the model holds them, `interpret`
+    off a GPU). A step is `diagonal` (the device's own chunk: causal, positions aligned)
+    or earlier (every key precedes every query: only documents mask); the chunks that
+    follow the queries are skipped before any step runs."""
+
+    pallas: bool = False
+    block: int = 0
+    interpret: bool = False
+
+    def attend(self, q, k, v, seg_q, seg_k, diagonal: bool):
+        """(output float32 shaped as q, log-sum-exp shaped as q without its last axis)."""
+        if self.pallas:
+            out, lse = flash_attention_block(q, k, v, seg_q, seg_k, causal=diagonal,
+                                             interpret=self.interpret)
+            return out, lse.transpose(0, 2, 1)
+        c = seg_q.shape[1]
+        block = self.block if self.block and c % self.block == 0 else c
+
+        def one(args):
+            i, q_b, seg_b = args
+            return _block(q_b, k, v, _step_mask(seg_b, seg_k, i * block, diagonal))
+
+        blocks = (jnp.arange(c // block), _split_queries(block, q),
+                  _split_queries(block, seg_q, 1))
+        return tuple(map(_join_queries, lax.map(one, blocks)))
+
+    def grads(self, q, k, v, seg_q, seg_k, dout, lse, delta, diagonal: bool):
+        """(dq, dk, dv) float32 of this step's share, from the whole attention's `lse`
+        and `delta` = rowsum(dout * out)."""
+        if self.pallas:
+            lse, delta = lse.transpose(0, 2, 1), delta.transpose(0, 2, 1)
+            return flash_attention_block_grads(q, k, v, seg_q, seg_k, dout, lse, delta,
+                                               causal=diagonal, interpret=self.interpret)
+        c = seg_q.shape[1]
+        block = self.block if self.block and c % self.block == 0 else c
+        scale = q.shape[-1] ** -0.5
+
+        def one(acc, args):
+            i, q_b, dout_b, lse_b, delta_b, seg_b = args
+            probs = jnp.exp(_scores(q_b, k, _step_mask(seg_b, seg_k, i * block, diagonal))
+                            - lse_b[..., None])
+            dv_b = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dout.dtype), dout_b,
+                              preferred_element_type=jnp.float32)
+            dprobs = jnp.einsum("bkgtd,bksd->bkgts", dout_b, v,
+                                preferred_element_type=jnp.float32)
+            dscores = (probs * (dprobs - delta_b[..., None]) * scale).astype(q.dtype)
+            dq_b = jnp.einsum("bkgts,bksd->bkgtd", dscores, k,
+                              preferred_element_type=jnp.float32)
+            dk_b = jnp.einsum("bkgts,bkgtd->bksd", dscores, q_b,
+                              preferred_element_type=jnp.float32)
+            return (acc[0] + dk_b, acc[1] + dv_b), dq_b
+
+        blocks = (jnp.arange(c // block),
+                  *(_split_queries(block, x) for x in (q, dout, lse, delta)),
+                  _split_queries(block, seg_q, 1))
+        zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dk, dv), dq = lax.scan(one, zeros, blocks)
+        return _join_queries(dq), dk, dv
 
 
-def _ring_forward(q, k, v, seg, n: int, block: int):
+def _step_mask(seg_q, seg_k, q_start, diagonal: bool):
+    """A ring step's mask: documents, and causality by position within the chunk on the
+    diagonal (queries from `q_start`)."""
+    if diagonal:
+        return chunk_mask(seg_q, seg_k, q_start, 0)
+    return (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+
+
+def _ring_geometry(n: int, q, seg):
+    """(this device's chunk index, the permutation sending each chunk to the next, q and
+    seg). The index and seg pass through one optimization barrier with q: nothing of the
+    ring then depends on loop-invariant values alone, which a scan over layers would
+    otherwise hoist out of the loop, stacking the masks of every ring step."""
+    me, q, seg = lax.optimization_barrier((lax.axis_index(AXIS), q, seg))
+    return me, [(i, (i + 1) % n) for i in range(n)], q, seg
+
+
+def _ring_forward(q, k, v, seg, n: int, steps: RingSteps):
+    """(output float32, log-sum-exp). Step 0 is the diagonal; at step s the device holds
+    chunk me - s, and sends it on while attending to it when it precedes its own."""
     me, perm, q, seg = _ring_geometry(n, q, seg)
-    c = seg.shape[1]
-    block = _query_block(c, block)
-    index = jnp.arange(c // block)
-    q_blocks, seg_blocks = _split_queries(block, q), _split_queries(block, seg, 1)
 
     def visit(s, out, lse, k, v, seg_k):
-        src = (me - s) % n  # the chunk held at step s; later chunks are masked whole
+        def earlier(k, v, seg_k):
+            return steps.attend(q, k, v, seg, seg_k, diagonal=False)
 
-        def attend(k, v, seg_k):
-            def one(args):
-                i, q_b, seg_b = args
-                return _block(q_b, k, v, chunk_mask(seg_b, seg_k, me * c + i * block,
-                                                    src * c))
-
-            return tuple(map(_join_queries, lax.map(one, (index, q_blocks, seg_blocks))))
-
-        def skip(k, v, seg_k):
+        def later(k, v, seg_k):
             return jnp.zeros(out.shape, jnp.float32), jnp.full(lse.shape, -jnp.inf)
 
-        return _merge(out, lse, *lax.cond(src <= me, attend, skip, k, v, seg_k))
+        return _merge(out, lse, *lax.cond((me - s) % n < me, earlier, later, k, v, seg_k))
 
     def step(s, carry):
         out, lse, k, v, seg_k = carry
-        out, lse = visit(s, out, lse, k, v, seg_k)
-        return (out, lse, *lax.ppermute((k, v, seg_k), AXIS, perm))
+        sent = lax.ppermute((k, v, seg_k), AXIS, perm)
+        return (*visit(s, out, lse, k, v, seg_k), *sent)
 
-    out = jnp.zeros(q.shape, jnp.float32)
-    lse = jnp.full(q.shape[:-1], -jnp.inf)
-    out, lse, k, v, seg_k = lax.fori_loop(0, n - 1, step, (out, lse, k, v, seg))
+    out, lse = steps.attend(q, k, v, seg, seg, diagonal=True)
+    carry = (out, lse, *lax.ppermute((k, v, seg), AXIS, perm))
+    out, lse, k, v, seg_k = lax.fori_loop(1, n - 1, step, carry)
     return visit(n - 1, out, lse, k, v, seg_k)
 
 
-def _ring_backward(q, k, v, seg, out, lse, dout, n: int, block: int):
+def _ring_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
     """Gradients of q, k, v: keys and values go round the ring again, each with its
     dK, dV accumulator, which after the last step travels once more to its owner."""
     me, perm, q, seg = _ring_geometry(n, q, seg)
-    c = seg.shape[1]
-    block = _query_block(c, block)
-    scale = q.shape[-1] ** -0.5
-    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowwise dO . O
-    blocks = (jnp.arange(c // block), *(_split_queries(block, x) for x in (q, dout, lse, delta)),
-              _split_queries(block, seg, 1))
-
-    def visit(s, dq, k, v, seg_k, dk, dv):
-        src = (me - s) % n
-
-        def grads(k, v, seg_k):
-            def one(acc, args):
-                i, q_b, dout_b, lse_b, delta_b, seg_b = args
-                mask = chunk_mask(seg_b, seg_k, me * c + i * block, src * c)
-                probs = jnp.exp(_scores(q_b, k, mask) - lse_b[..., None])
-                dv_b = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dout.dtype), dout_b,
-                                  preferred_element_type=jnp.float32)
-                dprobs = jnp.einsum("bkgtd,bksd->bkgts", dout_b, v,
-                                    preferred_element_type=jnp.float32)
-                dscores = (probs * (dprobs - delta_b[..., None]) * scale).astype(q.dtype)
-                dq_b = jnp.einsum("bkgts,bksd->bkgtd", dscores, k,
-                                  preferred_element_type=jnp.float32)
-                dk_b = jnp.einsum("bkgts,bkgtd->bksd", dscores, q_b,
-                                  preferred_element_type=jnp.float32)
-                return (acc[0] + dk_b, acc[1] + dv_b), dq_b
-
-            (dk_s, dv_s), dq_s = lax.scan(one, (jnp.zeros_like(dk), jnp.zeros_like(dv)), blocks)
-            return _join_queries(dq_s), dk_s, dv_s
-
-        def skip(k, v, seg_k):
-            return jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv)
-
-        dq_s, dk_s, dv_s = lax.cond(src <= me, grads, skip, k, v, seg_k)
-        return dq + dq_s, dk + dk_s, dv + dv_s
+    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum dO . O
 
     def step(s, carry):
         dq, k, v, seg_k, dk, dv = carry
-        dq, dk, dv = visit(s, dq, k, v, seg_k, dk, dv)
-        return (dq, *lax.ppermute((k, v, seg_k, dk, dv), AXIS, perm))
+        k, v, seg_k, dk, dv = lax.ppermute((k, v, seg_k, dk, dv), AXIS, perm)
 
-    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    carry = (zeros(q.shape), k, v, seg, zeros(k.shape), zeros(v.shape))
-    dq, k, v, seg_k, dk, dv = lax.fori_loop(0, n - 1, step, carry)
-    dq, dk, dv = visit(n - 1, dq, k, v, seg_k, dk, dv)
+        def earlier(k, v, seg_k):
+            return steps.grads(q, k, v, seg, seg_k, dout, lse, delta, diagonal=False)
+
+        def later(k, v, seg_k):
+            return jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv)
+
+        shares = lax.cond((me - s) % n < me, earlier, later, k, v, seg_k)
+        return (dq + shares[0], k, v, seg_k, dk + shares[1], dv + shares[2])
+
+    dq, dk, dv = steps.grads(q, k, v, seg, seg, dout, lse, delta, diagonal=True)
+    dq, k, v, seg_k, dk, dv = lax.fori_loop(1, n, step, (dq, k, v, seg, dk, dv))
     dk, dv = lax.ppermute((dk, dv), AXIS, perm)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring(q, k, v, seg, n, block):
-    return _ring_forward(q, k, v, seg, n, block)[0].astype(q.dtype)
+def _ring(q, k, v, seg, n, steps):
+    return _ring_forward(q, k, v, seg, n, steps)[0].astype(q.dtype)
 
 
-def _ring_fwd(q, k, v, seg, n, block):
-    out, lse = _ring_forward(q, k, v, seg, n, block)
+def _ring_fwd(q, k, v, seg, n, steps):
+    out, lse = _ring_forward(q, k, v, seg, n, steps)
     return out.astype(q.dtype), (q, k, v, seg, out.astype(q.dtype), lse)
 
 
-def _ring_bwd(n, block, residuals, dout):
+def _ring_bwd(n, steps, residuals, dout):
     q, k, v, seg, out, lse = residuals
-    grads = _ring_backward(q, k, v, seg, out.astype(jnp.float32), lse, dout, n, block)
+    grads = _ring_backward(q, k, v, seg, out.astype(jnp.float32), lse, dout, n, steps)
     return (*grads, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _ring_local(q, k, v, seg, n: int, block: int):
+def _ring_local(q, k, v, seg, n: int, steps: RingSteps):
+    if steps.pallas:
+        return _ring(q, k, v, seg, n, steps)
     b, t, h, d = q.shape
-    out = _ring(*_heads_major(q, k, v), seg, n, block)
+    out = _ring(*_heads_major(q, k, v), seg, n, steps)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -240,17 +279,23 @@ def _allgather_local(q, k, v, seg):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0):
+def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,
+                               impl: str = "xla", interpret: bool | None = None):
     """Causal softmax attention of q (batch, length, heads, dim) to k, v (batch, length,
     kv_heads, dim) under the active mesh, the length split over `sequence` by
     `strategy` (ring | allgather); segment_ids (batch, length), None: one document.
-    `block`: in each ring step, queries in blocks of this many when it divides the
-    chunk (scores block x chunk at a time; 0: the whole chunk)."""
+    Ring steps run in XLA (`block`: queries in blocks of this many when it divides the
+    chunk, scores block x chunk at a time; 0: the whole chunk) or, with impl=pallas, one
+    flash-kernel call each (`interpret`: None, interpret mode unless on a GPU);
+    all-gather runs in XLA."""
     mesh = jax.sharding.get_abstract_mesh()
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     if strategy == "ring":
-        fn = functools.partial(_ring_local, n=mesh.shape[AXIS], block=block)
+        if interpret is None:
+            interpret = jax.default_backend() != "gpu"
+        steps = RingSteps(pallas=impl == "pallas", block=block, interpret=interpret)
+        fn = functools.partial(_ring_local, n=mesh.shape[AXIS], steps=steps)
     elif strategy == "allgather":
         fn = _allgather_local
     else:

@@ -151,8 +151,8 @@ class SoftmaxAttention(Mixer):
 
     Decodes through a KV cache (keys and values at their positions, K/V heads as
     grouped), always on the XLA path. Under `mesh.sequence` > 1 the length stays split
-    (`context_parallel.py`: ring or all-gather, each ring step an XLA block on every
-    backend).
+    (`context_parallel.py`: ring or all-gather; under impl=pallas each ring step is one
+    flash-kernel call).
     """
 
     decodes = True
@@ -192,7 +192,7 @@ class SoftmaxAttention(Mixer):
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out = cached_attention(self, q, k, v, positions, segment_ids)
         elif cp := strategy(cfg, self.context_parallel, q.shape[1]):
-            out = context_parallel_attention(q, k, v, segment_ids, cp, block)
+            out = context_parallel_attention(q, k, v, segment_ids, cp, block, impl)
         elif impl == "pallas":
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         elif block and q.shape[1] > block:

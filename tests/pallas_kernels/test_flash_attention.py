@@ -166,7 +166,7 @@ def test_lse_is_logsumexp_of_scores():
 def test_every_output_position_is_written():
     """The kernel writes into NaN-filled buffers: no NaN may survive, padding included."""
     q, k, v, seg, _, _ = _make(4, 1, 40, 4, 2, 24, jnp.float32, True)
-    (qp, kp, vp, segp), s = _padded(q, k, v, seg, True, 8, None, 16, 16, True)
+    (qp, kp, vp, segp), s = _padded(q, k, v, seg, None, True, 8, None, 16, 16, True)
     assert qp.shape[1] > 40 and qp.shape[3] > 24  # padding is exercised
     nan_out = jnp.full(qp.shape, jnp.nan, qp.dtype)
     nan_lse = jnp.full((1, 4, qp.shape[1]), jnp.nan, jnp.float32)
@@ -265,6 +265,90 @@ def test_auto_falls_back_to_xla_for_unsupported_head_dim(small_config, monkeypat
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def _check_blocks(dtype, interpret, half=24, dim=16):
+    from efflm.pallas_kernels.flash_attention import (
+        flash_attention_block,
+        flash_attention_block_grads,
+    )
+
+    rng = np.random.default_rng(11)
+    h2 = 2 * half
+    q = jnp.asarray(rng.standard_normal((2, half, 4, dim)), dtype)
+    w = jnp.asarray(rng.standard_normal((2, half, 4, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, h2, 2, dim)), dtype) for _ in range(2))
+    starts = (10 * half // 24, 30 * half // 24)  # document 3 starts 6/24 into the queries
+    seg = jnp.asarray([[1] * starts[0] + [2] * (starts[1] - starts[0])
+                       + [3] * (h2 - starts[1]), [1] * h2], jnp.int32)
+    kw = dict(block_q=16, block_k=16, interpret=interpret)
+    halves = [(slice(0, half), False), (slice(half, h2), True)]
+
+    def whole(q, k, v):
+        out, lse = reference_attention(q, k, v, segment_ids=seg[:, half:], kv_segment_ids=seg,
+                                       return_lse=True)
+        return jnp.sum(out * w), (out, lse)
+
+    (_, (want, want_lse)), want_grads = jax.value_and_grad(whole, (0, 1, 2), has_aux=True)(
+        q, k, v)
+
+    def blocks(q, k, v):
+        parts = [flash_attention_block(q, k[:, keys], v[:, keys], seg[:, half:], seg[:, keys],
+                                       causal=causal, **kw) for keys, causal in halves]
+        (o1, l1), (o2, l2) = parts
+        lse = jnp.logaddexp(l1, l2)
+        scale = lambda part: jnp.exp(part - lse).transpose(0, 2, 1)[..., None]
+        out = o1 * scale(l1) + o2 * scale(l2)
+        delta = jnp.einsum("bthd,bthd->bht", w, out)
+        shares = [flash_attention_block_grads(q, k[:, keys], v[:, keys], seg[:, half:],
+                                              seg[:, keys], w, lse, delta, causal=causal,
+                                              **kw) for keys, causal in halves]
+        (dq1, dk1, dv1), (dq2, dk2, dv2) = shares
+        return (out, lse, l1, dq1 + dq2, jnp.concatenate([dk1, dk2], 1),
+                jnp.concatenate([dv1, dv2], 1))
+
+    def whole_kernel(q, k, v):  # flash_attention itself with separate key ids
+        out = flash_attention(q, k, v, segment_ids=seg[:, half:], kv_segment_ids=seg, **kw)
+        return jnp.sum(out * w), out
+
+    (_, got), got_grads = fast_jit(jax.value_and_grad(whole_kernel, (0, 1, 2),
+                                                      has_aux=True))(q, k, v)
+    tol = (1e-5 if interpret else 5e-3) if dtype == jnp.float32 else 2e-2
+    gtol = 10 * tol if dtype == jnp.float32 else 5e-2
+
+    def close(a, b, tol, name=""):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())),
+                                   err_msg=name)
+
+    close(got, want, tol)
+    for name, g, r in zip("qkv", got_grads, want_grads):
+        close(g, r, gtol, f"d{name}")
+    out, lse, first_lse, *grads = fast_jit(blocks)(q, k, v)
+    assert out.dtype == jnp.float32 and grads[0].dtype == jnp.float32
+    first_doc3 = starts[1] - half
+    assert np.all(np.asarray(first_lse)[0, :, first_doc3:] == -np.inf)
+    assert np.all(np.isfinite(np.asarray(first_lse)[0, :, :first_doc3]))
+    close(out, want, tol)
+    close(lse, want_lse, tol)
+    for name, g, r in zip("qkv", grads, want_grads):
+        close(g, r, gtol, f"d{name}")
+
+
+def test_blocks_merge_to_the_whole_attention():
+    """Queries 24..47 against an earlier key block (0..23, no causal mask) and their own
+    (24..47, causal), separate query and key ids, a document starting inside the second
+    block (its rows see no key in the first): `flash_attention` with `kv_segment_ids`
+    equals the whole attention, values and gradients; so do `flash_attention_block`
+    outputs merged by log-sum-exp, and `flash_attention_block_grads` with the whole lse
+    and delta sum to its gradients."""
+    _check_blocks(jnp.float32, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_blocks_merge_to_the_whole_attention_on_gpu(dtype):
+    _check_blocks(dtype, interpret=False, half=384, dim=64)
+
+
 def test_bad_arguments_are_rejected():
     q, k, v, seg, _, _ = _make(5, 1, 16, 3, 2, 16, jnp.float32, False)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
@@ -272,6 +356,8 @@ def test_bad_arguments_are_rejected():
     q, k, v, _, _, _ = _make(5, 1, 16, 2, 1, 16, jnp.float32, False)
     with pytest.raises(ValueError, match="causal"):
         flash_attention(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        flash_attention(q, k, v, kv_segment_ids=jnp.ones((1, 16), jnp.int32))
 
 
 # Compiled (Triton) on a GPU, at larger shapes.

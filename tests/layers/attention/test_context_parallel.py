@@ -37,12 +37,13 @@ def _mesh_context(*mesh):
     return mesh, mesh_lib.logical_rules(cfg, mesh)
 
 
-@pytest.mark.parametrize("strategy, mesh, block", [
-    ("ring", ("mesh.sequence=4", "mesh.data=2"), 4),  # 4 query blocks a ring step
-    ("allgather", ("mesh.sequence=4", "mesh.data=2"), 0),
-    ("ring", ("mesh.sequence=8", "mesh.data=1"), 0),
+@pytest.mark.parametrize("strategy, mesh, block, impl", [
+    ("ring", ("mesh.sequence=4", "mesh.data=2"), 4, "xla"),  # 4 query blocks a ring step
+    ("ring", ("mesh.sequence=4", "mesh.data=2"), 0, "pallas"),  # flash kernels, interpreted
+    ("allgather", ("mesh.sequence=4", "mesh.data=2"), 0, "xla"),
+    ("ring", ("mesh.sequence=8", "mesh.data=1"), 0, "xla"),
 ])
-def test_strategies_equal_the_unsharded_attention(strategy, mesh, block):
+def test_strategies_equal_the_unsharded_attention(strategy, mesh, block, impl):
     """Values and gradients of q, k, v, with documents crossing shard borders; the ring
     exchanges chunks point to point and gathers nothing, all-gather the reverse."""
     q, k, v, w, seg = _inputs()
@@ -53,7 +54,7 @@ def test_strategies_equal_the_unsharded_attention(strategy, mesh, block):
     full = loss(lambda q, k, v: dot_product_attention(q, k, v, attention_mask(seg, T)))
     want, want_grads = fast_jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(q, k, v)
     sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, strategy,
-                                                                    block))
+                                                                    block, impl))
     mesh, rules = _mesh_context(*mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
@@ -95,3 +96,29 @@ def test_a_train_step_under_fsdp_gathers_no_keys_with_the_ring(strategy):
     assert bool(key_shaped) == (strategy == "allgather")
     assert ("collective_permute" in text) == (strategy == "ring")
     assert not re.search(r"tensor<3x\d+x\d+x\d+x", text)
+
+
+def test_pallas_ring_steps_lower_to_one_flash_call_each_for_gpu(monkeypatch):
+    """No GPU needed: the model's loss and gradients under `mesh.sequence=4` and
+    impl=pallas, lowered for CUDA, hold per layer 7 Triton calls (forward: the diagonal
+    step, the loop's step, the last step; backward: dK/dV and dQ for the diagonal and for
+    the loop's step) besides the ring's collective-permutes."""
+    from efflm.models import LM
+
+    cfg = load_config("tiny", [*SMALL, "mesh.sequence=4", "mesh.data=2",
+                               "model.attention.impl=pallas", "model.dtype=bfloat16",
+                               "model.attention.context_parallel=ring"])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    model = LM(cfg.model)
+    tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compiled kernels, no interpreter
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+
+    def loss(params, tokens):
+        return jnp.mean(model.apply({"params": params}, tokens, segment_ids=tokens))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.logical_rules(cfg, mesh)):
+        text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("@__gpu$xla.gpu.triton(") == 7 * cfg.model.num_layers
+    assert "collective_permute" in text
