@@ -122,6 +122,13 @@ class Mixer(LayerKind):
     # without one, `auto` leaves the split length to XLA's partitioner.
     context_parallel = ()
 
+    @staticmethod
+    def uncredited_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """Query-key pairs per token that its XLA path scores beyond those
+        `flops_per_token` credits (the masked pairs of the tiles a sparse pattern
+        computes): work done that is not counted as useful."""
+        return 0.0
+
 
 class FeedForward(LayerKind):
     """A feed-forward block (`model.mlp.kind`)."""

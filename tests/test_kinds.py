@@ -19,7 +19,7 @@ from efflm.config.schema import FAMILIES
 from efflm.errors import ConfigError
 from efflm.flops import forward_flops_per_token
 from efflm.layers import ATTENTION, DEPTH, MLP
-from efflm.layers.attention.softmax import attention_mask, causal_mix_flops, projection_flops
+from efflm.layers.attention.softmax import attention_mask, causal_mix_flops
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
 from efflm.layers.moe import ROUTERS
 from efflm.layers.moe.capacity import row_capacity
@@ -57,7 +57,13 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
                                 "model.attention.sliding.sinks=2",
                                 "model.attention.sliding.block_size=5"),
          ("mixer", "power"): ("model.attention.power.block_size=5",  # 1, 2, 4 blocks back
-                              "model.attention.power.sinks=2")}
+                              "model.attention.power.sinks=2"),
+         # Compressed blocks of 4 every 2 tokens, 2 of 4-token selection blocks, a window
+         # of 6 and query blocks of 5: all branches matter at lengths 21 to 40.
+         ("mixer", "nsa"): ("model.attention.nsa.compress_block=4", "model.attention.nsa.stride=2",
+                            "model.attention.nsa.select_block=4",
+                            "model.attention.nsa.select_blocks=2",
+                            "model.attention.nsa.window=6", "model.attention.nsa.block_size=5")}
 # Settings that change what a kind's layer computes, checked like kinds: the capacity
 # policies (with drops happening) and a tight relu row budget.
 VARIANTS = {
@@ -236,11 +242,8 @@ def _traced_and_analytic(cfg, length=40, batch=2):
         plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n: 0.0)) * batch * length
     pair = 4 * cfg.attention.num_heads * head_dim(cfg)
     for spec in plan:  # a sparse kind: the masked pairs of the tiles it computes
-        kind = spec.mixer_kind
-        if hasattr(kind, "computed_pairs_per_token"):
-            kept = (kind.flops_per_token(cfg, length) - projection_flops(cfg)) / pair
-            masked = kind.computed_pairs_per_token(cfg, length) - kept
-            softmax += masked * pair * batch * length
+        masked = spec.mixer_kind.uncredited_pairs_per_token(cfg, length)
+        softmax += masked * pair * batch * length
     moe = sum(s.mlp_kind is MoE for s in plan) * _moe_overhead(cfg, batch * length, length)
     return traced, forward_flops_per_token(cfg, length) * batch * length + softmax + moe
 
@@ -324,6 +327,7 @@ BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "fe
        "model.attention.gla": "gate_rank=0", "model.attention.based": "feature_dim=0",
        "model.attention.gated_deltanet": "conv_width=0",
        "model.attention.sliding": "window=0", "model.attention.power": "block_size=0",
+       "model.attention.nsa": "stride=0",
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
        "model.depth.recursive": "recursions=0", "model.depth.mor": "capacity=0.5,1",

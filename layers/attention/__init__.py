@@ -6,6 +6,7 @@ from efflm.layers.attention.based import BasedAttention
 from efflm.layers.attention.gated_deltanet import GatedDeltaNet
 from efflm.layers.attention.gla import GatedLinearAttention
 from efflm.layers.attention.linear import LinearAttention
+from efflm.layers.attention.nsa import NativeSparseAttention
 from efflm.layers.attention.power import PowerAttention
 from efflm.layers.attention.sliding import SlidingAttention
 from efflm.layers.attention.softmax import SoftmaxAttention
@@ -13,4 +14,4 @@ from efflm.layers.attention.softmax import SoftmaxAttention
 ATTENTION = {"softmax": SoftmaxAttention, "linear": LinearAttention,
              "gla": GatedLinearAttention, "based": BasedAttention,
              "gated_deltanet": GatedDeltaNet, "sliding": SlidingAttention,
-             "power": PowerAttention}
+             "power": PowerAttention, "nsa": NativeSparseAttention}

@@ -150,12 +150,13 @@ class PowerAttention(Mixer):
         return pattern_flops(cfg, kept_pairs_per_token(own.block_size, own.sinks, seq_len))
 
     @staticmethod
-    def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
-        """Query-key pairs the XLA path scores per token: whole tiles of its blocks."""
+    def uncredited_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
+        """The XLA path scores whole tiles of its blocks."""
         own = cfg.attention.power
         n = -(-seq_len // own.block_size)
         width = block_table(n).shape[1] * own.block_size
-        return n * own.block_size * (width + own.sinks) / seq_len
+        computed = n * own.block_size * (width + own.sinks) / seq_len
+        return computed - kept_pairs_per_token(own.block_size, own.sinks, seq_len)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):

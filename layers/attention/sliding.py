@@ -103,6 +103,14 @@ def kept_pairs_per_token(window: int, sinks: int, seq_len: int) -> float:
     return (inside + sink) / seq_len
 
 
+def computed_pairs_per_token(window: int, sinks: int, block: int, seq_len: int) -> float:
+    """Query-key pairs the XLA path scores per token: whole tiles of its blocks."""
+    block = min(block, seq_len)
+    n = -(-seq_len // block)
+    back = min(math.ceil((window - 1) / block), n - 1)
+    return n * block * ((back + 1) * block + sinks) / seq_len
+
+
 @dataclass
 class SlidingSettings:
     window: int = 128  # keys a query sees, itself included (token-exact)
@@ -140,13 +148,10 @@ class SlidingAttention(Mixer):
         return pattern_flops(cfg, kept_pairs_per_token(own.window, own.sinks, seq_len))
 
     @staticmethod
-    def computed_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
-        """Query-key pairs the XLA path scores per token: whole tiles of its blocks."""
+    def uncredited_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
         own = cfg.attention.sliding
-        block = min(own.block_size, seq_len)
-        n = -(-seq_len // block)
-        back = min(math.ceil((own.window - 1) / block), n - 1)
-        return n * block * ((back + 1) * block + own.sinks) / seq_len
+        return (computed_pairs_per_token(own.window, own.sinks, own.block_size, seq_len)
+                - kept_pairs_per_token(own.window, own.sinks, seq_len))
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):

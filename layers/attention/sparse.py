@@ -80,18 +80,20 @@ def sink_keys(k, v, seg, covered, sinks: int):
 def gathered_softmax(q, keys, values, shown):
     """(out, lse): softmax attention of each query over its own gathered keys. q (batch,
     length, heads, dim); keys, values (batch, length, span, kv_heads, dim); shown (batch,
-    length, span). lse (batch, length, heads) float32, -inf for a query that sees no key
-    (out 0)."""
+    length, span), or (batch, length, kv_heads, span) per K/V head. lse (batch, length,
+    heads) float32, -inf for a query that sees no key (out 0)."""
     b, t, h, d = q.shape
     kv = keys.shape[3]
     qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,btukd->btkgu", qg, keys, preferred_element_type=jnp.float32)
-    mask = shown[:, :, None, None, :]
+    if shown.ndim == 3:
+        shown = shown[:, :, None, :]
+    mask = shown[:, :, :, None, :]
     scores = jnp.where(mask, scores, MASKED)
     lse = jax.nn.logsumexp(scores, axis=-1)
     probs = jnp.where(mask, jnp.exp(scores - lse[..., None]), 0.0).astype(values.dtype)
     out = jnp.einsum("btkgu,btukd->btkgd", probs, values).reshape(b, t, h, d)
-    lse = jnp.where(jnp.any(shown, axis=-1)[:, :, None, None], lse, -jnp.inf)
+    lse = jnp.where(jnp.any(shown, axis=-1)[..., None], lse, -jnp.inf)
     return out, lse.reshape(b, t, h)
 
 
