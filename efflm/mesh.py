@@ -106,6 +106,11 @@ def check_divisibility(cfg: Config, mesh: Mesh) -> None:
         if value % mesh.shape[axis]:
             raise ConfigError(f"{key}={value} is not divisible by mesh.{axis}="
                               f"{mesh.shape[axis]}")
+    n = mesh.shape["sequence"]
+    if m.attention.context_parallel == "zigzag" and n > 1 and cfg.data.seq_len % (2 * n):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x "
+                          f"mesh.sequence={n}: model.attention.context_parallel=zigzag "
+                          "halves each device's chunk (ring does not)")
 
 
 def mesh_axes_of(mesh, name: str, size: int) -> tuple[str, ...]:

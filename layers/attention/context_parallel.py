@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from efflm.errors import ConfigError
 from efflm.layers.common import MASKED
 from efflm.pallas_kernels.flash_attention import (
     flash_attention_block,
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 AXIS = "sequence"
-STRATEGIES = ("auto", "ring", "allgather")  # auto: ring where the kind implements it
+# auto: the kind's first (softmax: zigzag).
+STRATEGIES = ("auto", "zigzag", "ring", "ulysses", "allgather", "halo")
 
 
 def strategy(cfg: ModelConfig, supported: tuple[str, ...], length: int) -> str | None:
@@ -51,12 +53,17 @@ def strategy(cfg: ModelConfig, supported: tuple[str, ...], length: int) -> str |
     length (`auto` is the kind's first strategy; a kind with none leaves the split to
     XLA's partitioner, which gathers keys and values)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get(AXIS, 1) == 1 or length % mesh.shape[AXIS]:
+    n = mesh.shape.get(AXIS, 1) if not mesh.empty else 1
+    if n == 1 or length % n:
         return None
     chosen = cfg.attention.context_parallel
     if chosen == "auto":
-        return supported[0] if supported else None
-    return chosen if chosen in supported else None
+        chosen = supported[0] if supported else None
+    elif chosen not in supported:
+        return None
+    if chosen == "zigzag" and length % (2 * n):
+        return "ring"  # zig-zag halves each chunk
+    return chosen
 
 
 def chunk_mask(seg_q, seg_k, q_start, k_start):
@@ -125,6 +132,12 @@ class RingSteps:
     pallas: bool = False
     block: int = 0
     interpret: bool = False
+    zigzag: bool = False  # each device holds length halves me and 2n - 1 - me
+
+    @property
+    def axes(self) -> tuple[int, int]:
+        """The length axes of (queries, outputs and log-sum-exps) and of keys/values."""
+        return (1, 1) if self.pallas else (3, 2)
 
     def attend(self, q, k, v, seg_q, seg_k, diagonal: bool):
         """(output float32 shaped as q, log-sum-exp shaped as q without its last axis)."""
@@ -244,31 +257,156 @@ def _ring_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _halves(x, axis: int):
+    c = x.shape[axis]
+    return lax.slice_in_dim(x, 0, c // 2, axis=axis), lax.slice_in_dim(x, c // 2, c, axis=axis)
+
+
+def _zigzag_forward(q, k, v, seg, n: int, steps: RingSteps):
+    """The ring over zig-zag chunks: device me holds length halves me (a) and 2n - 1 - me
+    (b). Its own step: a to a and b to b causally, b to all of a. A chunk from an earlier
+    device: every query to its half a (its half b follows both). From a later device:
+    query half b to both its halves (both precede b, follow a). Each off-diagonal step
+    is half a chunk-by-chunk block: the causal work is even over the devices."""
+    me, perm, q, seg = _ring_geometry(n, q, seg)
+    q_axis, k_axis = steps.axes
+    (qa, qb), (sa, sb) = _halves(q, q_axis), _halves(seg, 1)
+    (ka, kb), (va, vb) = _halves(k, k_axis), _halves(v, k_axis)
+    out_a, lse_a = steps.attend(qa, ka, va, sa, sa, diagonal=True)
+    out_b, lse_b = _merge(*steps.attend(qb, kb, vb, sb, sb, diagonal=True),
+                          *steps.attend(qb, ka, va, sb, sa, diagonal=False))
+    out = jnp.concatenate([out_a, out_b], q_axis)
+    lse = jnp.concatenate([lse_a, lse_b], q_axis)
+
+    def visit(s, out, lse, k, v, seg_k):
+        def earlier(k, v, seg_k):
+            return steps.attend(q, _halves(k, k_axis)[0], _halves(v, k_axis)[0], seg,
+                                _halves(seg_k, 1)[0], diagonal=False)
+
+        def later(k, v, seg_k):
+            part, part_lse = steps.attend(qb, k, v, sb, seg_k, diagonal=False)
+            return (jnp.concatenate([jnp.zeros_like(part), part], q_axis),
+                    jnp.concatenate([jnp.full_like(part_lse, -jnp.inf), part_lse], q_axis))
+
+        return _merge(out, lse, *lax.cond((me - s) % n < me, earlier, later, k, v, seg_k))
+
+    def step(s, carry):
+        out, lse, k, v, seg_k = carry
+        sent = lax.ppermute((k, v, seg_k), AXIS, perm)
+        return (*visit(s, out, lse, k, v, seg_k), *sent)
+
+    carry = (out, lse, *lax.ppermute((k, v, seg), AXIS, perm))
+    out, lse, k, v, seg_k = lax.fori_loop(1, n - 1, step, carry)
+    return visit(n - 1, out, lse, k, v, seg_k)
+
+
+def _zigzag_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
+    """Gradients through `_zigzag_forward`'s blocks, keys and values going round with
+    their dK, dV accumulators as in `_ring_backward`."""
+    me, perm, q, seg = _ring_geometry(n, q, seg)
+    q_axis, k_axis = steps.axes
+    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)
+    rows = (q, dout, lse, delta)
+    half_a, half_b = zip(*(_halves(x, q_axis) for x in rows), strict=True)
+    sa, sb = _halves(seg, 1)
+    cat_q = functools.partial(jnp.concatenate, axis=q_axis)
+    cat_k = functools.partial(jnp.concatenate, axis=k_axis)
+
+    def grads(rows, seg_q, k, v, seg_k, diagonal):
+        q, dout, lse, delta = rows
+        return steps.grads(q, k, v, seg_q, seg_k, dout, lse, delta, diagonal=diagonal)
+
+    (ka, kb), (va, vb) = _halves(k, k_axis), _halves(v, k_axis)
+    dq_a, dk_a, dv_a = grads(half_a, sa, ka, va, sa, True)
+    dq_b, dk_b, dv_b = grads(half_b, sb, kb, vb, sb, True)
+    dq_ba, dk_ba, dv_ba = grads(half_b, sb, ka, va, sa, False)
+    dq = cat_q([dq_a, dq_b + dq_ba])
+    dk, dv = cat_k([dk_a + dk_ba, dk_b]), cat_k([dv_a + dv_ba, dv_b])
+
+    def step(s, carry):
+        dq, k, v, seg_k, dk, dv = carry
+        k, v, seg_k, dk, dv = lax.ppermute((k, v, seg_k, dk, dv), AXIS, perm)
+
+        def earlier(k, v, seg_k):
+            dq_s, dk_s, dv_s = grads(rows, seg, _halves(k, k_axis)[0], _halves(v, k_axis)[0],
+                                     _halves(seg_k, 1)[0], False)
+            return dq_s, cat_k([dk_s, jnp.zeros_like(dk_s)]), cat_k([dv_s, jnp.zeros_like(dv_s)])
+
+        def later(k, v, seg_k):
+            dq_s, dk_s, dv_s = grads(half_b, sb, k, v, seg_k, False)
+            return cat_q([jnp.zeros_like(dq_s), dq_s]), dk_s, dv_s
+
+        shares = lax.cond((me - s) % n < me, earlier, later, k, v, seg_k)
+        return (dq + shares[0], k, v, seg_k, dk + shares[1], dv + shares[2])
+
+    dq, k, v, seg_k, dk, dv = lax.fori_loop(1, n, step, (dq, k, v, seg, dk, dv))
+    dk, dv = lax.ppermute((dk, dv), AXIS, perm)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _ring(q, k, v, seg, n, steps):
-    return _ring_forward(q, k, v, seg, n, steps)[0].astype(q.dtype)
+    return _ring_fwd(q, k, v, seg, n, steps)[0]
 
 
 def _ring_fwd(q, k, v, seg, n, steps):
-    out, lse = _ring_forward(q, k, v, seg, n, steps)
+    forward = _zigzag_forward if steps.zigzag else _ring_forward
+    out, lse = forward(q, k, v, seg, n, steps)
     return out.astype(q.dtype), (q, k, v, seg, out.astype(q.dtype), lse)
 
 
 def _ring_bwd(n, steps, residuals, dout):
     q, k, v, seg, out, lse = residuals
-    grads = _ring_backward(q, k, v, seg, out.astype(jnp.float32), lse, dout, n, steps)
+    backward = _zigzag_backward if steps.zigzag else _ring_backward
+    grads = backward(q, k, v, seg, out.astype(jnp.float32), lse, dout, n, steps)
     return (*grads, None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
+def _zigzag_destinations(n: int) -> tuple[list, list]:
+    """The permutations sending each device's first and second length half (global
+    halves 2i and 2i + 1) to the device that holds it in zig-zag order: half m to device
+    m, or 2n - 1 - m for m >= n."""
+    dest = lambda m: m if m < n else 2 * n - 1 - m
+    return [(i, dest(2 * i)) for i in range(n)], [(i, dest(2 * i + 1)) for i in range(n)]
+
+
+def _to_zigzag(n: int, xs):
+    """Contiguous chunks (length axis 1) -> zig-zag halves (me, 2n - 1 - me): one
+    permute of the first halves and one of the second; device me receives an even half
+    from the first and an odd one from the second, its own (me) first."""
+    first, second = _zigzag_destinations(n)
+    firsts, seconds = zip(*(_halves(x, 1) for x in xs), strict=True)
+    got_even, got_odd = lax.ppermute(firsts, AXIS, first), lax.ppermute(seconds, AXIS, second)
+    even = lax.axis_index(AXIS) % 2 == 0
+    return [jnp.where(even, jnp.concatenate([e, o], 1), jnp.concatenate([o, e], 1))
+            for e, o in zip(got_even, got_odd, strict=True)]
+
+
+def _from_zigzag(n: int, x):
+    """The inverse of `_to_zigzag` for one array."""
+    first, second = _zigzag_destinations(n)
+    back_even = [(dst, src) for src, dst in first]  # the even half returns to its owner
+    back_odd = [(dst, src) for src, dst in second]
+    a, b = _halves(x, 1)
+    even = lax.axis_index(AXIS) % 2 == 0
+    got_even = lax.ppermute(jnp.where(even, a, b), AXIS, back_even)
+    got_odd = lax.ppermute(jnp.where(even, b, a), AXIS, back_odd)
+    return jnp.concatenate([got_even, got_odd], 1)
+
+
 def _ring_local(q, k, v, seg, n: int, steps: RingSteps):
+    if steps.zigzag:
+        q, k, v, seg = _to_zigzag(n, (q, k, v, seg))
     if steps.pallas:
-        return _ring(q, k, v, seg, n, steps)
-    b, t, h, d = q.shape
-    out = _ring(*_heads_major(q, k, v), seg, n, steps)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+        out = _ring(q, k, v, seg, n, steps)
+    else:
+        b, t, h, d = q.shape
+        out = _ring(*_heads_major(q, k, v), seg, n, steps)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return _from_zigzag(n, out) if steps.zigzag else out
 
 
 def _allgather_local(q, k, v, seg):
@@ -279,23 +417,55 @@ def _allgather_local(q, k, v, seg):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def ulysses_heads(heads: int, kv_heads: int, n: int) -> str:
+    """Why Ulysses cannot split `heads` query heads over `n` devices (the heads a device
+    holds, its tensor shard's), "" when it can: heads must divide by n, and K/V heads
+    too, or n by them (then they are repeated)."""
+    if heads % n:
+        return f"{heads} query heads per tensor shard do not divide over mesh.sequence={n}"
+    if kv_heads % n and n % kv_heads:
+        return (f"{kv_heads} K/V heads per tensor shard neither divide over "
+                f"mesh.sequence={n} nor divide it (to be repeated)")
+    return ""
+
+
+def _ulysses_local(q, k, v, seg, n: int, attend):
+    """All-to-all from length shards to head shards, the kind's own attention over the
+    whole length, and back (DeepSpeed-Ulysses). K/V heads fewer than n are repeated."""
+    heads, kv = q.shape[2], k.shape[2]
+    if reason := ulysses_heads(heads, kv, n):
+        raise ConfigError(f"model.attention.context_parallel=ulysses: {reason}")
+    if kv % n:
+        k, v = (jnp.repeat(x, n // kv, axis=2) for x in (k, v))
+    to_heads = functools.partial(lax.all_to_all, axis_name=AXIS, split_axis=2, concat_axis=1,
+                                 tiled=True)
+    seg = lax.all_gather(seg, AXIS, axis=1, tiled=True)
+    out = attend(to_heads(q), to_heads(k), to_heads(v), seg)
+    return lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
+
+
 def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,
-                               impl: str = "xla", interpret: bool | None = None):
+                               impl: str = "xla", interpret: bool | None = None,
+                               attend=None):
     """Causal softmax attention of q (batch, length, heads, dim) to k, v (batch, length,
     kv_heads, dim) under the active mesh, the length split over `sequence` by
-    `strategy` (ring | allgather); segment_ids (batch, length), None: one document.
-    Ring steps run in XLA (`block`: queries in blocks of this many when it divides the
-    chunk, scores block x chunk at a time; 0: the whole chunk) or, with impl=pallas, one
-    flash-kernel call each (`interpret`: None, interpret mode unless on a GPU);
-    all-gather runs in XLA."""
+    `strategy` (zigzag | ring | ulysses | allgather); segment_ids (batch, length), None:
+    one document. Ring steps run in XLA (`block`: queries in blocks of this many when it
+    divides the chunk, scores block x chunk at a time; 0: the whole chunk) or, with
+    impl=pallas, one flash-kernel call each (`interpret`: None, interpret mode unless on a
+    GPU); all-gather runs in XLA; Ulysses runs `attend(q, k, v, segment_ids)`, the
+    kind's own attention over the whole length, on each device's share of the heads."""
     mesh = jax.sharding.get_abstract_mesh()
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    if strategy == "ring":
+    if strategy in ("ring", "zigzag"):
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
-        steps = RingSteps(pallas=impl == "pallas", block=block, interpret=interpret)
+        steps = RingSteps(pallas=impl == "pallas", block=block, interpret=interpret,
+                          zigzag=strategy == "zigzag")
         fn = functools.partial(_ring_local, n=mesh.shape[AXIS], steps=steps)
+    elif strategy == "ulysses":
+        fn = functools.partial(_ulysses_local, n=mesh.shape[AXIS], attend=attend)
     elif strategy == "allgather":
         fn = _allgather_local
     else:

@@ -15,6 +15,7 @@ records the written slots.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,12 +24,20 @@ import jax
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.context_parallel import context_parallel_attention, strategy
+from efflm.layers.attention.context_parallel import (
+    context_parallel_attention,
+    strategy,
+    ulysses_heads,
+)
 from efflm.layers.common import MASKED, resolve_impl, warn_once
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
-from efflm.pallas_kernels.flash_attention import partitioned_flash_attention, unsupported_reason
+from efflm.pallas_kernels.flash_attention import (
+    flash_attention,
+    partitioned_flash_attention,
+    unsupported_reason,
+)
 from efflm.shapes import head_dim, num_kv_heads
 
 if TYPE_CHECKING:
@@ -86,6 +95,19 @@ def blocked_causal_attention(q, k, v, segment_ids, block: int):
         mask = attention_mask(segment_ids, t, start, stop - start, stop)
         outs.append(dot_product_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
     return jnp.concatenate(outs, axis=1)
+
+
+def softmax_attention(q, k, v, segment_ids, impl: str, block: int, mask=None):
+    """One device's causal softmax attention: the flash kernel (impl=pallas), query blocks
+    of `block` (when shorter than the length), or one masked softmax (`mask`: the
+    model's, else built here)."""
+    t = q.shape[1]
+    if impl == "pallas":
+        return flash_attention(q, k, v, segment_ids=segment_ids, causal=True)
+    if block and t > block:
+        return blocked_causal_attention(q, k, v, segment_ids, block)
+    return dot_product_attention(q, k, v, attention_mask(segment_ids, t) if mask is None
+                                 else mask)
 
 
 def softmax_impl(impl: str, head_dim: int, dtype) -> str:
@@ -160,7 +182,7 @@ class SoftmaxAttention(Mixer):
     @staticmethod
     def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
         return ("attention",)  # its projections go through the quantised-matmul hook
-    context_parallel = ("ring", "allgather")
+    context_parallel = ("zigzag", "ring", "ulysses", "allgather")
     settings = SoftmaxSettings
     resumable = ("block_size",)
 
@@ -168,6 +190,18 @@ class SoftmaxAttention(Mixer):
     def validate_config(cfg: ModelConfig) -> None:
         check_positive("model.attention.softmax.block_size", cfg.attention.softmax.block_size,
                        allow_zero=True)
+
+    @staticmethod
+    def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        n, tensor = mesh_shape.get("sequence", 1), mesh_shape.get("tensor", 1)
+        if n == 1 or cfg.attention.context_parallel != "ulysses":
+            return
+        heads, kv_heads = cfg.attention.num_heads, num_kv_heads(cfg)
+        if kv_heads % tensor == 0:  # heads split over tensor only when K/V heads are
+            heads, kv_heads = heads // tensor, kv_heads // tensor
+        if reason := ulysses_heads(heads, kv_heads, n):
+            raise ConfigError(f"model.attention.context_parallel=ulysses: {reason} "
+                              "(model.attention.num_heads / num_kv_heads)")
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -192,13 +226,13 @@ class SoftmaxAttention(Mixer):
         if self.is_mutable_collection("cache") and not self.is_initializing():
             out = cached_attention(self, q, k, v, positions, segment_ids)
         elif cp := strategy(cfg, self.context_parallel, q.shape[1]):
-            out = context_parallel_attention(q, k, v, segment_ids, cp, block, impl)
+            local = functools.partial(softmax_attention, impl=impl, block=block)
+            out = context_parallel_attention(q, k, v, segment_ids, cp, block, impl,
+                                             attend=local)
         elif impl == "pallas":
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
-        elif block and q.shape[1] > block:
-            out = blocked_causal_attention(q, k, v, segment_ids, block)
         else:
-            out = dot_product_attention(q, k, v, mask)
+            out = softmax_attention(q, k, v, segment_ids, impl, block, mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,

@@ -304,6 +304,11 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
       "model.attention.context_parallel=ring"],
      "model.attention.kind=linear has no context_parallel=ring form"),
     (["model.attention.context_parallel=rings"], "model.attention.context_parallel"),
+    (["mesh.data=2", "mesh.sequence=4", "data.seq_len=36",
+      "model.attention.context_parallel=zigzag"],
+     "data.seq_len=36 is not divisible by 2 x mesh.sequence=4"),
+    (["mesh.data=1", "mesh.sequence=8", "model.attention.context_parallel=ulysses"],
+     "4 query heads per tensor shard do not divide over mesh.sequence=8"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("not a directory")

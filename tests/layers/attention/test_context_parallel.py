@@ -40,7 +40,10 @@ def _mesh_context(*mesh):
 @pytest.mark.parametrize("strategy, mesh, block, impl", [
     ("ring", ("mesh.sequence=4", "mesh.data=2"), 4, "xla"),  # 4 query blocks a ring step
     ("ring", ("mesh.sequence=4", "mesh.data=2"), 0, "pallas"),  # flash kernels, interpreted
+    ("zigzag", ("mesh.sequence=4", "mesh.data=2"), 4, "xla"),
+    ("zigzag", ("mesh.sequence=4", "mesh.data=2"), 0, "pallas"),
     ("allgather", ("mesh.sequence=4", "mesh.data=2"), 0, "xla"),
+    ("ulysses", ("mesh.sequence=4", "mesh.data=2"), 0, "xla"),  # 2 K/V heads repeated
     ("ring", ("mesh.sequence=8", "mesh.data=1"), 0, "xla"),
 ])
 def test_strategies_equal_the_unsharded_attention(strategy, mesh, block, impl):
@@ -51,10 +54,14 @@ def test_strategies_equal_the_unsharded_attention(strategy, mesh, block, impl):
     def loss(attend):
         return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
 
-    full = loss(lambda q, k, v: dot_product_attention(q, k, v, attention_mask(seg, T)))
+    def attend(q, k, v, seg):
+        return dot_product_attention(q, k, v, attention_mask(seg, seg.shape[1]))
+
+    full = loss(lambda q, k, v: attend(q, k, v, seg))
     want, want_grads = fast_jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(q, k, v)
     sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, strategy,
-                                                                    block, impl))
+                                                                    block, impl,
+                                                                    attend=attend))
     mesh, rules = _mesh_context(*mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
@@ -64,7 +71,13 @@ def test_strategies_equal_the_unsharded_attention(strategy, mesh, block, impl):
     for g, r in zip(grads, want_grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
     permutes, gathers = text.count("collective_permute"), text.count("all_gather")
-    assert (permutes > 0, gathers > 0) == (strategy == "ring", strategy == "allgather")
+    exchanges = text.count("all_to_all")
+    if strategy == "ulysses":  # the segment ids (batch, length) are gathered, nothing else
+        assert exchanges == 8 and permutes == 0 and _all_gather_shapes(text) == {(B // 2, T)}
+    else:
+        assert exchanges == 0
+        assert (permutes > 0, gathers > 0) == (strategy != "allgather",
+                                               strategy == "allgather")
 
 
 def _all_gather_shapes(text):

@@ -136,3 +136,14 @@ def test_bad_settings_exit_2_naming_the_key(capsys, setting, key):
     assert main(["config", "show", "--config", "tiny_nsa", setting]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
+
+
+def test_presets_hold_the_blocks_their_headers_state():
+    from efflm.config import load_config
+
+    short, long = (load_config(p).model for p in ("tiny_nsa", "tiny_nsa_long"))
+    s, lng = short.attention.nsa, long.attention.nsa
+    assert num_compressed(256, s.compress_block, s.stride) == 31
+    assert s.select_blocks * s.select_block == 64 and s.window == 32
+    assert long.max_seq_len == 2048 and lng.select_blocks * lng.select_block == 512
+    assert (lng.compress_block, lng.stride, lng.window) == (32, 16, 256)
