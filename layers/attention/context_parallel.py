@@ -9,8 +9,19 @@ of queries, keys and values.
   masks whole. The backward pass (`custom_vjp`) sends keys and values around again with
   their gradient accumulators instead of keeping the chunks it received: memory per
   device falls with the devices (`efflm bench context`).
+- `zigzag` (what `auto` picks for softmax): the ring over a load-balanced layout, device
+  i holding length halves i and 2N - 1 - i, so every device does the same causal work
+  (the ring's device N - 1 does N blocks, its device 0 one). The reorder and its
+  inverse are two permutes of half chunks inside the call: the model's layout stays
+  contiguous. Needs 2N to divide the length (else the ring runs).
+- `ulysses` ("DeepSpeed Ulysses"): an all-to-all turns length shards into head shards,
+  the kind's own attention runs over the whole length on each device's heads, and a
+  second all-to-all turns the outputs back. Heads must divide by N; K/V heads too, or
+  N by them (they are then repeated).
 - `allgather`: each device gathers every key and value once per layer and attends its
   query chunk to them (memory O(length) per device); the baseline.
+- `halo` (sliding-window attention): each device receives only the window - 1 keys and
+  values before its chunk, from as many earlier devices as they span.
 
 Both run inside `shard_map` over the whole mesh: the batch split as the logical axis
 `batch` is, heads as `heads` is (when `kv_heads` splits the same way), the length over
@@ -444,9 +455,28 @@ def _ulysses_local(q, k, v, seg, n: int, attend):
     return lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
 
+def _halo_local(q, k, v, seg, n: int, halo: int, attend):
+    """Each device receives the `halo` keys and values before its chunk (from as many
+    earlier devices as that spans, only the tokens it needs from each) and runs `attend`
+    over halo + chunk, keeping its chunk's outputs. Before the first chunk the halo is
+    empty (segment -1)."""
+    b, c = seg.shape
+    keys, values, ids = [], [], []
+    for i in range(-(-halo // c), 0, -1):  # the farthest device first
+        start = c - min(c, halo - (i - 1) * c)  # the tail that device sends
+        k_i, v_i, s_i = lax.ppermute((k[:, start:], v[:, start:], seg[:, start:] + 1), AXIS,
+                                     [(j, j + i) for j in range(n - i)])
+        keys.append(k_i), values.append(v_i), ids.append(s_i - 1)
+    k_ext = jnp.concatenate([*keys, k], 1)
+    v_ext = jnp.concatenate([*values, v], 1)
+    seg_ext = jnp.concatenate([*ids, seg], 1)
+    q_ext = jnp.concatenate([jnp.zeros((b, halo, *q.shape[2:]), q.dtype), q], 1)
+    return attend(q_ext, k_ext, v_ext, seg_ext)[:, halo:]
+
+
 def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,
                                impl: str = "xla", interpret: bool | None = None,
-                               attend=None):
+                               attend=None, halo: int = 0):
     """Causal softmax attention of q (batch, length, heads, dim) to k, v (batch, length,
     kv_heads, dim) under the active mesh, the length split over `sequence` by
     `strategy` (zigzag | ring | ulysses | allgather); segment_ids (batch, length), None:
@@ -454,7 +484,9 @@ def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int =
     divides the chunk, scores block x chunk at a time; 0: the whole chunk) or, with
     impl=pallas, one flash-kernel call each (`interpret`: None, interpret mode unless on a
     GPU); all-gather runs in XLA; Ulysses runs `attend(q, k, v, segment_ids)`, the
-    kind's own attention over the whole length, on each device's share of the heads."""
+    kind's own attention over the whole length, on each device's share of the heads;
+    `halo` runs it over each chunk and the `halo` tokens before it (a window's
+    attention, whose queries see no further back)."""
     mesh = jax.sharding.get_abstract_mesh()
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
@@ -468,6 +500,8 @@ def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int =
         fn = functools.partial(_ulysses_local, n=mesh.shape[AXIS], attend=attend)
     elif strategy == "allgather":
         fn = _allgather_local
+    elif strategy == "halo":
+        fn = functools.partial(_halo_local, n=mesh.shape[AXIS], halo=halo, attend=attend)
     else:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}")
     return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS)

@@ -23,6 +23,7 @@ computed tiles are not credited.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
+from efflm.layers.attention.context_parallel import context_parallel_attention, strategy
 from efflm.layers.attention.softmax import dot_product_attention, softmax_impl
 from efflm.layers.attention.sparse import (
     masked_reference,
@@ -129,6 +131,19 @@ class SlidingAttention(Mixer):
         return ("attention",)  # its projections go through the quantised-matmul hook
     settings = SlidingSettings
     resumable = ("block_size",)
+    # Under mesh.sequence: only the window's halo travels (sinks = 0; with sinks, `auto`
+    # leaves the split to XLA).
+    context_parallel = ("halo",)
+
+    @staticmethod
+    def check_mesh(cfg: ModelConfig, mesh_shape: dict) -> None:
+        sinks = cfg.attention.sliding.sinks
+        n = mesh_shape.get("sequence", 1)
+        if n > 1 and cfg.attention.context_parallel == "halo" and sinks:
+            raise ConfigError(f"model.attention.sliding.sinks={sinks} under mesh.sequence={n}"
+                              ": the halo strategy carries no sinks (a document's first "
+                              "tokens may sit on any earlier device); set sinks=0, or "
+                              "model.attention.context_parallel=auto to let XLA gather keys")
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
@@ -158,9 +173,15 @@ class SlidingAttention(Mixer):
         cfg, own = self.cfg, self.cfg.attention.sliding
         q, k, v = project_qkv(self, x, positions)
         args = (own.window, own.sinks, own.block_size)
+        pallas = softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas"
+        local = functools.partial(sliding_pallas if pallas else sliding_attention,
+                                  window=own.window, sinks=own.sinks, block=own.block_size)
         if decoding(self):
             out = self._decode(q, k, v, positions, segment_ids)
-        elif softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas":
+        elif strategy(cfg, () if own.sinks else self.context_parallel, q.shape[1]):
+            out = context_parallel_attention(q, k, v, segment_ids, "halo", attend=local,
+                                             halo=own.window - 1)
+        elif pallas:
             out = partitioned(lambda q, k, v, seg: sliding_pallas(q, k, v, seg, *args),
                               q, k, v, segment_ids)
         else:

@@ -309,6 +309,9 @@ def test_eval_and_generate_cli(tmp_path, capsys, trained):
      "data.seq_len=36 is not divisible by 2 x mesh.sequence=4"),
     (["mesh.data=1", "mesh.sequence=8", "model.attention.context_parallel=ulysses"],
      "4 query heads per tensor shard do not divide over mesh.sequence=8"),
+    (["mesh.data=2", "mesh.sequence=4", "model.attention.kind=sliding",
+      "model.attention.context_parallel=halo"],
+     "model.attention.sliding.sinks=4 under mesh.sequence=4: the halo strategy carries no"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     (tmp_path / "file").write_text("not a directory")

@@ -3,6 +3,7 @@ attention under `mesh.sequence` against the unsharded computation, what their lo
 programs exchange. (Training under `mesh.sequence`: tests/test_mesh.py; eval and
 sampling under it: tests/train/test_trainer.py.)"""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -135,3 +136,34 @@ def test_pallas_ring_steps_lower_to_one_flash_call_each_for_gpu(monkeypatch):
             lowering_platforms=("cuda",)).as_text()
     assert text.count("@__gpu$xla.gpu.triton(") == 7 * cfg.model.num_layers
     assert "collective_permute" in text
+
+
+def test_sliding_halo_equals_the_unsharded_window_and_sends_only_the_halo():
+    """`sliding` (window 20, no sinks) under mesh.sequence=8: chunks of 8 tokens, so the
+    19-token halo comes from three earlier devices (8 + 8 + 3 tokens), documents crossing
+    the borders. Values and gradients equal the unsharded layer's; the exchanges are
+    collective-permutes of those tails only, and nothing is gathered."""
+    from efflm.layers.attention.sliding import sliding_attention
+
+    q, k, v, w, seg = _inputs()
+    local = functools.partial(sliding_attention, window=20, sinks=0, block=4)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+
+    want, want_grads = fast_jit(jax.value_and_grad(loss(lambda q, k, v: local(q, k, v, seg)),
+                                                   argnums=(0, 1, 2)))(q, k, v)
+    sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, "halo",
+                                                              attend=local, halo=19))
+    mesh, rules = _mesh_context("mesh.sequence=8", "mesh.data=1")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
+        text = step.lower(q, k, v).as_text()
+        got, grads = step(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(grads, want_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    assert "all_gather" not in text and "all_to_all" not in text
+    tokens = sorted(int(m) for m in re.findall(
+        r"collective_permute.*?->\s*tensor<2x(\d+)x2x8xf32>", text))
+    assert tokens and set(tokens) == {8, 3}  # full chunks and the last tail, keys/values
