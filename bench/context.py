@@ -2,6 +2,7 @@
 
     efflm bench context [--lengths 2048,4096,...] [--budget-mib 1024] [--out FILE]
                         [key=value ...]                          (needs 8 devices)
+    efflm bench context --compare [--lengths 4096,16384] [--time-steps 3] [--out FILE]
 
 Side by side in one run, for each sequence length: the `tiny` model (one sequence per
 step) on one device, and on 8 devices with `mesh.sequence=8` under each
@@ -31,6 +32,64 @@ from efflm.config import load_config
 
 STRATEGIES = ("ring", "allgather")
 MIB = 2 ** 20
+# --compare: every strategy at mesh.sequence=4 (Ulysses splits tiny's 4 heads), the halo
+# with `sliding` (window 64, no sinks), each beside its kind on one device.
+COMPARED = ("zigzag", "ring", "ulysses", "allgather", "halo")
+SLIDING = ("model.attention.kind=sliding", "model.attention.sliding.window=64",
+           "model.attention.sliding.sinks=0")
+
+
+def ring_work(strategy: str, n: int) -> tuple[float, float]:
+    """(busiest device, mean) attention work of one layer's forward pass, in chunk x chunk
+    blocks as the XLA path computes them: the ring's device i attends to i + 1 chunks
+    (its own as a whole masked tile), zig-zag's every device to its own halves (three
+    half x half tiles) and to half a chunk from each other device."""
+    if strategy == "ring":
+        return float(n), (n + 1) / 2
+    each = 3 / 4 + (n - 1) / 2
+    return each, each
+
+
+def _compare(args, argv) -> list[str]:
+    import jax
+
+    from efflm.bench.mfu import measure
+
+    lengths = [int(n) for n in args.lengths.split(",")]
+    lines = [*header("context", argv),
+             "`tiny`, one sequence per step, mesh.sequence=4 on 4 devices; per-device MiB "
+             "from the compiled train step's memory_analysis(), MiB received per device "
+             "per step by collective (counted as in the first table); `halo` runs "
+             "`sliding` (window 64, no sinks), beside `sliding` on one device.", "",
+             "| length | strategy | temp MiB | peak MiB | "
+             + " | ".join(COLLECTIVES) + " |", "|---|---|---|---|" + "---|" * len(COLLECTIVES)]
+    for length in lengths:
+        rows = [("one device", (f"model.attention.softmax.block_size={length // 4}",), 1),
+                ("sliding, one device", SLIDING, 1)]
+        rows += [(s, (*(SLIDING if s == "halo" else ()), "mesh.sequence=4",
+                      f"model.attention.context_parallel={s}"), 4) for s in COMPARED]
+        for name, extra, devices in rows:
+            cfg = _config(length, args.overrides, "mesh.data=1", *extra)
+            r = step_memory_and_traffic(cfg, jax.devices()[:devices])
+            lines.append(f"| {length} | {name} | {r['temp'] / MIB:.1f} | {r['peak'] / MIB:.1f}"
+                         " | " + " | ".join(f"{r['moved'][op] / MIB:.1f}"
+                                            for op in COLLECTIVES) + " |")
+            print(lines[-1], flush=True)
+    n, length = 4, lengths[0]
+    lines += ["", f"Zig-zag against the plain ring at {length} tokens, mesh.sequence={n} x "
+              "data=2 (8 host devices sharing the CPU's cores, so the time follows the total "
+              "work, not the busiest device's): attention work per layer in chunk x chunk "
+              "blocks (analytic: `ring_work`) and the measured median step time over "
+              f"{args.time_steps} steps.", "",
+              "| strategy | busiest device's blocks | mean blocks | step s |", "|---|---|---|---|"]
+    for s in ("ring", "zigzag"):
+        cfg = _config(length, args.overrides, "mesh.data=2", f"mesh.sequence={n}",
+                      "train.batch_size=2", f"model.attention.context_parallel={s}")
+        r = measure(cfg, args.time_steps, 1)
+        busiest, mean = ring_work(s, n)
+        lines.append(f"| {s} | {busiest:.2f} | {mean:.2f} | {r['step_time']:.3f} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def step_memory_and_traffic(cfg, devices) -> dict:
@@ -71,11 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768,65536")
     p.add_argument("--budget-mib", type=float, default=1024.0)
     p.add_argument("--out", default="")
+    p.add_argument("--compare", action="store_true",
+                   help="every strategy at mesh.sequence=4 (--lengths: two or so), and "
+                        "zig-zag against the ring in step time")
+    p.add_argument("--time-steps", type=int, default=3)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if jax.device_count() < 8:
         raise SystemExit("efflm bench context needs 8 devices; on a CPU set "
                          "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    if args.compare:
+        emit(_compare(args, argv), args.out)
+        return 0
     lengths = [int(n) for n in args.lengths.split(",")]
     columns = ["one device", *(f"{s} x8" for s in STRATEGIES)]
     results = {}
