@@ -643,9 +643,12 @@ def partitioned_flash_attention(q, k, v, segment_ids=None, **kwargs):
                                                             **kwargs), q, k, v, segment_ids)
 
 
-def partitioned(fn, q, k, v, segment_ids=None, length_axis: str | None = None):
-    """`fn(q, k, v, segment_ids) -> out` (out shaped as q) under the active mesh, one call
-    per shard.
+def partitioned(fn, q, k, v, segment_ids=None, length_axis: str | None = None, extra=(),
+                out_ndims=None):
+    """`fn(q, k, v, segment_ids, *extra) -> out` (out shaped as q) under the active mesh,
+    one call per shard. `extra`: arrays laid out as q on their leading axes (batch,
+    length, heads[, ...]), split alike; `out_ndims`: the ranks of a tuple of such
+    outputs, when `fn` returns one.
 
     A Pallas call is opaque to XLA's partitioner, which would gather every operand and
     run the whole batch on each device. Here the batch is split as the logical axis
@@ -660,7 +663,7 @@ def partitioned(fn, q, k, v, segment_ids=None, length_axis: str | None = None):
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return fn(q, k, v, segment_ids)
+        return fn(q, k, v, segment_ids, *extra)
 
     batch = mesh_axes_of(mesh, "batch", q.shape[0])
     heads = mesh_axes_of(mesh, "heads", k.shape[2])
@@ -668,10 +671,14 @@ def partitioned(fn, q, k, v, segment_ids=None, length_axis: str | None = None):
         heads = ()
     split = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
     qkv_spec = P(split(batch), length_axis, split(heads), None)
+    like_q = lambda ndim: P(*qkv_spec[:3], *(None,) * (ndim - 3))
+    extra_specs = tuple(like_q(x.ndim) for x in extra)
+    out_specs = qkv_spec if out_ndims is None else tuple(like_q(n) for n in out_ndims)
     if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh,
-                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                             check_vma=False)(q, k, v)
+        return jax.shard_map(lambda q, k, v, *extra: fn(q, k, v, None, *extra), mesh=mesh,
+                             in_specs=(qkv_spec,) * 3 + extra_specs, out_specs=out_specs,
+                             check_vma=False)(q, k, v, *extra)
     return jax.shard_map(fn, mesh=mesh,
-                         in_specs=(qkv_spec,) * 3 + (P(split(batch), length_axis),),
-                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
+                         in_specs=(qkv_spec,) * 3 + (P(split(batch), length_axis),)
+                         + extra_specs,
+                         out_specs=out_specs, check_vma=False)(q, k, v, segment_ids, *extra)

@@ -102,6 +102,21 @@ def segment_starts(segment_ids):
     return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
+def segment_cumsum(x, segment_ids):
+    """Inclusive cumulative sum over axis 1 of x (batch, length, ...), restarted at each
+    segment start."""
+    if segment_ids is None:
+        return jnp.cumsum(x, axis=1)
+    starts = segment_starts(segment_ids).reshape(*segment_ids.shape, *(1,) * (x.ndim - 2))
+
+    def combine(a, b):
+        (a_start, a_sum), (b_start, b_sum) = a, b
+        return a_start | b_start, jnp.where(b_start, b_sum, a_sum + b_sum)
+
+    return jax.lax.associative_scan(combine, (jnp.broadcast_to(starts, x.shape), x),
+                                    axis=1)[1]
+
+
 def segment_index(segment_ids):
     """(batch, length) int32: how many segment starts lie at or before each token, so
     two tokens share a segment exactly when their indices are equal."""

@@ -65,7 +65,7 @@ def one_device_losses():
     ["mesh.data=1", "mesh.fsdp=8"],
     ["mesh.data=2", "mesh.tensor=4"],
     ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-    # Sequence parallelism: ring attention; all-gather with FSDP, tensor and remat.
+    # Sequence parallelism: the zig-zag ring (auto); all-gather with FSDP, tensor, remat.
     ["mesh.data=2", "mesh.sequence=4"],
     ["mesh.fsdp=2", "mesh.tensor=2", "mesh.sequence=2", "model.remat=full",
      "model.attention.context_parallel=allgather"],
@@ -83,6 +83,18 @@ def test_sharded_training_matches_one_device(small_config, one_device_losses, me
     for x in (kernel, mu):
         shard = x.addressable_shards[0].data.shape
         assert (x.shape[0] // shard[0], x.shape[1] // shard[1]) == expected
+
+
+def test_hybrid_under_sequence_parallelism_matches_one_device(small_config):
+    """tiny_hybrid (gla, gla, gla, softmax) under data=2 x sequence=4: its gla layers
+    pass their states by all-scan, its softmax layer runs the zig-zag ring (`auto`);
+    the losses equal one device's."""
+    over = (*SHARDED, "model.attention.num_kv_heads=4", "model.num_layers=4")
+    ref = _losses(small_config(*over, preset="tiny_hybrid"), jax.devices()[:1])[0]
+    cfg = small_config(*over, "mesh.data=2", "mesh.sequence=4", preset="tiny_hybrid")
+    got = _losses(cfg, jax.devices())[0]
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    assert ref[-1] < ref[0]
 
 
 def _uneven(batch):

@@ -15,6 +15,7 @@ every product unchanged. Decoding keeps the linear state and a ring buffer of th
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_positive
+from efflm.layers.attention.context_parallel import context_parallel_attention, strategy
 from efflm.layers.attention.linear import (
+    ALLSCAN,
     chunked_mix_flops,
     linear_mix,
     mix_impl,
@@ -136,6 +139,8 @@ class BasedAttention(Mixer):
     reference: bool = False
     decodes = True
     settings = BasedSettings
+    # Under mesh.sequence: the linear branch by all-scan, the window through its halo.
+    context_parallel = ALLSCAN
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
@@ -188,6 +193,10 @@ class BasedAttention(Mixer):
             idx = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
             mask = window_mask(idx, idx, a.based.window, segment_ids, segment_ids)
             local = dot_product_attention(q, k, v, mask)
+        elif strategy(cfg, self.context_parallel, x.shape[1]):
+            window = functools.partial(sliding_window_attention, window=a.based.window)
+            local = context_parallel_attention(q, k, v, segment_ids, "halo", attend=window,
+                                               halo=a.based.window - 1)
         else:
             local = sliding_window_attention(q, k, v, segment_ids, a.based.window)
         out = nn.with_logical_constraint(linear + local, ("batch", "length", "heads",

@@ -49,13 +49,14 @@ from efflm.pallas_kernels.flash_attention import (
     flash_attention_block_grads,
     partitioned,
 )
+from efflm.pallas_kernels.linear_attention import segment_cumsum
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
 
 AXIS = "sequence"
 # auto: the kind's first (softmax: zigzag).
-STRATEGIES = ("auto", "zigzag", "ring", "ulysses", "allgather", "halo")
+STRATEGIES = ("auto", "zigzag", "ring", "ulysses", "allgather", "halo", "allscan")
 
 
 def strategy(cfg: ModelConfig, supported: tuple[str, ...], length: int) -> str | None:
@@ -472,6 +473,69 @@ def _halo_local(q, k, v, seg, n: int, halo: int, attend):
     seg_ext = jnp.concatenate([*ids, seg], 1)
     q_ext = jnp.concatenate([jnp.zeros((b, halo, *q.shape[2:]), q.dtype), q], 1)
     return attend(q_ext, k_ext, v_ext, seg_ext)[:, halo:]
+
+
+def _continuing(seg):
+    """(batch, length) bool: the token is still in the chunk's first segment."""
+    return lax.cummin((seg == seg[:, :1]).astype(jnp.int32), axis=1) > 0
+
+
+def _incoming(n: int, transition, states, first_seg, last_seg):
+    """Each device's incoming states from every device's (transition, final states): an
+    all-gather of those fixed-size pairs, then the prefix S_in(r) = A(r-1) S_in(r-1) +
+    S(r-1), zero where a document starts at device r's first token. `transition`
+    (batch, heads, dk or 1); `states`: a tuple of (batch, heads, dk, dv) arrays."""
+    gather = functools.partial(lax.all_gather, axis_name=AXIS)
+    transitions, firsts, lasts = gather(transition), gather(first_seg), gather(last_seg)
+    gathered = [gather(s) for s in states]
+    incoming = [tuple(jnp.zeros_like(s) for s in states)]
+    for r in range(1, n):
+        keep = (firsts[r] == lasts[r - 1])[:, None, None, None]
+        incoming.append(tuple(jnp.where(keep, transitions[r - 1][..., None] * s_in + s[r - 1],
+                                        0.0) for s_in, s in zip(incoming[-1], gathered,
+                                                                strict=True)))
+    me = lax.axis_index(AXIS)
+    return tuple(jnp.stack(column)[me] for column in zip(*incoming, strict=True))
+
+
+def _allscan_local(q, k, v, seg, *decay, n: int, local, normalize: bool):
+    log_decay = decay[0] if decay else None
+    out, state = local(q, k, v, log_decay, seg)  # from a zero state
+    continuing = _continuing(seg)[..., None, None]  # (b, t, 1, 1)
+    if log_decay is None:
+        cum = jnp.zeros((*q.shape[:3], 1), jnp.float32)
+    else:
+        g = log_decay.astype(jnp.float32)
+        cum = jnp.cumsum(g if g.ndim == 4 else g[..., None], axis=1)
+    reach = jnp.exp(cum) * continuing  # how much of the incoming state reaches token t
+    states = (state,)
+    if normalize:
+        sums = segment_cumsum(k.astype(jnp.float32), seg)
+        states += (sums[:, -1, ..., None],)
+    incoming = _incoming(n, reach[:, -1], states, seg[:, 0], seg[:, -1])
+    weighted = q.astype(jnp.float32) * reach
+    out = out.astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", weighted, incoming[0])
+    if not normalize:
+        return out, jnp.zeros(q.shape, jnp.float32)
+    return out, sums + incoming[1][..., 0][:, None] * continuing
+
+
+def allscan_linear_attention(q, k, v, log_decay, segment_ids, local, normalize: bool = False):
+    """The linear kinds' causal mix with the length split over `sequence` (an all-scan,
+    "ZeCO"): each device runs `local(q, k, v, log_decay, segment_ids) -> (out,
+    final_state)` (the kind's chunked mix) from a zero state, the devices exchange their
+    fixed-size (transition, final state) pairs, and each adds its incoming state's share
+    q_t diag(decay to t) S_in to its outputs. With `normalize`, the running key sums z
+    go the same way. Returns (out float32, z (batch, length, heads, dk) float32, zeros
+    without `normalize`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    fn = functools.partial(_allscan_local, n=mesh.shape[AXIS], local=local,
+                           normalize=normalize)
+    extra = () if log_decay is None else (log_decay,)
+    return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=extra,
+                       out_ndims=(4, 4))
 
 
 def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,

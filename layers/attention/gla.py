@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import check_choice, check_positive
-from efflm.layers.attention.linear import chunked_mix_flops, linear_mix, validate_chunk
+from efflm.layers.attention.linear import ALLSCAN, chunked_mix_flops, linear_mix, validate_chunk
 from efflm.layers.attention.parts import HeadRMSNorm, output_gate
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
@@ -55,6 +55,7 @@ class GatedLinearAttention(Mixer):
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
     settings = GLASettings
+    context_parallel = ALLSCAN
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:

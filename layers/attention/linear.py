@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_choice
+from efflm.layers.attention.context_parallel import allscan_linear_attention, strategy
 from efflm.layers.common import decoding, resolve_impl
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
@@ -29,7 +30,7 @@ from efflm.pallas_kernels.linear_attention import (
     chunked_linear_attention,
     compiled_chunk_problem,
     linear_attention_recurrent,
-    segment_starts,
+    segment_cumsum,
 )
 from efflm.shapes import head_dim
 
@@ -41,6 +42,11 @@ FEATURE_MAPS = {
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
+
+
+# Under mesh.sequence: the state goes between devices by an all-scan
+# (`context_parallel.allscan_linear_attention`).
+ALLSCAN = ("allscan",)
 
 
 def mix_impl(cfg: ModelConfig, what: str) -> str:
@@ -65,21 +71,6 @@ def validate_chunk(cfg: ModelConfig) -> None:
     suit the compiled kernel, whatever machine validates the config."""
     if cfg.attention.impl == "pallas":
         check_pallas_chunk(cfg)
-
-
-def segment_cumsum(x, segment_ids):
-    """Inclusive cumulative sum over axis 1 of x (batch, length, ...), restarted at each
-    segment start."""
-    if segment_ids is None:
-        return jnp.cumsum(x, axis=1)
-    starts = segment_starts(segment_ids).reshape(*segment_ids.shape, *(1,) * (x.ndim - 2))
-
-    def combine(a, b):
-        (a_start, a_sum), (b_start, b_sum) = a, b
-        return a_start | b_start, jnp.where(b_start, b_sum, a_sum + b_sum)
-
-    return jax.lax.associative_scan(combine, (jnp.broadcast_to(starts, x.shape), x),
-                                    axis=1)[1]
 
 
 def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_decay=None,
@@ -117,10 +108,18 @@ def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_de
             return (out.astype(jnp.float32) / (den + 1e-6)).astype(v.dtype)
     else:
         impl = mix_impl(cfg, what)
-        out, _ = chunked_linear_attention(q, k, v, log_decay=log_decay, chunk=chunk,
-                                          impl=impl, segment_ids=segment_ids)
-        if normalize:
-            sums = segment_cumsum(k.astype(jnp.float32), segment_ids)
+
+        def local(q, k, v, log_decay, segment_ids):
+            return chunked_linear_attention(q, k, v, log_decay=log_decay, chunk=chunk,
+                                            impl=impl, segment_ids=segment_ids)
+
+        if strategy(cfg, ALLSCAN, t):
+            out, sums = allscan_linear_attention(q, k, v, log_decay, segment_ids, local,
+                                                 normalize)
+        else:
+            out, _ = local(q, k, v, log_decay, segment_ids)
+            if normalize:
+                sums = segment_cumsum(k.astype(jnp.float32), segment_ids)
     if normalize:
         den = jnp.einsum("blhk,blhk->blh", q.astype(jnp.float32), sums)
         out = out.astype(jnp.float32) / (den[..., None] + 1e-6)
@@ -162,6 +161,7 @@ class LinearAttention(Mixer):
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
     settings = LinearSettings
+    context_parallel = ALLSCAN
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:

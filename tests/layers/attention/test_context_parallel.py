@@ -167,3 +167,53 @@ def test_sliding_halo_equals_the_unsharded_window_and_sends_only_the_halo():
     tokens = sorted(int(m) for m in re.findall(
         r"collective_permute.*?->\s*tensor<2x(\d+)x2x8xf32>", text))
     assert tokens and set(tokens) == {8, 3}  # full chunks and the last tail, keys/values
+
+
+@pytest.mark.parametrize("decay, normalize, mesh", [
+    (None, True, ("mesh.sequence=4", "mesh.data=2")),  # linear: no decay, key sums z
+    ("head", False, ("mesh.sequence=4", "mesh.data=2")),  # one gate per head (RetNet)
+    ("key", False, ("mesh.sequence=8", "mesh.data=1")),  # one per key dimension (GLA)
+])
+def test_allscan_equals_the_unsharded_mix(decay, normalize, mesh):
+    """The linear kinds' all-scan: values and gradients (q, k, v and the decays) of the
+    outputs and key sums equal the unsharded chunked mix, with documents crossing the
+    chunk borders and one starting exactly at one (token 32); only fixed-size states
+    are gathered."""
+    from efflm.layers.attention.context_parallel import allscan_linear_attention
+    from efflm.pallas_kernels.linear_attention import chunked_linear_attention, segment_cumsum
+
+    rng = np.random.default_rng(1)
+    q, k = (jnp.asarray(rng.uniform(0.1, 1.0, (B, T, 2, DIM)), jnp.float32) for _ in "qk")
+    v, w, w_z = (jnp.asarray(rng.standard_normal((B, T, 2, DIM)), jnp.float32) for _ in "vww")
+    shape = {None: None, "head": (B, T, 2), "key": (B, T, 2, DIM)}[decay]
+    log_decay = None if shape is None else jnp.asarray(rng.uniform(-0.5, 0.0, shape),
+                                                       jnp.float32)
+    seg = jnp.asarray([[1] * 10 + [2] * 22 + [3] * 28 + [0] * 4, [1] * T], jnp.int32)
+
+    def local(q, k, v, log_decay, seg):
+        return chunked_linear_attention(q, k, v, log_decay=log_decay, chunk=8, impl="xla",
+                                        segment_ids=seg)
+
+    def loss(mix):
+        def f(q, k, v, log_decay):
+            out, z = mix(q, k, v, log_decay)
+            return jnp.sum(out * w) + jnp.sum(z * w_z)
+        return jax.value_and_grad(f, argnums=(0, 1, 2) if decay is None else (0, 1, 2, 3))
+
+    def unsharded(q, k, v, log_decay):
+        z = segment_cumsum(k, seg) if normalize else jnp.zeros(q.shape)
+        return local(q, k, v, log_decay, seg)[0], z
+
+    want, want_grads = fast_jit(loss(unsharded))(q, k, v, log_decay)
+    sharded = loss(lambda q, k, v, log_decay: allscan_linear_attention(
+        q, k, v, log_decay, seg, local, normalize))
+    mesh, rules = _mesh_context(*mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = fast_jit(sharded)
+        text = step.lower(q, k, v, log_decay).as_text()
+        got, grads = step(q, k, v, log_decay)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    assert "collective_permute" not in text and "all_to_all" not in text
+    assert all(T not in s for s in _all_gather_shapes(text))  # no length-long array
