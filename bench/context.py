@@ -33,10 +33,12 @@ from efflm.config import load_config
 STRATEGIES = ("ring", "allgather")
 MIB = 2 ** 20
 # --compare: every strategy at mesh.sequence=4 (Ulysses splits tiny's 4 heads), the halo
-# with `sliding` (window 64, no sinks), each beside its kind on one device.
-COMPARED = ("zigzag", "ring", "ulysses", "allgather", "halo")
-SLIDING = ("model.attention.kind=sliding", "model.attention.sliding.window=64",
-           "model.attention.sliding.sinks=0")
+# with `sliding` (window 64, no sinks) and the all-scan with `gla`, each beside its kind
+# on one device.
+COMPARED = ("zigzag", "ring", "ulysses", "allgather", "halo", "allscan")
+KIND_OF = {"halo": ("model.attention.kind=sliding", "model.attention.sliding.window=64",
+                    "model.attention.sliding.sinks=0"),
+           "allscan": ("model.attention.kind=gla",)}
 
 
 def ring_work(strategy: str, n: int) -> tuple[float, float]:
@@ -60,13 +62,15 @@ def _compare(args, argv) -> list[str]:
              "`tiny`, one sequence per step, mesh.sequence=4 on 4 devices; per-device MiB "
              "from the compiled train step's memory_analysis(), MiB received per device "
              "per step by collective (counted as in the first table); `halo` runs "
-             "`sliding` (window 64, no sinks), beside `sliding` on one device.", "",
+             "`sliding` (window 64, no sinks) and `allscan` `gla`, each beside its kind on "
+             "one device.", "",
              "| length | strategy | temp MiB | peak MiB | "
              + " | ".join(COLLECTIVES) + " |", "|---|---|---|---|" + "---|" * len(COLLECTIVES)]
     for length in lengths:
         rows = [("one device", (f"model.attention.softmax.block_size={length // 4}",), 1),
-                ("sliding, one device", SLIDING, 1)]
-        rows += [(s, (*(SLIDING if s == "halo" else ()), "mesh.sequence=4",
+                *((f"{kind[0].split('=')[1]}, one device", kind, 1)
+                  for kind in KIND_OF.values())]
+        rows += [(s, (*KIND_OF.get(s, ()), "mesh.sequence=4",
                       f"model.attention.context_parallel={s}"), 4) for s in COMPARED]
         for name, extra, devices in rows:
             cfg = _config(length, args.overrides, "mesh.data=1", *extra)

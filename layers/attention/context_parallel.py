@@ -22,6 +22,8 @@ of queries, keys and values.
   query chunk to them (memory O(length) per device); the baseline.
 - `halo` (sliding-window attention): each device receives only the window - 1 keys and
   values before its chunk, from as many earlier devices as they span.
+- `allscan` (the linear kinds; "ZeCO: Zero Communication Overhead Sequence Parallelism
+  for Linear Attention"): only fixed-size states travel (`allscan_linear_attention`).
 
 Both run inside `shard_map` over the whole mesh: the batch split as the logical axis
 `batch` is, heads as `heads` is (when `kv_heads` splits the same way), the length over

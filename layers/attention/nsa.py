@@ -174,14 +174,18 @@ def gather_selected(k, v, seg_k, valid_k, index, valid, q_pos, q_seg, select_blo
     (batch, queries, kv_heads, n); q_pos, q_seg (batch, queries)."""
     b, s, kv, dim = k.shape
     tq, n = index.shape[1], index.shape[3]
+    num_sel = -(-s // select_block)
     tok = (index[..., None] * select_block + jnp.arange(select_block)).reshape(b, tq, kv, -1)
     shown = (jnp.repeat(valid, select_block, axis=-1) & (tok <= q_pos[:, :, None, None])
              & (tok < s))
     tok = jnp.minimum(tok, s - 1)
-    flat = tok.transpose(0, 2, 1, 3).reshape(b, kv, tq * n * select_block)
+    flat = index.transpose(0, 2, 1, 3).reshape(b, kv, tq * n, 1)
 
-    def take(a):  # (b, s, kv, dim) -> (b, tq, n l', kv, dim)
-        got = jnp.take_along_axis(a.transpose(0, 2, 1, 3), flat[..., None], axis=2)
+    def take(a):  # whole blocks: (b, s, kv, dim) -> (b, tq, n l', kv, dim)
+        a = jnp.pad(a, ((0, 0), (0, num_sel * select_block - s), (0, 0), (0, 0)))
+        rows = a.reshape(b, num_sel, select_block, kv, dim).transpose(0, 3, 1, 2, 4)
+        got = jnp.take_along_axis(rows.reshape(b, kv, num_sel, select_block * dim), flat,
+                                  axis=2)
         return got.reshape(b, kv, tq, n * select_block, dim).transpose(0, 2, 3, 1, 4)
 
     rows = jnp.arange(b)[:, None, None, None]
