@@ -23,7 +23,8 @@ of queries, keys and values.
 - `halo` (sliding-window attention): each device receives only the window - 1 keys and
   values before its chunk, from as many earlier devices as they span.
 - `allscan` (the linear kinds; "ZeCO: Zero Communication Overhead Sequence Parallelism
-  for Linear Attention"): only fixed-size states travel (`allscan_linear_attention`).
+  for Linear Attention"): only fixed-size states travel (`allscan_linear_attention`,
+  `allscan_delta_rule`).
 
 Both run inside `shard_map` over the whole mesh: the batch split as the logical axis
 `batch` is, heads as `heads` is (when `kv_heads` splits the same way), the length over
@@ -482,20 +483,28 @@ def _continuing(seg):
     return lax.cummin((seg == seg[:, :1]).astype(jnp.int32), axis=1) > 0
 
 
-def _incoming(n: int, transition, states, first_seg, last_seg):
+def _diagonal(transition, state):
+    return transition[..., None] * state
+
+
+def _dense(transition, state):
+    return jnp.einsum("bhij,bhjv->bhiv", transition, state)
+
+
+def _incoming(n: int, transition, states, first_seg, last_seg, apply=_diagonal):
     """Each device's incoming states from every device's (transition, final states): an
     all-gather of those fixed-size pairs, then the prefix S_in(r) = A(r-1) S_in(r-1) +
     S(r-1), zero where a document starts at device r's first token. `transition`
-    (batch, heads, dk or 1); `states`: a tuple of (batch, heads, dk, dv) arrays."""
+    (batch, heads, dk or 1) applied elementwise, or with `apply=_dense` a (batch, heads,
+    dk, dk) matrix; `states`: a tuple of (batch, heads, dk, dv) arrays."""
     gather = functools.partial(lax.all_gather, axis_name=AXIS)
     transitions, firsts, lasts = gather(transition), gather(first_seg), gather(last_seg)
     gathered = [gather(s) for s in states]
     incoming = [tuple(jnp.zeros_like(s) for s in states)]
     for r in range(1, n):
         keep = (firsts[r] == lasts[r - 1])[:, None, None, None]
-        incoming.append(tuple(jnp.where(keep, transitions[r - 1][..., None] * s_in + s[r - 1],
-                                        0.0) for s_in, s in zip(incoming[-1], gathered,
-                                                                strict=True)))
+        incoming.append(tuple(jnp.where(keep, apply(transitions[r - 1], s_in) + s[r - 1], 0.0)
+                              for s_in, s in zip(incoming[-1], gathered, strict=True)))
     me = lax.axis_index(AXIS)
     return tuple(jnp.stack(column)[me] for column in zip(*incoming, strict=True))
 
@@ -538,6 +547,33 @@ def allscan_linear_attention(q, k, v, log_decay, segment_ids, local, normalize: 
     extra = () if log_decay is None else (log_decay,)
     return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=extra,
                        out_ndims=(4, 4))
+
+
+def _allscan_delta_local(q, k, v, seg, log_alpha, beta, *, n: int, local):
+    out, state = local(q, k, v, log_alpha, beta, seg, None)
+    b, _, h, dk = q.shape
+    # The chunk's transition P (S_end = P S_in + S_local): the state reached from I with
+    # zero values; then the incoming state's share of the outputs: a pass with zero
+    # values from S_in.
+    eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk))
+    transition = local(q, k, jnp.zeros_like(k), log_alpha, beta, seg, eye)[1]
+    (incoming,) = _incoming(n, transition, (state,), seg[:, 0], seg[:, -1], apply=_dense)
+    extra = local(q, k, jnp.zeros_like(v), log_alpha, beta, seg, incoming)[0]
+    return out.astype(jnp.float32) + extra.astype(jnp.float32)
+
+
+def allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local):
+    """The gated delta rule with the length split over `sequence`: as
+    `allscan_linear_attention`, but a chunk's transition is a dense dk x dk matrix per
+    head (a pass from the identity with zero values) and the incoming state's share of
+    the outputs takes a second pass (zero values from S_in): three passes of `local(q,
+    k, v, log_alpha, beta, segment_ids, initial_state) -> (out, final_state)` in all.
+    Returns out float32."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    fn = functools.partial(_allscan_delta_local, n=mesh.shape[AXIS], local=local)
+    return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=(log_alpha, beta))
 
 
 def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,

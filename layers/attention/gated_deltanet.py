@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.errors import ConfigError, check_positive
-from efflm.layers.attention.linear import padded_length, validate_chunk
+from efflm.layers.attention.context_parallel import allscan_delta_rule, strategy
+from efflm.layers.attention.linear import ALLSCAN, padded_length, validate_chunk
 from efflm.layers.attention.parts import HeadRMSNorm, ShortConvolution, l2_normalize, output_gate
 from efflm.layers.common import decoding, resolve_impl
 from efflm.layers.contract import Mixer
@@ -105,6 +106,7 @@ class GatedDeltaNet(Mixer):
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
     settings = GatedDeltaNetSettings
+    context_parallel = ALLSCAN  # three passes a chunk (`allscan_delta_rule`)
 
     @staticmethod
     def validate_config(cfg: ModelConfig) -> None:
@@ -181,4 +183,11 @@ class GatedDeltaNet(Mixer):
                                               segment_ids=segment_ids)[0]
         mix = (gated_delta_rule_pallas if delta_rule_impl(self.cfg) == "pallas"
                else gated_delta_rule_chunked)
-        return mix(q, k, v, log_alpha, beta, chunk=chunk, segment_ids=segment_ids)[0]
+
+        def local(q, k, v, log_alpha, beta, segment_ids, initial_state):
+            return mix(q, k, v, log_alpha, beta, chunk=chunk, segment_ids=segment_ids,
+                       initial_state=initial_state)
+
+        if strategy(self.cfg, self.context_parallel, t):
+            return allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local)
+        return local(q, k, v, log_alpha, beta, segment_ids, None)[0]
