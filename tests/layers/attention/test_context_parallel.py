@@ -38,6 +38,27 @@ def _mesh_context(*mesh):
     return mesh, mesh_lib.logical_rules(cfg, mesh)
 
 
+def _sharded_equals_unsharded(unsharded, sharded, *mesh):
+    """Values and gradients (q, k, v) of <attention(q, k, v, segments), w> under the mesh
+    equal the unsharded computation's; returns the lowered program's text."""
+    q, k, v, w, seg = _inputs()
+
+    def loss(attend):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v, seg) * w),
+                                  argnums=(0, 1, 2))
+
+    want, want_grads = fast_jit(loss(unsharded))(q, k, v)
+    mesh, rules = _mesh_context(*mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = fast_jit(loss(sharded))
+        text = step.lower(q, k, v).as_text()
+        got, grads = step(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    return text
+
+
 @pytest.mark.parametrize("strategy, mesh, block, impl", [
     ("ring", ("mesh.sequence=4", "mesh.data=2"), 4, "xla"),  # 4 query blocks a ring step
     ("ring", ("mesh.sequence=4", "mesh.data=2"), 0, "pallas"),  # flash kernels, interpreted
@@ -50,27 +71,11 @@ def _mesh_context(*mesh):
 def test_strategies_equal_the_unsharded_attention(strategy, mesh, block, impl):
     """Values and gradients of q, k, v, with documents crossing shard borders; the ring
     exchanges chunks point to point and gathers nothing, all-gather the reverse."""
-    q, k, v, w, seg = _inputs()
-
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
-
     def attend(q, k, v, seg):
         return dot_product_attention(q, k, v, attention_mask(seg, seg.shape[1]))
 
-    full = loss(lambda q, k, v: attend(q, k, v, seg))
-    want, want_grads = fast_jit(jax.value_and_grad(full, argnums=(0, 1, 2)))(q, k, v)
-    sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, strategy,
-                                                                    block, impl,
-                                                                    attend=attend))
-    mesh, rules = _mesh_context(*mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
-        text = step.lower(q, k, v).as_text()
-        got, grads = step(q, k, v)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for g, r in zip(grads, want_grads):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    text = _sharded_equals_unsharded(attend, lambda q, k, v, seg: context_parallel_attention(
+        q, k, v, seg, strategy, block, impl, attend=attend), *mesh)
     permutes, gathers = text.count("collective_permute"), text.count("all_gather")
     exchanges = text.count("all_to_all")
     if strategy == "ulysses":  # the segment ids (batch, length) are gathered, nothing else
@@ -145,24 +150,9 @@ def test_sliding_halo_equals_the_unsharded_window_and_sends_only_the_halo():
     collective-permutes of those tails only, and nothing is gathered."""
     from efflm.layers.attention.sliding import sliding_attention
 
-    q, k, v, w, seg = _inputs()
     local = functools.partial(sliding_attention, window=20, sinks=0, block=4)
-
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v) * w)
-
-    want, want_grads = fast_jit(jax.value_and_grad(loss(lambda q, k, v: local(q, k, v, seg)),
-                                                   argnums=(0, 1, 2)))(q, k, v)
-    sharded = loss(lambda q, k, v: context_parallel_attention(q, k, v, seg, "halo",
-                                                              attend=local, halo=19))
-    mesh, rules = _mesh_context("mesh.sequence=8", "mesh.data=1")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = fast_jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))
-        text = step.lower(q, k, v).as_text()
-        got, grads = step(q, k, v)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for g, r in zip(grads, want_grads):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=2e-6)
+    text = _sharded_equals_unsharded(local, lambda q, k, v, seg: context_parallel_attention(
+        q, k, v, seg, "halo", attend=local, halo=19), "mesh.sequence=8", "mesh.data=1")
     assert "all_gather" not in text and "all_to_all" not in text
     tokens = sorted(int(m) for m in re.findall(
         r"collective_permute.*?->\s*tensor<2x(\d+)x2x8xf32>", text))
