@@ -55,8 +55,9 @@ class AttentionShared:
     # Linear kinds (linear, gla, based, gated_deltanet): tokens per chunk of the chunked
     # form.
     chunk_size: int = 64
-    # Under mesh.sequence > 1: auto | ring | allgather (layers/attention/context_parallel.py).
-    # auto: the kind's own strategy (ring for softmax), else XLA's partitioner.
+    # Under mesh.sequence > 1: auto | zigzag | ring | ulysses | allgather | halo | allscan
+    # (layers/attention/context_parallel.py). auto: each kind's first (softmax zigzag,
+    # sliding halo, the linear kinds allscan), else XLA's partitioner.
     context_parallel: str = "auto"
 
 

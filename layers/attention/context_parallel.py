@@ -1,6 +1,6 @@
-"""Context parallelism (`model.attention.context_parallel`): causal softmax attention with
-the length split over the mesh's `sequence` axis, each device holding one contiguous chunk
-of queries, keys and values.
+"""Context parallelism (`model.attention.context_parallel`): causal mixing with the length
+split over the mesh's `sequence` axis, each device holding one contiguous chunk of
+queries, keys and values. Softmax attention:
 
 - `ring` (ring attention; "TokenRing: An Efficient Parallelism Framework for
   Infinite-Context LLMs via Bidirectional Communication" for the idea of circulating
@@ -20,13 +20,17 @@ of queries, keys and values.
   N by them (they are then repeated).
 - `allgather`: each device gathers every key and value once per layer and attends its
   query chunk to them (memory O(length) per device); the baseline.
-- `halo` (sliding-window attention): each device receives only the window - 1 keys and
-  values before its chunk, from as many earlier devices as they span.
-- `allscan` (the linear kinds; "ZeCO: Zero Communication Overhead Sequence Parallelism
-  for Linear Attention"): only fixed-size states travel (`allscan_linear_attention`,
+
+Sliding-window attention:
+- `halo`: each device receives only the window - 1 keys and values before its chunk,
+  from as many earlier devices as they span.
+
+The linear kinds:
+- `allscan` ("ZeCO: Zero Communication Overhead Sequence Parallelism for Linear
+  Attention"): only fixed-size states travel (`allscan_linear_attention`,
   `allscan_delta_rule`).
 
-Both run inside `shard_map` over the whole mesh: the batch split as the logical axis
+All run inside `shard_map` over the whole mesh: the batch split as the logical axis
 `batch` is, heads as `heads` is (when `kv_heads` splits the same way), the length over
 `sequence`. Packed documents may cross chunk borders: the mask compares segment ids and
 global positions. Each ring step runs in XLA, its queries in blocks of
