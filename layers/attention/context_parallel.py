@@ -500,17 +500,33 @@ def _incoming(n: int, transition, states, first_seg, last_seg, apply=_diagonal):
     all-gather of those fixed-size pairs, then the prefix S_in(r) = A(r-1) S_in(r-1) +
     S(r-1), zero where a document starts at device r's first token. `transition`
     (batch, heads, dk or 1) applied elementwise, or with `apply=_dense` a (batch, heads,
-    dk, dk) matrix; `states`: a tuple of (batch, heads, dk, dv) arrays."""
+    dk, dk) matrix; `states`: a tuple of (batch, heads, dk, dv) arrays. Returns (this
+    device's incoming states, the states after the last device: the whole sequence's
+    final states)."""
     gather = functools.partial(lax.all_gather, axis_name=AXIS)
     transitions, firsts, lasts = gather(transition), gather(first_seg), gather(last_seg)
     gathered = [gather(s) for s in states]
     incoming = [tuple(jnp.zeros_like(s) for s in states)]
-    for r in range(1, n):
-        keep = (firsts[r] == lasts[r - 1])[:, None, None, None]
+    for r in range(1, n + 1):
+        keep = True if r == n else (firsts[r] == lasts[r - 1])[:, None, None, None]
         incoming.append(tuple(jnp.where(keep, apply(transitions[r - 1], s_in) + s[r - 1], 0.0)
                               for s_in, s in zip(incoming[-1], gathered, strict=True)))
     me = lax.axis_index(AXIS)
-    return tuple(jnp.stack(column)[me] for column in zip(*incoming, strict=True))
+    mine = tuple(jnp.stack(column)[me] for column in zip(*incoming[:n], strict=True))
+    return mine, incoming[n]
+
+
+def _as_rows(state):
+    """A (batch, heads, dk, dv) state every device holds alike, as one length row
+    (batch, 1, heads, dk dv): the devices' rows stack along the length."""
+    b, h = state.shape[:2]
+    return state.reshape(b, 1, h, -1)
+
+
+def _from_rows(rows, dk: int):
+    """The last device's state from `_as_rows`' stack."""
+    b, _, h, _ = rows.shape
+    return rows[:, -1].reshape(b, h, dk, -1)
 
 
 def _allscan_local(q, k, v, seg, *decay, n: int, local, normalize: bool):
@@ -527,12 +543,12 @@ def _allscan_local(q, k, v, seg, *decay, n: int, local, normalize: bool):
     if normalize:
         sums = segment_cumsum(k.astype(jnp.float32), seg)
         states += (sums[:, -1, ..., None],)
-    incoming = _incoming(n, reach[:, -1], states, seg[:, 0], seg[:, -1])
+    incoming, final = _incoming(n, reach[:, -1], states, seg[:, 0], seg[:, -1])
     weighted = q.astype(jnp.float32) * reach
     out = out.astype(jnp.float32) + jnp.einsum("bthk,bhkv->bthv", weighted, incoming[0])
     if not normalize:
-        return out, jnp.zeros(q.shape, jnp.float32)
-    return out, sums + incoming[1][..., 0][:, None] * continuing
+        return out, jnp.zeros(q.shape, jnp.float32), _as_rows(final[0])
+    return out, sums + incoming[1][..., 0][:, None] * continuing, _as_rows(final[0])
 
 
 def allscan_linear_attention(q, k, v, log_decay, segment_ids, local, normalize: bool = False):
@@ -542,15 +558,16 @@ def allscan_linear_attention(q, k, v, log_decay, segment_ids, local, normalize: 
     fixed-size (transition, final state) pairs, and each adds its incoming state's share
     q_t diag(decay to t) S_in to its outputs. With `normalize`, the running key sums z
     go the same way. Returns (out float32, z (batch, length, heads, dk) float32, zeros
-    without `normalize`)."""
+    without `normalize`, the final state (batch, heads, dk, dv) float32)."""
     mesh = jax.sharding.get_abstract_mesh()
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     fn = functools.partial(_allscan_local, n=mesh.shape[AXIS], local=local,
                            normalize=normalize)
     extra = () if log_decay is None else (log_decay,)
-    return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=extra,
-                       out_ndims=(4, 4))
+    out, z, final = partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=extra,
+                                out_ndims=(4, 4, 4))
+    return out, z, _from_rows(final, q.shape[-1])
 
 
 def _allscan_delta_local(q, k, v, seg, log_alpha, beta, *, n: int, local):
@@ -561,9 +578,10 @@ def _allscan_delta_local(q, k, v, seg, log_alpha, beta, *, n: int, local):
     # values from S_in.
     eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk))
     transition = local(q, k, jnp.zeros_like(k), log_alpha, beta, seg, eye)[1]
-    (incoming,) = _incoming(n, transition, (state,), seg[:, 0], seg[:, -1], apply=_dense)
+    (incoming,), (final,) = _incoming(n, transition, (state,), seg[:, 0], seg[:, -1],
+                                      apply=_dense)
     extra = local(q, k, jnp.zeros_like(v), log_alpha, beta, seg, incoming)[0]
-    return out.astype(jnp.float32) + extra.astype(jnp.float32)
+    return out.astype(jnp.float32) + extra.astype(jnp.float32), _as_rows(final)
 
 
 def allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local):
@@ -572,12 +590,14 @@ def allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local):
     head (a pass from the identity with zero values) and the incoming state's share of
     the outputs takes a second pass (zero values from S_in): three passes of `local(q,
     k, v, log_alpha, beta, segment_ids, initial_state) -> (out, final_state)` in all.
-    Returns out float32."""
+    Returns (out float32, the final state (batch, heads, dk, dv) float32)."""
     mesh = jax.sharding.get_abstract_mesh()
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
     fn = functools.partial(_allscan_delta_local, n=mesh.shape[AXIS], local=local)
-    return partitioned(fn, q, k, v, segment_ids, length_axis=AXIS, extra=(log_alpha, beta))
+    out, final = partitioned(fn, q, k, v, segment_ids, length_axis=AXIS,
+                             extra=(log_alpha, beta), out_ndims=(4, 4))
+    return out, _from_rows(final, q.shape[-1])
 
 
 def context_parallel_attention(q, k, v, segment_ids, strategy: str, block: int = 0,

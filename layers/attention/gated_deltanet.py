@@ -189,5 +189,5 @@ class GatedDeltaNet(Mixer):
                        initial_state=initial_state)
 
         if strategy(self.cfg, self.context_parallel, t):
-            return allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local)
+            return allscan_delta_rule(q, k, v, log_alpha, beta, segment_ids, local)[0]
         return local(q, k, v, log_alpha, beta, segment_ids, None)[0]

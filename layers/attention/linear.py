@@ -114,8 +114,8 @@ def linear_mix(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, log_de
                                             impl=impl, segment_ids=segment_ids)
 
         if strategy(cfg, ALLSCAN, t):
-            out, sums = allscan_linear_attention(q, k, v, log_decay, segment_ids, local,
-                                                 normalize)
+            out, sums, _ = allscan_linear_attention(q, k, v, log_decay, segment_ids, local,
+                                                    normalize)
         else:
             out, _ = local(q, k, v, log_decay, segment_ids)
             if normalize:

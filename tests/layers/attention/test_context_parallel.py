@@ -166,15 +166,16 @@ def test_sliding_halo_equals_the_unsharded_window_and_sends_only_the_halo():
 ])
 def test_allscan_equals_the_unsharded_mix(decay, normalize, mesh):
     """The linear kinds' all-scan: values and gradients (q, k, v and the decays) of the
-    outputs and key sums equal the unsharded chunked mix, with documents crossing the
-    chunk borders and one starting exactly at one (token 32); only fixed-size states
-    are gathered."""
+    outputs, key sums and final state equal the unsharded chunked mix, with documents
+    crossing the chunk borders and one starting exactly at one (token 32); only
+    fixed-size states are gathered."""
     from efflm.layers.attention.context_parallel import allscan_linear_attention
     from efflm.pallas_kernels.linear_attention import chunked_linear_attention, segment_cumsum
 
     rng = np.random.default_rng(1)
     q, k = (jnp.asarray(rng.uniform(0.1, 1.0, (B, T, 2, DIM)), jnp.float32) for _ in "qk")
     v, w, w_z = (jnp.asarray(rng.standard_normal((B, T, 2, DIM)), jnp.float32) for _ in "vww")
+    w_s = jnp.asarray(rng.standard_normal((B, 2, DIM, DIM)), jnp.float32)
     shape = {None: None, "head": (B, T, 2), "key": (B, T, 2, DIM)}[decay]
     log_decay = None if shape is None else jnp.asarray(rng.uniform(-0.5, 0.0, shape),
                                                        jnp.float32)
@@ -186,13 +187,14 @@ def test_allscan_equals_the_unsharded_mix(decay, normalize, mesh):
 
     def loss(mix):
         def f(q, k, v, log_decay):
-            out, z = mix(q, k, v, log_decay)
-            return jnp.sum(out * w) + jnp.sum(z * w_z)
+            out, z, final = mix(q, k, v, log_decay)
+            return jnp.sum(out * w) + jnp.sum(z * w_z) + jnp.sum(final * w_s)
         return jax.value_and_grad(f, argnums=(0, 1, 2) if decay is None else (0, 1, 2, 3))
 
     def unsharded(q, k, v, log_decay):
         z = segment_cumsum(k, seg) if normalize else jnp.zeros(q.shape)
-        return local(q, k, v, log_decay, seg)[0], z
+        out, final = local(q, k, v, log_decay, seg)
+        return out, z, final
 
     want, want_grads = fast_jit(loss(unsharded))(q, k, v, log_decay)
     sharded = loss(lambda q, k, v, log_decay: allscan_linear_attention(
@@ -213,8 +215,9 @@ def test_allscan_equals_the_unsharded_mix(decay, normalize, mesh):
                                   ("mesh.sequence=8", "mesh.data=1")])
 def test_delta_rule_allscan_equals_the_unsharded_rule(mesh):
     """The gated delta rule's all-scan (dense transitions, three passes): values and
-    gradients of q, k, v, the decays and beta equal the unsharded chunked rule, with
-    documents crossing chunk borders and one starting at token 32."""
+    gradients of q, k, v, the decays and beta, through the outputs and the final state,
+    equal the unsharded chunked rule, with documents crossing chunk borders and one
+    starting at token 32."""
     from efflm.layers.attention.context_parallel import allscan_delta_rule
     from efflm.layers.attention.parts import l2_normalize
     from efflm.pallas_kernels.gated_delta_rule import gated_delta_rule_chunked
@@ -223,6 +226,7 @@ def test_delta_rule_allscan_equals_the_unsharded_rule(mesh):
     q, k = (l2_normalize(jnp.asarray(rng.standard_normal((B, T, 2, DIM)), jnp.float32))
             for _ in "qk")
     v, w = (jnp.asarray(rng.standard_normal((B, T, 2, DIM)), jnp.float32) for _ in "vw")
+    w_s = jnp.asarray(rng.standard_normal((B, 2, DIM, DIM)), jnp.float32)
     log_alpha = jnp.asarray(rng.uniform(-0.5, 0.0, (B, T, 2)), jnp.float32)
     beta = jnp.asarray(rng.uniform(0.1, 0.9, (B, T, 2)), jnp.float32)
     seg = jnp.asarray([[1] * 10 + [2] * 22 + [3] * 28 + [0] * 4, [1] * T], jnp.int32)
@@ -232,10 +236,13 @@ def test_delta_rule_allscan_equals_the_unsharded_rule(mesh):
                                         initial_state=initial_state)
 
     def loss(mix):
-        return jax.value_and_grad(lambda *a: jnp.sum(mix(*a) * w), argnums=(0, 1, 2, 3, 4))
+        def f(*args):
+            out, final = mix(*args)
+            return jnp.sum(out * w) + jnp.sum(final * w_s)
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))
 
     args = (q, k, v, log_alpha, beta)
-    want, want_grads = fast_jit(loss(lambda *a: local(*a, seg, None)[0]))(*args)
+    want, want_grads = fast_jit(loss(lambda *a: local(*a, seg, None)))(*args)
     mesh, rules = _mesh_context(*mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         got, grads = fast_jit(loss(lambda *a: allscan_delta_rule(*a, seg, local)))(*args)
