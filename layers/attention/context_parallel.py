@@ -226,18 +226,12 @@ def _ring_geometry(n: int, q, seg):
     return me, [(i, (i + 1) % n) for i in range(n)], q, seg
 
 
-def _ring_forward(q, k, v, seg, n: int, steps: RingSteps):
-    """(output float32, log-sum-exp). Step 0 is the diagonal; at step s the device holds
-    chunk me - s, and sends it on while attending to it when it precedes its own."""
-    me, perm, q, seg = _ring_geometry(n, q, seg)
+def _forward_loop(n: int, me, perm, out, lse, k, v, seg, earlier, later):
+    """Steps 1 .. n - 1 of a forward ring from step 0's (out, lse): at step s the device
+    holds chunk me - s, sends it on and merges `earlier(k, v, seg_k)` (the chunk precedes
+    its own) or `later(k, v, seg_k)` (it follows) into its output by log-sum-exp."""
 
     def visit(s, out, lse, k, v, seg_k):
-        def earlier(k, v, seg_k):
-            return steps.attend(q, k, v, seg, seg_k, diagonal=False)
-
-        def later(k, v, seg_k):
-            return jnp.zeros(out.shape, jnp.float32), jnp.full(lse.shape, -jnp.inf)
-
         return _merge(out, lse, *lax.cond((me - s) % n < me, earlier, later, k, v, seg_k))
 
     def step(s, carry):
@@ -245,34 +239,52 @@ def _ring_forward(q, k, v, seg, n: int, steps: RingSteps):
         sent = lax.ppermute((k, v, seg_k), AXIS, perm)
         return (*visit(s, out, lse, k, v, seg_k), *sent)
 
-    out, lse = steps.attend(q, k, v, seg, seg, diagonal=True)
     carry = (out, lse, *lax.ppermute((k, v, seg), AXIS, perm))
     out, lse, k, v, seg_k = lax.fori_loop(1, n - 1, step, carry)
     return visit(n - 1, out, lse, k, v, seg_k)
 
 
-def _ring_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
-    """Gradients of q, k, v: keys and values go round the ring again, each with its
-    dK, dV accumulator, which after the last step travels once more to its owner."""
-    me, perm, q, seg = _ring_geometry(n, q, seg)
-    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum dO . O
+def _backward_loop(n: int, me, perm, dq, dk, dv, k, v, seg, earlier, later):
+    """Steps 1 .. n - 1 of a backward ring from step 0's gradients: keys and values go
+    round with their dK, dV accumulators, each device adding `earlier(k, v, seg_k)` or
+    `later(k, v, seg_k)` (dq, dk, dv shares); after the last step the accumulators
+    travel once more to their owners."""
 
     def step(s, carry):
         dq, k, v, seg_k, dk, dv = carry
         k, v, seg_k, dk, dv = lax.ppermute((k, v, seg_k, dk, dv), AXIS, perm)
-
-        def earlier(k, v, seg_k):
-            return steps.grads(q, k, v, seg, seg_k, dout, lse, delta, diagonal=False)
-
-        def later(k, v, seg_k):
-            return jnp.zeros_like(dq), jnp.zeros_like(dk), jnp.zeros_like(dv)
-
         shares = lax.cond((me - s) % n < me, earlier, later, k, v, seg_k)
         return (dq + shares[0], k, v, seg_k, dk + shares[1], dv + shares[2])
 
-    dq, dk, dv = steps.grads(q, k, v, seg, seg, dout, lse, delta, diagonal=True)
-    dq, k, v, seg_k, dk, dv = lax.fori_loop(1, n, step, (dq, k, v, seg, dk, dv))
-    dk, dv = lax.ppermute((dk, dv), AXIS, perm)
+    dq, _, _, _, dk, dv = lax.fori_loop(1, n, step, (dq, k, v, seg, dk, dv))
+    return (dq, *lax.ppermute((dk, dv), AXIS, perm))
+
+
+def _ring_forward(q, k, v, seg, n: int, steps: RingSteps):
+    """(output float32, log-sum-exp). Step 0 is the diagonal; a later chunk is skipped."""
+    me, perm, q, seg = _ring_geometry(n, q, seg)
+    out, lse = steps.attend(q, k, v, seg, seg, diagonal=True)
+
+    def earlier(k, v, seg_k):
+        return steps.attend(q, k, v, seg, seg_k, diagonal=False)
+
+    def later(k, v, seg_k):
+        return jnp.zeros(out.shape, jnp.float32), jnp.full(lse.shape, -jnp.inf)
+
+    return _forward_loop(n, me, perm, out, lse, k, v, seg, earlier, later)
+
+
+def _ring_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
+    """Gradients of q, k, v through `_ring_forward`'s blocks."""
+    me, perm, q, seg = _ring_geometry(n, q, seg)
+    delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)  # rowsum dO . O
+
+    def earlier(k, v, seg_k):
+        return steps.grads(q, k, v, seg, seg_k, dout, lse, delta, diagonal=False)
+
+    grads = steps.grads(q, k, v, seg, seg, dout, lse, delta, diagonal=True)
+    later = lambda k, v, seg_k: tuple(jnp.zeros_like(g) for g in grads)  # noqa: E731
+    dq, dk, dv = _backward_loop(n, me, perm, *grads, k, v, seg, earlier, later)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -297,31 +309,20 @@ def _zigzag_forward(q, k, v, seg, n: int, steps: RingSteps):
     out = jnp.concatenate([out_a, out_b], q_axis)
     lse = jnp.concatenate([lse_a, lse_b], q_axis)
 
-    def visit(s, out, lse, k, v, seg_k):
-        def earlier(k, v, seg_k):
-            return steps.attend(q, _halves(k, k_axis)[0], _halves(v, k_axis)[0], seg,
-                                _halves(seg_k, 1)[0], diagonal=False)
+    def earlier(k, v, seg_k):
+        return steps.attend(q, _halves(k, k_axis)[0], _halves(v, k_axis)[0], seg,
+                            _halves(seg_k, 1)[0], diagonal=False)
 
-        def later(k, v, seg_k):
-            part, part_lse = steps.attend(qb, k, v, sb, seg_k, diagonal=False)
-            return (jnp.concatenate([jnp.zeros_like(part), part], q_axis),
-                    jnp.concatenate([jnp.full_like(part_lse, -jnp.inf), part_lse], q_axis))
+    def later(k, v, seg_k):
+        part, part_lse = steps.attend(qb, k, v, sb, seg_k, diagonal=False)
+        return (jnp.concatenate([jnp.zeros_like(part), part], q_axis),
+                jnp.concatenate([jnp.full_like(part_lse, -jnp.inf), part_lse], q_axis))
 
-        return _merge(out, lse, *lax.cond((me - s) % n < me, earlier, later, k, v, seg_k))
-
-    def step(s, carry):
-        out, lse, k, v, seg_k = carry
-        sent = lax.ppermute((k, v, seg_k), AXIS, perm)
-        return (*visit(s, out, lse, k, v, seg_k), *sent)
-
-    carry = (out, lse, *lax.ppermute((k, v, seg), AXIS, perm))
-    out, lse, k, v, seg_k = lax.fori_loop(1, n - 1, step, carry)
-    return visit(n - 1, out, lse, k, v, seg_k)
+    return _forward_loop(n, me, perm, out, lse, k, v, seg, earlier, later)
 
 
 def _zigzag_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
-    """Gradients through `_zigzag_forward`'s blocks, keys and values going round with
-    their dK, dV accumulators as in `_ring_backward`."""
+    """Gradients through `_zigzag_forward`'s blocks."""
     me, perm, q, seg = _ring_geometry(n, q, seg)
     q_axis, k_axis = steps.axes
     delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1)
@@ -342,24 +343,16 @@ def _zigzag_backward(q, k, v, seg, out, lse, dout, n: int, steps: RingSteps):
     dq = cat_q([dq_a, dq_b + dq_ba])
     dk, dv = cat_k([dk_a + dk_ba, dk_b]), cat_k([dv_a + dv_ba, dv_b])
 
-    def step(s, carry):
-        dq, k, v, seg_k, dk, dv = carry
-        k, v, seg_k, dk, dv = lax.ppermute((k, v, seg_k, dk, dv), AXIS, perm)
+    def earlier(k, v, seg_k):
+        dq_s, dk_s, dv_s = grads(rows, seg, _halves(k, k_axis)[0], _halves(v, k_axis)[0],
+                                 _halves(seg_k, 1)[0], False)
+        return dq_s, cat_k([dk_s, jnp.zeros_like(dk_s)]), cat_k([dv_s, jnp.zeros_like(dv_s)])
 
-        def earlier(k, v, seg_k):
-            dq_s, dk_s, dv_s = grads(rows, seg, _halves(k, k_axis)[0], _halves(v, k_axis)[0],
-                                     _halves(seg_k, 1)[0], False)
-            return dq_s, cat_k([dk_s, jnp.zeros_like(dk_s)]), cat_k([dv_s, jnp.zeros_like(dv_s)])
+    def later(k, v, seg_k):
+        dq_s, dk_s, dv_s = grads(half_b, sb, k, v, seg_k, False)
+        return cat_q([jnp.zeros_like(dq_s), dq_s]), dk_s, dv_s
 
-        def later(k, v, seg_k):
-            dq_s, dk_s, dv_s = grads(half_b, sb, k, v, seg_k, False)
-            return cat_q([jnp.zeros_like(dq_s), dq_s]), dk_s, dv_s
-
-        shares = lax.cond((me - s) % n < me, earlier, later, k, v, seg_k)
-        return (dq + shares[0], k, v, seg_k, dk + shares[1], dv + shares[2])
-
-    dq, k, v, seg_k, dk, dv = lax.fori_loop(1, n, step, (dq, k, v, seg, dk, dv))
-    dk, dv = lax.ppermute((dk, dv), AXIS, perm)
+    dq, dk, dv = _backward_loop(n, me, perm, dq, dk, dv, k, v, seg, earlier, later)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
