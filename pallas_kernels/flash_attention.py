@@ -313,11 +313,6 @@ def store_rows(o_ref, lse_ref, acc, row_max, row_sum):
     lse_ref[...] = jnp.where(empty, jnp.inf, row_max + jnp.log(safe_sum))
 
 
-def _segment_args(segments):
-    """The kernels' segment operands from `_padded`'s (query ids, key ids) or None."""
-    return () if segments is None else segments
-
-
 def forward_specs(s: CallStatics, d: int, kv_len: int, group: int, has_segments: bool):
     """BlockSpecs of q, k, v (and segment ids) for a grid (query block, batch, head)."""
     specs = [
@@ -373,7 +368,7 @@ def _forward(q, k, v, segments, s: CallStatics, initial_outputs=None, out_dtype=
     kv_len, kv = k.shape[1], k.shape[2]
     has_segments = segments is not None
     return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
-                        q, [q, k, v, *_segment_args(segments)],
+                        q, [q, k, v, *(segments or ())],
                         forward_specs(s, d, kv_len, h // kv, has_segments), s,
                         "flash_attention_forward", initial_outputs, out_dtype)
 
@@ -462,7 +457,7 @@ def _backward(q, k, v, segments, do, lse, delta, s: CallStatics, grad_dtype=None
     return backward_calls(
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
-        q, k, v, [do, lse, delta, *_segment_args(segments)], s, "flash_attention",
+        q, k, v, [do, lse, delta, *(segments or ())], s, "flash_attention",
         grad_dtype=grad_dtype)
 
 

@@ -107,15 +107,12 @@ def block_rows(num_blocks: int, compress_block: int, stride: int):
     return jnp.arange(num_blocks)[:, None] * stride + jnp.arange(compress_block)[None, :]
 
 
-def compressed_visible(seg, ends, starts_seg, ends_seg, positions=None):
+def compressed_visible(seg, ends, starts_seg, ends_seg):
     """(batch, length, blocks) bool: the block ends at or before the query and starts and
     ends in the query's document. `ends` (blocks,) token index of each block's last row;
-    `starts_seg`, `ends_seg` (batch, blocks) the segment ids of its first and last rows;
-    `positions` (batch, length) the queries' (default 0 .. length - 1)."""
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
+    `starts_seg`, `ends_seg` (batch, blocks) the segment ids of its first and last rows."""
     own = seg[:, :, None]
-    return ((ends[None, None, :] <= positions[:, :, None])
+    return ((ends[None, None, :] <= jnp.arange(seg.shape[1])[None, :, None])
             & (starts_seg[:, None, :] == own) & (ends_seg[:, None, :] == own))
 
 
@@ -348,16 +345,14 @@ class NativeSparseAttention(Mixer):
         rows = block_rows(nc, own.compress_block, own.stride)
         k_cmp, v_cmp = compress_k(k[:, rows]), compress_v(v[:, rows])
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if self.reference:
-            out_c = compressed_reference(q, k_cmp, v_cmp, seg, own)
         visible = compressed_visible(seg, rows[:, -1], seg[:, rows[:, 0]], seg[:, rows[:, -1]])
-        fast_c, probs = compressed_attention(q, k_cmp, v_cmp, visible)
+        out_c, probs = compressed_attention(q, k_cmp, v_cmp, visible)  # probs rank blocks
         index, valid, agreement = self._select(probs, positions, document_start(seg), t)
         if self.reference:
+            out_c = compressed_reference(q, k_cmp, v_cmp, seg, own)
             out_s = selected_reference(q, k, v, seg, index, valid, own.select_block)
             out_w = sliding_reference(q, k, v, seg, own.window, 0)
         else:
-            out_c = fast_c
             out_s = selected_attention(q, k, v, seg, index, valid, own.select_block,
                                        own.block_size)
             out_w = sliding_attention(q, k, v, seg, own.window, 0, own.block_size)
@@ -404,8 +399,8 @@ class NativeSparseAttention(Mixer):
         ends = cand * own.stride + own.compress_block - 1
         done = (ends <= positions[:, -1:]) & (cand < nc)
         toks = jnp.minimum(cand[..., None] * own.stride + jnp.arange(own.compress_block), s - 1)
-        new_k = compress_k(cache_k.value[jnp.arange(b)[:, None, None], toks])
-        new_v = compress_v(cache_v.value[jnp.arange(b)[:, None, None], toks])
+        new_k = compress_k(cache_k.value[rows[..., None], toks])
+        new_v = compress_v(cache_v.value[rows[..., None], toks])
         slot = jnp.where(done, cand, nc)
         cmp_k.value = cmp_k.value.at[rows, slot].set(new_k, mode="drop")
         cmp_v.value = cmp_v.value.at[rows, slot].set(new_v, mode="drop")

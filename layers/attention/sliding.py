@@ -172,7 +172,6 @@ class SlidingAttention(Mixer):
     def __call__(self, x, positions, segment_ids, mask):
         cfg, own = self.cfg, self.cfg.attention.sliding
         q, k, v = project_qkv(self, x, positions)
-        args = (own.window, own.sinks, own.block_size)
         pallas = softmax_impl(cfg.attention.impl, head_dim(cfg), cfg.dtype) == "pallas"
         local = functools.partial(sliding_pallas if pallas else sliding_attention,
                                   window=own.window, sinks=own.sinks, block=own.block_size)
@@ -182,10 +181,9 @@ class SlidingAttention(Mixer):
             out = context_parallel_attention(q, k, v, segment_ids, "halo", attend=local,
                                              halo=own.window - 1)
         elif pallas:
-            out = partitioned(lambda q, k, v, seg: sliding_pallas(q, k, v, seg, *args),
-                              q, k, v, segment_ids)
+            out = partitioned(local, q, k, v, segment_ids)
         else:
-            out = sliding_attention(q, k, v, segment_ids, *args)
+            out = local(q, k, v, segment_ids)
         return project_out(self, out)
 
     def _decode(self, q, k, v, positions, segment_ids):

@@ -173,8 +173,8 @@ class SoftmaxAttention(Mixer):
 
     Decodes through a KV cache (keys and values at their positions, K/V heads as
     grouped), always on the XLA path. Under `mesh.sequence` > 1 the length stays split
-    (`context_parallel.py`: ring or all-gather; under impl=pallas each ring step is one
-    flash-kernel call).
+    (`context_parallel.py`: zig-zag or plain ring, Ulysses, all-gather; under
+    impl=pallas each ring step is one flash-kernel call).
     """
 
     decodes = True
