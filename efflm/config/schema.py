@@ -56,8 +56,8 @@ class AttentionShared:
     # form.
     chunk_size: int = 64
     # Under mesh.sequence > 1: auto | zigzag | ring | ulysses | allgather | halo | allscan
-    # (layers/attention/context_parallel.py). auto: each kind's first (softmax zigzag,
-    # sliding halo, the linear kinds allscan), else XLA's partitioner.
+    # (layers/attention/context_parallel.py). auto: the first strategy a kind declares
+    # (`Mixer.context_parallel`), else XLA's partitioner.
     context_parallel: str = "auto"
 
 

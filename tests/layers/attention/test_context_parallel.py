@@ -117,16 +117,19 @@ def test_a_train_step_under_fsdp_gathers_no_keys_with_the_ring(strategy):
     assert not re.search(r"tensor<3x\d+x\d+x\d+x", text)
 
 
-def test_pallas_ring_steps_lower_to_one_flash_call_each_for_gpu(monkeypatch):
+@pytest.mark.parametrize("strategy, calls, exchange", [
+    ("ring", 7, "collective_permute"), ("ulysses", 3, "all_to_all")])
+def test_pallas_steps_lower_to_flash_calls_for_gpu(monkeypatch, strategy, calls, exchange):
     """No GPU needed: the model's loss and gradients under `mesh.sequence=4` and
-    impl=pallas, lowered for CUDA, hold per layer 7 Triton calls (forward: the diagonal
-    step, the loop's step, the last step; backward: dK/dV and dQ for the diagonal and for
-    the loop's step) besides the ring's collective-permutes."""
+    impl=pallas, lowered for CUDA, hold per layer 7 Triton calls for the ring (forward:
+    the diagonal step, the loop's step, the last step; backward: dK/dV and dQ for the
+    diagonal and for the loop's step) and 3 for Ulysses (the whole length's forward,
+    dK/dV and dQ on each device's heads), besides their exchanges."""
     from efflm.models import LM
 
     cfg = load_config("tiny", [*SMALL, "mesh.sequence=4", "mesh.data=2",
                                "model.attention.impl=pallas", "model.dtype=bfloat16",
-                               "model.attention.context_parallel=ring"])
+                               f"model.attention.context_parallel={strategy}"])
     mesh = mesh_lib.make_mesh(cfg.mesh)
     model = LM(cfg.model)
     tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
@@ -139,8 +142,8 @@ def test_pallas_ring_steps_lower_to_one_flash_call_each_for_gpu(monkeypatch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.logical_rules(cfg, mesh)):
         text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert text.count("@__gpu$xla.gpu.triton(") == 7 * cfg.model.num_layers
-    assert "collective_permute" in text
+    assert text.count("@__gpu$xla.gpu.triton(") == calls * cfg.model.num_layers
+    assert exchange in text
 
 
 def test_sliding_halo_equals_the_unsharded_window_and_sends_only_the_halo():
@@ -275,3 +278,19 @@ def test_gated_deltanet_layer_exchanges_only_states_and_convolution_halos():
                             for s in gathered), gathered
     halos = re.findall(r"= [a-z0-9]+\[\d+,(\d+)[0-9,]*\]\S* collective-permute", text)
     assert halos and {int(n) for n in halos} <= {1, 2, 3}, halos
+
+
+def test_auto_picks_each_kinds_first_strategy_and_zigzag_needs_halves():
+    """Under `auto` softmax runs zig-zag where 2N divides the length, the plain ring where
+    only N does and nothing (XLA's partitioner) where N does not; sliding the halo."""
+    from efflm.layers.attention.context_parallel import strategy
+    from efflm.layers.attention.sliding import SlidingAttention
+    from efflm.layers.attention.softmax import SoftmaxAttention
+
+    cfg = load_config("tiny", ["mesh.sequence=4", "mesh.data=2"]).model
+    mesh, _ = _mesh_context("mesh.sequence=4", "mesh.data=2")
+    with jax.set_mesh(mesh):
+        assert strategy(cfg, SoftmaxAttention.context_parallel, 32) == "zigzag"
+        assert strategy(cfg, SoftmaxAttention.context_parallel, 36) == "ring"
+        assert strategy(cfg, SoftmaxAttention.context_parallel, 34) is None
+        assert strategy(cfg, SlidingAttention.context_parallel, 32) == "halo"
