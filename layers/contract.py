@@ -9,7 +9,8 @@ calls the hooks and never asks for a kind by name. Hooks are static methods of t
 (`cfg` is the ModelConfig), so they answer without building a module.
 
 Families and how they are called:
-- `Mixer` (`model.attention.kind`): `(x, positions, segment_ids, mask) -> y`.
+- `Mixer` (`model.attention.kind`): `(x, positions, segment_ids, mask) -> y` (one with
+  `shares_kv` also takes `kv=` and `emit_kv=`).
 - `FeedForward` (`model.mlp.kind`): `(x, segment_ids=...) -> y`.
   A mixer or feed-forward whose `takes_carry(cfg)` is true gets the layer-to-layer carry
   (a dict) after `x` and returns `(y, carry)`.
@@ -121,6 +122,17 @@ class Mixer(LayerKind):
     # `mesh.sequence` > 1, its default first (`layers/attention/context_parallel.py`);
     # without one, `auto` leaves the split length to XLA's partitioner.
     context_parallel = ()
+    # Whether it can attend to keys and values another call computed (recursive KV
+    # sharing, `model.depth.mor.kv=shared`): called with `kv=` a `SharedKV` it attends
+    # to instead of projecting keys and values of its own, or with `emit_kv=True` it
+    # returns `(y, SharedKV)`, its own keys and values (decoding: its whole cache).
+    shares_kv = False
+
+    @staticmethod
+    def kv_flops_per_token(cfg: ModelConfig) -> float:
+        """Forward FLOPs per token of the key and value projections, which a call with
+        `kv=` does not do (only with `shares_kv`)."""
+        raise NotImplementedError
 
     @staticmethod
     def uncredited_pairs_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -128,6 +140,17 @@ class Mixer(LayerKind):
         `flops_per_token` credits (the masked pairs of the tiles a sparse pattern
         computes): work done that is not counted as useful."""
         return 0.0
+
+
+class SharedKV(NamedTuple):
+    """Keys and values one mixer call hands to another (`Mixer.shares_kv`)."""
+
+    k: jax.Array  # (batch, keys, kv_heads, head_dim), rotary applied
+    v: jax.Array  # (batch, keys, kv_heads, head_dim)
+    positions: jax.Array  # (batch, keys) int32
+    # (batch, keys) int32: each key's document, 0 for a slot that holds no key; a query
+    # sees the keys of its own document at or before its position.
+    segment_ids: jax.Array
 
 
 class FeedForward(LayerKind):

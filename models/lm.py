@@ -27,23 +27,30 @@ def _call_kind(module, carry, x, *args, **kwargs):
 
 class Block(nn.Module):
     """Pre-norm residual block: token mixer then feed-forward, the kinds its `LayerSpec`
-    names. Both see which positions are padding (`segment_ids` 0)."""
+    names. Both see which positions are padding (`segment_ids` 0).
+
+    `kv` and `emit_kv` reach a mixer that shares keys and values (`Mixer.shares_kv`):
+    with `emit_kv` the block returns `(x, carry, SharedKV)`."""
 
     cfg: ModelConfig
     spec: LayerSpec
 
     @nn.compact
-    def __call__(self, x, carry, positions, segment_ids, mask):
+    def __call__(self, x, carry, positions, segment_ids, mask, kv=None, emit_kv=False):
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         mixer = self.spec.mixer_kind(cfg, name="attention")
+        sharing = {} if kv is None and not emit_kv else {"kv": kv, "emit_kv": emit_kv}
         h, carry = _call_kind(mixer, carry, RMSNorm(name="attention_norm", **norm)(x),
-                              positions, segment_ids, mask)
+                              positions, segment_ids, mask, **sharing)
+        if emit_kv:
+            h, shared = h
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
         mlp = self.spec.mlp_kind(cfg, name="mlp")
         h, carry = _call_kind(mlp, carry, RMSNorm(name="mlp_norm", **norm)(x),
                               segment_ids=segment_ids)
-        return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), carry
+        x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+        return (x, carry, shared) if emit_kv else (x, carry)
 
 
 class LM(nn.Module):

@@ -65,14 +65,18 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
                             "model.attention.nsa.select_blocks=2",
                             "model.attention.nsa.window=6", "model.attention.nsa.block_size=5")}
 # Settings that change what a kind's layer computes, checked like kinds: the capacity
-# policies (with drops happening) and a tight relu row budget.
+# policies (with drops happening), a tight relu row budget, and MoR's token choice
+# (causal) with each caching variant.
 VARIANTS = {
     "capacity-causal": ("router", "topk", ("model.moe.dispatch=capacity",
                                            "model.moe.capacity_factor=0.5")),
     "capacity-batch": ("router", "topk", ("model.moe.dispatch=capacity",
                                           "model.moe.capacity_factor=0.5",
                                           "model.moe.capacity_policy=batch")),
-    "relu-budget": ("router", "relu", ("model.moe.relu.rows_per_token=1",))}
+    "relu-budget": ("router", "relu", ("model.moe.relu.rows_per_token=1",)),
+    "mor-token": ("depth", "mor", ("model.depth.mor.router=token_choice",)),
+    "mor-token-shared-kv": ("depth", "mor", ("model.depth.mor.router=token_choice",
+                                             "model.depth.mor.kv=shared"))}
 
 
 def _kinds(*families, variants=False):
@@ -182,10 +186,11 @@ def test_cached_decoding_equals_the_full_pass(kind):
 
 
 @pytest.mark.parametrize("name", [n for n, (f, k, extra) in VARIANTS.items()
-                                  if not not_causal(_config(f, k, *extra))])
+                                  if f == "router" and not not_causal(_config(f, k, *extra))])
 def test_cached_decoding_with_drops_equals_the_full_pass(name):
-    """A causal capacity rule decodes as it trains: with pairs dropped in the full pass,
-    the cache's slot counters drop the same ones token by token."""
+    """A causal capacity rule of a router decodes as it trains: with pairs dropped in
+    the full pass, the cache's slot counters drop the same ones token by token. (MoR's
+    token choice decodes without capacity: `tests/layers/depth/test_mor.py`.)"""
     family, kind, extra = VARIANTS[name]
     model, variables, _ = _model(_config(family, kind, *extra))
     tokens = _tokens(0, 24)

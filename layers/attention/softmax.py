@@ -30,7 +30,7 @@ from efflm.layers.attention.context_parallel import (
     ulysses_heads,
 )
 from efflm.layers.common import MASKED, resolve_impl, warn_once
-from efflm.layers.contract import Mixer
+from efflm.layers.contract import Mixer, SharedKV
 from efflm.layers.dense import Dense, quant_kw
 from efflm.layers.rotary import apply_rotary
 from efflm.pallas_kernels.flash_attention import (
@@ -146,7 +146,8 @@ def causal_mix_flops(cfg: ModelConfig, seq_len: int) -> float:
 def cached_attention(module: nn.Module, q, k, v, positions, segment_ids=None):
     """Write `k`, `v` into the module's cache at `positions` (batch, length), then attend
     from `q` to every valid cached key at or before each query's position. Tokens whose
-    `segment_ids` is 0 (a layer they skip) are written as not valid."""
+    `segment_ids` is 0 (a layer they skip) are written as not valid. Returns the output
+    and the whole cache as a `SharedKV` (a valid slot is document 1)."""
     b = k.shape[0]
     cached_k = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_v = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -158,7 +159,22 @@ def cached_attention(module: nn.Module, q, k, v, positions, segment_ids=None):
     valid.value = valid.value.at[rows, positions].set(written)
     slots = jnp.arange(valid.value.shape[1])
     mask = valid.value[:, None, :] & (slots[None, None, :] <= positions[:, :, None])
-    return dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
+    out = dot_product_attention(q, cached_k.value, cached_v.value, mask[:, None])
+    return out, SharedKV(cached_k.value, cached_v.value,
+                         jnp.broadcast_to(slots, valid.value.shape).astype(jnp.int32),
+                         valid.value.astype(jnp.int32))
+
+
+def shared_kv_attention(q, kv: SharedKV, positions, segment_ids):
+    """Queries at `positions` (documents `segment_ids`, None: one) over the keys and
+    values of `kv`: those of the query's document at or before its position, one full
+    masked softmax (the queries and keys are different token sets, so no causal tiles
+    are skipped)."""
+    q_seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    seg = kv.segment_ids[:, None, :]
+    mask = ((seg == q_seg[:, :, None]) & (seg > 0)
+            & (kv.positions[:, None, :] <= positions[:, :, None]))
+    return dot_product_attention(q, kv.k, kv.v, mask[:, None])
 
 
 @dataclass
@@ -179,6 +195,8 @@ class SoftmaxAttention(Mixer):
 
     decodes = True
     decode_skips_tokens = True
+    shares_kv = True
+
     @staticmethod
     def quant_targets(cfg: ModelConfig) -> tuple[str, ...]:
         return ("attention",)  # its projections go through the quantised-matmul hook
@@ -207,24 +225,42 @@ class SoftmaxAttention(Mixer):
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         return projection_flops(cfg) + causal_mix_flops(cfg, seq_len)
 
+    @staticmethod
+    def kv_flops_per_token(cfg: ModelConfig) -> float:
+        return 2 * cfg.d_model * head_dim(cfg) * 2 * num_kv_heads(cfg)
+
     @nn.compact
-    def __call__(self, x, positions, segment_ids, mask):
+    def __call__(self, x, positions, segment_ids, mask, kv=None, emit_kv=False):
         cfg = self.cfg
         heads, kv_heads, dim = cfg.attention.num_heads, num_kv_heads(cfg), head_dim(cfg)
         impl = softmax_impl(cfg.attention.impl, dim, cfg.dtype)
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std,
                   **quant_kw(cfg, "attention"))
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+
+        def project(out):
+            out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+            return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
+                         dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
+                         name="out", **quant_kw(cfg, "attention"))(out)
+
         q = Dense((heads, dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        theta = cfg.attention.rope_theta
+        q = apply_rotary(q, positions, theta)
+        if kv is not None:  # another call's keys and values
+            out = shared_kv_attention(q, kv, positions, segment_ids)
+            return project(out)
         k = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
         v = Dense((kv_heads, dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        theta = cfg.attention.rope_theta
-        q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+        k = apply_rotary(k, positions, theta)
+        seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        shared = SharedKV(k, v, positions.astype(jnp.int32), seg)
         block = cfg.attention.softmax.block_size
         if self.is_mutable_collection("cache") and not self.is_initializing():
-            out = cached_attention(self, q, k, v, positions, segment_ids)
+            out, shared = cached_attention(self, q, k, v, positions, segment_ids)
         elif cp := strategy(cfg, self.context_parallel, q.shape[1]):
             local = functools.partial(softmax_attention, impl=impl, block=block)
             out = context_parallel_attention(q, k, v, segment_ids, cp, block, impl,
@@ -233,8 +269,4 @@ class SoftmaxAttention(Mixer):
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         else:
             out = softmax_attention(q, k, v, segment_ids, impl, block, mask)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        return Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=out_std,
-                     name="out", **quant_kw(cfg, "attention"))(out)
+        return (project(out), shared) if emit_kv else project(out)

@@ -69,21 +69,34 @@ def make_layer(block: type, cfg: ModelConfig, spec, name: str, remat: bool = Fal
 
 class LayerGroup(nn.Module):
     """Layers applied in order, in `nn.scan`'s (carry, x) -> (carry, y) form: layer j
-    is `layer_j`."""
+    is `layer_j`.
+
+    With `share_kv` (recursive KV sharing) the layers' mixers share keys and values: a
+    call without `kv` returns each layer's (`Mixer.shares_kv`) as its y, a call with
+    `kv` (that tuple) attends to them instead of projecting its own."""
 
     cfg: ModelConfig
     block: type
     specs: tuple
     routed_block: type | None = None
+    share_kv: bool = False
 
     @nn.compact
-    def __call__(self, state, positions, segment_ids, mask):
+    def __call__(self, state, positions, segment_ids, mask, kv=None):
         x, carry = state
+        emitted = []
         for j, spec in enumerate(self.specs):
-            x, carry = make_layer(self.block, self.cfg, spec, f"layer_{j}",
-                                  routed_block=self.routed_block)(
-                x, carry, positions, segment_ids, mask)
-        return (x, carry), None
+            layer = make_layer(self.block, self.cfg, spec, f"layer_{j}",
+                               routed_block=self.routed_block)
+            args = (x, carry, positions, segment_ids, mask)
+            if not self.share_kv:
+                x, carry = layer(*args)
+            elif kv is None:
+                x, carry, shared = layer(*args, emit_kv=True)
+                emitted.append(shared)
+            else:
+                x, carry = layer(*args, kv=kv[j])
+        return (x, carry), (tuple(emitted) if self.share_kv and kv is None else None)
 
 
 class PlainStack(Depth):

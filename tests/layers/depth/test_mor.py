@@ -1,6 +1,7 @@
 """Mixture-of-Recursions (`layers/depth/mor.py`): at full capacity the recursive stack
-with router gates; the gathered steps against the masked full computation; decoding by
-the predictor; FLOPs; the preset under FSDP with a bitwise resume; bad settings."""
+with router gates; the gathered steps against the masked full computation (both
+routers, token choice with overflow, KV sharing against a reference that feeds the
+first step's keys and values to the later ones); decoding; FLOPs; bad settings."""
 
 import flax.linen as nn
 import jax
@@ -43,10 +44,13 @@ def _scores(p, x, r):
     return x @ p["router"][:, r], hidden @ p["predictor_out"][:, r]
 
 
-def _by_hand(cfg, plan, p, x, pos, seg, choose):
+def _by_hand(cfg, plan, p, x, pos, seg, choose, token=False, shared=False):
     """first (middle_cycle); then per step r the shared block on the full sequence
-    with attention to the chosen keys only, kept for the chosen tokens (`choose(r,
-    logits, predicted, active) -> chosen`); last (middle_cycle)."""
+    with attention to the chosen keys only, kept for the chosen tokens (expert choice:
+    `choose(r, logits, predicted, active) -> chosen`, gated per step; `token`:
+    `choose(r, active)`, ungated steps and the output x0 + g (h - x0), g the softmax
+    probability of the token's depth); `shared`: steps after the first attend to the
+    first step's keys and values (its chosen tokens'), fed to them; last (middle_cycle)."""
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = jnp.ones_like(causal)[None] if seg is None else seg[:, :, None] == seg[:, None, :]
@@ -54,15 +58,27 @@ def _by_hand(cfg, plan, p, x, pos, seg, choose):
     if unique:
         x, _ = Block(cfg.model, plan[0]).apply({"params": p["first"]}, x, {}, pos, seg,
                                                attention_mask(seg, t))
+    x0, kv = x, None
+    group = LayerGroup(cfg.model, Block, plan[1:2] if unique else plan[:1], share_kv=shared)
     active = jnp.ones(x.shape[:2], bool) if seg is None else seg > 0
     for r in range(p["router"].shape[1]):
-        logits, predicted = _scores(p, x, r)
-        chosen = choose(r, logits, predicted, active)
+        if token:
+            chosen = choose(r, active)
+        else:
+            logits, predicted = _scores(p, x, r)
+            chosen = choose(r, logits, predicted, active)
         mask = (causal & same & chosen[:, None, :])[:, None]
-        (y, _), _ = LayerGroup(cfg.model, Block, plan[1:2] if unique else plan[:1]).apply(
-            {"params": p["shared"]}, (x, {}), pos, seg, mask)
-        x = jnp.where(chosen[..., None], x + jax.nn.sigmoid(logits)[..., None] * (y - x), x)
+        (y, _), emitted = group.apply({"params": p["shared"]}, (x, {}), pos, seg, mask, kv)
+        if shared and kv is None:
+            kv = tuple(e._replace(segment_ids=jnp.where(chosen, e.segment_ids, 0))
+                       for e in emitted)
+        new = y if token else x + jax.nn.sigmoid(logits)[..., None] * (y - x)
+        x = jnp.where(chosen[..., None], new, x)
         active = chosen
+    if token:
+        probs = jax.nn.softmax(x0 @ p["router"], axis=-1)
+        gate = jnp.take_along_axis(probs, jnp.argmax(probs, -1)[..., None], -1)
+        x = x0 + gate * (x - x0)
     if unique:
         x, _ = Block(cfg.model, plan[-1]).apply({"params": p["last"]}, x, {}, pos, seg,
                                                 attention_mask(seg, t))
@@ -131,11 +147,27 @@ def test_default_schedule_keeps_r_in_R_fewer_each_step():
         (1, 2 / 3, 1 / 3))
 
 
-def test_decoding_follows_the_causal_predictor(small_config):
+def _decoded(stack, params, x, pos, prefill=5):
+    """The stack's outputs through its caches: a prefill, then one token at a time."""
+    run = fast_jit(lambda cache, x, pos: stack.apply(
+        {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
+    shapes = jax.eval_shape(run, {}, x, pos)[1]["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    out, mutated = run(cache, x[:, :prefill], pos[:, :prefill])
+    got = [out]
+    for i in range(prefill, x.shape[1]):
+        out, mutated = run(mutated["cache"], x[:, i:i + 1], pos[:, i:i + 1])
+        got.append(out)
+    return jnp.concatenate(got, 1), shapes
+
+
+@pytest.mark.parametrize("kv", ["recursion", "shared"])
+def test_decoding_follows_the_causal_predictor(small_config, kv):
     """Through the caches (a prefill, then one token at a time), step r runs the tokens
-    the predictor keeps among those step r - 1 ran, attending to earlier such tokens:
-    the masked full computation with the predictor's choices."""
-    cfg = small_config(*CYCLE, "model.init_std=0.3")
+    the predictor keeps among those step r - 1 ran, attending to earlier such tokens
+    (kv=shared: to the first step's keys and values, from one cache): the masked full
+    computation with the predictor's choices."""
+    cfg = small_config(*CYCLE, "model.init_std=0.3", f"model.depth.mor.kv={kv}")
     b, t = 2, 12
     x = jax.random.normal(jax.random.key(1), (b, t, cfg.model.d_model))
     stack, plan, pos, params = _setup(cfg, x)
@@ -146,20 +178,82 @@ def test_decoding_follows_the_causal_predictor(small_config):
         counts.append(chosen.sum())
         return chosen
 
-    expected = _by_hand(cfg, plan, params, x, pos, None, choose)
+    expected = _by_hand(cfg, plan, params, x, pos, None, choose, shared=kv == "shared")
     assert 0 < counts[1] < counts[0] < b * t, counts  # some tokens stop at each step
-
-    run = fast_jit(lambda cache, x, pos: stack.apply(
-        {"params": params, "cache": cache}, x, {}, pos, None, None, mutable=["cache"]))
-    shapes = jax.eval_shape(run, {}, x, pos)[1]["cache"]
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    out, mutated = run(cache, x[:, :5], pos[:, :5])
-    got = [out]
-    for i in range(5, t):
-        out, mutated = run(mutated["cache"], x[:, i:i + 1], pos[:, i:i + 1])
-        got.append(out)
+    got, cache = _decoded(stack, params, x, pos)
     # float32 at init_std 0.3 (hidden states up to ~10): ~2e-5 apart at most.
-    np.testing.assert_allclose(jnp.concatenate(got, 1), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    # One cache per step, or the first step's alone.
+    keys = [a for path, a in jax.tree_util.tree_flatten_with_path(cache)[0]
+            if "cached_key" in jax.tree_util.keystr(path)]
+    assert [k.shape[:2] for k in keys] == [(3, b) if kv == "recursion" else (b, t)]
+
+
+def _overflow(asking, keep):
+    """Each row's first `keep` asking tokens, in position order (numpy)."""
+    kept = np.zeros_like(asking)
+    for row, ask in zip(kept, asking):
+        row[np.flatnonzero(ask)[:keep]] = True
+    return kept
+
+
+def test_token_choice_with_overflow_and_shared_kv_equals_the_masked_full_computation(
+        small_config):
+    """Values and gradients (the router's through the depth's probability) with packed
+    documents and padding: each token runs the steps up to the depth it picked, unless
+    step 1's 4 slots are taken by earlier tokens of its row (the latest drop first,
+    counted as mor_dropped); step 1 attends to step 0's keys and values (kv=shared)
+    as in a reference that feeds them to it."""
+    cfg = small_config(*CYCLE2, "model.depth.mor.router=token_choice",
+                       "model.depth.mor.capacity=1,0.25", "model.depth.mor.kv=shared")
+    b, t, d = 2, 16, cfg.model.d_model
+    x = jax.random.normal(jax.random.key(3), (b, t, d))
+    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], b, 0), jnp.int32)
+    stack, plan, pos, params = _setup(cfg, x, seg)
+    assert set(params) == {"router", "shared"}
+    choice = np.argmax(np.asarray(x @ params["router"]), -1)
+    real = np.asarray(seg > 0)
+    kept = [real, _overflow(real & (choice >= 1), 4)]
+    asked = int(np.sum(real & (choice >= 1)))
+    assert asked > 4 * b, "no overflow at this seed"
+
+    def gathered(p, x):
+        out, sown = stack.apply({"params": p}, x, {}, pos, seg, attention_mask(seg, t),
+                                mutable=["losses", "stats"])
+        return out, sown
+
+    masked = lambda p, x: _by_hand(cfg, plan, p, x, pos, seg,  # noqa: E731
+                                   lambda r, active: jnp.asarray(kept[r]), token=True,
+                                   shared=True)
+    got, sown = fast_jit(gathered)(params, x)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(fast_jit(masked)(params, x))
+                               [real], rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.key(2), (b, t, d)) * (seg > 0)[..., None]
+    ga = fast_jit(jax.grad(lambda p, x: jnp.sum(gathered(p, x)[0] * w), (0, 1)))(params, x)
+    gm = fast_jit(jax.grad(lambda p, x: jnp.sum(masked(p, x) * w), (0, 1)))(params, x)
+    for a, r in zip(jax.tree.leaves(ga), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+    assert np.abs(ga[0]["router"]).max() > 0
+    stats = {k: float(v[0]) for k, v in sown["stats"].items()}
+    assert stats["mean:mor_dropped"] == pytest.approx((asked - 4 * b) / real.sum())
+    assert stats["mean:mor_depth_2"] == pytest.approx(4 * b / real.sum())
+    assert stats["mean:mor_choice_2"] == pytest.approx(np.sum(real & (choice == 1)) / real.sum())
+    assert set(sown["losses"]) == {"mor_balance"}
+
+
+def test_token_choice_decodes_as_the_full_pass(small_config):
+    """Nothing overflows at capacity 1: a prefill and then one token at a time give the
+    full pass's outputs, every depth taken by some token."""
+    cfg = small_config(*CYCLE, "model.init_std=0.3", "model.depth.mor.router=token_choice",
+                       "model.depth.mor.capacity=1,1,1")
+    x = jax.random.normal(jax.random.key(1), (2, 12, cfg.model.d_model))
+    stack, plan, pos, params = _setup(cfg, x)
+    assert set(np.argmax(np.asarray(x @ params["router"]), -1).ravel()) == {0, 1, 2}
+    full, _ = fast_jit(lambda p, x: stack.apply({"params": p}, x, {}, pos, None,
+                                                attention_mask(None, 12),
+                                                mutable=["losses", "stats"]))(params, x)
+    got, _ = _decoded(stack, params, x, pos)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-4)
 
 
 def test_flops_count_the_tokens_each_step_runs():
@@ -191,6 +285,10 @@ def test_flops_count_the_tokens_each_step_runs():
     (["mesh.sequence=2"], "mesh.sequence > 1"),
     (["model.depth.mor.recursions=100000"], "more than model.num_layers"),
     (["model.mlp.kind=moe", "model.moe.router=recurrent"], "carry"),
+    (["model.depth.mor.router=token"], "model.depth.mor.router='token'"),
+    (["model.depth.mor.kv=shared", "model.depth.mor.recursions=1", "model.num_layers=3"],
+     "recursions=1 has none"),
+    (["model.depth.mor.kv=shared", "model.attention.kind=gla"], "no keys and values"),
 ])
 def test_bad_mor_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
     assert main(["train", "--config", "tiny_mor", *SMALL, "model.num_layers=5",
