@@ -135,9 +135,10 @@ def not_causal(cfg: ModelConfig, decoding: bool = False) -> list[str]:
     reasons = {k.not_causal(cfg) for k in kinds if not (decoding and k.causal_decoding)}
     keeping = sorted({s.mixer for s in plan if not s.mixer_kind.decode_skips_tokens})
     if decoding and keeping:  # a causal decoding rule that skips tokens cannot skip them
-        reasons |= {f"{k.not_causal(cfg)}; while decoding it skips tokens, which the "
-                    f"decoding state of model.attention.kind={', '.join(keeping)} takes "
-                    "all the same" for k in kinds if k.causal_decoding}
+        reasons |= {f"{k.not_causal(cfg) or f'model.depth.kind={cfg.depth.kind} routes tokens'}"
+                    "; while decoding it skips tokens, which the decoding state of "
+                    f"model.attention.kind={', '.join(keeping)} takes all the same"
+                    for k in kinds if k.causal_decoding}
     return sorted(r for r in reasons if r)
 
 

@@ -302,10 +302,13 @@ def test_generate_refuses_routed_depth_over_recurrent_decoding_state():
     from efflm.layers.plan import not_causal
 
     assert not_causal(load_config("tiny_mor").model, decoding=True) == []
-    for preset in ("tiny_mor", "tiny_mod"):
-        reasons = not_causal(load_config(preset, ["model.attention.kind=gla"]).model,
-                             decoding=True)
+    for preset, extra in (("tiny_mor", []), ("tiny_mod", []),
+                          ("tiny_mor", ["model.depth.mor.router=token_choice"])):
+        cfg = load_config(preset, ["model.attention.kind=gla", *extra]).model
+        reasons = not_causal(cfg, decoding=True)
         assert len(reasons) == 1 and "model.attention.kind=gla takes" in reasons[0]
+        assert reasons[0].startswith("model.depth.kind=")
+    assert not_causal(load_config("tiny_mor", ["model.depth.mor.router=token_choice"]).model) == []
 
 
 def test_shared_blocks_with_model_state_are_refused(tmp_path, capsys):
