@@ -140,7 +140,8 @@ def shardings_of(abstract_boxed, mesh: Mesh, rules):
         return True
 
     def fit(leaf):
-        if isinstance(leaf, nn.Partitioned) and not fits(leaf.names, leaf.value.shape):
+        if isinstance(leaf, nn.Partitioned) and not fits(
+                leaf.names, getattr(leaf.value, "shape", ())):  # (optax's masked: no array)
             return leaf.value
         return leaf
 

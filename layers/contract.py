@@ -225,10 +225,24 @@ class Depth(nn.Module, Kind):
         return sum(layer_flops(i, seq_len) for i in range(cfg.num_layers))
 
 
+# A format's parameters (qat's step sizes) as computed from the current weights: written
+# into this collection when it is mutable, so that a resume that adds the format to a
+# full-precision run starts them from the restored weights.
+CALIBRATION = "calibration"
+
+
+def straight_through(x: jax.Array, value: jax.Array) -> jax.Array:
+    """`value` forward, the identity's gradient backward."""
+    return x + jax.lax.stop_gradient(value.astype(x.dtype) - x)
+
+
 class NumberFormat(Kind):
     """A number format of the hooked matmuls (`model.quant.kind`): quantised operands
     (integer or float8) with float32 scales."""
 
+    # Names of the parameters it learns (step sizes) that train.trainable=quant_scales
+    # trains alone.
+    scale_params: tuple = ()
     # Whether the format computes the hooked matmul itself (`matmul`); otherwise it runs
     # as `quantize_activation` x `quantize_weight` through `dot`, gradients passing
     # straight through the quantisers (`layers/quant/matmul.py:quantized_matmul`).
@@ -255,6 +269,39 @@ class NumberFormat(Kind):
     def quantize_activation(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x (tokens, in) -> (integer values, float32 scale)."""
         raise NotImplementedError
+
+    @classmethod
+    def fake_quantize(cls, module, quant, x: jax.Array, w: jax.Array):
+        """(x, w) as the quantised forward multiplies them, dequantised to float32 in x's
+        and w's own basis, with this format's gradients (default: straight through);
+        `module` the hooking module (None outside one), `quant` model.quant."""
+        xq, sx = cls.quantize_activation(x)
+        wq, sw = cls.quantize_weight(w)
+        return (straight_through(x, xq.astype(jnp.float32) * sx),
+                straight_through(w, wq.astype(jnp.float32) * sw))
+
+    @classmethod
+    def export_weight(cls, module, quant, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """w (in, out) as an export stores it (`module` the hooking module, `quant`
+        model.quant): (quantised values of w's shape, float32 scale)."""
+        return cls.quantize_weight(w)
+
+    @classmethod
+    def exported_matmul(cls, quant, x: jax.Array, wq: jax.Array,
+                        w_scale: jax.Array) -> jax.Array:
+        """x (tokens, in) @ an exported weight (`export_weight`'s pair), float32: the
+        quantised forward of a reloaded export."""
+        xq, sx = cls.quantize_activation(x)
+        return cls.dot(xq, wq) * sx * w_scale
+
+    @staticmethod
+    def pack_scale(scale: jax.Array) -> jax.Array:
+        """Scales as stored in an export (default: float32 as they are)."""
+        return scale
+
+    @staticmethod
+    def unpack_scale(stored: jax.Array) -> jax.Array:
+        return stored
 
     @staticmethod
     def pack(q: jax.Array) -> jax.Array:

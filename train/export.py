@@ -2,8 +2,9 @@
 
 The file is a numpy `.npz` (no pickled objects): for each hooked matmul of
 model.quant.targets (routed experts are not: they stay float32 parameters, quantised
-again when loaded) its integer weights (`quantized/<module path>/weight`: int8 as
-int8, ternary packed four 2-bit codes per byte) and float32 `scale`; every other
+again when loaded) its quantised weights (`quantized/<module path>/weight`: int8 as
+int8, ternary packed four 2-bit codes per byte, fp8 as its bytes, mxfp4 two E2M1 codes
+per byte) and `scale` (float32; mxfp4's E8M0, one byte per block of 32); every other
 parameter in float32 under
 `params/<path>`; and `meta`, a JSON string with the format, the shapes and the config.
 `load_export` rebuilds the variables whose forward pass is the quantised one.
@@ -60,8 +61,13 @@ def export_quantized(program, state, out: str) -> dict:
             target_elements += value.size
             value = np.asarray(fmt.pack(jnp.asarray(value)))
             kernel = _latent_kernel(path[:-1], cfg.model.tie_embeddings)
-            if kernel is not None:
-                replaced["/".join(kernel)] = list(params[kernel].shape)
+            # The latent kernel and the matmul's own parameters (qat's step sizes and
+            # zero points, which the scale holds).
+            for p in [kernel, *(p for p in params if p[:len(path) - 1] == path[:-1])]:
+                if p is not None:
+                    replaced["/".join(p)] = list(params[p].shape)
+        elif path[-1] == "scale":
+            value = np.asarray(fmt.pack_scale(jnp.asarray(value)))
         arrays[f"{QUANTIZED}/{name}"] = value
         quant_bytes += value.nbytes
     float_bytes = 0
@@ -102,9 +108,12 @@ def load_export(path: str):
             elif key.startswith(f"{QUANTIZED}/"):
                 name = key[len(QUANTIZED) + 1:]
                 value = data[key]
+                fmt = QUANT[meta["kind"]]
                 if name in meta["weight_shapes"]:
-                    value = np.asarray(QUANT[meta["kind"]].unpack(
+                    value = np.asarray(fmt.unpack(
                         jnp.asarray(value), tuple(meta["weight_shapes"][name])))
+                elif name.endswith("/scale"):
+                    value = np.asarray(fmt.unpack_scale(jnp.asarray(value)))
                 quantized[tuple(name.split("/"))] = value
     # The latent kernels the integer weights replace are never read: zeros of their shape.
     for name, shape in meta["replaced_params"].items():

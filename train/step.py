@@ -31,6 +31,7 @@ from efflm.layers.common import (
 )
 from efflm.layers.depth.plain import repeating_group
 from efflm.layers.plan import check_mesh, layer_plan
+from efflm.layers.quant import QUANT
 from efflm.models import LM
 from efflm.train import sown as sown_lib
 from efflm.train.loss import cross_entropy, linear_cross_entropy_terms, resolve_loss_impl
@@ -240,6 +241,21 @@ class Program:
         self.learning_rate = learning_rate_schedule(self.cfg.optimizer, self.cfg.train.steps)
 
 
+def trainable_only(cfg: Config, tx: optax.GradientTransformation):
+    """`tx` for the parameters `train.trainable` names; the others get zero updates
+    (and no optimizer state)."""
+    if cfg.train.trainable == "all":
+        return tx
+    names = QUANT[cfg.model.quant.kind].scale_params
+
+    def label(path, _):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return "train" if keys and keys[-1] in names else "frozen"
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda p: jax.tree_util.tree_map_with_path(label, p))
+
+
 def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     """Model, optimizer and jitted steps for `cfg` on `mesh` (default: all devices)."""
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
@@ -251,7 +267,8 @@ def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     with partial.context():
         step, params, model_state, rng = jax.eval_shape(
             lambda r: partial._init_model(r, boxed=True), jax.random.key(0))
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps, ParamRoles.of(params))
+        tx = trainable_only(cfg, make_optimizer(cfg.optimizer, cfg.train.steps,
+                                                ParamRoles.of(params)))
         abstract = TrainState(step, params, model_state, jax.eval_shape(tx.init, params), rng)
     state_shardings = mesh_lib.shardings_of(abstract, mesh, rules)
     return Program(cfg, mesh, model, tx, rules, state_shardings, mesh_lib.batch_sharding(mesh))

@@ -10,7 +10,9 @@ import shutil
 import signal
 import time
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -31,12 +33,15 @@ from efflm.data import SOURCES, data_tokenizer, make_eval_iterator, make_train_i
 from efflm.data.sources import make_source, mixture_parts
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
+from efflm.layers.contract import CALIBRATION
 from efflm.layers.plan import check_mesh, not_causal
+from efflm.layers.quant import QUANT
 from efflm.train.checkpoint import Checkpointer, abstract_with_shardings
 from efflm.train.metrics import MetricsWriter, truncate_jsonl
 from efflm.train.optim import OPTIMIZERS
 from efflm.train.step import (
     Program,
+    TrainState,
     build_program,
     compiled_memory,
     count_params,
@@ -50,11 +55,35 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:
-    """`key: old -> new` for every model-shape setting that differs."""
+    """`key: old -> new` for every model-shape setting that differs (but model.quant.*
+    where the new run adds learned quantisation scales to a full-precision one:
+    `adds_quant_scales`)."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    adding = adds_quant_scales(old, new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS
-            and a.get(k) != b.get(k)]
+            and a.get(k) != b.get(k) and not (adding and k.startswith("model.quant."))]
+
+
+def adds_quant_scales(old: Config, new: Config) -> bool:
+    """Whether `new` resumes full-precision `old` to train learned quantisation step
+    sizes alone (train.trainable=quant_scales, EfficientQAT's end-to-end phase)."""
+    return (old.model.quant.kind == "none" and new.train.trainable == "quant_scales"
+            and bool(getattr(QUANT[new.model.quant.kind], "scale_params", ())))
+
+
+def state_layout_changes(old: Config, new: Config) -> list[str]:
+    """What a resume from `old`'s checkpoints changes in the train state's layout, one
+    line each (a run that continues as it was: [])."""
+    lines = []
+    if adds_quant_scales(old, new):
+        lines.append(f"model.quant.kind none -> {new.model.quant.kind}: its step sizes and "
+                     "zero points start from the restored weights' ranges")
+    if old.train.trainable != new.train.trainable:
+        lines.append(f"train.trainable {old.train.trainable} -> {new.train.trainable}: the "
+                     "optimizer state of the frozen parameters is dropped, and the "
+                     "trained ones start from a fresh one")
+    return lines
 
 
 def data_order_differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
@@ -102,6 +131,18 @@ def load_workdir_config(workdir: str) -> Config:
                               f"{type(saved).__name__}; rewrite it, e.g. with efflm config "
                               f"show --config NAME [key=value ...] > {path}")
     return config_from_dict(saved, path)
+
+
+def resumed_config(cfg: Config) -> Config | None:
+    """The config the workdir's checkpoints were written under, when this run resumes
+    them; else None."""
+    workdir = cfg.train.workdir
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if (cfg.train.fresh or not os.path.isdir(ckpt_dir)
+            or not any(name.isdigit() for name in os.listdir(ckpt_dir))
+            or not os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
+        return None
+    return load_workdir_config(workdir)
 
 
 def check_workdir(cfg: Config) -> None:
@@ -279,16 +320,48 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def restore_or_init(program: Program, checkpointer: Checkpointer, data_iterator):
-    """(state, step): the newest readable checkpoint, or a fresh state at step 0."""
+def restore_or_init(program: Program, checkpointer: Checkpointer, data_iterator,
+                    previous: Config | None = None):
+    """(state, step): the newest readable checkpoint, or a fresh state at step 0.
+
+    `previous`: the config the checkpoints were written under, when this run's state
+    has another layout (`state_layout_changes`): they are read with its layout, then
+    carried into a fresh state of this one (`carried_state`)."""
     cfg = program.cfg
-    abstract = jax.eval_shape(program._init, jax.random.key(cfg.train.seed))
+    key = jax.random.key(cfg.train.seed)
+    source = program if previous is None else build_program(previous, program.mesh)
+    abstract = jax.eval_shape(source._init, key)
     with program.context():
         restored = checkpointer.restore(
-            abstract_with_shardings(abstract, program.state_shardings), data_iterator)
-        if restored is not None:
+            abstract_with_shardings(abstract, source.state_shardings), data_iterator)
+        if restored is None:
+            return program.init(key), 0
+        if previous is None:
             return restored
-        return program.init(jax.random.key(cfg.train.seed)), 0
+        return carried_state(program, restored[0]), restored[1]
+
+
+def carried_state(program: Program, old) -> TrainState:
+    """A state of `program`'s layout from `old`, restored under another: every parameter
+    the two share, the new ones (learned quantisation scales) computed from those weights
+    by the format (`CALIBRATION`), model state where its layout holds, a fresh optimizer
+    state, and the old step and key."""
+    fresh = program.init(jax.random.key(program.cfg.train.seed))
+    old_params = flax.traverse_util.flatten_dict(old.params)
+    new_params = flax.traverse_util.flatten_dict(fresh.params)
+    merged = {p: old_params[p] if p in old_params and old_params[p].shape == v.shape else v
+              for p, v in new_params.items()}
+    params = flax.traverse_util.unflatten_dict(merged)
+    dummy = jnp.zeros((1, program.cfg.data.seq_len), jnp.int32)
+    _, computed = jax.jit(lambda v: program.model.apply(v, dummy, mutable=[CALIBRATION]))(
+        {"params": params, **fresh.model_state})
+    for path, value in flax.traverse_util.flatten_dict(computed.get(CALIBRATION, {})).items():
+        if path not in old_params:
+            merged[path] = jax.device_put(value, new_params[path].sharding)
+    same = jax.tree.structure(old.model_state) == jax.tree.structure(fresh.model_state)
+    return TrainState(step=old.step, params=flax.traverse_util.unflatten_dict(merged),
+                      model_state=old.model_state if same else fresh.model_state,
+                      opt_state=fresh.opt_state, rng=old.rng)
 
 
 def restore_run(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple:
@@ -328,9 +401,12 @@ def train(cfg: Config) -> dict:
                                process_count=jax.process_count())
     if cfg.train.eval_every:  # a validation split that cannot be read fails before writing
         make_source(cfg.data, "val")
+    previous = resumed_config(cfg)
+    changes = state_layout_changes(previous, cfg) if previous else []
     prepare_workdir(cfg, is_writer)
     checkpointer = Checkpointer(os.path.join(cfg.train.workdir, CHECKPOINT_DIR), cfg.checkpoint)
-    state, start = restore_or_init(program, checkpointer, data)
+    state, start = restore_or_init(program, checkpointer, data,
+                                   previous if changes else None)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
     if is_writer:
         write_config(cfg)
@@ -347,9 +423,13 @@ def train(cfg: Config) -> dict:
         f"efflm: {n_params / 1e6:.2f}M parameters{active}, mesh {dict(program.mesh.shape)}, "
         f"{'resuming at step ' + str(start) if start else 'starting at step 0'}, "
         f"peak {peak.peak / 1e9:.1f} GFLOP/s ({peak.source})")
+    generation = ("efflm generate samples by its causal decoding rule"
+                  if not not_causal(cfg.model, decoding=True) else "efflm generate refuses it")
+    for line in changes if start else ():
+        writer.message(f"efflm: resuming with {line}")
     for reason in not_causal(cfg.model):
         writer.message(f"efflm: warning: {reason}; its losses see later tokens (eval rows "
-                       "carry causal=false) and efflm generate refuses it")
+                       f"carry causal=false) and {generation}")
     row: dict = {}
     timer_start, timer_steps = None, 0
     step_fn, memory = None, {}

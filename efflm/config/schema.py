@@ -82,7 +82,7 @@ class DepthShared:
 class QuantShared:
     """Number format of the matmuls (`layers/quant/`); parameters stay float32."""
 
-    kind: str = "none"  # none | int8 | ternary | fp8 (its own settings: model.quant.fp8.*)
+    kind: str = "none"  # none | int8 | ternary | fp8 | mxfp4 | qat (model.quant.<kind>.*)
     # Which matmuls the format (and model.sparsity.nm) applies to: attention, mlp
     # (dense MLPs and shared experts), experts (routed), head. The default applies to
     # those of its entries the model has; a named entry must match a layer.
@@ -167,6 +167,10 @@ class TrainConfig:
     eval_batches: int = 8
     workdir: str = "runs/default"
     fresh: bool = False  # delete an existing workdir's checkpoints instead of resuming
+    # all | quant_scales: what the optimizer updates; quant_scales trains the step sizes
+    # of model.quant.kind=qat alone (the rest frozen), e.g. resumed from a run trained
+    # in full precision.
+    trainable: str = "all"
 
 
 @dataclass

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from efflm.layers.common import flat_matmul, sow_stat
+from efflm.layers.contract import straight_through
 from efflm.layers.quant import QUANT
 from efflm.layers.quant.nm import nm_mask, parse_nm, sr_ste
 
@@ -84,21 +85,17 @@ def _pq_bwd(fmt, res, g):
 prequantized_matmul.defvjp(_pq_fwd, _pq_bwd)
 
 
-def _ste(x, value):
-    """`value` forward, the identity's gradient backward."""
-    return x + jax.lax.stop_gradient(value.astype(x.dtype) - x)
+_ste = straight_through
 
 
-def fake_quantize(fmt, x, w):
-    """The dequantised operands with straight-through gradients (the plain-JAX reference
-    of `quantized_matmul`: `x' @ w'` equals it up to float rounding)."""
-    xq, sx = fmt.quantize_activation(x)
-    wq, sw = fmt.quantize_weight(w)
-    return (_ste(x, xq.astype(jnp.float32) * sx), _ste(w, wq.astype(jnp.float32) * sw))
+def fake_quantize(fmt, x, w, quant=None):
+    """The dequantised operands with the format's gradients (the plain-JAX reference of
+    `quantized_matmul`: `x' @ w'` equals it up to float rounding)."""
+    return fmt.fake_quantize(None, quant, x, w)
 
 
-def reference_matmul(fmt, x, w):
-    xd, wd = fake_quantize(fmt, x, w)
+def reference_matmul(fmt, x, w, quant=None):
+    xd, wd = fake_quantize(fmt, x, w, quant)
     return xd.astype(jnp.float32) @ wd.astype(jnp.float32)
 
 
@@ -198,20 +195,19 @@ class QuantMatmul(nn.Module):
         if fmt is not None and self.has_variable(QUANTIZED, "weight"):  # a reloaded export
             x2d = x.reshape(-1, math.prod(x.shape[-in_dims:]))
             wq = self.get_variable(QUANTIZED, "weight")
-            xq, sx = fmt.quantize_activation(x2d)
-            y = _scaled_dot(fmt, xq, sx, wq.reshape(x2d.shape[1], -1),
-                            self.get_variable(QUANTIZED, "scale"))
+            y = fmt.exported_matmul(self.quant, x2d, wq.reshape(x2d.shape[1], -1),
+                                    self.get_variable(QUANTIZED, "scale"))
             return y.astype(self.dtype).reshape(*x.shape[:-in_dims], *wq.shape[in_dims:])
         x2d, w2d, out_shape = self._operands(x, w, in_dims)
         if fmt is None:
             y = x2d.astype(self.dtype) @ w2d.astype(self.dtype)
         else:
-            if self.is_mutable_collection(QUANTIZED):
-                wq, sw = fmt.quantize_weight(w2d)
-                self.put_variable(QUANTIZED, "weight", wq.reshape(w.shape))
-                self.put_variable(QUANTIZED, "scale", sw)
             y = (fmt.matmul(self, self.quant, x2d, w2d) if fmt.custom_matmul
                  else quantized_matmul(fmt, x2d, w2d))
+            if self.is_mutable_collection(QUANTIZED) and not self.is_initializing():
+                wq, sw = fmt.export_weight(self, self.quant, w2d)
+                self.put_variable(QUANTIZED, "weight", wq.reshape(w.shape))
+                self.put_variable(QUANTIZED, "scale", sw)
         return y.astype(self.dtype).reshape(out_shape)
 
     def _fake_operands(self, x, w):
@@ -220,5 +216,5 @@ class QuantMatmul(nn.Module):
         x2d, w2d, _ = self._operands(x, w, 1)
         fmt = QUANT[self.quant.kind]
         if fmt is not None:
-            x2d, w2d = fake_quantize(fmt, x2d, w2d)
+            x2d, w2d = fmt.fake_quantize(self, self.quant, x2d, w2d)
         return x2d.reshape(x.shape).astype(x.dtype), w2d.astype(w.dtype)

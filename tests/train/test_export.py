@@ -27,12 +27,12 @@ def _snapshot(workdir):
 @pytest.fixture(scope="module")
 def trained_workdirs(tmp_path_factory):
     dirs = {}
-    for kind in ("int8", "ternary", "fp8", "none"):
+    for kind in ("int8", "ternary", "fp8", "mxfp4", "qat", "none"):
         workdir = str(tmp_path_factory.mktemp(f"export_{kind}"))
         assert main(["train", "--config", "tiny", *SMALL, "train.steps=2",
                      f"train.workdir={workdir}", f"model.quant.kind={kind}",
                      "model.quant.targets=[attention,mlp,head]", "model.sparsity.nm=2:4",
-                     "train.eval_every=0"]) == 0
+                     "model.quant.qat.group_size=32", "train.eval_every=0"]) == 0
         dirs[kind] = workdir
     workdir = str(tmp_path_factory.mktemp("export_experts"))
     assert main(["train", "--config", "tiny", *SMALL, "train.steps=2", "model.mlp.kind=moe",
@@ -64,7 +64,7 @@ def test_routed_experts_export_as_float_and_reload_quantised(trained_workdirs, t
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["int8", "ternary", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "ternary", "fp8", "mxfp4", "qat"])
 def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, capsys,
                                                         tmp_path):
     from efflm.train.export import load_export
@@ -83,14 +83,18 @@ def test_export_reload_reproduces_the_quantised_forward(trained_workdirs, kind, 
     after = _snapshot(workdir)
     after.pop(os.path.join("export", "quantized.npz"), None)
     assert after == before  # checkpoints, metrics and config untouched
-    # int8 and fp8: half of bf16 plus the scales; ternary: an eighth plus one scale each.
+    # int8 and fp8: half of bf16 plus the scales; ternary: an eighth plus one scale each;
+    # mxfp4: a quarter plus a byte per 32; qat 4-bit: a quarter plus a float32 step and
+    # zero point per group of 32.
     ratio = report["quantized_bytes"] / report["quantized_as_bf16_bytes"]
-    assert (0.5 <= ratio < 0.55) if kind != "ternary" else (0.125 <= ratio < 0.13), ratio
+    low, high = {"ternary": (0.125, 0.13), "mxfp4": (0.265, 0.266),
+                 "qat": (0.375, 0.376)}.get(kind, (0.5, 0.55))
+    assert low <= ratio < high, ratio
 
     with np.load(out) as data:
         weights = [k for k in data.files if k.endswith("/weight")]
-        stored = {"int8": np.int8, "ternary": np.uint8, "fp8": np.uint8}[kind]  # fp8: bytes
-        assert weights and all(data[k].dtype == stored for k in weights)
+        assert weights and all(data[k].dtype == (np.int8 if kind == "int8" else np.uint8)
+                               for k in weights)  # fp8: its bytes; mxfp4, qat: packed
     cfg, variables = load_export(out)
     if kind == "fp8":
         assert all(x.dtype == jnp.float8_e4m3fn for p, x in jax.tree_util.tree_flatten_with_path(

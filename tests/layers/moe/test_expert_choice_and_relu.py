@@ -373,6 +373,7 @@ def test_tiny_moe_trains_with_the_router_and_expert_choice_is_flagged(tmp_path, 
         assert all(0 <= r["relu_overflow_fraction"] <= 1 for r in steps)
         return
     assert "warning: model.moe.router=expert_choice is not causal" in out
+    assert "efflm generate refuses it" in out
     assert ev["causal"] is False and "eval_loss" in out and "(not causal" in out
     assert main(["generate", "--workdir", workdir, "--prompt", "def"]) == 2
     err = capsys.readouterr().err
