@@ -5,7 +5,9 @@
 
 Side by side in one run: `--config` (default `tiny`) on `pycode` trained for `--steps`
 steps in float32, bfloat16 compute, int8, ternary, with 2:4 sparsity and in fp8
-(delayed and current scaling), or the `--formats` named (model.quant.targets at its
+(delayed and current scaling), mxfp4, qat at 4 and 2 bits, and qat's scale-only phase
+(float32 for `--steps`, then `--phase-steps` training qat's step sizes alone at a
+constant learning rate of 1e-4), or the `--formats` named (model.quant.targets at its
 default: attention, MLP and routed experts, but fp8's; the head stays float32), each
 from the same seed and data order. Then its
 validation bits per byte over `train.eval_batches` batches, its median step time (from
@@ -34,14 +36,27 @@ VARIANTS = [
     ("2:4 sparse (float32)", ["model.sparsity.nm=2:4"]),
     ("fp8 delayed", ["model.quant.kind=fp8"]),
     ("fp8 current", ["model.quant.kind=fp8", "model.quant.fp8.scaling=current"]),
+    ("mxfp4", ["model.quant.kind=mxfp4"]),
+    ("qat 4-bit", ["model.quant.kind=qat", "model.quant.qat.bits=4"]),
+    ("qat 2-bit", ["model.quant.kind=qat", "model.quant.qat.bits=2"]),
+    ("qat 4-bit, scales only", []),  # float32, then PHASE
 ]
+# Rows trained in float32 for --steps, then resumed for --phase-steps more with these:
+# EfficientQAT's end-to-end phase, the step sizes alone.
+PHASE = {"qat 4-bit, scales only": [
+    "model.quant.kind=qat", "model.quant.qat.bits=4", "train.trainable=quant_scales",
+    "optimizer.schedule=constant", "optimizer.warmup_steps=0", "optimizer.lr=1e-4"]}
 
 
-def _run(preset: str, label: str, overrides: list[str], steps: int, root: str) -> dict:
+def _run(preset: str, label: str, overrides: list[str], steps: int, root: str,
+         phase_steps: int) -> dict:
     from efflm.train.export import export_quantized
 
-    workdir = os.path.join(root, label.replace(" ", "_").replace(":", "_"))
+    workdir = os.path.join(root, label.replace(" ", "_").replace(":", "_").replace(",", ""))
     result = train_and_evaluate(preset, overrides, steps, workdir)
+    if label in PHASE:
+        result = train_and_evaluate(preset, [*overrides, *PHASE[label]], steps + phase_steps,
+                                    workdir)
     cfg, program, state = result.pop("restored")
     if cfg.model.quant.kind != "none":
         result["export"] = export_quantized(program, state,
@@ -64,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of: {', '.join(v for v, _ in VARIANTS)} "
                         "(the first is the baseline)")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--phase-steps", type=int, default=20,
+                   help="steps of the scales-only phase after --steps in float32")
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     p.add_argument("overrides", nargs="*", help="key=value applied to every config")
     args = p.parse_intermixed_args(argv)
@@ -76,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as root:
         for label in chosen:
             rows.append((label, _run(args.config, label, [*args.overrides, *named[label]],
-                                     args.steps, root)))
+                                     args.steps, root, args.phase_steps)))
     base = rows[0][1]["step_time"]
     lines = [*header("quant", argv if argv is not None else sys.argv[1:]),
-             f"`{args.config}` on pycode, {args.steps} steps; {targets_line(args.overrides)}.", "",
+             f"`{args.config}` on pycode, {args.steps} steps; {targets_line(args.overrides)}"
+             + (f"; the scales-only row: {args.steps} in float32, then {args.phase_steps} "
+                "training qat's step sizes alone" if any(c in PHASE for c in chosen) else "")
+             + ".", "",
              f"| format | val bits/byte | step s | vs {chosen[0]} | exported targets | "
              "vs bf16 | whole file | vs all bf16 |", "|---|---|---|---|---|---|---|---|"]
     for label, r in rows:

@@ -261,6 +261,10 @@ def test_flops_are_the_same_matmul_counts(small_config, kind):
     assert forward_flops(cfg) == forward_flops(plain) > 0
     t = cfg.data.seq_len
     assert forward_flops_per_token(cfg.model, t) == forward_flops_per_token(plain.model, t)
+    if "mxfp4" in kind[0]:  # quest: 2 * 32 FLOPs per element of each operand, uncredited
+        quest = small_config("model.quant.targets=[attention,mlp,head]", kind[0])
+        assert forward_flops(quest) > forward_flops(plain)
+        assert forward_flops_per_token(quest.model, t) == forward_flops_per_token(plain.model, t)
 
 
 def test_a_yaml_preset_reads_a_quoted_nm(tmp_path):
