@@ -39,11 +39,11 @@ VARIANTS = [
     ("mxfp4", ["model.quant.kind=mxfp4"]),
     ("qat 4-bit", ["model.quant.kind=qat", "model.quant.qat.bits=4"]),
     ("qat 2-bit", ["model.quant.kind=qat", "model.quant.qat.bits=2"]),
-    ("qat 4-bit, scales only", []),  # float32, then PHASE
+    ("qat 4-bit scales only", []),  # float32, then PHASE
 ]
 # Rows trained in float32 for --steps, then resumed for --phase-steps more with these:
 # EfficientQAT's end-to-end phase, the step sizes alone.
-PHASE = {"qat 4-bit, scales only": [
+PHASE = {"qat 4-bit scales only": [
     "model.quant.kind=qat", "model.quant.qat.bits=4", "train.trainable=quant_scales",
     "optimizer.schedule=constant", "optimizer.warmup_steps=0", "optimizer.lr=1e-4"]}
 
