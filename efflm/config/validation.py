@@ -124,7 +124,8 @@ def _validate_quant(m: ModelConfig) -> None:
     default = q.targets == QuantShared().targets
     if fmt is not None and fmt.custom_matmul and "experts" in q.targets and not default:
         raise ConfigError(f"model.quant.kind={q.kind} does not cover routed experts (it "
-                          "keeps state per matmul); drop experts from model.quant.targets")
+                          "computes each matmul itself, with its own state, parameters or "
+                          "gradients); drop experts from model.quant.targets")
     for t in q.targets:  # the defaults apply to the roles the model has
         if t not in present and not default:
             raise ConfigError(f"model.quant.targets entry {t!r} matches no layer of this "

@@ -102,7 +102,7 @@ def reference_matmul(fmt, x, w, quant=None):
 def expert_format(cfg):
     """The number format of the routed experts' matmuls (a ModelConfig's): that of
     model.quant.kind when `experts` is a target, else None. A format with its own matmul
-    (fp8) keeps state per matmul and does not cover them (validation refuses it)."""
+    (fp8, mxfp4, qat) does not cover them (validation refuses it)."""
     fmt = QUANT[cfg.quant.kind]
     if fmt is None or fmt.custom_matmul or "experts" not in cfg.quant.targets:
         return None

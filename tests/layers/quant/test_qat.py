@@ -38,6 +38,8 @@ def test_levels_and_round_trip_within_half_a_step():
     inside = (v >= 0) & (v <= 3)
     assert inside.any() and (~inside).any()
     assert np.all(np.abs(back - np.asarray(w))[inside] <= s[inside] / 2 + 1e-6)
+    nan = fake_quantize_weight(w.at[1, 2].set(jnp.nan), step, zero, BITS, GROUP)
+    assert np.isnan(np.asarray(nan)[1, 2]) and np.isfinite(np.delete(np.asarray(nan), 5)).all()
     # The initial step and zero point cover each group's range exactly.
     s0, z0 = initial_step_zero(w, BITS, GROUP)
     q0 = np.asarray(codes(w, s0, z0, BITS, GROUP)).reshape(2, GROUP, 3)
