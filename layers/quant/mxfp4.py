@@ -280,13 +280,8 @@ class Mxfp4(NumberFormat):
             xd, wd = hadamard(xd, 1), hadamard(wd, 0)
         return straight_through(x, xd), straight_through(w, wd)
 
-    @staticmethod
-    def pack(q):
-        return pack_codes(q)
-
-    @staticmethod
-    def unpack(stored, shape):
-        return unpack_codes(stored, shape)
+    pack = staticmethod(pack_codes)
+    unpack = staticmethod(unpack_codes)
 
     @staticmethod
     def pack_scale(scale):
