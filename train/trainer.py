@@ -68,8 +68,9 @@ def shape_differences(old: Config, new: Config) -> list[str]:
 def adds_quant_scales(old: Config, new: Config) -> bool:
     """Whether `new` resumes full-precision `old` to train learned quantisation step
     sizes alone (train.trainable=quant_scales, EfficientQAT's end-to-end phase)."""
+    fmt = QUANT[new.model.quant.kind]
     return (old.model.quant.kind == "none" and new.train.trainable == "quant_scales"
-            and bool(getattr(QUANT[new.model.quant.kind], "scale_params", ())))
+            and fmt is not None and bool(fmt.scale_params))
 
 
 def state_layout_changes(old: Config, new: Config) -> list[str]:

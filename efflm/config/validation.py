@@ -34,8 +34,8 @@ def validate(cfg: Config) -> None:
     check_choice("train.loss_impl", cfg.train.loss_impl, ("auto", "naive", "xla", "pallas"))
     check_choice("train.trainable", cfg.train.trainable, ("all", "quant_scales"))
     fmt = QUANT.get(m.quant.kind)
-    if cfg.train.trainable == "quant_scales" and not getattr(fmt, "scale_params", ()):
-        learned = ", ".join(k for k, f in QUANT.items() if getattr(f, "scale_params", ()))
+    if cfg.train.trainable == "quant_scales" and (fmt is None or not fmt.scale_params):
+        learned = ", ".join(k for k, f in QUANT.items() if f is not None and f.scale_params)
         raise ConfigError(f"train.trainable=quant_scales trains learned quantisation step "
                           f"sizes, and model.quant.kind={m.quant.kind} has none (kinds that "
                           f"have: {learned})")
