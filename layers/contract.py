@@ -240,8 +240,9 @@ class NumberFormat(Kind):
     """A number format of the hooked matmuls (`model.quant.kind`): quantised operands
     (integer or float8) with float32 scales."""
 
-    # Names of the parameters it learns (step sizes) that train.trainable=quant_scales
-    # trains alone.
+    # Names of the parameters it keeps in a hooked matmul (no weight decay applies to
+    # them), and of those train.trainable=quant_scales trains alone (step sizes).
+    own_params: tuple = ()
     scale_params: tuple = ()
     # Whether the format computes the hooked matmul itself (`matmul`); otherwise it runs
     # as `quantize_activation` x `quantize_weight` through `dot`, gradients passing
@@ -269,6 +270,12 @@ class NumberFormat(Kind):
     def quantize_activation(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x (tokens, in) -> (integer values, float32 scale)."""
         raise NotImplementedError
+
+    @staticmethod
+    def input_multiple(cfg: ModelConfig) -> tuple[int, str]:
+        """(m, what): the input width of every hooked matmul must be a multiple of m
+        (a block or group the format scales), `what` naming the setting in errors."""
+        return 1, ""
 
     @classmethod
     def fake_quantize(cls, module, quant, x: jax.Array, w: jax.Array):

@@ -22,6 +22,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from efflm.errors import ConfigError, check_positive
+from efflm.layers.quant import QUANT
 from efflm.train.lowrank import oriented, scale_by_lowrank
 from efflm.train.roles import ParamRoles, path_keys
 
@@ -48,8 +49,10 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 
 # Parameters by role, named as the layers name them: gains and offsets are not decayed
-# (by name, not by rank: a scanned stack gives a norm scale a leading `layers` axis).
-NO_DECAY = ("scale", "bias")
+# (by name, not by rank: a scanned stack gives a norm scale a leading `layers` axis),
+# nor the parameters a number format declares its own (qat's step sizes, zero points).
+NO_DECAY = ("scale", "bias", *sorted({name for fmt in QUANT.values() if fmt is not None
+                                      for name in fmt.own_params}))
 
 
 def decay_mask(params):

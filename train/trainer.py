@@ -356,9 +356,17 @@ def carried_state(program: Program, old) -> TrainState:
     dummy = jnp.zeros((1, program.cfg.data.seq_len), jnp.int32)
     _, computed = jax.jit(lambda v: program.model.apply(v, dummy, mutable=[CALIBRATION]))(
         {"params": params, **fresh.model_state})
-    for path, value in flax.traverse_util.flatten_dict(computed.get(CALIBRATION, {})).items():
-        if path not in old_params:
-            merged[path] = jax.device_put(value, new_params[path].sharding)
+    computed = flax.traverse_util.flatten_dict(computed.get(CALIBRATION, {}))
+    for path, param in new_params.items():
+        if path in old_params:
+            continue
+        if path not in computed:
+            raise CheckpointError(f"resuming adds the parameter {'/'.join(path)}, which "
+                                  "its format cannot compute from the restored weights")
+        value = computed[path]
+        if value.shape != param.shape:  # a scan whose parameters are broadcast
+            value = value[0]
+        merged[path] = jax.device_put(value, param.sharding)
     same = jax.tree.structure(old.model_state) == jax.tree.structure(fresh.model_state)
     return TrainState(step=old.step, params=flax.traverse_util.unflatten_dict(merged),
                       model_state=old.model_state if same else fresh.model_state,
@@ -409,8 +417,12 @@ def train(cfg: Config) -> dict:
     state, start = restore_or_init(program, checkpointer, data,
                                    previous if changes else None)
     metrics_path = os.path.join(cfg.train.workdir, "metrics.jsonl")
+    # A state of another layout than the checkpoints': config.yaml keeps describing the
+    # checkpoints until the first one in the new layout is saved.
+    config_pending = bool(changes) and bool(start)
     if is_writer:
-        write_config(cfg)
+        if not config_pending:
+            write_config(cfg)
         truncate_jsonl(metrics_path, start)
     writer = MetricsWriter(cfg.train.workdir, enabled=is_writer,
                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
@@ -488,7 +500,12 @@ def train(cfg: Config) -> dict:
                                    + (" (not causal: sees later tokens)"
                                       if ev.get("causal") is False else ""))
                     timer_start, timer_steps = time.perf_counter(), 0
-                checkpointer.save(done, state, data, force=is_last or bool(stop.signum))
+                saved = checkpointer.save(done, state, data, force=is_last or bool(stop.signum))
+                if saved and config_pending:
+                    checkpointer.wait()
+                    if is_writer:
+                        write_config(cfg)
+                    config_pending = False
                 if stop.signum:
                     checkpointer.wait()
                     writer.message(f"stopped by signal {stop.signum} at step {done}; "

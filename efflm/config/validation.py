@@ -135,18 +135,20 @@ def _validate_quant(m: ModelConfig) -> None:
     if not targets:
         raise ConfigError(f"model.quant.targets {q.targets} match no layer of this model; "
                           f"name some of: {', '.join(sorted(present))}")
-    if sp.nm:
-        _, group = parse_nm(sp.nm)
-        shared = m.moe.num_shared_experts * m.moe.expert_d_ff
-        widths = {"attention": (m.d_model, m.attention.num_heads * head_dim(m)),
-                  "mlp": (m.d_model, m.mlp.d_ff, *([shared] if shared else [])),
-                  "experts": (m.d_model, m.moe.expert_d_ff), "head": (m.d_model,)}
-        for t in targets:
-            for width in widths[t]:
-                if width % group:
-                    raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={group} does not "
-                                      f"divide the input width {width} of the {t} "
-                                      "matmuls; choose M dividing it")
+    shared = m.moe.num_shared_experts * m.moe.expert_d_ff
+    widths = {"attention": (m.d_model, m.attention.num_heads * head_dim(m)),
+              "mlp": (m.d_model, m.mlp.d_ff, *([shared] if shared else [])),
+              "experts": (m.d_model, m.moe.expert_d_ff), "head": (m.d_model,)}
+    multiple, what = fmt.input_multiple(m) if fmt is not None else (1, "")
+    for t in targets:
+        for width in widths[t]:
+            if sp.nm and width % parse_nm(sp.nm)[1]:
+                raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={parse_nm(sp.nm)[1]} "
+                                  f"does not divide the input width {width} of the {t} "
+                                  "matmuls; choose M dividing it")
+            if width % multiple:
+                raise ConfigError(f"{what} does not divide the input width {width} of the "
+                                  f"{t} matmuls")
 
 
 def vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:

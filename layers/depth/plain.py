@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
-from efflm.layers.contract import Depth
+from efflm.layers.contract import CALIBRATION, Depth
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -31,7 +31,7 @@ REMAT_POLICIES = {
 # Every collection a block may write is stacked along the scanned axis; every random
 # stream is split, so that each layer draws its own key.
 SCAN_VARIABLE_AXES = {c: 0 for c in ("params", "intermediates", "cache", LOSSES, STATS,
-                                     *STATE_COLLECTIONS)}
+                                     CALIBRATION, *STATE_COLLECTIONS)}
 SCAN_SPLIT_RNGS = {s: True for s in ("params", *RNG_STREAMS)}
 
 

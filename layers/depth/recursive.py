@@ -18,6 +18,7 @@ import flax.linen as nn
 
 from efflm.errors import ConfigError, check_choice, check_positive
 from efflm.layers.common import LOSSES, RNG_STREAMS, STATE_COLLECTIONS, STATS
+from efflm.layers.contract import CALIBRATION
 from efflm.layers.depth.plain import LayerGroup, PlainStack, make_layer, rematerialised
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class RecursiveStack(PlainStack):
         if first:
             x, carry = make_layer(self.block, cfg, plan[0], "first", remat=True)(x, carry,
                                                                                  *args)
-        axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS, *STATE_COLLECTIONS)}
+        axes = {c: 0 for c in ("intermediates", "cache", LOSSES, STATS, CALIBRATION,
+                               *STATE_COLLECTIONS)}
         scanned = nn.scan(
             rematerialised(LayerGroup, cfg, prevent_cse=False), variable_axes=axes,
             variable_broadcast="params",

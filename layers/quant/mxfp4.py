@@ -21,7 +21,11 @@ Backward: `dx = g @ w^T` and `dw = x^T @ g`, each as an MXFP4 product along its 
 contraction (the output features, the tokens), with a randomised Hadamard transform
 (random signs from the step's `quant` key, the same for both operands of a product;
 `backward_hadamard`) and stochastic rounding (`backward_rounding`). Backward scales
-are `2^ceil(log2(amax / 6))`, so nothing clips and stochastic rounding is unbiased.
+are `2^ceil(log2(amax / 6))`, so nothing clips and stochastic rounding is unbiased: the
+result is an unbiased estimate of the straight-through gradient, from the full-precision
+operands. Quartet's reference differs: it requantises the forward's quantised operands
+and multiplies the gradient by QuEST's mask of the values the forward clipped (its
+"trust" estimator); neither is done here.
 
 XLA:CPU cannot multiply float4 arrays, and Hopper has no FP4 tensor cores: here every
 product multiplies the dequantised float32 operands (the values are exactly MXFP4's).
@@ -39,9 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.errors import ConfigError, check_choice, check_positive
+from efflm.errors import check_choice, check_positive
 from efflm.layers.contract import NumberFormat, straight_through
-from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -225,14 +228,10 @@ class Mxfp4(NumberFormat):
         check_choice("model.quant.mxfp4.backward_rounding", s.backward_rounding,
                      ("stochastic", "nearest"))
         check_positive("model.quant.mxfp4.clip", s.clip)
-        widths = {"model.d_model": cfg.d_model, "model.mlp.d_ff": cfg.mlp.d_ff,
-                  "model.attention.num_heads x head_dim": cfg.attention.num_heads
-                  * head_dim(cfg)}
-        bad = [f"{k}={v}" for k, v in widths.items() if v % BLOCK]
-        if bad:
-            raise ConfigError(f"model.quant.kind=mxfp4 scales blocks of {BLOCK} along each "
-                              f"matmul's input; {', '.join(bad)} is not a multiple of "
-                              f"{BLOCK}")
+
+    @staticmethod
+    def input_multiple(cfg: ModelConfig) -> tuple[int, str]:
+        return BLOCK, f"model.quant.kind=mxfp4's block of {BLOCK}"
 
     @staticmethod
     def matmul(module, quant, x, w):
@@ -285,10 +284,13 @@ class Mxfp4(NumberFormat):
 
     @staticmethod
     def pack_scale(scale):
-        """Power-of-two scales as E8M0 bytes (the exponent + 127)."""
+        """Power-of-two scales as E8M0 bytes: the exponent + 127, clamped to 0..254;
+        NaN as 255."""
         _, e = jnp.frexp(scale)
-        return (e - 1 + 127).astype(jnp.uint8)
+        code = jnp.clip(e - 1 + 127, 0, 254)
+        return jnp.where(jnp.isnan(scale), 255, code).astype(jnp.uint8)
 
     @staticmethod
     def unpack_scale(stored):
-        return jnp.ldexp(jnp.ones(stored.shape, jnp.float32), stored.astype(jnp.int32) - 127)
+        scale = jnp.ldexp(jnp.ones(stored.shape, jnp.float32), stored.astype(jnp.int32) - 127)
+        return jnp.where(stored == 255, jnp.nan, scale)

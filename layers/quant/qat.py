@@ -8,8 +8,9 @@ of `group_size` inputs and output column, asymmetrically:
     q = clip(round(w / s + z), 0, 2^bits - 1),   w' = (q - z) * s
 
 with a step size `s` and zero point `z` per group, both parameters of the matmul
-(`qat_step`, `qat_zero`), initialised from the group's range: s = (max - min) /
-(2^bits - 1), z = round(-min / s). Activations stay in the compute dtype. Gradients
+(`qat_step`, `qat_zero`, not weight-decayed), initialised from the group's range:
+s = (max - min) / (2^bits - 1), z = round(-min / s). Activations are not quantised;
+the product is taken in float32. Gradients
 (LSQ, by rounding with a straight-through estimator): w's passes where the value is
 inside the range and is 0 where it clips; s's is round(w/s + z) - (w/s + z) inside the
 range and q - z (0 - z or 2^bits - 1 - z) where it clips; z (used rounded) gets
@@ -33,7 +34,6 @@ import jax.numpy as jnp
 
 from efflm.errors import ConfigError, check_choice
 from efflm.layers.contract import CALIBRATION, NumberFormat
-from efflm.shapes import head_dim
 
 if TYPE_CHECKING:
     from efflm.config import ModelConfig
@@ -96,6 +96,7 @@ class Qat(NumberFormat):
 
     custom_matmul = True
     settings = QatSettings
+    own_params = (STEP, ZERO)
     scale_params = (STEP,)  # what train.trainable=quant_scales trains
 
     @staticmethod
@@ -104,13 +105,10 @@ class Qat(NumberFormat):
         check_choice("model.quant.qat.bits", str(s.bits), tuple(str(b) for b in BITS))
         if s.group_size < 1:
             raise ConfigError(f"model.quant.qat.group_size must be > 0, got {s.group_size}")
-        widths = {"model.d_model": cfg.d_model, "model.mlp.d_ff": cfg.mlp.d_ff,
-                  "model.attention.num_heads x head_dim": cfg.attention.num_heads
-                  * head_dim(cfg)}
-        bad = [f"{k}={v}" for k, v in widths.items() if v % s.group_size]
-        if bad:
-            raise ConfigError(f"model.quant.qat.group_size={s.group_size} does not divide "
-                              f"{', '.join(bad)} (the inputs of the quantised matmuls)")
+
+    @staticmethod
+    def input_multiple(cfg: ModelConfig) -> tuple[int, str]:
+        return cfg.quant.qat.group_size, f"model.quant.qat.group_size={cfg.quant.qat.group_size}"
 
     @staticmethod
     def matmul(module, quant, x, w):

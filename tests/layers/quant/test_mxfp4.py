@@ -108,7 +108,7 @@ def test_the_forward_multiplies_the_dequantised_operands(forward):
     x = jax.random.normal(jax.random.key(4), (64, 128))
     w = jax.random.normal(jax.random.key(5), (128, 96)) / 10
     y = mxfp4_matmul(s, x, w, jax.random.key(0))
-    xd, wd = Mxfp4.fake_quantize(quant, x, w)
+    xd, wd = Mxfp4.fake_quantize(None, quant, x, w)
     np.testing.assert_allclose(y, xd @ wd, rtol=1e-5, atol=1e-5)
     rel = float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
     assert 0.01 < rel < 0.2, rel
@@ -150,3 +150,5 @@ def test_codes_and_scales_pack_into_four_bits_and_a_byte():
     assert scales.dtype == jnp.uint8 and scales.shape == (2, 6)
     np.testing.assert_array_equal(Mxfp4.unpack(packed, q.shape), q)
     np.testing.assert_array_equal(Mxfp4.unpack_scale(scales), s)
+    edges = Mxfp4.unpack_scale(Mxfp4.pack_scale(jnp.array([jnp.nan, 1.0, 2.0 ** -130])))
+    assert np.isnan(edges[0]) and edges[1] == 1.0 and edges[2] == 2.0 ** -127  # clamped

@@ -84,7 +84,7 @@ def test_scale_only_phase_resumes_a_full_precision_run(tmp_path, capsys):
     start from the weights' ranges and move, and the loss stays finite."""
     workdir = str(tmp_path / "w")
     common = [*SMALL, f"train.workdir={workdir}", "train.eval_every=0", "logging.every=1",
-              "checkpoint.every=2", "model.num_layers=1"]
+              "checkpoint.every=2", "model.scan_layers=true"]  # step sizes stacked by scan
     assert main(["train", "--config", "tiny", *common, "train.steps=2"]) == 0
     before = _params(workdir, 2)
     phase = ["model.quant.kind=qat", "model.quant.qat.group_size=32",
@@ -99,22 +99,34 @@ def test_scale_only_phase_resumes_a_full_precision_run(tmp_path, capsys):
     steps = [k for k in after if "qat_step" in k]
     assert steps and all(k not in before for k in steps)
     assert all(np.array_equal(after[k], v) for k, v in before.items())
-    kernel = before["['blocks']['layer_0']['attention']['query']['kernel']"].reshape(64, -1)
+    query = "['blocks']['layers']['layer_0']['attention']['query']"
+    kernel = before[query + "['kernel']"][1].reshape(64, -1)  # the second layer's
     first = np.asarray(initial_step_zero(jnp.asarray(kernel), 4, 32)[0])
-    moved = after["['blocks']['layer_0']['attention']['query']['matmul']['qat_step']"]
+    moved = after[query + "['matmul']['qat_step']"][1]
     assert moved.shape == first.shape and 0 < np.abs(moved - first).max() < 0.5 * first.max()
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     assert len(losses) == 4 and np.isfinite(losses).all()
 
 
+def test_step_sizes_and_zero_points_are_not_decayed():
+    from efflm.train.optim import decay_mask
+
+    params = {"dense": {"kernel": 0.0, "matmul": {"qat_step": 0.0, "qat_zero": 0.0}}}
+    assert decay_mask(params) == {
+        "dense": {"kernel": True, "matmul": {"qat_step": False, "qat_zero": False}}}
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["model.quant.kind=qat", "model.quant.qat.bits=5"], "model.quant.qat.bits='5'"),
     (["model.quant.kind=qat", "model.quant.qat.group_size=48"],
-     "group_size=48 does not divide model.d_model=64"),
+     "model.quant.qat.group_size=48 does not divide the input width 64 of the attention"),
+    (["model.quant.kind=qat", "model.quant.qat.group_size=64", "model.mlp.kind=moe",
+      "model.moe.num_shared_experts=1", "model.moe.expert_d_ff=32"],
+     "does not divide the input width 32 of the mlp"),
     (["train.trainable=quant_scales"], "model.quant.kind=none has none"),
     (["model.quant.kind=mxfp4", "model.d_model=48", "model.attention.num_heads=3"],
-     "model.d_model=48"),
+     "mxfp4's block of 32 does not divide the input width 48 of the attention"),
 ])
 def test_bad_quant_settings_exit_2_with_one_line(tmp_path, capsys, overrides, words):
     assert main(["train", "--config", "tiny", *SMALL, f"train.workdir={tmp_path}/w",
