@@ -143,16 +143,20 @@ class Qat(NumberFormat):
 
     @staticmethod
     def pack(q):
-        """Levels below 16 two to a byte (low nibble first), else one a byte."""
+        """Levels as unsigned integers, as many a byte as their range allows: four
+        below 4, two below 16, else one (a byte's low bits first)."""
         flat = q.reshape(-1).astype(jnp.uint8)
-        if int(jnp.max(flat, initial=0)) > 15:
-            return flat
-        flat = jnp.pad(flat, (0, flat.size % 2)).reshape(-1, 2)
-        return (flat[:, 0] | (flat[:, 1] << 4)).astype(jnp.uint8)
+        top = int(jnp.max(flat, initial=0))
+        per = 4 if top < 4 else 2 if top < 16 else 1
+        bits = 8 // per
+        flat = jnp.pad(flat, (0, -flat.size % per)).reshape(-1, per)
+        return sum(flat[:, i] << (bits * i) for i in range(per)).astype(jnp.uint8)
 
     @staticmethod
     def unpack(stored, shape):
         n = math.prod(shape)
-        if stored.size == n and n > 1:
-            return stored.reshape(shape)
-        return jnp.stack([stored & 15, stored >> 4], axis=1).reshape(-1)[:n].reshape(shape)
+        per = max(1, round(n / stored.size))
+        bits = 8 // per
+        levels = jnp.stack([(stored >> (bits * i)) & (2 ** bits - 1) for i in range(per)],
+                           axis=1)
+        return levels.reshape(-1)[:n].reshape(shape)

@@ -109,6 +109,16 @@ def test_scale_only_phase_resumes_a_full_precision_run(tmp_path, capsys):
     assert len(losses) == 4 and np.isfinite(losses).all()
 
 
+@pytest.mark.parametrize("bits, per_byte", [(2, 4), (3, 2), (4, 2), (8, 1)])
+def test_levels_pack_as_many_a_byte_as_their_bits_allow(bits, per_byte):
+    from efflm.layers.quant.qat import Qat
+
+    q = jnp.asarray(np.random.default_rng(bits).integers(0, 2 ** bits, size=(64, 6)))
+    packed = Qat.pack(q)
+    assert packed.dtype == jnp.uint8 and packed.size == q.size // per_byte
+    np.testing.assert_array_equal(Qat.unpack(packed, q.shape), q)
+
+
 def test_step_sizes_and_zero_points_are_not_decayed():
     from efflm.train.optim import decay_mask
 
