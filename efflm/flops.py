@@ -31,13 +31,15 @@ if TYPE_CHECKING:
 
 
 def layer_flops_per_token(cfg: ModelConfig):
-    """`f(i, seq_len)`: forward FLOPs per token of layer i of the plan (mixer + MLP) over
-    a sequence of seq_len tokens."""
+    """`f(i, seq_len, shared_kv=False)`: forward FLOPs per token of layer i of the plan
+    (mixer + MLP) over a sequence of seq_len tokens; `shared_kv`: attending to keys and
+    values another call computed (`Mixer.shares_kv`), without projecting its own."""
     plan = layer_plan(cfg)
 
-    def flops(i: int, seq_len: int) -> float:
-        return (plan[i].mixer_kind.flops_per_token(cfg, seq_len)
-                + plan[i].mlp_kind.flops_per_token(cfg, seq_len))
+    def flops(i: int, seq_len: int, shared_kv: bool = False) -> float:
+        mixer = plan[i].mixer_kind
+        return (mixer.flops_per_token(cfg, seq_len) + plan[i].mlp_kind.flops_per_token(
+            cfg, seq_len) - (mixer.kv_flops_per_token(cfg) if shared_kv else 0.0))
 
     return flops
 

@@ -221,7 +221,8 @@ class Depth(nn.Module, Kind):
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int, layer_flops) -> float:
         """Forward FLOPs per token of the stack, given `layer_flops(i, seq_len)` for
-        layer i: by default every token runs every layer."""
+        layer i (`shared_kv=True`: attending to another call's keys and values, without
+        its key and value projections): by default every token runs every layer."""
         return sum(layer_flops(i, seq_len) for i in range(cfg.num_layers))
 
 

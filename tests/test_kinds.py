@@ -243,8 +243,8 @@ def _traced_and_analytic(cfg, length=40, batch=2):
     plan = layer_plan(cfg)
     traced = traced_forward_flops(cfg, length, batch)
     hook = depth_kind(cfg).flops_per_token
-    softmax = (hook(cfg, length, lambda i, n: causal_mix_flops(cfg, n) * (
-        plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n: 0.0)) * batch * length
+    softmax = (hook(cfg, length, lambda i, n, **_: causal_mix_flops(cfg, n) * (
+        plan[i].mixer == "softmax")) - hook(cfg, length, lambda i, n, **_: 0.0)) * batch * length
     pair = 4 * cfg.attention.num_heads * head_dim(cfg)
     for spec in plan:  # a sparse kind: the masked pairs of the tiles it computes
         masked = spec.mixer_kind.uncredited_pairs_per_token(cfg, length)
@@ -343,6 +343,7 @@ BAD = {"model.attention.softmax": "block_size=-1", "model.attention.linear": "fe
        "model.moe.sigmoid_bias": "bias_rate=-0.1", "model.moe.recurrent": "hidden=0",
        "model.moe.relu": "l1=-0.1", "model.depth.mod": "capacity=1.5",
        "model.depth.recursive": "recursions=0", "model.depth.mor": "capacity=0.5,1",
+       "model.quant.mxfp4": "clip=0", "model.quant.qat": "bits=5",
        "model.quant.fp8": "history=0"}
 SETTINGS = [pytest.param(f, k, id=f"{f.path}.{k}") for f in FAMILIES
             if f.path.startswith("model.") for k, cls in f.kinds().items()

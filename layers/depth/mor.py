@@ -320,18 +320,15 @@ class MorStack(PlainStack):
         capacity's tokens over a sequence of that many (attention's mix scales as c^2),
         or, at the later steps of kv=shared, over the first step's keys (no key or value
         projections); the router (and expert choice's predictor) for every token."""
-        from efflm.layers.plan import layer_plan
-
         own, d = cfg.depth.mor, cfg.d_model
         first, stop = shared_range(own)
-        plan = layer_plan(cfg)
         unique = [i for i in range(cfg.num_layers) if i < first or i >= cfg.num_layers - first]
         total = sum(layer_flops(i, seq_len) for i in unique)
         keeps = [capacity_tokens(c, seq_len) for c in capacity_schedule(own)]
         for r, keep in enumerate(keeps):
             for i in range(first, stop):
                 if own.kv == "shared" and r:
-                    step = layer_flops(i, keeps[0]) - plan[i].mixer_kind.kv_flops_per_token(cfg)
+                    step = layer_flops(i, keeps[0], shared_kv=True)
                 else:
                     step = layer_flops(i, keep)
                 total += keep / seq_len * step
