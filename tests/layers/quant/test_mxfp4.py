@@ -116,24 +116,26 @@ def test_the_forward_multiplies_the_dequantised_operands(forward):
 
 def test_the_backward_is_an_unbiased_estimate_over_the_step_keys():
     """With stochastic rounding and the randomised transform, dx and dw averaged over
-    many keys approach g @ w^T and x^T @ g; with both off, one key gives the products
+    128 keys approach g @ w^T and x^T @ g; with both off, one key gives the products
     of round-to-nearest operands, as much off the exact one as rounding is."""
-    x = jax.random.normal(jax.random.key(6), (64, 64))
+    x = jax.random.normal(jax.random.key(6), (32, 64))
     w = jax.random.normal(jax.random.key(7), (64, 32)) / 8
-    g = jax.random.normal(jax.random.key(8), (64, 32))
+    g = jax.random.normal(jax.random.key(8), (32, 32))
 
-    def grads(settings, key):
-        return jax.vjp(lambda x, w: mxfp4_matmul(settings, x, w, key), x, w)[1](g)
+    def grads(settings):
+        return jax.jit(lambda key: jax.vjp(
+            lambda x, w: mxfp4_matmul(settings, x, w, key), x, w)[1](g))
 
     exact = (g @ w.T, x.T @ g)
-    keys = jax.random.split(jax.random.key(9), 256)
-    mean = jax.tree.map(lambda a: a.mean(0), jax.vmap(lambda k: grads(DEFAULT, k))(keys))
-    one = grads(DEFAULT, keys[0])
+    stochastic = grads(DEFAULT)
+    keys = jax.random.split(jax.random.key(9), 128)
+    mean = jax.tree.map(lambda a: a.mean(0), jax.vmap(stochastic)(keys))
+    one = stochastic(keys[0])
     plain = grads(dataclasses.replace(DEFAULT, backward_rounding="nearest",
-                                      backward_hadamard=False), keys[0])
+                                      backward_hadamard=False))(keys[0])
     for m, o, p, e in zip(mean, one, plain, exact):
         err = lambda a, e=e: float(jnp.linalg.norm(a - e) / jnp.linalg.norm(e))  # noqa: E731
-        assert err(m) < err(o) / 8, (err(m), err(o))  # ~1/sqrt(256) of one draw's noise
+        assert err(m) < err(o) / 6, (err(m), err(o))  # ~1/sqrt(128) of one draw's noise
         assert 0.01 < err(p) < 0.2
     # Round to nearest with no transform: the product of the block-quantised operands.
     qg, sg = quantize_blocks(g, 1, "ceil")
