@@ -69,7 +69,7 @@ def adds_quant_scales(old: Config, new: Config) -> bool:
     """Whether `new` resumes full-precision `old` to train learned quantisation step
     sizes alone (train.trainable=quant_scales, EfficientQAT's end-to-end phase)."""
     fmt = QUANT[new.model.quant.kind]
-    return (old.model.quant.kind == "none" and new.train.trainable == "quant_scales"
+    return (QUANT[old.model.quant.kind] is None and new.train.trainable == "quant_scales"
             and fmt is not None and bool(fmt.scale_params))
 
 
@@ -146,8 +146,9 @@ def resumed_config(cfg: Config) -> Config | None:
     return load_workdir_config(workdir)
 
 
-def check_workdir(cfg: Config) -> None:
-    """Refuse to resume into an incompatible checkpoint; write nothing.
+def check_workdir(cfg: Config) -> Config | None:
+    """Refuse to resume into an incompatible checkpoint; write nothing. Returns the
+    config the checkpoints this run resumes were written under (`resumed_config`).
 
     Resolves `optimizer.decay_steps=0` in `cfg` in place: a resumed run keeps the
     schedule it was saved with, a new one decays over `train.steps`.
@@ -157,12 +158,8 @@ def check_workdir(cfg: Config) -> None:
         raise ConfigError("train.workdir is empty; name a directory, e.g. train.workdir=runs/x")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"train.workdir={workdir!r} exists and is not a directory")
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    has_checkpoints = os.path.isdir(ckpt_dir) and any(
-        name.isdigit() for name in os.listdir(ckpt_dir))
-    if (not cfg.train.fresh and has_checkpoints
-            and os.path.isfile(os.path.join(workdir, CONFIG_FILE))):
-        saved = load_workdir_config(workdir)
+    saved = resumed_config(cfg)
+    if saved is not None:
         diffs = shape_differences(saved, cfg)
         if diffs:
             raise ConfigError(
@@ -187,6 +184,7 @@ def check_workdir(cfg: Config) -> None:
             cfg.optimizer.decay_steps = saved.optimizer.decay_steps or saved.train.steps
     if not cfg.optimizer.decay_steps:
         cfg.optimizer.decay_steps = cfg.train.steps
+    return saved
 
 
 def prepare_workdir(cfg: Config, writer: bool) -> None:
@@ -402,7 +400,7 @@ def train(cfg: Config) -> dict:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_divisibility(cfg, mesh)  # a mesh that cannot run leaves no workdir
     check_mesh(cfg.model, dict(mesh.shape))
-    check_workdir(cfg)
+    previous = check_workdir(cfg)
     tokenizer = data_tokenizer(cfg.data)
     program = build_program(cfg, mesh)  # an optimizer the parameters cannot take fails here
     data = make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
@@ -410,7 +408,6 @@ def train(cfg: Config) -> dict:
                                process_count=jax.process_count())
     if cfg.train.eval_every:  # a validation split that cannot be read fails before writing
         make_source(cfg.data, "val")
-    previous = resumed_config(cfg)
     changes = state_layout_changes(previous, cfg) if previous else []
     prepare_workdir(cfg, is_writer)
     checkpointer = Checkpointer(os.path.join(cfg.train.workdir, CHECKPOINT_DIR), cfg.checkpoint)

@@ -139,16 +139,18 @@ def _validate_quant(m: ModelConfig) -> None:
     widths = {"attention": (m.d_model, m.attention.num_heads * head_dim(m)),
               "mlp": (m.d_model, m.mlp.d_ff, *([shared] if shared else [])),
               "experts": (m.d_model, m.moe.expert_d_ff), "head": (m.d_model,)}
-    multiple, what = fmt.input_multiple(m) if fmt is not None else (1, "")
+    # (multiple, what, hint): each targeted input width must be a multiple of N:M's M
+    # and of the format's block or group.
+    rules = [(parse_nm(sp.nm)[1], f"model.sparsity.nm={sp.nm!r}: M={parse_nm(sp.nm)[1]}",
+              "; choose M dividing it")] if sp.nm else []
+    if fmt is not None:
+        rules.append((*fmt.input_multiple(m), ""))
     for t in targets:
         for width in widths[t]:
-            if sp.nm and width % parse_nm(sp.nm)[1]:
-                raise ConfigError(f"model.sparsity.nm={sp.nm!r}: M={parse_nm(sp.nm)[1]} "
-                                  f"does not divide the input width {width} of the {t} "
-                                  "matmuls; choose M dividing it")
-            if width % multiple:
-                raise ConfigError(f"{what} does not divide the input width {width} of the "
-                                  f"{t} matmuls")
+            for multiple, what, hint in rules:
+                if width % multiple:
+                    raise ConfigError(f"{what} does not divide the input width {width} of "
+                                      f"the {t} matmuls{hint}")
 
 
 def vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:

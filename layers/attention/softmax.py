@@ -256,11 +256,9 @@ class SoftmaxAttention(Mixer):
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         k = apply_rotary(k, positions, theta)
-        seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-        shared = SharedKV(k, v, positions.astype(jnp.int32), seg)
-        block = cfg.attention.softmax.block_size
+        block, cached = cfg.attention.softmax.block_size, None
         if self.is_mutable_collection("cache") and not self.is_initializing():
-            out, shared = cached_attention(self, q, k, v, positions, segment_ids)
+            out, cached = cached_attention(self, q, k, v, positions, segment_ids)
         elif cp := strategy(cfg, self.context_parallel, q.shape[1]):
             local = functools.partial(softmax_attention, impl=impl, block=block)
             out = context_parallel_attention(q, k, v, segment_ids, cp, block, impl,
@@ -269,4 +267,9 @@ class SoftmaxAttention(Mixer):
             out = partitioned_flash_attention(q, k, v, segment_ids, causal=True)
         else:
             out = softmax_attention(q, k, v, segment_ids, impl, block, mask)
-        return (project(out), shared) if emit_kv else project(out)
+        if not emit_kv:
+            return project(out)
+        if cached is None:  # this call's keys and values
+            seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+            cached = SharedKV(k, v, positions.astype(jnp.int32), seg)
+        return project(out), cached

@@ -175,6 +175,11 @@ def _step_output(x, y, chosen, gate):
     return jnp.where(chosen[..., None], new, x)
 
 
+def _token_output(x0, h, gate):
+    """Token choice's output: `x0 + g * (h - x0)`."""
+    return x0 + gate[..., None].astype(h.dtype) * (h - x0)
+
+
 def refuse_carry(cfg: ModelConfig, specs) -> None:
     """The shared blocks, which only some tokens run at later steps, cannot take the
     layer-to-layer carry (its per-token entries would be gathered out of shape)."""
@@ -272,7 +277,7 @@ class MorStack(PlainStack):
                 "without model state in the shared blocks")
         count = jnp.maximum(jnp.sum(valid), 1)
         if token:
-            x = x0 + gate[..., None].astype(x.dtype) * (x - x0)
+            x = _token_output(x0, x, gate)
             sow_stat(self, "mor_dropped", jnp.sum((depth < choice + 1) & valid) / count)
         sow_stat(self, "mor_depth_mean", jnp.sum(depth) / count)
         for r in range(own.recursions + 1):
@@ -302,9 +307,7 @@ class MorStack(PlainStack):
                 length=own.recursions)
             (x, carry, _), _ = scanned(cfg, self.block, specs, name="shared")(
                 (x, carry, active), jnp.arange(own.recursions), positions, weights, choice)
-        if gate is not None:
-            x = x0 + gate[..., None].astype(x.dtype) * (x - x0)
-        return x, carry
+        return (x if gate is None else _token_output(x0, x, gate)), carry
 
     @staticmethod
     def not_causal(cfg: ModelConfig) -> str:

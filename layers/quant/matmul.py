@@ -85,9 +85,6 @@ def _pq_bwd(fmt, res, g):
 prequantized_matmul.defvjp(_pq_fwd, _pq_bwd)
 
 
-_ste = straight_through
-
-
 def fake_quantize(fmt, x, w, quant=None):
     """The dequantised operands with the format's gradients (the plain-JAX reference of
     `quantized_matmul`: `x' @ w'` equals it up to float rounding)."""
@@ -127,7 +124,7 @@ def fake_quantize_rows(fmt, x):
     """x (rows, in) quantised per row as `fmt`'s activations, dequantised, with a
     straight-through gradient."""
     xq, sx = fmt.quantize_activation(x)
-    return _ste(x, xq.astype(jnp.float32) * sx)
+    return straight_through(x, xq.astype(jnp.float32) * sx)
 
 
 def fake_quantize_experts(fmt, w):
@@ -136,7 +133,7 @@ def fake_quantize_experts(fmt, w):
     def one(w):
         wq, sw = fmt.quantize_weight(w)
         return wq.astype(jnp.float32) * sw
-    return _ste(w, jax.vmap(one)(w))
+    return straight_through(w, jax.vmap(one)(w))
 
 
 def sparsify(module, sparsity, w, in_dims: int, axes, name: str = "nm_mask",
