@@ -241,6 +241,35 @@ def test_token_choice_with_overflow_and_shared_kv_equals_the_masked_full_computa
     assert set(sown["losses"]) == {"mor_balance"}
 
 
+def test_shared_kv_attention_equals_a_per_query_softmax():
+    """Each query (4 heads on 2 K/V heads) over the keys of its own document at or
+    before its position, never a slot of document 0; segment ids None: one document."""
+    from efflm.layers.attention.softmax import shared_kv_attention
+    from efflm.layers.contract import SharedKV
+
+    rng = np.random.default_rng(0)
+    b, t, s, heads, kv_heads, d = 2, 6, 9, 4, 2, 8
+    q = rng.normal(size=(b, t, heads, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, s, kv_heads, d)).astype(np.float32) for _ in "kv")
+    kv_pos = np.broadcast_to(np.arange(s) * 2, (b, s))  # keys at even positions
+    kv_seg = np.array([[1, 2, 1, 2, 0, 1, 2, 0, 1], [2, 1, 1, 0, 2, 2, 1, 2, 1]])
+    q_pos = rng.integers(2, 2 * s, size=(b, t))
+    q_seg = rng.integers(1, 3, size=(b, t))
+    kv = SharedKV(*map(jnp.asarray, (k, v, kv_pos, kv_seg)))
+    for seg in (q_seg, None):
+        got = np.asarray(shared_kv_attention(jnp.asarray(q), kv, jnp.asarray(q_pos),
+                                             None if seg is None else jnp.asarray(seg)))
+        want = np.zeros_like(got)
+        for i, j, h in np.ndindex(b, t, heads):
+            doc = 1 if seg is None else seg[i, j]
+            sel = (kv_seg[i] == doc) & (kv_pos[i] <= q_pos[i, j])
+            g = h // (heads // kv_heads)
+            scores = k[i, sel, g] @ q[i, j, h] / np.sqrt(d)
+            p = np.exp(scores - scores.max())
+            want[i, j, h] = (p / p.sum()) @ v[i, sel, g]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_token_choice_decodes_as_the_full_pass(small_config):
     """Nothing overflows at capacity 1: a prefill and then one token at a time give the
     full pass's outputs, every depth taken by some token."""

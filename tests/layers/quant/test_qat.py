@@ -14,6 +14,7 @@ from conftest import SMALL
 
 from efflm.cli import main
 from efflm.layers.quant.qat import codes, fake_quantize_weight, initial_step_zero
+from efflm.train.trainer import load_workdir_config
 
 GROUP, BITS = 4, 2  # levels 0..3
 
@@ -81,7 +82,8 @@ def _params(workdir, step):
 def test_scale_only_phase_resumes_a_full_precision_run(tmp_path, capsys):
     """Two full-precision steps, then two with qat training its step sizes alone: the
     resume says what it drops, the weights and zero points stay bitwise, the step sizes
-    start from the weights' ranges and move, and the loss stays finite."""
+    start from the weights' ranges and move, and the loss stays finite; config.yaml
+    changes with the first checkpoint of the new layout."""
     workdir = str(tmp_path / "w")
     common = [*SMALL, f"train.workdir={workdir}", "train.eval_every=0", "logging.every=1",
               "checkpoint.every=2", "model.scan_layers=true"]  # step sizes stacked by scan
@@ -90,8 +92,13 @@ def test_scale_only_phase_resumes_a_full_precision_run(tmp_path, capsys):
     phase = ["model.quant.kind=qat", "model.quant.qat.group_size=32",
              "train.trainable=quant_scales", "optimizer.schedule=constant",
              "optimizer.warmup_steps=0", "optimizer.lr=1e-4"]
+    # No step to run: nothing is saved in the new layout, so config.yaml keeps
+    # describing the full-precision checkpoints, and the next resume reads them.
+    assert main(["train", "--config", "tiny", *common, *phase, "train.steps=2"]) == 0
+    assert load_workdir_config(workdir).model.quant.kind == "none"
     capsys.readouterr()
     assert main(["train", "--config", "tiny", *common, *phase, "train.steps=4"]) == 0
+    assert load_workdir_config(workdir).model.quant.kind == "qat"
     out = capsys.readouterr().out
     assert "resuming with model.quant.kind none -> qat" in out
     assert "train.trainable all -> quant_scales: the optimizer state of the frozen" in out
