@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--out", default="")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     workers = [int(w) for w in args.workers.split(",")]
     lines = [*header("data", argv),
              f"Tokens per second; pipeline over {args.batches} batches, train step the "

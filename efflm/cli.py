@@ -1,5 +1,5 @@
 """The `efflm` command line: train, eval, generate, export, config show, data build,
-sweep, report, bench."""
+data tokenizer, sweep, report, bench."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
+    import numpy as np
+
     from efflm.train.generate import sample
     from efflm.train.trainer import restore_run
 
@@ -46,7 +48,12 @@ def _generate(args) -> int:
         out = sample(program.model, state.variables(), ids, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                      stop_id=tokenizer.eos_id, bos_id=tokenizer.bos_id)
-    sys.stdout.write(args.prompt + tokenizer.decode(out) + "\n")
+    # The continuation as the tokenizer spells it after the prompt (a piece's leading
+    # space, a character split across the boundary), not decoded on its own.
+    before = tokenizer.decode(ids)
+    text = tokenizer.decode(np.concatenate([ids, np.asarray(out, np.int32).reshape(-1)]))
+    continuation = text[len(before):] if text.startswith(before) else tokenizer.decode(out)
+    sys.stdout.write(args.prompt + continuation + "\n")
     return 0
 
 
@@ -70,12 +77,44 @@ def _config_show(args) -> int:
 def _data_build(args) -> int:
     from efflm.data.build import build
 
-    result = build(args.name, args.paths, args.data_dir, args.val_fraction, args.overwrite)
+    result = build(args.name, args.paths, args.data_dir, args.val_fraction, args.overwrite,
+                   args.tokenizer, args.vocab_size)
     state = "built" if result["built"] else "up to date"
+    use = f"data.source=tfds data.tfds.name={result['name']}" + (
+        f" data.tfds.data_dir={args.data_dir}" if args.data_dir else "")
+    tok = result.get("tokenizer")
+    if tok:
+        _print_tokenizer(args.tokenizer, tok)
+        use += f" data.tokenizer={args.tokenizer} data.{args.tokenizer}.path={tok['path']}"
     print(f"{result['name']}: {state} in {result['path']} ({result['train']} training and "
-          f"{result['validation']} validation documents); train on it with "
-          f"data.source=tfds data.tfds.name={result['name']}"
-          + (f" data.tfds.data_dir={args.data_dir}" if args.data_dir else ""))
+          f"{result['validation']} validation documents); train on it with {use}")
+    return 0
+
+
+def _print_tokenizer(name: str, result: dict) -> None:
+    if result["trained"]:
+        print(f"{name}: trained {result['vocab_size']} ids on {result['documents']} "
+              f"documents ({result['bytes'] / 2**20:.1f} MiB) in {result['seconds']:.1f} s: "
+              f"{result['path']}")
+    else:
+        print(f"{name}: up to date in {result['path']}")
+
+
+def _data_tokenizer(args) -> int:
+    from efflm.config import load_config
+    from efflm.data import SOURCES
+    from efflm.data.build import check_trainable, train_tokenizer
+    from efflm.data.sources import make_source
+
+    check_trainable(args.name, args.vocab_size)
+    cfg = load_config(args.config, args.overrides)
+    if SOURCES[cfg.data.source].tokenizer(cfg.data) is not None:
+        raise EfflmError(f"data.source={cfg.data.source} yields token ids, not text: a "
+                         "tokenizer trains on text")
+    result = train_tokenizer(args.name, make_source(cfg.data, "train"), args.vocab_size,
+                             args.out, args.overwrite)
+    _print_tokenizer(args.name, {**result, "trained": True})
+    print(f"use it with data.tokenizer={args.name} data.{args.name}.path={args.out}")
     return 0
 
 
@@ -111,6 +150,7 @@ def _bench(args) -> int:
         optim,
         quant,
         recall,
+        tokenizers,
     )
     from efflm.bench import compile as compile_bench
 
@@ -121,7 +161,7 @@ def _bench(args) -> int:
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
                "recall": recall.main, "context": context.main, "data": data.main,
-               "optim": optim.main}
+               "optim": optim.main, "tokenizers": tokenizers.main}
     if which not in benches:
         raise EfflmError(f"unknown benchmark {which!r}; choose one of: {', '.join(benches)}")
     return benches[which](args.rest)
@@ -177,7 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--data-dir", default="", help="where to write it (default: TFDS's)")
     db.add_argument("--val-fraction", type=float, default=0.02)
     db.add_argument("--overwrite", action="store_true", help="rebuild when inputs changed")
+    db.add_argument("--tokenizer", default="", help="also train this tokenizer (bpe, "
+                    "sentencepiece) on the training split, kept beside the dataset")
+    db.add_argument("--vocab-size", type=int, default=0, help="its number of ids")
     db.set_defaults(func=_data_build)
+    dt = dsub.add_parser("tokenizer", help="train a tokenizer on a data source's training "
+                                           "split")
+    dt.add_argument("name", help="bpe or sentencepiece")
+    dt.add_argument("--vocab-size", type=int, required=True, help="its number of ids")
+    dt.add_argument("--out", required=True, help="the file to write")
+    dt.add_argument("--config", default="tiny", help="preset or YAML whose data settings "
+                    "name the source")
+    dt.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    dt.add_argument("overrides", nargs="*", help="key=value data settings, e.g. "
+                    "data.source=files data.files.paths=[corpus]")
+    dt.set_defaults(func=_data_tokenizer)
 
     w = sub.add_parser("sweep", help="run an ablation from a sweep file (configs/sweeps/)")
     w.add_argument("file", help="a sweep file (YAML), or the name of one in configs/sweeps/")
@@ -197,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may follow options (argparse takes positionals in one run).
+    if unknown and all("=" in u and not u.startswith("-") for u in unknown) and isinstance(
+            getattr(args, "overrides", None), list):
+        args.overrides += unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="efflm: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:

@@ -80,8 +80,8 @@ def row_examples(batch):
 
 
 def test_tokenizer_round_trip_and_specials():
-    tok = get_tokenizer("byte")
-    assert set(TOKENIZERS) == {"byte"} and tok.vocab_size == 259
+    tok = get_tokenizer(DataConfig())
+    assert set(TOKENIZERS) == {"byte", "bpe", "sentencepiece"} and tok.vocab_size == 259
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (PAD, BOS, EOS)
     text = "héllo wörld — 日本語 🙂\n\tdef f(x): return x"
     ids = tok.encode(text)
@@ -95,8 +95,8 @@ def test_tokenizer_round_trip_and_specials():
 
 
 def test_unknown_tokenizer():
-    with pytest.raises(DataError, match="data.tokenizer='bpe'.*byte"):
-        get_tokenizer("bpe")
+    with pytest.raises(DataError, match="data.tokenizer='wordpiece'.*byte"):
+        get_tokenizer(DataConfig(tokenizer="wordpiece"))
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def test_eval_packs_every_document_once(tmp_path):
     cfg = files_cfg([val], val_paths=[val], seq_len=32)
     batches = list(make_eval_iterator(cfg, TOK, global_batch=4))
     for b in batches:
-        assert set(b) == set(KEYS)
+        assert set(b) == {*KEYS, "target_bytes"}
         assert all(b[k].dtype == np.int32 and b[k].shape == (4, 32) for k in KEYS)
     found = [ex for b in batches for ex in row_examples(b)]
     expected = [ex for t in texts for ex in reference_examples(t, 32)]

@@ -111,7 +111,7 @@ def _reference(steps):
     """
     cfg = load_config("tiny", [*COMMON, f"train.steps={steps}"])
     program = build_program(cfg, make_mesh(cfg.mesh, jax.devices()[:4]))
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokenizer = get_tokenizer(cfg.data)
     shards = [make_train_iterator(cfg.data, tokenizer, global_batch=cfg.train.batch_size,
                                   seed=cfg.train.seed, process_index=i, process_count=2)
               for i in range(2)]

@@ -350,7 +350,7 @@ def test_checkpoint_from_before_model_state_is_one_line(tmp_path, capsys):
     program = build_program(cfg)
     with program.context():
         state = program.init(jax.random.key(0))
-    data = make_train_iterator(cfg.data, get_tokenizer("byte"), global_batch=8, seed=0,
+    data = make_train_iterator(cfg.data, get_tokenizer(cfg.data), global_batch=8, seed=0,
                                process_index=0, process_count=1)
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
     checkpointer.save(2, EarlierTrainState(state.step, state.params, state.opt_state,

@@ -29,7 +29,13 @@ from efflm.config import (
     to_dict,
     to_yaml,
 )
-from efflm.data import SOURCES, data_tokenizer, make_eval_iterator, make_train_iterator
+from efflm.data import (
+    SOURCES,
+    TOKENIZERS,
+    data_tokenizer,
+    make_eval_iterator,
+    make_train_iterator,
+)
 from efflm.data.sources import make_source, mixture_parts
 from efflm.errors import CheckpointError, ConfigError, EfflmError
 from efflm.flops import PeakMeter, inactive_params, train_flops_per_step
@@ -60,8 +66,10 @@ def shape_differences(old: Config, new: Config) -> list[str]:
     `adds_quant_scales`)."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
     adding = adds_quant_scales(old, new)
+    # The tokenizer's own settings that fix its ids (its file's hash, its specials).
+    tokenizer = _fixed_own_keys("data", new.data.tokenizer, TOKENIZERS[new.data.tokenizer])
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS
+            if (k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS or k in tokenizer)
             and a.get(k) != b.get(k) and not (adding and k.startswith("model.quant."))]
 
 
@@ -222,15 +230,13 @@ def _eval_sums(program: Program, state, tokenizer, data_cfg, num_batches: int) -
     it = make_eval_iterator(data_cfg, tokenizer, global_batch=cfg.train.batch_size,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), num_batches=num_batches)
-    byte_lengths = tokenizer.token_byte_lengths()
     sums: dict = {}
     with program.context():
         for local in it:
             local = dict(local)
-            if byte_lengths is not None:
-                local["target_bytes"] = np.where(
-                    loss_mask(local), byte_lengths[np.maximum(local["targets"], 0)],
-                    0).astype(np.int32)
+            if "target_bytes" in local:  # rows of text: each scored target's bytes
+                local["target_bytes"] = np.where(loss_mask(local), local["target_bytes"],
+                                                 0).astype(np.int32)
             out = program.eval_step(state.params, state.model_state,
                                     mesh_lib.global_batch(local, program.mesh))
             for k, v in out.items():
@@ -248,6 +254,7 @@ def _named(sums: dict, prefix: str, accuracy: str | None) -> dict:
     if "bytes" in sums:
         result[f"{prefix}bits_per_byte"] = sums["loss_sum"] / math.log(2) / max(
             sums["bytes"], 1.0)
+        result[f"{prefix}bytes"] = sums["bytes"]  # of text the scored targets stand for
     if "correct" in sums:
         result[f"{prefix}{accuracy}_accuracy"] = sums["correct"] / tokens
     result[f"{prefix}tokens"] = tokens

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from efflm.data import SOURCES, data_tokenizer
+from efflm.data import SOURCES, TOKENIZERS, data_tokenizer
 from efflm.errors import ConfigError
 
 from .schema import FAMILIES, Config
@@ -216,13 +216,16 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = (),
     validate(obj)
     keys = [item.split("=", 1)[0].strip() for item in overrides]
     _warn_unused(obj, keys)
-    if (SOURCES[obj.data.source].tokenizer(obj.data) is not None and not saved
-            and ("data.tokenizer" in keys or OmegaConf.select(preset, "data.tokenizer",
-                                                               default=None) is not None)):
-        raise ConfigError(f"data.tokenizer={obj.data.tokenizer!r} does not apply: "
-                          f"data.source={obj.data.source} yields token ids; drop the "
-                          "data.tokenizer setting")
-    obj.model.vocab_size = vocab_size(obj.model, data_tokenizer(obj.data).vocab_size)
+    if SOURCES[obj.data.source].tokenizer(obj.data) is not None and not saved:
+        tokenizer_keys = ("data.tokenizer", *(f"data.{t}" for t in TOKENIZERS))
+        given = [k for k in keys if k.startswith(tokenizer_keys)] + [
+            k for k in tokenizer_keys if OmegaConf.select(preset, k, default=None) is not None]
+        if given:
+            raise ConfigError(f"{given[0]} does not apply: data.source={obj.data.source} "
+                              f"yields token ids; drop the tokenizer setting")
+    tokenizer = data_tokenizer(obj.data)
+    tokenizer.pin(obj.data)
+    obj.model.vocab_size = vocab_size(obj.model, tokenizer.vocab_size)
     return obj
 
 

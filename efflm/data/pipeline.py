@@ -4,7 +4,10 @@ A document becomes [bos] + tokens + [eos], cut into chunks of seq_len + 1 tokens
 overlap by one; a chunk gives inputs = chunk[:-1], targets = chunk[1:]. Examples are
 packed first-fit into rows of seq_len with segment ids (1, 2, ... per example, 0 for
 padding) and positions (0, 1, ... within each example), so attention and the loss
-(mask: segment_ids > 0, targets not IGNORE) never cross examples. A source of token-id
+(mask: segment_ids > 0, targets not IGNORE) never cross examples. Evaluation rows also
+carry `target_bytes`: how many bytes of the document's text each target token stands
+for (`Tokenizer.encode_counted`; 0 for eos and padding), so bits per byte are exact for
+any tokenizer. A source of token-id
 rows (`DataSource.tokenizer`) gives whole rows already: they are shuffled, dealt and
 batched as they are.
 """
@@ -29,10 +32,16 @@ SHUFFLE_WINDOW_TOKENS = 2**20
 KEYS = ("inputs", "targets", "segment_ids", "positions")
 
 
-def encode_document(tokenizer, text: str) -> np.ndarray:
-    """[bos] + tokens + [eos] as int32."""
-    ids = tokenizer.encode(text)
-    return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
+def encode_document(tokenizer, text: str, counted: bool = False):
+    """[bos] + tokens + [eos] as int32; `counted`: {"tokens": those, "bytes": each
+    token's bytes of text (0 for bos and eos)}."""
+    if not counted:
+        ids = tokenizer.encode(text)
+        return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
+    ids, nbytes = tokenizer.encode_counted(text)
+    return {"tokens": np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]
+                                     ).astype(np.int32),
+            "bytes": np.concatenate([[0], nbytes, [0]]).astype(np.int32)}
 
 
 class ChunkDocument(grain.experimental.FlatMapTransform):
@@ -43,32 +52,46 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 
-    def flat_map(self, tokens: np.ndarray) -> list[dict]:
+    def flat_map(self, document) -> list[dict]:
+        """`document`: encode_document's tokens, or its counted dict (then each example
+        also has `target_bytes`)."""
+        counted = isinstance(document, dict)
+        tokens = document["tokens"] if counted else document
         out = []
         for start in range(0, len(tokens) - 1, self.seq_len):
-            chunk = tokens[start:start + self.seq_len + 1]
+            stop = start + self.seq_len + 1
+            chunk = tokens[start:stop]
             out.append({"inputs": chunk[:-1], "targets": chunk[1:]})
+            if counted:
+                out[-1]["target_bytes"] = document["bytes"][start + 1:stop]
         return out
 
 
 def _to_row(packed: dict) -> dict:
-    return {"inputs": packed["inputs"], "targets": packed["targets"],
-            "segment_ids": packed["inputs_segment_ids"],
-            "positions": packed["inputs_positions"]}
+    row = {"inputs": packed["inputs"], "targets": packed["targets"],
+           "segment_ids": packed["inputs_segment_ids"],
+           "positions": packed["inputs_positions"]}
+    if "target_bytes" in packed:
+        row["target_bytes"] = packed["target_bytes"]
+    return row
 
 
-def examples(docs: grain.MapDataset, tokenizer, seq_len: int) -> grain.IterDataset:
-    """Next-token examples {"inputs", "targets"} (int32, length <= seq_len) from texts."""
-    ds = docs.map(functools.partial(encode_document, tokenizer))
+def examples(docs: grain.MapDataset, tokenizer, seq_len: int,
+             counted: bool = False) -> grain.IterDataset:
+    """Next-token examples {"inputs", "targets"} (int32, length <= seq_len) from texts;
+    `counted`: with `target_bytes`."""
+    ds = docs.map(functools.partial(encode_document, tokenizer, counted=counted))
     return grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(READ_OPTIONS),
                                                  ChunkDocument(seq_len))
 
 
-def pack(ds: grain.IterDataset, tokenizer, seq_len: int, num_bins: int) -> grain.IterDataset:
+def pack(ds: grain.IterDataset, tokenizer, seq_len: int, num_bins: int,
+         counted: bool = False) -> grain.IterDataset:
     """Rows of int32 [seq_len]: examples packed first-fit into `num_bins` rows at a time."""
-    pad = {"inputs": tokenizer.pad_id, "targets": tokenizer.pad_id}
+    features = ("inputs", "targets", "target_bytes") if counted else ("inputs", "targets")
+    pad = {k: 0 if k == "target_bytes" else tokenizer.pad_id for k in features}
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=num_bins,
+        ds, length_struct={k: seq_len for k in features}, num_packing_bins=num_bins,
         shuffle_bins=False, padding_struct=pad)
     return ds.map(_to_row)
 
@@ -181,7 +204,7 @@ def _pad_and_shard(batch: dict, *, global_batch: int, pad_id: int, start: int,
     """Pads a short last batch with all-padding rows, then takes rows [start, stop)."""
     missing = global_batch - len(batch["inputs"])
     out = {}
-    for key in KEYS:
+    for key in batch:
         fill = pad_id if key in ("inputs", "targets") else 0
         rows = np.pad(batch[key], ((0, missing), (0, 0)), constant_values=fill)
         out[key] = rows[start:stop]
@@ -196,7 +219,7 @@ _EXAMPLE_COUNTS: dict = {}
 
 def examples_per_document(cfg, tokenizer, source) -> np.ndarray:
     """How many examples each document of the validation `source` gives (cached)."""
-    key = (repr(cfg), type(tokenizer).__name__)
+    key = (repr(cfg), tokenizer.fingerprint)
     if key not in _EXAMPLE_COUNTS:
         lengths = [len(encode_document(tokenizer, source[i])) for i in range(len(source))]
         _EXAMPLE_COUNTS[key] = -(-(np.array(lengths, np.int64) - 1) // cfg.seq_len)
@@ -226,7 +249,8 @@ class SampledExamples:
         doc = int(self.docs[index])
         if self._cached[0] != doc:  # the sample is sorted: one document at a time
             text = self.source[doc]
-            self._cached = (doc, self.chunk.flat_map(encode_document(self.tokenizer, text)))
+            self._cached = (doc, self.chunk.flat_map(
+                encode_document(self.tokenizer, text, counted=True)))
         return self._cached[1][int(self.parts[index])]
 
 
@@ -254,8 +278,8 @@ def make_eval_iterator(cfg, tokenizer, *, global_batch: int, process_index: int 
             ds = grain.MapDataset.source(sample).to_iter_dataset(READ_OPTIONS)
         else:
             ds = examples(grain.MapDataset.source(make_source(cfg, "val")), tokenizer,
-                          cfg.seq_len)
-        rows = pack(ds, tokenizer, cfg.seq_len, global_batch)
+                          cfg.seq_len, counted=True)
+        rows = pack(ds, tokenizer, cfg.seq_len, global_batch, counted=True)
     shard = functools.partial(_pad_and_shard, global_batch=global_batch,
                               pad_id=tokenizer.pad_id, start=process_index * local,
                               stop=(process_index + 1) * local)

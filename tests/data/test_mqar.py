@@ -149,7 +149,8 @@ def test_softmax_learns_easy_mqar_and_eval_reports_recall(tmp_path, capsys):
     (["data.mqar.pairs=9"], "data.mqar.pairs=9 does not fit data.seq_len=32"),
     (["data.mqar.vocab=8"], "data.mqar.vocab=8 is too small for data.mqar.pairs=4"),
     (["model.vocab_size=16"], "model.vocab_size=16 is smaller than the data's vocabulary"),
-    (["data.tokenizer=byte"], "data.tokenizer='byte' does not apply"),
+    (["data.tokenizer=byte"], "data.tokenizer does not apply"),
+    (["data.bpe.path=tok.json"], "data.bpe.path does not apply"),
     (["data.mqar.pairs=0"], "data.mqar.pairs"),
 ])
 def test_bad_settings_exit_2_in_one_line(capsys, overrides, message):

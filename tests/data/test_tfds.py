@@ -60,6 +60,20 @@ def test_the_built_splits_read_back_as_the_files_documents(built):
     assert not build("corpus", [inputs], str(data_dir), val_fraction=0.1)["built"]
 
 
+def test_build_trains_a_tokenizer_beside_the_dataset(built, capsys):
+    inputs, data_dir = built
+    args = ["data", "build", "corpus", "--from", inputs, "--data-dir", str(data_dir),
+            "--val-fraction", "0.1", "--tokenizer", "bpe", "--vocab-size", "300"]
+    assert main(args) == 0
+    path = str(data_dir / "corpus" / "tokenizers" / "bpe_300.json")
+    out = capsys.readouterr().out
+    assert "bpe: trained 300 ids on 28 documents" in out
+    assert f"data.tokenizer=bpe data.bpe.path={path}" in out
+    assert main(args) == 0 and f"bpe: up to date in {path}" in capsys.readouterr().out
+    assert main([*args[:-1], "-3"]) == 2
+    assert "--vocab-size must be a positive" in capsys.readouterr().err
+
+
 def test_a_changed_input_is_refused_unless_overwritten(built, tmp_path):
     inputs, data_dir = built
     data, copy = tmp_path / "data", tmp_path / "in"
