@@ -193,7 +193,7 @@ def _forward(q, k, v, q_seg, k_seg, q_table, s: CallStatics, initial_outputs=Non
     has_segments = q_seg is not None
     return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
                         q, [q_table, q, k, v, *_segment_args(q_seg, k_seg)],
-                        [pl.BlockSpec((None, q_table.shape[1]), lambda i, bi, hi: (i, 0)),
+                        [_table_row(q_table)[1],
                          *forward_specs(s, d, kv_len, h // kv, has_segments)],
                         s, "block_sparse_attention_forward", initial_outputs)
 
@@ -252,7 +252,12 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: CallSt
         functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
         functools.partial(_dq_kernel, s=s, has_segments=has_segments),
         q, k, v, [do, lse, delta, *_segment_args(q_seg, k_seg)], s,
-        "block_sparse_attention", tables=(q_table, k_table))
+        "block_sparse_attention", dkv_lead=[_table_row(k_table)], dq_lead=[_table_row(q_table)])
+
+
+def _table_row(table):
+    """A block table and its BlockSpec: row n for the program of block n."""
+    return table, pl.BlockSpec((None, table.shape[1]), lambda n, bi, hi: (n, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -209,8 +209,9 @@ def _query_block_range(s: CallStatics, k_block, num_q_blocks):
     return lo, hi
 
 
-def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg):
-    """Scaled, masked scores (block_q, block_k) in float32."""
+def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg, rows=None):
+    """Scaled, masked scores (block_q, block_k) in float32; `rows` (block_q,) bool, when
+    given, masks whole query rows (those that do not read this key block)."""
     scores = mm(q, k, trans_b=True) * s.sm_scale
     q_idx = q_first + s.q_offset + jnp.arange(q.shape[0])[:, None]
     k_idx = k_first + jnp.arange(k.shape[0])[None, :]
@@ -227,6 +228,8 @@ def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg):
         mask = both(mask, k_idx < s.kv_len)
     if q_seg is not None:
         mask = both(mask, q_seg[:, None] == k_seg[None, :])
+    if rows is not None:
+        mask = both(mask, rows[:, None])
     if mask is not None:
         scores = jnp.where(mask, scores, _MASKED)
     return scores
@@ -236,12 +239,14 @@ def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg):
 # Forward.
 
 
-def forward_step(s: CallStatics, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first, carry):
-    """Online-softmax update of (acc, row_max, row_sum) with the key block at k_first."""
+def forward_step(s: CallStatics, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_first, carry,
+                 rows=None):
+    """Online-softmax update of (acc, row_max, row_sum) with the key block at k_first
+    (`rows`: as `_scores`)."""
     acc, row_max, row_sum = carry
     keys = pl.ds(k_first, s.block_k)
     k_seg = k_seg_ref[keys] if k_seg_ref is not None else None
-    scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg)
+    scores = _scores(s, q, k_ref[keys, :], q_first, k_first, q_seg, k_seg, rows)
     new_max = jnp.maximum(row_max, jnp.max(scores, axis=1))
     correction = jnp.exp(row_max - new_max)
     p = jnp.exp(scores - new_max[:, None])
@@ -252,12 +257,12 @@ def forward_step(s: CallStatics, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, k_f
 
 
 def dq_step(s: CallStatics, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
-            k_first, dq):
-    """dQ plus the contribution of the key block at k_first."""
+            k_first, dq, rows=None):
+    """dQ plus the contribution of the key block at k_first (`rows`: as `_scores`)."""
     keys = pl.ds(k_first, s.block_k)
     k = k_ref[keys, :]
     k_seg = k_seg_ref[keys] if k_seg_ref is not None else None
-    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
+    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg, rows)
     p = jnp.exp(scores - lse[:, None])
     dp = mm(do, v_ref[keys, :], trans_b=True)
     ds = p * (dp - delta[:, None])
@@ -265,18 +270,19 @@ def dq_step(s: CallStatics, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_s
 
 
 def dkv_step(s: CallStatics, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
-             k_first, q_first, carry):
-    """(dK, dV) plus the contribution of query head g's block at q_first."""
+             k_first, q_first, carry, rows=None):
+    """(dK, dV) plus the contribution of query head g's block at q_first (`rows`: as
+    `_scores`)."""
     dk, dv = carry
-    rows = pl.ds(q_first, s.block_q)
-    q = q_ref[rows, g, :]
-    do = do_ref[rows, g, :]
-    q_seg = q_seg_ref[rows] if q_seg_ref is not None else None
-    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg)
-    p = jnp.exp(scores - lse_ref[g, rows][:, None])
+    block = pl.ds(q_first, s.block_q)
+    q = q_ref[block, g, :]
+    do = do_ref[block, g, :]
+    q_seg = q_seg_ref[block] if q_seg_ref is not None else None
+    scores = _scores(s, q, k, q_first, k_first, q_seg, k_seg, rows)
+    p = jnp.exp(scores - lse_ref[g, block][:, None])
     dv = dv + mm(p.astype(do.dtype), do, trans_a=True)
     dp = mm(do, v, trans_b=True)
-    ds = p * (dp - delta_ref[g, rows][:, None])
+    ds = p * (dp - delta_ref[g, block][:, None])
     dk = dk + mm(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
@@ -462,43 +468,41 @@ def _backward(q, k, v, segments, do, lse, delta, s: CallStatics, grad_dtype=None
 
 
 def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix: str,
-                   tables=None, grad_dtype=None):
+                   dkv_lead=(), dq_lead=(), grad_dtype=None):
     """(dq, dk, dv) from two kernels: dK/dV with one program per (key block, batch, K/V
     head) over all its query heads, dQ with one per (query block, batch, head) over the
-    key blocks it sees. rest: (do, lse, delta[, q_seg, k_seg]); tables: optional
-    (q_table, k_table), passed first, one row per query (key) block; gradients in
+    key blocks it sees. rest: (do, lse, delta[, q_seg, k_seg]); dkv_lead, dq_lead:
+    (array, BlockSpec) pairs passed to each kernel before q (block tables); gradients in
     `grad_dtype` (default their operands')."""
     b, t, h, d = q.shape
     kv_len, kv = k.shape[1], k.shape[2]
     group, has_segments = h // kv, len(rest) > 3
-    q_table, k_table = tables if tables is not None else (None, None)
-    row = lambda table: ([] if table is None else
-                         [pl.BlockSpec((None, table.shape[1]), lambda n, bi, hi: (n, 0))])
-    lead = lambda table: [] if table is None else [table]
 
     kv_out = pl.BlockSpec((None, s.block_k, None, d), lambda j, bi, ki: (bi, j, ki, 0))
     dk, dv = pl.pallas_call(
         dkv_kernel,
         grid=(kv_len // s.block_k, b, kv),
-        in_specs=[*row(k_table), *dkv_specs_of(s, t, d, group, has_segments)],
+        in_specs=[*(spec for _, spec in dkv_lead), *dkv_specs_of(s, t, d, group,
+                                                                  has_segments)],
         out_specs=[kv_out, kv_out],
         out_shape=[jax.ShapeDtypeStruct(k.shape, grad_dtype or k.dtype),
                    jax.ShapeDtypeStruct(v.shape, grad_dtype or v.dtype)],
         interpret=s.interpret,
         compiler_params=dkv_params(d),
         name=f"{prefix}_dkv",
-    )(*lead(k_table), q, k, v, *rest)
+    )(*(a for a, _ in dkv_lead), q, k, v, *rest)
 
     dq = pl.pallas_call(
         dq_kernel,
         grid=(t // s.block_q, b, h),
-        in_specs=[*row(q_table), *dq_specs_of(s, d, kv_len, group, has_segments)],
+        in_specs=[*(spec for _, spec in dq_lead), *dq_specs_of(s, d, kv_len, group,
+                                                                has_segments)],
         out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         interpret=s.interpret,
         compiler_params=_TRITON,
         name=f"{prefix}_dq",
-    )(*lead(q_table), q, k, v, *rest)
+    )(*(a for a, _ in dq_lead), q, k, v, *rest)
     return dq, dk, dv
 
 

@@ -26,6 +26,12 @@ queries' selected keys and values (per K/V head), rematerialised in the backward
 gathered block outlives its step; the window as `sliding`. Work per token is
 O((length / stride + n l' + window) head_dim).
 
+`model.attention.impl=pallas`: the selected branch by the Pallas kernel that reads
+only the selected blocks (`pallas_kernels/selected_attention.py`; queries in blocks
+of `block_size`), the window by the flash kernel; the compressed branch stays XLA (its
+probabilities rank the blocks). Both kernels need `select_block` and `block_size`
+powers of two >= 16. `auto` stays on XLA.
+
 Decoding keeps the keys and values and the compressed blocks (each computed once, when
 its last token is written), and reads only the selected blocks and the window.
 """
@@ -44,9 +50,10 @@ from efflm.errors import ConfigError, check_positive
 from efflm.layers.attention.sliding import (
     computed_pairs_per_token,
     sliding_attention,
+    sliding_pallas,
     sliding_reference,
 )
-from efflm.layers.attention.softmax import dot_product_attention
+from efflm.layers.attention.softmax import dot_product_attention, softmax_impl
 from efflm.layers.attention.sparse import (
     document_start,
     gathered_softmax,
@@ -58,6 +65,9 @@ from efflm.layers.attention.sparse import (
 from efflm.layers.common import MASKED, decoding, resolve_impl, sow_stat
 from efflm.layers.contract import Mixer
 from efflm.layers.dense import Dense
+from efflm.pallas_kernels.flash_attention import partitioned
+from efflm.pallas_kernels.selected_attention import selected_attention as selected_pallas
+from efflm.pallas_kernels.selected_attention import selected_reference
 from efflm.shapes import head_dim, num_kv_heads
 
 if TYPE_CHECKING:
@@ -216,19 +226,6 @@ def selected_attention(q, k, v, seg, index, valid, select_block: int, block: int
     return jnp.moveaxis(out, 0, 1).reshape(b, nq * block, h, d)[:, :t]
 
 
-def selected_reference(q, k, v, seg, index, valid, select_block: int):
-    """The selected branch as one full masked softmax per K/V head: keys in a selected
-    block, causal, same document."""
-    t = q.shape[1]
-    key_block = jnp.arange(t) // select_block
-    chosen = jnp.any((index[..., None] == key_block) & valid[..., None], axis=3)  # b t kv s
-    idx = jnp.arange(t)
-    causal = idx[:, None] >= idx[None, :]
-    same = seg[:, :, None] == seg[:, None, :]
-    mask = chosen.transpose(0, 2, 1, 3) & (causal & same)[:, None]
-    return dot_product_attention(q, k, v, mask).astype(jnp.float32)
-
-
 def compressed_reference(q, k_cmp, v_cmp, seg, own: NsaSettings):
     """The compressed branch pair by pair: block i (tokens i d .. i d + l - 1) shown to
     query p when it ends at or before p and all its tokens are in p's document; a query
@@ -294,7 +291,15 @@ class NativeSparseAttention(Mixer):
                               f"more than the {available} selection blocks of "
                               f"{own.select_block} tokens at model.max_seq_len="
                               f"{cfg.max_seq_len}")
-        resolve_impl(cfg.attention.impl, ("xla",), "model.attention.impl: nsa attention")
+        resolve_impl(cfg.attention.impl, ("xla", "pallas"), "nsa attention")
+        if cfg.attention.impl == "pallas":
+            for field in ("select_block", "block_size"):
+                block = getattr(own, field)
+                if block < 16 or block & (block - 1):
+                    raise ConfigError(f"model.attention.nsa.{field}={block}: the Pallas "
+                                      "kernels' blocks must be a power of two >= 16 (the "
+                                      "XLA path takes any)")
+            softmax_impl("pallas", head_dim(cfg), cfg.dtype)  # head_dim and dtype
 
     @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -350,13 +355,21 @@ class NativeSparseAttention(Mixer):
         index, valid, agreement = self._select(probs, positions, document_start(seg), t)
         if self.reference:
             out_c = compressed_reference(q, k_cmp, v_cmp, seg, own)
-            out_s = selected_reference(q, k, v, seg, index, valid, own.select_block)
+            out_s = selected_reference(q, k, v, index, valid, select_block=own.select_block,
+                                       segment_ids=seg)
             out_w = sliding_reference(q, k, v, seg, own.window, 0)
+        elif self.cfg.attention.impl == "pallas":
+            out_s = partitioned(
+                lambda q, k, v, ids, index, valid: selected_pallas(
+                    q, k, v, index, valid, select_block=own.select_block, segment_ids=ids,
+                    block_q=own.block_size), q, k, v, segment_ids, extra=(index, valid))
+            out_w = partitioned(lambda q, k, v, ids: sliding_pallas(
+                q, k, v, ids, own.window, 0, own.block_size), q, k, v, segment_ids)
         else:
             out_s = selected_attention(q, k, v, seg, index, valid, own.select_block,
                                        own.block_size)
             out_w = sliding_attention(q, k, v, seg, own.window, 0, own.block_size)
-        return (out_c, out_s, out_w.astype(jnp.float32)), agreement
+        return (out_c, out_s.astype(jnp.float32), out_w.astype(jnp.float32)), agreement
 
     def _select(self, probs, positions, doc_start, length: int):
         """(index, valid, agreement): the group's selection, and the mean share of each

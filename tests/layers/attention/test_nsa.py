@@ -69,9 +69,36 @@ def test_selected_branch_equals_its_reference_with_the_same_selection():
                                   OWN.block_size)
 
     def reference(q, k, v, seg):
-        return selected_reference(q, k, v, seg, *_random_selection(seg), OWN.select_block)
+        return selected_reference(q, k, v, *_random_selection(seg),
+                                  select_block=OWN.select_block, segment_ids=seg)
 
     attention_against_reference(fast, reference, jnp.float32, 2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*runs in interpret mode")
+def test_pallas_layer_equals_the_xla_layer(small_config):
+    """impl=pallas (the selected branch by its kernel, the window by flash, in
+    interpret mode) against impl=xla: a one-layer model's logits on packed documents,
+    blocks of 16 over 48 tokens. (The kernels' gradients against the reference:
+    tests/pallas_kernels/test_selected_attention.py.)"""
+    from efflm.models import LM
+
+    blocks = ["model.attention.nsa.compress_block=16", "model.attention.nsa.stride=8",
+              "model.attention.nsa.select_block=16", "model.attention.nsa.select_blocks=2",
+              "model.attention.nsa.window=16", "model.attention.nsa.block_size=16",
+              "model.num_layers=1"]
+    tokens = jax.random.randint(jax.random.key(0), (2, 48), 0, 256)
+    seg = jnp.asarray([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8])
+    logits = {}
+    for impl in ("xla", "pallas"):
+        model = LM(small_config(*blocks, f"model.attention.impl={impl}",
+                                preset="tiny_nsa").model)
+        if impl == "xla":
+            variables = fast_jit(model.init)(jax.random.key(1), tokens)
+        logits[impl] = np.asarray(fast_jit(lambda v, x, s, m=model: m.apply(
+            v, x, segment_ids=s))(variables, tokens, seg)) * np.asarray(seg > 0)[..., None]
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-5,
+                               atol=1e-5 * np.abs(logits["xla"]).max())
 
 
 def test_selection_keeps_own_and_first_blocks_never_later_ones_and_pads_early_queries():
@@ -130,10 +157,11 @@ def test_preset_trains_and_logs_gates_and_agreement(small_config):
     ("model.attention.nsa.compress_block=20", "nsa.compress_block"),
     ("model.attention.nsa.select_block=12", "nsa.select_block"),
     ("model.attention.nsa.window=0", "nsa.window"),
-    ("model.attention.impl=pallas", "model.attention.impl"),  # no kernel yet
+    ("model.attention.impl=pallas model.attention.nsa.select_block=24", "select_block=24"),
+    ("model.attention.impl=pallas model.attention.nsa.block_size=48", "block_size=48"),
 ])
 def test_bad_settings_exit_2_naming_the_key(capsys, setting, key):
-    assert main(["config", "show", "--config", "tiny_nsa", setting]) == 2
+    assert main(["config", "show", "--config", "tiny_nsa", *setting.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
 
