@@ -174,6 +174,20 @@ def _sparse_case(dt, d, heads, kv_heads, length=2048, block=64):
     return _grad_all(fn, 3), args
 
 
+def _nsa_case(dt, d, heads, kv_heads, select_block, n, block_q=64, length=8192):
+    from efflm.pallas_kernels.selected_attention import selected_attention
+
+    index = jnp.zeros((1, length, kv_heads, n), jnp.int32)  # the tables are XLA's work
+    valid = jnp.ones((1, length, kv_heads, n), bool)
+    seg = jnp.ones((1, length), jnp.int32)
+
+    def fn(q, k, v):
+        return selected_attention(q, k, v, index, valid, select_block=select_block,
+                                  segment_ids=seg, block_q=block_q, interpret=False)
+    args = (_spec((1, length, heads, d), dt), *[_spec((1, length, kv_heads, d), dt)] * 2)
+    return _grad_all(fn, 3), args
+
+
 def _ce_case(dt, d, vocab=50304, tokens=8192):
     from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 
@@ -249,6 +263,10 @@ CASES = {
     },
     "sparse": {
         "block-sparse d128 sliding": lambda dt: _sparse_case(dt, 128, 8, 2),
+    },
+    "nsa": {  # the selected branch; block_q 64 = model.attention.nsa.block_size's default
+        "nsa selected d128 h8/2 l'64 n16": lambda dt: _nsa_case(dt, 128, 8, 2, 64, 16),
+        "nsa selected d64 h4/4 l'16 n4 (tiny_nsa)": lambda dt: _nsa_case(dt, 64, 4, 4, 16, 4),
     },
     "ce": {
         "cross-entropy d768 V50304": lambda dt: _ce_case(dt, 768),
