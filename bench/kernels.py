@@ -10,6 +10,8 @@ named for the module of pallas_kernels/ it measures.
                                     [--ffn 4096] [--experts 8,64]
     efflm bench linear_attention    [--seqs 8192,16384,32768] [--batch 4] [--heads 16]
                                     [--head-dim 64]
+    efflm bench selected_attention  [--seqs 8192,...,65536] [--heads 16] [--kv-heads 1]
+                                    [--head-dim 128] [--select-block 64] [--select-blocks 16]
     (each takes --out FILE; flash_attention, grouped_matmul and linear_attention take
     --runs, --warmup, --dtype)
 
@@ -30,6 +32,11 @@ Pallas `mha` shipped in jax — as a fraction of a bf16 matmul timed in the same
 `grouped_matmul`: our grouped matmul against `jax.lax.ragged_dot`, forward and
 forward+backward, on MoE-like shapes. `linear_attention`: chunked linear attention
 (Pallas and XLA forms) against our flash attention, forward+backward wall time.
+`selected_attention`: NSA's selected branch (the Pallas kernel, which reads only the
+selected blocks, and the layer's XLA path, which gathers them) against our flash
+attention over the whole causal sequence, forward+backward wall time, on a selection
+drawn by NSA's rules from random importances (own and first block, then random earlier
+ones), with the mean number of blocks a query block's union walks.
 Defaults are the GPU shapes on a GPU and tiny ones elsewhere; without a GPU the Pallas
 kernels run in interpret mode (marked `interpret`: a smoke test, not a speed) and cuDNN
 is reported as not available.
@@ -52,6 +59,7 @@ from efflm.pallas_kernels.flash_attention import flash_attention
 from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 from efflm.pallas_kernels.linear_attention import chunked_linear_attention
+from efflm.pallas_kernels.selected_attention import selected_attention, union_blocks
 
 # ----------------------------------------------------------------------------
 # fused_cross_entropy: memory of the fused loss against full logits.
@@ -446,6 +454,78 @@ def _linear_table(args, argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
+# selected_attention: NSA's selected branch against flash attention.
+
+
+def _random_selection(key, batch: int, seq: int, kv_heads: int, block: int, n: int):
+    """(index, valid) by NSA's rules (`select`) from uniform random importances."""
+    from efflm.layers.attention.nsa import NsaSettings, select
+
+    own = NsaSettings(select_block=block, select_blocks=n, stride=block, compress_block=block)
+    importance = jax.random.uniform(key, (batch, kv_heads, seq, -(-seq // block)))
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    return select(importance, positions, jnp.zeros_like(positions), own)
+
+
+def selected_rows(args) -> list[dict]:
+    from efflm.layers.attention.nsa import selected_attention as selected_xla
+
+    dtype = jnp.dtype(args.dtype)
+    timing = {"runs": args.runs, "warmup": args.warmup}
+    interpret = not _on_gpu()
+    flash = functools.partial(flash_attention, causal=True, interpret=interpret)
+    rows = []
+    for seq in args.seqs:
+        keys = jax.random.split(jax.random.key(seq), 5)
+        q, do = (_normal(key, (1, seq, args.heads, args.head_dim), dtype) for key in keys[:2])
+        k, v = (_normal(key, (1, seq, args.kv_heads, args.head_dim), dtype)
+                for key in keys[2:4])
+        index, valid = _random_selection(keys[4], 1, seq, args.kv_heads, args.select_block,
+                                         args.select_blocks)
+        seg = jnp.ones((1, seq), jnp.int32)
+        pallas = lambda q, k, v, index, valid: selected_attention(
+            q, k, v, index, valid, select_block=args.select_block, block_q=args.block_q,
+            interpret=interpret)
+        xla = lambda q, k, v, index, valid, seg=seg: selected_xla(
+            q, k, v, seg, index, valid, args.select_block, args.block_q).astype(q.dtype)
+        row = {"seq": seq, "union": float(union_blocks(index, valid, args.select_block,
+                                                       args.block_q))}
+        for name, fn in (("pallas", pallas), ("xla", xla)):
+            row[name] = _attempt(median_seconds, fwd_bwd(fn, 3), q, k, v, do, index, valid,
+                                 **timing)
+        row["flash"] = _attempt(median_seconds, fwd_bwd(flash, 3), q, k, v, do, **timing)
+        rows.append(row)
+    return rows
+
+
+def _selected_table(args, argv: list[str]) -> list[str]:
+    rows = selected_rows(args)
+    interpret = not _on_gpu()
+    lines = [
+        *header("selected_attention", argv),
+        f"Forward+backward wall time (ms; gradients w.r.t. q, k, v), {args.dtype}, batch 1, "
+        f"{args.heads} query heads on {args.kv_heads} K/V heads of {args.head_dim}; "
+        f"selection blocks of {args.select_block} tokens, {args.select_blocks} per query, "
+        f"queries in blocks of {args.block_q}. Pallas: `selected_attention`; XLA: the nsa "
+        "layer's gathering path; flash: our Pallas `flash_attention` over the whole causal "
+        "sequence. Union: mean blocks per query block the kernel walks (n for one query). "
+        f"Median of {args.runs} runs after compiling once and {args.warmup} warm-up runs. "
+        "`interpret`: the Pallas kernel ran in interpret mode (no GPU), a smoke test, not "
+        "a speed.",
+        "",
+        "| seq | union blocks | selected Pallas ms | selected XLA ms | flash ms | "
+        "flash / Pallas | XLA / Pallas |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['seq']} | {r['union']:.1f} | {_ms(r['pallas'], interpret)} | "
+            f"{_ms(r['xla'], False)} | {_ms(r['flash'], interpret)} | "
+            f"{_ratio(r['flash'][0], r['pallas'][0])} | {_ratio(r['xla'][0], r['pallas'][0])} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------
 # Command line.
 
 
@@ -489,6 +569,9 @@ DEFAULTS = {
                        "experts": ([8, 64], [4])},
     "linear_attention": {"seqs": ([8192, 16384, 32768], [128, 256]), "batch": (4, 1),
                          "heads": (16, 2), "head_dim": (64, 32)},
+    "selected_attention": {"seqs": ([8192, 16384, 32768, 65536], [128]), "heads": (16, 2),
+                           "kv_heads": (1, 1), "head_dim": (128, 32),
+                           "select_block": (64, 16), "select_blocks": (16, 2)},
     "timed": {"runs": (20, 3), "peak_n": (8192, 256)},
 }
 
@@ -564,7 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no-decay", action="store_true", help="plain linear attention")
     n.add_argument("--gla", action="store_true", help="one gate per key dimension (GLA)")
 
-    for s in (ce, a, g, n):
+    e, default = timed("selected_attention",
+                       "NSA's selected branch (Pallas, XLA) vs flash attention, fwd+bwd time")
+    for name in ("seqs", "heads", "kv_heads", "head_dim", "select_block", "select_blocks"):
+        e.add_argument(f"--{name.replace('_', '-')}",
+                       type=_positive_ints if name == "seqs" else _positive_int,
+                       help=default(name))
+    e.add_argument("--block-q", type=_positive_int, default=64, help="default: 64")
+
+    for s in (ce, a, g, n, e):
         s.add_argument("--out", default="", help="also write the table to this markdown file")
     return p
 
@@ -583,7 +674,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
 
 # Subcommand (the pallas_kernels/ module it measures) -> its table.
 TABLES = {"fused_cross_entropy": _ce_table, "flash_attention": _attn_table,
-          "grouped_matmul": _gmm_table, "linear_attention": _linear_table}
+          "grouped_matmul": _gmm_table, "linear_attention": _linear_table,
+          "selected_attention": _selected_table}
 
 
 def main(argv: list[str] | None = None) -> int:

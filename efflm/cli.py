@@ -157,7 +157,8 @@ def _bench(args) -> int:
     which = args.rest[0] if args.rest else "mfu"
     benches = {"mfu": mfu.main, "fused_cross_entropy": kernels.main,
                "flash_attention": kernels.main, "grouped_matmul": kernels.main,
-               "linear_attention": kernels.main, "compile": compile_bench.main,
+               "linear_attention": kernels.main, "selected_attention": kernels.main,
+               "compile": compile_bench.main,
                "generate": generate.main, "moe": moe.main, "depth": depth.main,
                "attention": attention.main, "quant": quant.main, "gdn": gdn.main,
                "recall": recall.main, "context": context.main, "data": data.main,

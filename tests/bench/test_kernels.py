@@ -91,6 +91,21 @@ def test_linear_attention_table(tmp_path, gates):
     assert all(r.endswith("x") and _positive(r) for r in ratios)
 
 
+def test_selected_attention_table(tmp_path):
+    out = tmp_path / "selected_attention.md"
+    assert kernels.main(["selected_attention", "--seqs", "64", "--heads", "2", "--kv-heads",
+                         "1", "--head-dim", "16", "--select-block", "16", "--select-blocks",
+                         "2", "--block-q", "16", *TIMING, "--out", str(out)]) == 0
+    (row,) = _rows(out)
+    seq, union, pallas, xla, flash, *ratios = row
+    # 4 blocks of 16; a query block of 16 holds queries of one block: own + one earlier.
+    assert seq == "64" and 1.0 <= float(union) <= 2.0
+    _positive(pallas, interpret=not GPU)
+    _positive(xla)
+    _positive(flash, interpret=not GPU)
+    assert all(r.endswith("x") and _positive(r) for r in ratios)
+
+
 def test_fused_cross_entropy_table(tmp_path):
     out = tmp_path / "fused_cross_entropy.md"
     assert kernels.main(["fused_cross_entropy", "--tokens", "64", "--d-model", "16",
@@ -122,7 +137,7 @@ def test_bad_input_is_a_usage_error(argv, capsys):
 
 
 @pytest.mark.parametrize("name", ["flash_attention", "grouped_matmul", "linear_attention",
-                                  "fused_cross_entropy"])
+                                  "selected_attention", "fused_cross_entropy"])
 def test_registered_in_the_cli(name, capsys):
     # A bad list reaches this module's parser, so `efflm bench NAME` dispatches here.
     flag = {"grouped_matmul": "--tokens", "fused_cross_entropy": "--vocabs"}.get(name, "--seqs")
