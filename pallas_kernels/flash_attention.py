@@ -209,30 +209,56 @@ def _query_block_range(s: CallStatics, k_block, num_q_blocks):
     return lo, hi
 
 
+def tile_is_full(s: CallStatics, q_first, k_first, q_seg, k_seg, rows=None):
+    """Whether no score of the tile (block_q queries from q_first, block_k keys from
+    k_first) is masked, as a traced bool: keys before every query (causal), inside every
+    query's window, none padded, one segment throughout, every row reading the block.
+    Found from the block's ends and its ids' extremes, so a full tile costs O(block),
+    not the O(block_q x block_k) of building the mask."""
+    q_lo = q_first + s.q_offset
+    k_hi = k_first + s.block_k - 1
+    full = jnp.bool_(True)
+    if s.causal:
+        full = full & (k_hi <= q_lo)
+    if s.window:
+        full = full & (q_lo + s.block_q - 1 - k_first < s.window)
+    if s.kv_len % s.block_k:
+        full = full & (k_hi < s.kv_len)
+    if q_seg is not None:
+        q_min, k_min = jnp.min(q_seg), jnp.min(k_seg)
+        full = full & (q_min == jnp.max(q_seg)) & (k_min == jnp.max(k_seg)) & (q_min == k_min)
+    if rows is not None:
+        full = full & (jnp.min(rows.astype(jnp.int32)) == 1)
+    return full
+
+
 def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg, rows=None):
     """Scaled, masked scores (block_q, block_k) in float32; `rows` (block_q,) bool, when
-    given, masks whole query rows (those that do not read this key block)."""
+    given, masks whole query rows (those that do not read this key block). A tile that
+    `tile_is_full` skips building the mask."""
     scores = mm(q, k, trans_b=True) * s.sm_scale
-    q_idx = q_first + s.q_offset + jnp.arange(q.shape[0])[:, None]
-    k_idx = k_first + jnp.arange(k.shape[0])[None, :]
-    mask = None
+    if not (s.causal or s.window or s.kv_len % s.block_k or q_seg is not None
+            or rows is not None):
+        return scores
 
-    def both(a, b):
-        return b if a is None else a & b
+    def masked(scores):
+        q_idx = q_first + s.q_offset + jnp.arange(q.shape[0])[:, None]
+        k_idx = k_first + jnp.arange(k.shape[0])[None, :]
+        mask = jnp.ones(scores.shape, bool)
+        if s.causal:
+            mask = mask & (q_idx >= k_idx)
+        if s.window:
+            mask = mask & (q_idx - k_idx < s.window)
+        if s.kv_len % s.block_k:  # padded keys exist
+            mask = mask & (k_idx < s.kv_len)
+        if q_seg is not None:
+            mask = mask & (q_seg[:, None] == k_seg[None, :])
+        if rows is not None:
+            mask = mask & rows[:, None]
+        return jnp.where(mask, scores, _MASKED)
 
-    if s.causal:
-        mask = both(mask, q_idx >= k_idx)
-    if s.window:
-        mask = both(mask, q_idx - k_idx < s.window)
-    if s.kv_len % s.block_k:  # padded keys exist
-        mask = both(mask, k_idx < s.kv_len)
-    if q_seg is not None:
-        mask = both(mask, q_seg[:, None] == k_seg[None, :])
-    if rows is not None:
-        mask = both(mask, rows[:, None])
-    if mask is not None:
-        scores = jnp.where(mask, scores, _MASKED)
-    return scores
+    return lax.cond(tile_is_full(s, q_first, k_first, q_seg, k_seg, rows), lambda x: x,
+                    masked, scores)
 
 
 # ---------------------------------------------------------------------------------------

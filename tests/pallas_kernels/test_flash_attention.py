@@ -435,3 +435,40 @@ def test_partitioned_runs_the_kernel_per_shard(kv_heads, head_shards):
     assert shapes and all(s[0] == 8 // 4 and s[2] == 4 // head_shards for s in shapes)
     want = reference_attention(q, k, v, segment_ids=seg)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tile_skips_its_mask_exactly_when_no_score_is_masked():
+    """`tile_is_full` against the mask written out, over tiles on and off the diagonal,
+    the window's edge, padded keys, segment boundaries and unread rows."""
+    from efflm.pallas_kernels.flash_attention import CallStatics, tile_is_full
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        causal, window = bool(rng.integers(2)), int(rng.choice([0, 24, 40]))
+        s = CallStatics(causal=causal or bool(window), window=window, sm_scale=1.0,
+                        block_q=16, block_k=16, q_len=64, kv_len=int(rng.choice([64, 60])),
+                        interpret=True, q_offset=int(rng.choice([0, 16])))
+        q_first, k_first = (16 * int(rng.integers(4)) for _ in range(2))
+        q_seg = k_seg = rows = None
+        if rng.integers(2):
+            q_seg, k_seg = (jnp.asarray(rng.choice([1, 1, 1, 2], 16) if rng.integers(2)
+                                        else np.full(16, 1)) for _ in range(2))
+        if rng.integers(3) == 0:
+            rows = jnp.asarray(rng.random(16) < 0.9)
+        q_idx = q_first + s.q_offset + np.arange(16)[:, None]
+        k_idx = k_first + np.arange(16)[None, :]
+        mask = np.ones((16, 16), bool)
+        if s.causal:
+            mask &= q_idx >= k_idx
+        if s.window:
+            mask &= q_idx - k_idx < s.window
+        mask &= k_idx < s.kv_len
+        if q_seg is not None:
+            mask &= np.asarray(q_seg)[:, None] == np.asarray(k_seg)[None, :]
+        if rows is not None:
+            mask &= np.asarray(rows)[:, None]
+        full = bool(tile_is_full(s, q_first, k_first, q_seg, k_seg, rows))
+        assert full == mask.all(), (s, q_first, k_first)
+        seen.add(full)
+    assert seen == {True, False}
