@@ -25,7 +25,9 @@ Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
     (a scan over chunks); gradients by autodiff. Per-key-dimension gates use
     sub-chunks inside each chunk so that no exponent is positive (below);
   * `pallas`: one Triton-style Pallas kernel per (batch, head) that walks the
-    chunks with the state in float32 registers. Its backward (custom_vjp) runs
+    chunks with the state in float32 registers. Dots take the inputs' dtype and
+    accumulate in float32; the float32 scores, state and gate products are cast to
+    the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not TF32). Its backward (custom_vjp) runs
     the same kernel three more times: dq is the forward pass of (dO, V, K) from
     S0^T; dk and dv (and d initial state) are forward passes over the reversed
     sequence started from the final state's cotangent; the log-decay gradient
@@ -300,24 +302,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: i
 
     def body(c, state):
         span = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        q = q_ref[span, :].astype(jnp.float32)
-        k = k_ref[span, :].astype(jnp.float32)
-        v = v_ref[span, :].astype(jnp.float32)
+        q, k, v = q_ref[span, :], k_ref[span, :], v_ref[span, :]  # dots in their dtype
+        dt = v.dtype
         b = b_ref[span].astype(jnp.float32)  # cumulative log decay inside the chunk
         b_last = b_ref[c * chunk + chunk - 1]
         seg, seg_last = seg_ref[span], seg_ref[c * chunk + chunk - 1]
         before = seg_ref[jnp.maximum(c * chunk - 1, 0)]  # the incoming state's segment
         keep = causal & (seg[:, None] == seg[None, :])
         diff = jnp.where(keep, b[:, None] - b[None, :], -jnp.inf)
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * jnp.exp(diff)
+        scores = mm(q, k, trans_b=True) * jnp.exp(diff)  # float32
         carried = jnp.where(seg == before, jnp.exp(b), 0.0)
-        out = (jnp.dot(scores, v, preferred_element_type=jnp.float32)
-               + carried[:, None] * jnp.dot(q, state, preferred_element_type=jnp.float32))
+        # The float32 scores and state are cast to the inputs' dtype for their dots (as
+        # fla does); every dot accumulates in float32.
+        out = mm(scores.astype(dt), v) + carried[:, None] * mm(q, state.astype(dt))
         out_ref[span, :] = out.astype(out_ref.dtype)
-        k_decayed = k * jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)[:, None]
+        tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)[:, None]
+        k_decayed = (k.astype(jnp.float32) * tail).astype(dt)
         kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)
-        return (kept * state
-                + jnp.dot(k_decayed.T, v, preferred_element_type=jnp.float32))
+        return kept * state + mm(k_decayed, v, trans_a=True)
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
     state_ref[...] = state
@@ -355,7 +357,7 @@ def value_block(dk: int, dv: int) -> int:
 
 
 def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
-                  seg=None, block_dv=None):
+                  seg=None, block_dv=None, out_dtype=None):
     """The kernel on `kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
 
     initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
@@ -369,14 +371,14 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
         functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
         qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
         initial_state, block_dv, interpret, _triton_params(dk, block_dv),
-        "chunked_linear_attention_fwd", initial_outputs, seg)
+        "chunked_linear_attention_fwd", initial_outputs, seg, out_dtype)
 
 
 def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
-                   params, name, initial_outputs, seg=None):
+                   params, name, initial_outputs, seg=None, out_dtype=None):
     """One program per (batch, head, slice of block_dv value columns): q and k whole, v,
     the state and the output sliced, the gates as `b_spec` says, the segment indices of
-    the batch row."""
+    the batch row. The output in `out_dtype` (default q's)."""
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
     if seg is None:
@@ -394,7 +396,7 @@ def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, inter
         grid=(batch, heads, dv // block_dv),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), qh.dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), out_dtype or qh.dtype),
                    jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
         input_output_aliases=aliases,
         interpret=interpret,
@@ -409,18 +411,20 @@ def kernel_segments(seg, chunk):
     return jnp.pad(seg, [(0, 0), (0, pad)], mode="edge") if pad else seg
 
 
-def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on_keys=True):
+def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on_keys=True,
+                    out_dtype=None):
     """q, k (batch, length, heads, dk), v (..., dv), log_decay f32 (batch, length, heads)
     or, per dimension, (..., dk) gating state rows (`on_keys`) or (..., dv) gating its
     columns; initial_state (batch, heads, dk, dv) f32; seg (batch, length) int32 segment
-    indices -> (out, final_state)."""
+    indices -> (out in `out_dtype`, default q's; final_state)."""
     qh, kh, vh, b = kernel_layout(q, k, v, log_decay, chunk)
     seg = kernel_segments(seg, chunk)
     if log_decay.ndim == 4:
         out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
-                                         on_keys, seg=seg)
+                                         on_keys, seg=seg, out_dtype=out_dtype)
     else:
-        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg)
+        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg,
+                                   out_dtype=out_dtype)
     return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
 
 
@@ -442,6 +446,8 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, ch
     """
     out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
     f32 = lambda a: a.astype(jnp.float32)
+    dt = v_ref.dtype  # dots take the inputs' dtype (float32 products cast to it)
+    low = lambda a: a.astype(dt)
     positions = jnp.arange(chunk)[:, None]
     within = jnp.arange(sub)[:, None]
 
@@ -457,21 +463,21 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, ch
             q_i, b_i = f32(q_ref[rows, :]), b_ref[rows, :]
             seg_i = seg_ref[rows][:, None]  # (sub, 1)
             if on_keys:
-                out = mm(q_i * jnp.exp(b_i), state)
+                out = mm(low(q_i * jnp.exp(b_i)), low(state))
             else:
-                out = jnp.exp(b_i) * mm(q_i, state)
+                out = jnp.exp(b_i) * mm(low(q_i), low(state))
             out = jnp.where(seg_i == before, out, 0.0)
             if first:
                 r = b_ref[pl.ds(start + first - 1, 1), :]
                 decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
                 same = seg_i == seg.T  # (sub, chunk)
                 if on_keys:
-                    scores = mm(q_i * jnp.exp(b_i - r), k * decay, trans_b=True)
-                    out = out + mm(jnp.where(same, scores, 0.0), v)
+                    scores = mm(low(q_i * jnp.exp(b_i - r)), low(k * decay), trans_b=True)
+                    out = out + mm(low(jnp.where(same, scores, 0.0)), low(v))
                 else:
                     scores = jnp.where((positions.T < first) & same,
-                                       mm(q_i, k, trans_b=True), 0.0)
-                    out = out + jnp.exp(b_i - r) * mm(scores, v * decay)
+                                       mm(low(q_i), low(k), trans_b=True), 0.0)
+                    out = out + jnp.exp(b_i - r) * mm(low(scores), low(v * decay))
 
             def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
                 row = pl.ds(start + first + j, 1)
@@ -489,15 +495,15 @@ def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, ch
         tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)  # (chunk, G)
         kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)  # (1, G)
         if on_keys:
-            return kept.T * state + mm(k * tail, v, trans_a=True)
-        return state * kept + mm(k, v * tail, trans_a=True)
+            return kept.T * state + mm(low(k * tail), low(v), trans_a=True)
+        return state * kept + mm(low(k), low(v * tail), trans_a=True)
 
     state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
     state_ref[...] = state
 
 
 def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
-                        initial_outputs=None, block_dv=64, seg=None):
+                        initial_outputs=None, block_dv=64, seg=None, out_dtype=None):
     """`_gated_forward_kernel` on `kernel_layout`'s arrays (b: (batch, heads, padded, G)).
 
     The value dimension is split over programs, block_dv columns of the state each
@@ -512,7 +518,7 @@ def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
                           num_chunks=padded // chunk, on_keys=on_keys),
         qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
         "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
-        initial_outputs, seg)
+        initial_outputs, seg, out_dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -532,10 +538,12 @@ def _pallas_fwd(q, k, v, log_decay, initial_state, seg, chunk, interpret):
 def _pallas_bwd(chunk, interpret, residuals, cotangents):
     q, k, v, log_decay, initial_state, seg, final_state = residuals
     d_out, d_state = cotangents
-    d_out = d_out.astype(jnp.float32)
+    d_out = d_out.astype(q.dtype)  # the passes' dots in the inputs' dtype, as forward
     d_state = d_state.astype(jnp.float32)
-    # Segment masks are symmetric, so the reversed passes take the reversed indices.
-    forward = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret)
+    # Segment masks are symmetric, so the reversed passes take the reversed indices. The
+    # passes store float32: the log decay's gradient sums q.dq - k.dk over the sequence.
+    forward = functools.partial(_forward_pallas, chunk=chunk, interpret=interpret,
+                                out_dtype=jnp.float32)
     run = lambda *a, **kw: forward(*a, seg, **kw)  # noqa: E731
     run_reversed = lambda *a, **kw: forward(*a, jnp.flip(seg, axis=1), **kw)  # noqa: E731
     f32 = lambda a: a.astype(jnp.float32)
@@ -544,7 +552,7 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
 
     # dq_i = sum_{j<=i} decay(i, j) (dO_i . v_j) k_j + decay(i, start) dO_i S0^T:
     # the forward pass with (q, k, v) -> (dO, v, k) from S0^T.
-    dq, _ = run(d_out, f32(v), f32(k), log_decay, jnp.swapaxes(initial_state, -1, -2),
+    dq, _ = run(d_out, v, k, log_decay, jnp.swapaxes(initial_state, -1, -2),
                 on_keys=not per_dim)
 
     # dk, dv: sums over i >= j, i.e. forward passes over the reversed sequence. The
@@ -553,10 +561,9 @@ def _pallas_bwd(chunk, interpret, residuals, cotangents):
     reverse = lambda a: jnp.flip(a, axis=1)
     shifted = jnp.concatenate([log_decay[:, 1:], jnp.zeros_like(log_decay[:, :1])], axis=1)
     g_rev = reverse(shifted)
-    dk_rev, _ = run_reversed(reverse(f32(v)), reverse(d_out), reverse(f32(q)), g_rev,
+    dk_rev, _ = run_reversed(reverse(v), reverse(d_out), reverse(q), g_rev,
                              jnp.swapaxes(d_state, -1, -2), on_keys=not per_dim)
-    dv_rev, d_initial = run_reversed(reverse(f32(k)), reverse(f32(q)), reverse(d_out), g_rev,
-                                     d_state)
+    dv_rev, d_initial = run_reversed(reverse(k), reverse(q), reverse(d_out), g_rev, d_state)
     dk, dv = reverse(dk_rev), reverse(dv_rev)
     # The reversed pass decays the start state by everything but g_0.
     first_decay = jnp.exp(log_decay[:, 0])
