@@ -13,7 +13,9 @@ document), rounded to a multiple of 8, so every row sees about the same bytes of
 step and the same context in bytes. Then: bits per byte over the whole validation split
 (`efflm eval --batches 0`; each row's scored bytes are listed, and equal across rows when
 the byte counts are exact), the training pipeline's tokens and bytes per second in the
-calling thread (over `--batches` batches after the first) and the median step time.
+calling thread (over `--batches` batches after the first), the model FLOPs per step and
+the median step time. Equal bytes and steps, not equal compute: a larger vocabulary
+costs head FLOPs, shorter rows save the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from efflm.data import data_tokenizer
     from efflm.data.build import train_tokenizer
     from efflm.data.sources import make_source
+    from efflm.flops import train_flops_per_step
     from efflm.train.trainer import evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, program, state = result["restored"]
         full = evaluate(program, state, tokenizer, 0)
         tokens, scored = full["full_eval_tokens"], full["full_eval_bytes"]
+        flops = train_flops_per_step(cfg.model, seq_len, cfg.train.batch_size)
         rows.append(f"| {text} | {tokenizer.vocab_size} | {per_token:.3f} | {seq_len} | "
+                    f"{flops / 1e9:.1f} | "
                     f"{cfg.train.batch_size * seq_len * per_token * args.steps / 2**20:.1f} | "
                     f"{full['full_eval_bits_per_byte']:.4f} | {tokens:,.0f} | {scored:,.0f} | "
                     f"{rate:,.0f} | {rate * per_token:,.0f} | {result['step_time']:.3f} |")
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
           f"`{args.config}` for {args.steps} steps per row (batch {base.train.batch_size}); "
           "bits per byte over the whole validation split; pipeline in the calling thread "
           f"over {args.batches} batches.", "",
-          "| tokenizer | vocabulary | bytes/token (train) | seq_len | training MiB of text | "
+          "| tokenizer | vocabulary | bytes/token (train) | seq_len | model GFLOP/step | "
+          "training MiB of text | "
           "bits/byte | validation tokens | validation bytes | pipeline tokens/s | "
           "pipeline bytes/s | step s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|", *rows], args.out)
+          "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows], args.out)
     return 0
