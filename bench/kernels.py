@@ -662,6 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(p: argparse.ArgumentParser, args) -> None:
     """Shape constraints argparse types cannot see; p.error exits with status 2."""
+    if args.what == "selected_attention" and args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.what == "selected_attention":
+        for name in ("select_block", "block_q"):
+            block = getattr(args, name)
+            if block < 16 or block & (block - 1):
+                p.error(f"--{name.replace('_', '-')} {block} must be a power of two >= 16")
     if args.what != "flash_attention":
         return
     for head_dim in args.head_dims:

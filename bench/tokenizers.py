@@ -29,7 +29,11 @@ from efflm.bench.report import emit, header, train_and_evaluate
 
 
 def _variant(text: str) -> tuple[str, int]:
+    """`byte` or `NAME:VOCAB` -> (name, vocabulary size; 0 for none)."""
     name, _, vocab = text.partition(":")
+    if vocab and not vocab.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: the vocabulary after ':' must be a "
+                                         "number, e.g. bpe:4096")
     return name, int(vocab) if vocab else 0
 
 
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efflm bench tokenizers")
     p.add_argument("which", nargs="?")
     p.add_argument("--config", default="tiny")
-    p.add_argument("--variants", default="byte,bpe:4096,bpe:16384")
+    variants = lambda text: [_variant(v) for v in text.split(",")]  # noqa: E731
+    p.add_argument("--variants", default=variants("byte,bpe:4096,bpe:16384"), type=variants)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--root", default="")
@@ -67,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config, ["logging.progress=false", *args.overrides])
     train_docs = make_source(base.data, "train")
     rows = []
-    for text in args.variants.split(","):
-        name, vocab = _variant(text)
+    for name, vocab in args.variants:
+        text = f"{name}:{vocab}" if vocab else name
         overrides = [*args.overrides, f"data.tokenizer={name}"]
         if vocab:
             path = os.path.join(root, f"{name}_{vocab}")

@@ -27,10 +27,11 @@ Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
   * `pallas`: one Triton-style Pallas kernel per (batch, head) that walks the
     chunks with the state in float32 registers. Dots take the inputs' dtype and
     accumulate in float32; the float32 scores, state and gate products are cast to
-    the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not TF32). Its backward (custom_vjp) runs
-    the same kernel three more times: dq is the forward pass of (dO, V, K) from
-    S0^T; dk and dv (and d initial state) are forward passes over the reversed
-    sequence started from the final state's cotangent; the log-decay gradient
+    the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not TF32).
+    Its backward (custom_vjp) runs the same kernel three more times: dq is the
+    forward pass of (dO, V, K) from S0^T; dk and dv (and d initial state) are
+    forward passes over the reversed sequence started from the final state's
+    cotangent; the log-decay gradient
     follows from  d b_t = q_t.dq_t - k_t.dk_t  (b the cumulative log decay),
     reverse-cumsummed. Per-key-dimension gates have their own kernel (the xla
     form's sub-chunks, one key at a time inside a sub-chunk); in the backward the
@@ -331,6 +332,8 @@ def kernel_layout(q, k, v, log_decay, chunk):
     batch, length, heads, _ = q.shape
     pad = -length % chunk
     padded = length + pad
+    dtype = jnp.result_type(q, k, v)  # one dtype for the kernels' dots
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
 
     def heads_first(a):
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a

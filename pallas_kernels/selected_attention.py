@@ -249,18 +249,21 @@ def _forward(q, k, v, q_seg, k_seg, rows, q_table, s: CallStatics, initial_outpu
                         s, "nsa_selected_attention_forward", initial_outputs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _selected(q, k, v, q_seg, k_seg, rows, q_table, k_table, s: CallStatics):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _selected(q, k, v, q_seg, k_seg, rows, q_table, s: CallStatics):
     return _forward(q, k, v, q_seg, k_seg, rows, q_table, s)[0]
 
 
-def _selected_fwd(q, k, v, q_seg, k_seg, rows, q_table, k_table, s: CallStatics):
+def _selected_fwd(q, k, v, q_seg, k_seg, rows, q_table, s: CallStatics):
     out, lse = _forward(q, k, v, q_seg, k_seg, rows, q_table, s)
-    return out, (q, k, v, q_seg, k_seg, rows, q_table, k_table, out, lse)
+    return out, (q, k, v, q_seg, k_seg, rows, q_table, out, lse)
 
 
 def _selected_bwd(s: CallStatics, residuals, do):
-    q, k, v, q_seg, k_seg, rows, q_table, k_table, out, lse = residuals
+    q, k, v, q_seg, k_seg, rows, q_table, out, lse = residuals
+    # Built again rather than kept from the forward: (key blocks x query blocks) per
+    # batch row and K/V head grows with the square of the length.
+    k_table = selection_tables(rows, q.shape[1] // s.block_k, s.block_q)[1]
     group = q.shape[2] // k.shape[2]
     has_segments = q_seg is not None
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
@@ -275,7 +278,7 @@ def _selected_bwd(s: CallStatics, residuals, do):
         q, k, v, [do.astype(q.dtype), lse, delta, *_segments(q_seg, k_seg)], s,
         "nsa_selected_attention", dkv_lead=dkv_lead,
         dq_lead=_per_query_block(s, group, q_table, rows))
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
@@ -300,7 +303,7 @@ def selected_attention(q, k, v, index, valid, *, select_block, segment_ids=None,
     # One padded length for queries and keys: whole query blocks and whole key blocks.
     unit = max(block_q, select_block)
     rows, length = _rows(index, valid, unit)
-    q_table, k_table = selection_tables(rows, length // select_block, block_q)
+    q_table = selection_tables(rows, length // select_block, block_q)[0]
     d_pad = max(16, next_power_of_2(d))
 
     def pad(x):
@@ -315,5 +318,5 @@ def selected_attention(q, k, v, index, valid, *, select_block, segment_ids=None,
                     sm_scale=d ** -0.5 if sm_scale is None else float(sm_scale),
                     block_q=block_q, block_k=select_block, q_len=t, kv_len=t,
                     interpret=bool(interpret))
-    out = _selected(pad(q), pad(k), pad(v), q_seg, k_seg, rows, q_table, k_table, s)
+    out = _selected(pad(q), pad(k), pad(v), q_seg, k_seg, rows, q_table, s)
     return out[:, :t, :, :d]

@@ -217,7 +217,7 @@ class Program:
                                                             accuracy=accuracy)
         out = {"loss_sum": loss_sum, "tokens": count}
         if "target_bytes" in batch:
-            out["bytes"] = jnp.sum(batch["target_bytes"].astype(jnp.float32))
+            out["bytes"] = jnp.sum(batch["target_bytes"]).astype(jnp.float32)  # exact
         if accuracy:
             out["correct"] = correct
         return out

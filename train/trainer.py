@@ -386,8 +386,12 @@ def restore_run(workdir: str, overrides: list[str] | tuple[str, ...] = ()) -> tu
     readable config.yaml), ConfigError for an invalid config or override, and EfflmError
     if it has no checkpoint yet.
     """
-    load_workdir_config(workdir)  # a clear error if this is no workdir
+    saved = load_workdir_config(workdir)  # a clear error if this is no workdir
     cfg = load_config(os.path.join(workdir, CONFIG_FILE), overrides, saved=True)
+    diffs = shape_differences(saved, cfg)  # e.g. another tokenizer for the same weights
+    if diffs:
+        raise ConfigError(f"{workdir!r} holds checkpoints of a different model than these "
+                          f"overrides describe ({'; '.join(diffs)}); drop them")
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
         raise EfflmError(f"{workdir!r} has no checkpoint yet; train first")

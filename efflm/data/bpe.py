@@ -43,18 +43,29 @@ def _nodes(node) -> list[dict]:
     return [node, *(n for child in inner for n in _nodes(child))]
 
 
+# Pre-tokenizers that split text without dropping or changing any of it.
+KEEPS_TEXT = ("ByteLevel", "Sequence", "Split", "Digits", "Punctuation")
+
+
 def byte_level_problem(spec: dict) -> str:
     """Why the tokenizer described by `spec` (its JSON) is not plain byte-level BPE; ''
     when it is."""
-    if spec.get("model", {}).get("type") != "BPE":
-        return f"its model is {spec.get('model', {}).get('type')}, not BPE"
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        return f"its model is {model.get('type')}, not BPE"
+    if model.get("dropout"):
+        return "it samples its merges (BPE dropout)"
     if spec.get("normalizer"):
         return f"it normalises text ({spec['normalizer'].get('type')})"
-    pre = [n for n in _nodes(spec.get("pre_tokenizer")) if n.get("type") == "ByteLevel"]
+    nodes = _nodes(spec.get("pre_tokenizer"))
+    pre = [n for n in nodes if n.get("type") == "ByteLevel"]
     if not pre:
         return "its pre-tokenizer is not byte-level"
     if any(n.get("add_prefix_space") for n in pre):
         return "its pre-tokenizer adds a prefix space"
+    for n in nodes:
+        if n.get("type") not in KEEPS_TEXT or n.get("behavior") == "Removed":
+            return f"its pre-tokenizer {n.get('type')} drops text"
     if not any(n.get("type") == "ByteLevel" for n in _nodes(spec.get("decoder"))):
         return "its decoder is not byte-level"
     return ""
@@ -81,7 +92,15 @@ class Bpe(FileTokenizer):
             raise ConfigError(f"data.bpe.path={path!r} is not plain byte-level BPE: "
                               f"{problem}, so its tokens' byte counts are not fixed")
         self.hf.encode_special_tokens = True
+        self.hf.no_truncation()
+        self.hf.no_padding()
         vocab = self.hf.get_vocab(with_added_tokens=True)
+        from tokenizers import pre_tokenizers
+
+        missing = set(pre_tokenizers.ByteLevel.alphabet()) - set(vocab)
+        if missing:
+            raise ConfigError(f"data.bpe.path={path!r} lacks {len(missing)} of the 256 "
+                              "byte-level tokens, so some bytes cannot be encoded")
         self.vocab_size = max(vocab.values()) + 1
         lengths = np.zeros(self.vocab_size, np.int32)
         for token, i in vocab.items():

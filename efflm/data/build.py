@@ -155,7 +155,10 @@ def train_tokenizer(name: str, docs, vocab_size: int, path: str,
     if os.path.isdir(path) or (os.path.exists(path) and not overwrite):
         raise DataError(f"{path!r} exists; pass --overwrite to replace it, or choose another "
                         "--out")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the folder of {path!r} ({e.strerror or e})") from None
     size = [0]
 
     def texts():
@@ -165,6 +168,9 @@ def train_tokenizer(name: str, docs, vocab_size: int, path: str,
             yield text
 
     start = time.perf_counter()
-    vocab = TOKENIZERS[name].train(texts(), vocab_size, path)
+    try:
+        vocab = TOKENIZERS[name].train(texts(), vocab_size, path)
+    except OSError as e:
+        raise DataError(f"cannot write {path!r} ({e.strerror or e})") from None
     return {"path": path, "vocab_size": vocab, "documents": len(docs), "bytes": size[0],
             "seconds": time.perf_counter() - start}

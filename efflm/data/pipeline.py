@@ -6,10 +6,10 @@ packed first-fit into rows of seq_len with segment ids (1, 2, ... per example, 0
 padding) and positions (0, 1, ... within each example), so attention and the loss
 (mask: segment_ids > 0, targets not IGNORE) never cross examples. Evaluation rows also
 carry `target_bytes`: how many bytes of the document's text each target token stands
-for (`Tokenizer.encode_counted`; 0 for eos and padding), so bits per byte are exact for
-any tokenizer. A source of token-id
-rows (`DataSource.tokenizer`) gives whole rows already: they are shuffled, dealt and
-batched as they are.
+for (`Tokenizer.encode_counted`; 0 for padding, and for the eos but bytes no token
+stands for), so bits per byte are exact for any tokenizer. A source of token-id rows
+(`DataSource.tokenizer`) gives whole rows already: they are shuffled, dealt and batched
+as they are.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def encode_document(tokenizer, text: str, counted: bool = False):
         ids = tokenizer.encode(text)
         return np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]).astype(np.int32)
     ids, nbytes = tokenizer.encode_counted(text)
+    # Bytes no token stands for (a text its normaliser removes whole) go to the eos.
+    rest = len(text.encode("utf-8", errors="replace")) - int(nbytes.sum())
     return {"tokens": np.concatenate([[tokenizer.bos_id], ids, [tokenizer.eos_id]]
                                      ).astype(np.int32),
-            "bytes": np.concatenate([[0], nbytes, [0]]).astype(np.int32)}
+            "bytes": np.concatenate([[0], nbytes, [rest]]).astype(np.int32)}
 
 
 class ChunkDocument(grain.experimental.FlatMapTransform):

@@ -69,7 +69,8 @@ class Tokenizer:
 
     def encode_counted(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, bytes): `encode(text)` and how many bytes of `text`'s UTF-8 each id
-        covers; the bytes add up to the text's length."""
+        covers; they add up to the text's length unless no id is left (text a
+        normaliser removes whole), which `encode_document` gives to the eos."""
         ids = self.encode(text)
         return ids, self.token_byte_lengths()[ids]
 
@@ -140,7 +141,10 @@ class FileTokenizer(Tokenizer):
         if not os.path.isfile(own.path):
             raise DataError(f"{key}={own.path!r} does not exist; give the {cls.name} file "
                             f"(`efflm data tokenizer {cls.name}` trains one)")
-        digest = file_sha256(own.path)
+        try:
+            digest = file_sha256(own.path)
+        except OSError as e:
+            raise DataError(f"{key}={own.path!r} cannot be read ({e.strerror or e})") from None
         if own.sha256 and own.sha256 != digest:
             raise ConfigError(f"{key}={own.path!r} is not the file this config was written "
                               f"for (data.{cls.name}.sha256 {own.sha256[:12]}..., the file "
@@ -152,8 +156,13 @@ class FileTokenizer(Tokenizer):
         getattr(cfg, self.name).sha256 = self.sha256
 
     def __init__(self, path: str, sha256: str, options: tuple):
-        self.path, self.sha256 = path, sha256
+        self.path, self.sha256, self.options = path, sha256, options
         self.fingerprint = f"{self.name}:{sha256}:{options}"
+
+    def __reduce__(self):
+        """Pickled (grain worker processes) as what to load, so library state such as
+        "specials are not matched in text" comes back as set here."""
+        return _load_file, (type(self), self.path, self.sha256, self.options)
 
 
 def _options(settings) -> tuple:

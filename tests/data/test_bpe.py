@@ -88,6 +88,10 @@ def _edited(path, tmp_path, edit):
     (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "adds a prefix space"),
     (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), "not byte-level"),
     (lambda s: s.update(decoder=None), "its decoder is not byte-level"),
+    (lambda s: s["model"].update(dropout=0.1), "samples its merges"),
+    (lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "WhitespaceSplit"}, s["pre_tokenizer"]]}), "WhitespaceSplit drops text"),
+    (lambda s: s["model"]["vocab"].pop("Ā"), "lacks 1 of the 256 byte-level tokens"),
 ])
 def test_a_file_whose_bytes_are_not_fixed_per_token_is_refused(bpe_path, tmp_path, edit,
                                                                words):
@@ -110,6 +114,17 @@ def test_a_gpt2_style_file_with_one_special_serves(bpe_path, tmp_path):
     with pytest.raises(ConfigError, match=r"data.bpe.eos='<\|end\|>' is not a special token"
                                           r".*<\|bos\|>, <\|eos\|>, <\|pad\|>"):
         load(path, eos="<|end|>")
+
+
+def test_truncation_in_the_file_is_ignored_and_pickling_keeps_specials_as_text(bpe_path,
+                                                                             tmp_path):
+    import pickle
+
+    path = _edited(bpe_path, tmp_path, lambda s: s.update(truncation={
+        "direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}))
+    tok = pickle.loads(pickle.dumps(load(path)))
+    text = TEXTS[3] * 3
+    assert tok.decode(tok.encode(text)) == text and (tok.encode(text) > 2).all()
 
 
 def test_training_below_the_byte_alphabet_is_refused(tmp_path):

@@ -69,6 +69,13 @@ def test_counts_exact_under_a_normalising_model(models):
         assert counts.sum() == len(text.encode("utf-8")) and (counts >= 0).all()
     ids, counts = tok.encode_counted("ﬁ")  # one character, 3 bytes, spelled "▁fi" or so
     assert counts.sum() == 3 and counts[0] == 3 - counts[1:].sum()
+    # Spaces it removes whole leave no token: a document's eos carries their bytes.
+    from efflm.data.pipeline import encode_document
+
+    assert len(tok.encode("   ")) == 0
+    doc = encode_document(tok, "   ", counted=True)
+    assert doc["tokens"].tolist() == [tok.bos_id, tok.eos_id] and doc["bytes"].tolist() == [
+        0, 3]
 
 
 def test_counts_from_starts_on_known_offsets():

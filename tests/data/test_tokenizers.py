@@ -95,6 +95,9 @@ def test_tiny_trains_evaluates_generates_and_guards_its_tokenizer(files, kind, t
     (Bpe if kind == "bpe" else Sentencepiece).train(corpus(seed=5), 300, local)
     before = {n: open(os.path.join(workdir, n), "rb").read()
               for n in ("config.yaml", "metrics.jsonl")}
+    # Another tokenizer over the same weights, by override: refused.
+    assert main(["eval", "--workdir", workdir, "data.tokenizer=byte"]) == 2
+    assert "holds checkpoints of a different model" in capsys.readouterr().err
     stale = "is not the file this config was written for"
     for args, words in (([*run, "train.steps=4"], f"data.{kind}.sha256"),
                         (["eval", "--workdir", workdir], stale),
