@@ -293,39 +293,6 @@ def _gla_chunked_xla(q, k, v, log_decay, state, chunk, seg):
 # Pallas forward kernel.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
-                    num_chunks: int):
-    """One (batch, head): walk the chunks, state (dk, dv) in float32. seg holds each
-    token's segment index: scores across segments are masked and the state restarts."""
-    out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
-    rows = jnp.arange(chunk)
-    causal = rows[:, None] >= rows[None, :]
-
-    def body(c, state):
-        span = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        q, k, v = q_ref[span, :], k_ref[span, :], v_ref[span, :]  # dots in their dtype
-        dt = v.dtype
-        b = b_ref[span].astype(jnp.float32)  # cumulative log decay inside the chunk
-        b_last = b_ref[c * chunk + chunk - 1]
-        seg, seg_last = seg_ref[span], seg_ref[c * chunk + chunk - 1]
-        before = seg_ref[jnp.maximum(c * chunk - 1, 0)]  # the incoming state's segment
-        keep = causal & (seg[:, None] == seg[None, :])
-        diff = jnp.where(keep, b[:, None] - b[None, :], -jnp.inf)
-        scores = mm(q, k, trans_b=True) * jnp.exp(diff)  # float32
-        carried = jnp.where(seg == before, jnp.exp(b), 0.0)
-        # The float32 scores and state are cast to the inputs' dtype for their dots (as
-        # fla does); every dot accumulates in float32.
-        out = mm(scores.astype(dt), v) + carried[:, None] * mm(q, state.astype(dt))
-        out_ref[span, :] = out.astype(out_ref.dtype)
-        tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)[:, None]
-        k_decayed = (k.astype(jnp.float32) * tail).astype(dt)
-        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)
-        return kept * state + mm(k_decayed, v, trans_a=True)
-
-    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
-    state_ref[...] = state
-
-
 def kernel_layout(q, k, v, log_decay, chunk):
     """q, k (batch, length, heads, dk), v (..., dv), log_decay (batch, length, heads[, G])
     f32 -> heads first, zero-padded to whole chunks, log decay cumulative in each chunk."""
@@ -359,22 +326,119 @@ def value_block(dk: int, dv: int) -> int:
     return block if dv % block == 0 else dv
 
 
+def _chunk_decays(b_ref, seg_ref, start, chunk: int):
+    """The decays of the chunk at `start` that do not pair tokens: (b, each token's
+    cumulative log decay; carried, the incoming state's weight on each query; tail, each
+    key's decay to the chunk's end; kept, the state's through the chunk). A token of
+    another segment than the incoming state's (or the chunk's last) gets 0."""
+    span = pl.ds(pl.multiple_of(start, chunk), chunk)
+    b = b_ref[span].astype(jnp.float32)
+    last = start + chunk - 1
+    b_last, seg, seg_last = b_ref[last], seg_ref[span], seg_ref[last]
+    before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
+    return (b, jnp.where(seg == before, jnp.exp(b), 0.0),
+            jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0),
+            jnp.where(seg_last == before, jnp.exp(b_last), 0.0))
+
+
+def _state_kernel(k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int, num_chunks: int):
+    """The state pass, one (batch, head, value slice): walk the chunks, the state
+    (dk, block_dv) in float32, writing the state entering each chunk (and, last, the
+    final one). Keys enter the dot in the inputs' dtype (decayed in float32 first)."""
+    states_ref = refs[-1]  # after the aliased initial states, if any
+
+    def body(c, state):
+        start = c * chunk
+        span = pl.ds(pl.multiple_of(start, chunk), chunk)
+        states_ref[c] = state
+        k, v = k_ref[span, :], v_ref[span, :]
+        _, _, tail, kept = _chunk_decays(b_ref, seg_ref, start, chunk)
+        k_decayed = (k.astype(jnp.float32) * tail[:, None]).astype(v.dtype)
+        return kept * state + mm(k_decayed, v, trans_a=True)
+
+    states_ref[num_chunks] = jax.lax.fori_loop(0, num_chunks, body,
+                                               s0_ref[...].astype(jnp.float32))
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, state_ref, *refs, chunk: int):
+    """The output pass, one (batch, head, chunk, value slice): the chunk's causal scores
+    (masked across segments, decayed in float32) times its values, plus its queries on
+    the state entering it. The float32 scores and state are cast to the inputs' dtype
+    for their dots (as fla does); every dot accumulates in float32."""
+    out_ref = refs[-1]  # after the aliased initial output, if any
+    start = pl.program_id(2) * chunk
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    dt = v.dtype
+    b, carried, _, _ = _chunk_decays(b_ref, seg_ref, start, chunk)
+    seg = seg_ref[pl.ds(pl.multiple_of(start, chunk), chunk)]
+    rows = jnp.arange(chunk)
+    keep = (rows[:, None] >= rows[None, :]) & (seg[:, None] == seg[None, :])
+    scores = mm(q, k, trans_b=True) * jnp.exp(jnp.where(keep, b[:, None] - b[None, :],
+                                                        -jnp.inf))
+    out = mm(scores.astype(dt), v) + carried[:, None] * mm(q, state_ref[...].astype(dt))
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
 def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
                   seg=None, block_dv=None, out_dtype=None):
-    """The kernel on `kernel_layout`'s arrays -> (out (batch, heads, padded, dv), final_state).
+    """The two kernels on `kernel_layout`'s arrays -> (out (batch, heads, padded, dv),
+    final_state): the state pass (one program per batch row, head and value slice,
+    walking the chunks) writes the float32 state entering each chunk, (chunks + 1) x dk x
+    dv x 4 bytes per batch row and head (at 4,096 tokens, chunks of 64 and 64 x 64
+    heads: 1 MiB, against 1.5 MiB of bf16 q, k, v); the output pass runs one program per
+    chunk (and value slice), all in parallel.
 
-    initial_outputs: optional (out, final_state) buffers the kernel writes into in place (for
-    tests: filled with NaN, they show every element is written). seg: segment indices
-    (batch, padded) int32 (`kernel_segments`; None: one segment). block_dv: value columns
-    per program (None: `value_block`).
+    initial_outputs: optional (out, final_state) buffers for tests: the output is written
+    into the first in place, and the per-chunk states start as copies of the second, so
+    NaN-filled buffers show that every element is written. seg: segment indices (batch,
+    padded) int32 (`kernel_segments`; None: one segment). block_dv: value columns per
+    program (None: `value_block`). out in `out_dtype` (default q's).
     """
-    padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
+    batch, heads, padded, dk = qh.shape
+    dv = vh.shape[-1]
     block_dv = value_block(dk, dv) if block_dv is None else block_dv
-    return _per_head_call(
-        functools.partial(_forward_kernel, chunk=chunk, num_chunks=padded // chunk),
-        qh, kh, vh, b, pl.BlockSpec((None, None, padded), lambda i, j, n: (i, j, 0)),
-        initial_state, block_dv, interpret, _triton_params(dk, block_dv),
-        "chunked_linear_attention_fwd", initial_outputs, seg, out_dtype)
+    num_chunks = padded // chunk
+    if seg is None:
+        seg = jnp.zeros((batch, padded), jnp.int32)
+    params = _triton_params(dk, block_dv)
+    spec = lambda shape, index: pl.BlockSpec((None, None, *shape), index)  # noqa: E731
+    states_shape = (batch, heads, num_chunks + 1, dk, dv)
+    states_spec = spec((num_chunks + 1, dk, block_dv), lambda i, j, n: (i, j, 0, 0, n))
+    args = [kh, vh, b, seg, initial_state]
+    in_specs = [spec((padded, dk), lambda i, j, n: (i, j, 0, 0)),
+                spec((padded, block_dv), lambda i, j, n: (i, j, 0, n)),
+                spec((padded,), lambda i, j, n: (i, j, 0)),
+                pl.BlockSpec((None, padded), lambda i, j, n: (i, 0)),
+                spec((dk, block_dv), lambda i, j, n: (i, j, 0, n))]
+    first = None
+    if initial_outputs is not None:
+        first = [jnp.broadcast_to(initial_outputs[1][:, :, None], states_shape)]
+    args, in_specs, aliases = alias_initial_outputs(args, in_specs, [states_spec], first)
+    states = pl.pallas_call(
+        functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks),
+        grid=(batch, heads, dv // block_dv), in_specs=in_specs, out_specs=states_spec,
+        out_shape=jax.ShapeDtypeStruct(states_shape, jnp.float32),
+        input_output_aliases=aliases, interpret=interpret, compiler_params=params,
+        name="chunked_linear_attention_states")(*args)
+
+    per_chunk = lambda width: spec((chunk, width), lambda i, j, c, n: (  # noqa: E731
+        i, j, c, n if width == block_dv else 0))
+    out_spec = per_chunk(block_dv)
+    args = [qh, kh, vh, b, seg, states]
+    in_specs = [per_chunk(dk), per_chunk(dk), out_spec,
+                spec((padded,), lambda i, j, c, n: (i, j, 0)),
+                pl.BlockSpec((None, padded), lambda i, j, c, n: (i, 0)),
+                spec((None, dk, block_dv), lambda i, j, c, n: (i, j, c, 0, n))]
+    last = None if initial_outputs is None else initial_outputs[:1]
+    args, in_specs, aliases = alias_initial_outputs(args, in_specs, [out_spec], last)
+    out = pl.pallas_call(
+        functools.partial(_output_kernel, chunk=chunk),
+        grid=(batch, heads, num_chunks, dv // block_dv), in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dv), out_dtype or qh.dtype),
+        input_output_aliases=aliases, interpret=interpret, compiler_params=params,
+        name="chunked_linear_attention_fwd")(*args)
+    return out, states[:, :, num_chunks]
 
 
 def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
