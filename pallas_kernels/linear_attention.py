@@ -24,8 +24,12 @@ Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
     with cumulative log decays inside a chunk, state passing between chunks
     (a scan over chunks); gradients by autodiff. Per-key-dimension gates use
     sub-chunks inside each chunk so that no exponent is positive (below);
-  * `pallas`: one Triton-style Pallas kernel per (batch, head) that walks the
-    chunks with the state in float32 registers. Dots take the inputs' dtype and
+  * `pallas`: with one decay per head, two Triton-style Pallas kernels: a state
+    pass (one program per batch row, head and value slice) walks the chunks with the
+    state in float32 registers and writes the state entering each chunk; an output
+    pass, one program per chunk, forms the chunk's outputs from it, all chunks in
+    parallel. Per-key-dimension gates (GLA) still walk the chunks in one program
+    that writes the outputs as it goes. Dots take the inputs' dtype and
     accumulate in float32; the float32 scores, state and gate products are cast to
     the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not TF32).
     Its backward (custom_vjp) runs the same kernel three more times: dq is the
