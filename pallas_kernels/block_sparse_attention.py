@@ -165,16 +165,34 @@ def _check_args(q, k, v, segment_ids, block_q, block_k):
 # Forward.
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: CallStatics, has_segments: bool):
+def reading(rows, block):
+    """(block_q,) bool: which queries, given their selected blocks `rows` (block_q, n),
+    read key block `block` (a traced table: `pallas_kernels/selected_attention.py`)."""
+    return jnp.max((rows == block).astype(jnp.int32), axis=1) > 0
+
+
+def _split_rows(refs, has_rows: bool):
+    """(the queries' selected-blocks ref or None, the remaining refs)."""
+    return (refs[0], refs[1:]) if has_rows else (None, refs)
+
+
+def sparse_forward_kernel(table_ref, *refs, s: CallStatics, has_segments: bool,
+                          has_rows: bool = False):
+    """One query block of one head over the key blocks its table row lists; with
+    `has_rows`, a ref of each query's own blocks follows the table and masks each query
+    to them."""
+    rows_ref, (q_ref, k_ref, v_ref, *rest) = _split_rows(refs, has_rows)
     o_ref, lse_ref = rest[-2:]  # after the aliased initial outputs, if any
     q_seg_ref, k_seg_ref = rest[:2] if has_segments else (None, None)
     q = q_ref[...]
+    rows = rows_ref[...] if has_rows else None
     q_seg = q_seg_ref[...] if has_segments else None
     q_first = pl.program_id(0) * s.block_q
 
     def body(j, carry):
-        return forward_step(s, q, q_first, q_seg, k_ref, v_ref, k_seg_ref,
-                            table_ref[j + 1] * s.block_k, carry)
+        block = table_ref[j + 1]
+        return forward_step(s, q, q_first, q_seg, k_ref, v_ref, k_seg_ref, block * s.block_k,
+                            carry, None if rows is None else reading(rows, block))
 
     acc = jnp.zeros(q.shape, jnp.float32)
     row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
@@ -183,7 +201,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, s: CallStatics, has_s
     store_rows(o_ref, lse_ref, acc, row_max, row_sum)
 
 
-def _segment_args(q_seg, k_seg):
+def segment_args(q_seg, k_seg):
     return () if q_seg is None else (q_seg, k_seg)
 
 
@@ -191,8 +209,9 @@ def _forward(q, k, v, q_seg, k_seg, q_table, s: CallStatics, initial_outputs=Non
     h, d = q.shape[2:]
     kv_len, kv = k.shape[1], k.shape[2]
     has_segments = q_seg is not None
-    return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
-                        q, [q_table, q, k, v, *_segment_args(q_seg, k_seg)],
+    return forward_call(functools.partial(sparse_forward_kernel, s=s,
+                                          has_segments=has_segments),
+                        q, [q_table, q, k, v, *segment_args(q_seg, k_seg)],
                         [_table_row(q_table)[1],
                          *forward_specs(s, d, kv_len, h // kv, has_segments)],
                         s, "block_sparse_attention_forward", initial_outputs)
@@ -202,44 +221,57 @@ def _forward(q, k, v, q_seg, k_seg, q_table, s: CallStatics, initial_outputs=Non
 # Backward.
 
 
-def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                s: CallStatics, group: int, has_segments: bool):
-    """One key block of one K/V head: dK, dV over its listed query blocks and heads."""
+def sparse_dkv_kernel(table_ref, *refs, s: CallStatics, group: int, has_segments: bool,
+                      has_rows: bool = False):
+    """One key block of one K/V head: dK, dV over its listed query blocks and heads (the
+    heads outside the loop over blocks: inside, Triton keeps every head's tiles live);
+    with `has_rows`, each query counts only if it selected this block."""
+    rows_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest) = _split_rows(
+        refs, has_rows)
     if has_segments:
         q_seg_ref, k_seg_ref, dk_ref, dv_ref = rest
     else:
         (dk_ref, dv_ref), q_seg_ref, k_seg_ref = rest, None, None
     k, v = k_ref[...], v_ref[...]
     k_seg = k_seg_ref[...] if has_segments else None
-    k_first = pl.program_id(0) * s.block_k
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
+    k_block = pl.program_id(0)
+    k_first = k_block * s.block_k
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for g in range(group):
 
         def body(j, carry, g=g):
+            q_first = table_ref[j + 1] * s.block_q
+            chosen = None if rows_ref is None else reading(
+                rows_ref[pl.ds(q_first, s.block_q), :], k_block)
             return dkv_step(s, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
-                            k_first, table_ref[j + 1] * s.block_q, carry)
+                            k_first, q_first, carry, chosen)
 
-        dk, dv = lax.fori_loop(0, table_ref[0], body, (dk, dv))
+        carry = lax.fori_loop(0, table_ref[0], body, carry)
+    dk, dv = carry
     dk_ref[...] = (dk * s.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-               s: CallStatics, has_segments: bool):
-    """One query block of one head: dQ over its listed key blocks."""
+def sparse_dq_kernel(table_ref, *refs, s: CallStatics, has_segments: bool,
+                     has_rows: bool = False):
+    """One query block of one head: dQ over its listed key blocks (`has_rows`: as
+    `sparse_forward_kernel`)."""
+    rows_ref, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest) = _split_rows(
+        refs, has_rows)
     if has_segments:
         q_seg_ref, k_seg_ref, dq_ref = rest
     else:
         (dq_ref,), q_seg_ref, k_seg_ref = rest, None, None
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
+    rows = rows_ref[...] if has_rows else None
     q_seg = q_seg_ref[...] if has_segments else None
     q_first = pl.program_id(0) * s.block_q
 
     def body(j, dq):
+        block = table_ref[j + 1]
         return dq_step(s, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
-                       table_ref[j + 1] * s.block_k, dq)
+                       block * s.block_k, dq, None if rows is None else reading(rows, block))
 
     dq = lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
@@ -249,9 +281,9 @@ def _backward(q, k, v, q_seg, k_seg, q_table, k_table, do, lse, delta, s: CallSt
     has_segments = q_seg is not None
     group = q.shape[2] // k.shape[2]
     return backward_calls(
-        functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
-        functools.partial(_dq_kernel, s=s, has_segments=has_segments),
-        q, k, v, [do, lse, delta, *_segment_args(q_seg, k_seg)], s,
+        functools.partial(sparse_dkv_kernel, s=s, group=group, has_segments=has_segments),
+        functools.partial(sparse_dq_kernel, s=s, has_segments=has_segments),
+        q, k, v, [do, lse, delta, *segment_args(q_seg, k_seg)], s,
         "block_sparse_attention", dkv_lead=[_table_row(k_table)], dq_lead=[_table_row(q_table)])
 
 

@@ -214,10 +214,11 @@ def tile_is_full(s: CallStatics, q_first, k_first, q_seg, k_seg, rows=None):
     k_first) is masked, as a traced bool: keys before every query (causal), inside every
     query's window, none padded, one segment throughout, every row reading the block.
     Found from the block's ends and its ids' extremes, so a full tile costs O(block),
-    not the O(block_q x block_k) of building the mask."""
+    not the O(block_q x block_k) of building the mask. Python's True where no mask
+    applies to any tile."""
     q_lo = q_first + s.q_offset
     k_hi = k_first + s.block_k - 1
-    full = jnp.bool_(True)
+    full = True
     if s.causal:
         full = full & (k_hi <= q_lo)
     if s.window:
@@ -237,8 +238,8 @@ def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg, rows=None):
     given, masks whole query rows (those that do not read this key block). A tile that
     `tile_is_full` skips building the mask."""
     scores = mm(q, k, trans_b=True) * s.sm_scale
-    if not (s.causal or s.window or s.kv_len % s.block_k or q_seg is not None
-            or rows is not None):
+    full = tile_is_full(s, q_first, k_first, q_seg, k_seg, rows)
+    if full is True:
         return scores
 
     def masked(scores):
@@ -257,8 +258,7 @@ def _scores(s: CallStatics, q, k, q_first, k_first, q_seg, k_seg, rows=None):
             mask = mask & rows[:, None]
         return jnp.where(mask, scores, _MASKED)
 
-    return lax.cond(tile_is_full(s, q_first, k_first, q_seg, k_seg, rows), lambda x: x,
-                    masked, scores)
+    return lax.cond(full, lambda x: x, masked, scores)
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,20 +29,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
+from efflm.pallas_kernels.block_sparse_attention import (
+    segment_args,
+    sparse_dkv_kernel,
+    sparse_dq_kernel,
+    sparse_forward_kernel,
+)
 from efflm.pallas_kernels.flash_attention import (
     CallStatics,
     backward_calls,
     check_qkv,
-    dkv_step,
-    dq_step,
     forward_call,
     forward_specs,
-    forward_step,
     next_power_of_2,
-    store_rows,
 )
 
 
@@ -143,85 +144,8 @@ def _rows(index, valid, block_q: int):
     return rows, length
 
 
-def _chosen(rows, block):
-    """(block_q,) bool: which queries (rows (block_q, n)) selected `block`."""
-    return jnp.max((rows == block).astype(jnp.int32), axis=1) > 0
-
-
 # ---------------------------------------------------------------------------------------
-# Kernels.
-
-
-def _forward_kernel(table_ref, rows_ref, q_ref, k_ref, v_ref, *rest, s: CallStatics,
-                    has_segments: bool):
-    o_ref, lse_ref = rest[-2:]
-    q_seg_ref, k_seg_ref = rest[:2] if has_segments else (None, None)
-    q, rows = q_ref[...], rows_ref[...]
-    q_seg = q_seg_ref[...] if has_segments else None
-    q_first = pl.program_id(0) * s.block_q
-
-    def body(j, carry):
-        block = table_ref[j + 1]
-        return forward_step(s, q, q_first, q_seg, k_ref, v_ref, k_seg_ref,
-                            block * s.block_k, carry, _chosen(rows, block))
-
-    acc = jnp.zeros(q.shape, jnp.float32)
-    row_max = jnp.full((s.block_q,), -jnp.inf, jnp.float32)
-    row_sum = jnp.zeros((s.block_q,), jnp.float32)
-    acc, row_max, row_sum = lax.fori_loop(0, table_ref[0], body, (acc, row_max, row_sum))
-    store_rows(o_ref, lse_ref, acc, row_max, row_sum)
-
-
-def _dkv_kernel(table_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                s: CallStatics, group: int, has_segments: bool):
-    """One key block of one K/V head: dK, dV over the query blocks that read it, summed
-    over the group's heads."""
-    if has_segments:
-        q_seg_ref, k_seg_ref, dk_ref, dv_ref = rest
-    else:
-        (dk_ref, dv_ref), q_seg_ref, k_seg_ref = rest, None, None
-    k, v = k_ref[...], v_ref[...]
-    k_seg = k_seg_ref[...] if has_segments else None
-    k_block = pl.program_id(0)
-    k_first = k_block * s.block_k
-
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    # Heads outside the loop over query blocks, as in flash attention: with the heads
-    # inside, Triton keeps every head's tiles live (306 KiB of shared memory at head_dim
-    # 128 and 4 heads a group, `efflm bench compile`).
-    for g in range(group):
-
-        def body(j, carry, g=g):
-            q_first = table_ref[j + 1] * s.block_q
-            chosen = _chosen(rows_ref[pl.ds(q_first, s.block_q), :], k_block)
-            return dkv_step(s, g, q_ref, do_ref, lse_ref, delta_ref, q_seg_ref, k, v, k_seg,
-                            k_first, q_first, carry, chosen)
-
-        carry = lax.fori_loop(0, table_ref[0], body, carry)
-    dk, dv = carry
-    dk_ref[...] = (dk * s.sm_scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _dq_kernel(table_ref, rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-               s: CallStatics, has_segments: bool):
-    """One query block of one head: dQ over its union's key blocks."""
-    if has_segments:
-        q_seg_ref, k_seg_ref, dq_ref = rest
-    else:
-        (dq_ref,), q_seg_ref, k_seg_ref = rest, None, None
-    q, do, rows = q_ref[...], do_ref[...], rows_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
-    q_seg = q_seg_ref[...] if has_segments else None
-    q_first = pl.program_id(0) * s.block_q
-
-    def body(j, dq):
-        block = table_ref[j + 1]
-        return dq_step(s, q, do, lse, delta, q_first, q_seg, k_ref, v_ref, k_seg_ref,
-                       block * s.block_k, dq, _chosen(rows, block))
-
-    dq = lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * s.sm_scale).astype(dq_ref.dtype)
+# Kernels: the block-sparse kernels, each query masked to its own blocks (`has_rows`).
 
 
 def _per_query_block(s: CallStatics, group: int, q_table, rows):
@@ -233,17 +157,14 @@ def _per_query_block(s: CallStatics, group: int, q_table, rows):
                                 lambda i, bi, hi: (bi, hi // group, i, 0)))]
 
 
-def _segments(q_seg, k_seg):
-    return () if q_seg is None else (q_seg, k_seg)
-
-
 def _forward(q, k, v, q_seg, k_seg, rows, q_table, s: CallStatics, initial_outputs=None):
     h, d = q.shape[2:]
     group = h // k.shape[2]
     has_segments = q_seg is not None
     lead = _per_query_block(s, group, q_table, rows)
-    return forward_call(functools.partial(_forward_kernel, s=s, has_segments=has_segments),
-                        q, [*(a for a, _ in lead), q, k, v, *_segments(q_seg, k_seg)],
+    return forward_call(functools.partial(sparse_forward_kernel, s=s,
+                                          has_segments=has_segments, has_rows=True),
+                        q, [*(a for a, _ in lead), q, k, v, *segment_args(q_seg, k_seg)],
                         [*(spec for _, spec in lead),
                          *forward_specs(s, d, k.shape[1], group, has_segments)],
                         s, "nsa_selected_attention_forward", initial_outputs)
@@ -273,9 +194,10 @@ def _selected_bwd(s: CallStatics, residuals, do):
                 (rows, pl.BlockSpec((None, None, length, rows.shape[-1]),
                                     lambda j, bi, ki: (bi, ki, 0, 0)))]
     dq, dk, dv = backward_calls(
-        functools.partial(_dkv_kernel, s=s, group=group, has_segments=has_segments),
-        functools.partial(_dq_kernel, s=s, has_segments=has_segments),
-        q, k, v, [do.astype(q.dtype), lse, delta, *_segments(q_seg, k_seg)], s,
+        functools.partial(sparse_dkv_kernel, s=s, group=group, has_segments=has_segments,
+                          has_rows=True),
+        functools.partial(sparse_dq_kernel, s=s, has_segments=has_segments, has_rows=True),
+        q, k, v, [do.astype(q.dtype), lse, delta, *segment_args(q_seg, k_seg)], s,
         "nsa_selected_attention", dkv_lead=dkv_lead,
         dq_lead=_per_query_block(s, group, q_table, rows))
     return dq, dk, dv, None, None, None, None
