@@ -43,6 +43,7 @@ from efflm.pallas_kernels.linear_attention import (
     check_inputs as check_linear_inputs,
 )
 from efflm.pallas_kernels.linear_attention import (
+    chunk_decays,
     compiled_chunk_problem,
     from_chunks,
     kernel_layout,
@@ -243,19 +244,6 @@ def _decay(g_ref, seg_ref, start, chunk, strict):
     return jnp.exp(jnp.where(keep, g[:, None] - g[None, :], -jnp.inf))
 
 
-def _chunk_decays(g_ref, seg_ref, start, chunk):
-    """The per-token decays of the chunk at `start` that do not pair tokens: c (the
-    incoming state's), tau (each key's to the chunk's end) and kappa (the state's)."""
-    rows = pl.ds(start, chunk)
-    g, seg = g_ref[rows], seg_ref[rows]
-    before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
-    last = start + chunk - 1
-    seg_last, g_last = seg_ref[last], g_ref[last]
-    return (jnp.where(seg == before, jnp.exp(g), 0.0),
-            jnp.where(seg == seg_last, jnp.exp(g_last - g), 0.0),
-            jnp.where(seg_last == before, jnp.exp(g_last), 0.0))
-
-
 def _scores(q, k, g_ref, seg_ref, start, chunk):
     """P: q_i . k_j exp(g_i - g_j) where token j reaches token i, else 0."""
     return _decay(g_ref, seg_ref, start, chunk, False) * mm(q, k, trans_b=True)
@@ -305,7 +293,7 @@ def _states_kernel(k_ref, v_ref, g_ref, beta_ref, seg_ref, t_ref, s0_ref, u_ref,
         start = c * chunk
         rows = pl.ds(start, chunk)
         k, v = k_ref[rows, :].astype(jnp.float32), v_ref[rows, :].astype(jnp.float32)
-        carried, tail, kappa = _chunk_decays(g_ref, seg_ref, start, chunk)
+        carried, tail, kappa = chunk_decays(g_ref, seg_ref, start, chunk)
         r = beta_ref[rows][:, None] * (v - carried[:, None] * mm(k, state))
         u = mm(t_ref[rows, :], r)
         states_ref[c] = state
@@ -320,7 +308,7 @@ def _output_kernel(q_ref, k_ref, g_ref, seg_ref, state_ref, u_ref, out_ref, *, c
     """O = diag(c) Q S + P U for one chunk, S the state entering it."""
     start = pl.program_id(2) * chunk
     q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
-    carried, _, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    carried, _, _ = chunk_decays(g_ref, seg_ref, start, chunk)
     scores = _scores(q, k, g_ref, seg_ref, start, chunk)
     out_ref[...] = (carried[:, None] * mm(q, state_ref[...])
                     + mm(scores, u_ref[...])).astype(out_ref.dtype)
@@ -338,7 +326,7 @@ def _state_backward_kernel(q_ref, k_ref, g_ref, beta_ref, seg_ref, t_ref, d_out_
         d_states_ref[c] = d_state
         q, k = (r[rows, :].astype(jnp.float32) for r in (q_ref, k_ref))
         d_out = d_out_ref[rows, :]
-        carried, tail, kappa = _chunk_decays(g_ref, seg_ref, start, chunk)
+        carried, tail, kappa = chunk_decays(g_ref, seg_ref, start, chunk)
         d_u = d_u_ref[rows, :] + tail[:, None] * mm(k, d_state)
         d_r = mm(t_ref[rows, :], d_u, trans_a=True)
         d_r_ref[rows, :] = d_r
@@ -365,7 +353,7 @@ def _grads_scores_kernel(q_ref, k_ref, g_ref, seg_ref, state_ref, u_ref, d_out_r
     start = pl.program_id(2) * chunk
     q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
     u, d_out, state = u_ref[...], d_out_ref[...], state_ref[...]
-    carried, _, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    carried, _, _ = chunk_decays(g_ref, seg_ref, start, chunk)
     scores = _scores(q, k, g_ref, seg_ref, start, chunk)
     d_scores = mm(d_out, u, trans_b=True)
     d_decay = d_scores * scores  # each decayed product's term times its cotangent
@@ -385,7 +373,7 @@ def _grads_values_kernel(k_ref, v_ref, g_ref, beta_ref, seg_ref, state_ref, d_ne
     k, v = k_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
     u, d_r, state, d_next = u_ref[...], d_r_ref[...], state_ref[...], d_next_ref[...]
     beta = beta_ref[pl.ds(start, chunk)]
-    carried, tail, _ = _chunk_decays(g_ref, seg_ref, start, chunk)
+    carried, tail, _ = chunk_decays(g_ref, seg_ref, start, chunk)
     decay = _decay(g_ref, seg_ref, start, chunk, True)
     d_a = -mm(d_r, u, trans_b=True) * decay  # d A times the decay, strictly lower
     d_gram = d_a * mm(k, k, trans_b=True)  # d A * A / beta

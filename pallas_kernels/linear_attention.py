@@ -330,17 +330,17 @@ def value_block(dk: int, dv: int) -> int:
     return block if dv % block == 0 else dv
 
 
-def _chunk_decays(b_ref, seg_ref, start, chunk: int):
-    """The decays of the chunk at `start` that do not pair tokens: (b, each token's
-    cumulative log decay; carried, the incoming state's weight on each query; tail, each
-    key's decay to the chunk's end; kept, the state's through the chunk). A token of
-    another segment than the incoming state's (or the chunk's last) gets 0."""
-    span = pl.ds(pl.multiple_of(start, chunk), chunk)
-    b = b_ref[span].astype(jnp.float32)
+def chunk_decays(b_ref, seg_ref, start, chunk: int):
+    """The decays of the chunk at `start` that do not pair tokens, from the cumulative
+    log decays `b_ref` (float32): (carried, the incoming state's weight on each query;
+    tail, each key's decay to the chunk's end; kept, the state's through the chunk). A
+    token of another segment than the incoming state's (or the chunk's last) gets 0."""
+    span = pl.ds(start, chunk)
+    b, seg = b_ref[span], seg_ref[span]
     last = start + chunk - 1
-    b_last, seg, seg_last = b_ref[last], seg_ref[span], seg_ref[last]
+    b_last, seg_last = b_ref[last], seg_ref[last]
     before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
-    return (b, jnp.where(seg == before, jnp.exp(b), 0.0),
+    return (jnp.where(seg == before, jnp.exp(b), 0.0),
             jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0),
             jnp.where(seg_last == before, jnp.exp(b_last), 0.0))
 
@@ -356,7 +356,7 @@ def _state_kernel(k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int, num_c
         span = pl.ds(pl.multiple_of(start, chunk), chunk)
         states_ref[c] = state
         k, v = k_ref[span, :], v_ref[span, :]
-        _, _, tail, kept = _chunk_decays(b_ref, seg_ref, start, chunk)
+        _, tail, kept = chunk_decays(b_ref, seg_ref, start, chunk)
         k_decayed = (k.astype(jnp.float32) * tail[:, None]).astype(v.dtype)
         return kept * state + mm(k_decayed, v, trans_a=True)
 
@@ -373,8 +373,9 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, state_ref, *refs, chunk:
     start = pl.program_id(2) * chunk
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     dt = v.dtype
-    b, carried, _, _ = _chunk_decays(b_ref, seg_ref, start, chunk)
-    seg = seg_ref[pl.ds(pl.multiple_of(start, chunk), chunk)]
+    carried, _, _ = chunk_decays(b_ref, seg_ref, start, chunk)
+    span = pl.ds(pl.multiple_of(start, chunk), chunk)
+    b, seg = b_ref[span], seg_ref[span]
     rows = jnp.arange(chunk)
     keep = (rows[:, None] >= rows[None, :]) & (seg[:, None] == seg[None, :])
     scores = mm(q, k, trans_b=True) * jnp.exp(jnp.where(keep, b[:, None] - b[None, :],
