@@ -103,17 +103,16 @@ def _print_tokenizer(name: str, result: dict) -> None:
 def _data_tokenizer(args) -> int:
     from efflm.config import load_config
     from efflm.data import SOURCES
-    from efflm.data.build import check_trainable, train_tokenizer
+    from efflm.data.build import train_tokenizer
     from efflm.data.sources import make_source
 
-    check_trainable(args.name, args.vocab_size)
     cfg = load_config(args.config, args.overrides)
     if SOURCES[cfg.data.source].tokenizer(cfg.data) is not None:
         raise EfflmError(f"data.source={cfg.data.source} yields token ids, not text: a "
                          "tokenizer trains on text")
     result = train_tokenizer(args.name, make_source(cfg.data, "train"), args.vocab_size,
                              args.out, args.overwrite)
-    _print_tokenizer(args.name, {**result, "trained": True})
+    _print_tokenizer(args.name, result)
     print(f"use it with data.tokenizer={args.name} data.{args.name}.path={args.out}")
     return 0
 

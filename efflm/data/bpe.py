@@ -105,20 +105,19 @@ class Bpe(FileTokenizer):
         lengths = np.zeros(self.vocab_size, np.int32)
         for token, i in vocab.items():
             lengths[i] = len(token)  # byte-level: one character per byte
-        specials = set()
-        for added in spec.get("added_tokens", []):
-            lengths[added["id"]] = 0 if added["special"] else len(
-                added["content"].encode("utf-8"))
-            specials.update([added["id"]] if added["special"] else [])
+        added = spec.get("added_tokens", [])
+        for token in added:  # a special stands for no text; other added tokens for theirs
+            lengths[token["id"]] = 0 if token["special"] else len(
+                token["content"].encode("utf-8"))
         self.lengths = lengths
+        specials = {token["content"]: token["id"] for token in added if token["special"]}
         names = dict(options)
         for role in ("pad", "bos", "eos"):
-            if vocab.get(names[role]) not in specials:
-                listed = sorted(a["content"] for a in spec.get("added_tokens", [])
-                                if a["special"])
+            if names[role] not in specials:
                 raise ConfigError(f"data.bpe.{role}={names[role]!r} is not a special token "
-                                  f"of {path!r}; it has: {', '.join(listed) or 'none'}")
-            setattr(self, f"{role}_id", vocab[names[role]])
+                                  f"of {path!r}; it has: "
+                                  f"{', '.join(sorted(specials)) or 'none'}")
+            setattr(self, f"{role}_id", specials[names[role]])
 
     def encode(self, text: str) -> np.ndarray:
         ids = self.hf.encode(utf8_text(text), add_special_tokens=False).ids

@@ -76,7 +76,7 @@ def build(name: str, patterns: list[str], data_dir: str = "", val_fraction: floa
     trained on the training split and kept in the dataset's `tokenizers/` folder
     ("trained": False where it was there already)."""
     if tokenizer:  # bad tokenizer settings fail before anything is built
-        _tokenizer_file(tokenizer, vocab_size, "")
+        check_trainable(tokenizer, vocab_size)
     if not NAME.fullmatch(name):
         raise DataError(f"dataset name {name!r} must be a letter followed by letters, "
                         "digits or underscores (e.g. my_corpus)")
@@ -132,8 +132,7 @@ def _with_tokenizer(result: dict, tokenizer: str, vocab_size: int, patterns: lis
     if os.path.isfile(path):
         return {**result, "tokenizer": {"path": path, "trained": False}}
     docs = file_source(patterns, "--from", val_fraction, "train")
-    return {**result, "tokenizer": {**train_tokenizer(tokenizer, docs, vocab_size, path),
-                                    "trained": True}}
+    return {**result, "tokenizer": train_tokenizer(tokenizer, docs, vocab_size, path)}
 
 
 def check_trainable(name: str, vocab_size: int) -> None:
@@ -150,7 +149,8 @@ def train_tokenizer(name: str, docs, vocab_size: int, path: str,
                     overwrite: bool = False) -> dict:
     """Train the tokenizer `name` of about `vocab_size` ids on the documents `docs` (a
     random-access source) and write it to `path`; returns {"path", "vocab_size",
-    "documents", "bytes", "seconds"}. An existing `path` is kept unless `overwrite`."""
+    "documents", "bytes", "seconds", "trained": True}. An existing `path` is kept unless
+    `overwrite`."""
     check_trainable(name, vocab_size)
     if os.path.isdir(path) or (os.path.exists(path) and not overwrite):
         raise DataError(f"{path!r} exists; pass --overwrite to replace it, or choose another "
@@ -173,4 +173,4 @@ def train_tokenizer(name: str, docs, vocab_size: int, path: str,
     except OSError as e:
         raise DataError(f"cannot write {path!r} ({e.strerror or e})") from None
     return {"path": path, "vocab_size": vocab, "documents": len(docs), "bytes": size[0],
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "trained": True}
