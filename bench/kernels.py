@@ -185,6 +185,12 @@ def _attempt(func, *args, **kwargs) -> tuple[float | None, str]:
         return None, reason if len(reason) <= 120 else reason[:117] + "..."
 
 
+def _keep(rows: list[dict], row: dict) -> None:
+    """Append `row` and print it at once (stderr), so that a run cut short still shows it."""
+    rows.append(row)
+    print("row:", row, file=sys.stderr, flush=True)
+
+
 def _sig(value: float) -> str:
     """Three significant digits; whole numbers, not exponents, from 100 up."""
     text = f"{value:#.3g}"
@@ -283,7 +289,7 @@ def attention_rows(args, peak: float) -> list[dict]:
             for impl in args.impls:
                 seconds, reason = _attempt(_time_attention, impl, q, k, v, do, args)
                 row["cells"][impl] = _cell(seconds, reason, flops, peak, _interpreted(impl))
-            rows.append(row)
+            _keep(rows, row)
     return rows
 
 
@@ -348,7 +354,7 @@ def grouped_matmul_rows(args) -> list[dict]:
                                                   **timing)
                     row[f"{name}_step"] = _attempt(median_seconds, fwd_bwd(fn, 2), x, w, dy,
                                                    group_sizes, **timing)
-                rows.append(row)
+                _keep(rows, row)
     return rows
 
 
@@ -413,7 +419,7 @@ def linear_rows(args) -> list[dict]:
             step = fwd_bwd(_linear_fn(impl, args.chunk), len(inputs))
             row[impl] = _attempt(median_seconds, step, *inputs, do, **timing)
         row["flash"] = _attempt(median_seconds, fwd_bwd(flash, 3), q, k, v, do, **timing)
-        rows.append(row)
+        _keep(rows, row)
     return rows
 
 
@@ -494,7 +500,7 @@ def selected_rows(args) -> list[dict]:
             row[name] = _attempt(median_seconds, fwd_bwd(fn, 3), q, k, v, do, index, valid,
                                  **timing)
         row["flash"] = _attempt(median_seconds, fwd_bwd(flash, 3), q, k, v, do, **timing)
-        rows.append(row)
+        _keep(rows, row)
     return rows
 
 

@@ -50,11 +50,12 @@ def _value_and_grads(fn, q, k, v, w, **kw):
                    compiler_options=FAST_COMPILE)(q, k, v)
 
 
-def _check(q, k, v, seg, w, mask, block_q, block_k, causal=True, tol=1e-5, gtol=1e-4):
+def _check(q, k, v, seg, w, mask, block_q, block_k, causal=True, tol=1e-5, gtol=1e-4,
+           interpret=True):
     kw = dict(block_mask=mask, block_q=block_q, block_k=block_k, segment_ids=seg,
               causal=causal)
-    (_, out), grads = _value_and_grads(block_sparse_attention, q, k, v, w, interpret=True,
-                                       **kw)
+    (_, out), grads = _value_and_grads(block_sparse_attention, q, k, v, w,
+                                       interpret=interpret, **kw)
     (_, ref), ref_grads = _value_and_grads(reference_block_sparse_attention, q, k, v, w, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
@@ -129,6 +130,18 @@ def test_bfloat16():
     q, k, v, seg, w = _inputs(5, 1, 48, 2, 1, 32, segments=True, dtype=jnp.bfloat16)
     _check(q, k, v, seg, w, power_block_mask(48, block_q=16, block_k=16), 16, 16,
            tol=2e-2, gtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-3), (jnp.bfloat16, 3e-2)])
+def test_compiled_on_gpu(dtype, tol):
+    """Compiled for the GPU: 1,000 tokens (the last block partial), blocks of 64, a random
+    causal mask and a power mask, GQA 8 on 2, packed segments."""
+    q, k, v, seg, w = _inputs(7, 2, 1000, 8, 2, 64, segments=True, dtype=dtype)
+    _check(q, k, v, seg, w, _random_mask(8, 16, 16, True), 64, 64, tol=tol, gtol=2 * tol,
+           interpret=False)
+    _check(q, k, v, None, w, power_block_mask(1000, block_q=64, block_k=64), 64, 64, tol=tol,
+           gtol=2 * tol, interpret=False)
 
 
 def test_bad_arguments_are_rejected():
