@@ -8,7 +8,8 @@
 # attention against jax.nn's xla and cudnn paths and jax's Pallas mha, head dims 64 and
 # 128, 1K-16K), linear (linear attention against flash, 4K-32K), gmm (grouped matmul
 # against ragged_dot), mfu (`small` and `small_moe` in bf16), gqa (flash with 4 query
-# heads per K/V head), ce (fused cross-entropy memory), selected (NSA's selected branch).
+# heads per K/V head), ce (fused cross-entropy memory), selected (NSA's selected branch), tune (our flash
+# attention at block sizes 128x64, 64x128 and 128x128 beside cuDNN).
 # The default, `tests,flash,linear,gmm`, takes at most about 7 minutes, so a second
 # call that checks fixes (e.g. `tests,mfu,gqa`) still fits the device time of a session.
 # PYTEST_K selects tests by pytest's -k expression (e.g. "linear and bf16"). JAX_PLATFORMS defaults to cuda.
@@ -79,8 +80,13 @@ for p in ${parts//,/ }; do
              --seqs 1024,4096,16384 --runs 10 --out "$work/flash_attention_d64.md" ;;
     linear) part linear_attention 70 efflm bench linear_attention --seqs 4096,8192,16384,32768 \
               --runs 5 --out "$work/linear_attention.md" ;;
-    gmm) part grouped_matmul 40 efflm bench grouped_matmul --runs 10 \
-           --out "$work/grouped_matmul.md" ;;
+    gmm) part grouped_matmul 50 efflm bench grouped_matmul --tokens 16384,65536 --d-models 2048 \
+           --runs 5 --out "$work/grouped_matmul.md" ;;
+    tune) for blocks in 128x64 64x128 128x128; do
+            part "flash_blocks_$blocks" 30 efflm bench flash_attention --head-dims 64,128 \
+              --seqs 4096,16384 --impls ours,cudnn --block-q "${blocks%x*}" \
+              --block-k "${blocks#*x}" --runs 10 --out "$work/flash_blocks_$blocks.md"
+          done ;;
     mfu) part mfu 75 efflm bench mfu --configs small,small_moe --steps 5 \
            model.dtype=bfloat16 --out "$work/mfu.md" ;;
     gqa) part flash_attention_gqa 60 efflm bench flash_attention --group 4 --head-dims 128 \

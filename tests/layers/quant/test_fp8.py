@@ -5,6 +5,7 @@ the fp8 matmul a GPU compiles to."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -143,12 +144,31 @@ def test_the_lowered_step_holds_f8_dots(small_config):
 
 @pytest.mark.gpu
 def test_a_gpu_compiles_the_dot_to_an_fp8_matmul():
-    """On a GPU the f8 dot becomes a cuBLASLt fp8 matmul (dimensions multiples of 16)."""
-    x = jnp.ones((64, 128), jnp.bfloat16)
-    w = jnp.ones((128, 256), jnp.bfloat16)
+    """On a GPU each of the three dots (forward, dx, dw) multiplies f8 operands: a cuBLASLt
+    fp8 matmul, or XLA's own GEMM fusion with f8 inputs (dimensions multiples of 16)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((128, 256)), jnp.bfloat16)
 
     def loss(x, w):
         return jnp.sum(fp8_matmul(x, w, jnp.full(3, -1.0), jnp.zeros(3)))
 
-    text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
-    assert "__cublas$lt$matmul$f8" in text
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    operands = _dot_operand_types(text)
+    assert sum(a.startswith("f8") and b.startswith("f8") for a, b in operands) >= 3, operands
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in compiled HLO text (names are resolved
+    inside each computation: the printed dot does not repeat its operands' types)."""
+    types, found = {}, []
+    for line in hlo.splitlines():
+        if line.rstrip().endswith("{") and not line.startswith(" "):
+            types = {}  # a new computation
+        if match := re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", line):
+            types[match[1]] = match[2]
+        if "__cublas$lt$matmul$f8" in line:
+            found.append(("f8 (cuBLASLt)", "f8 (cuBLASLt)"))
+        elif match := re.search(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", line):
+            found.append((types.get(match[1], "?"), types.get(match[2], "?")))
+    return found
