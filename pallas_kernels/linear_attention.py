@@ -60,9 +60,11 @@ _IMPLS = ("auto", "xla", "pallas")
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 
-# The gated kernel keeps a chunk of k, v and gates live beside the state: 4 warps spill
+# The gated kernels keep a chunk of k, v and gates live beside the state: 4 warps spill
 # at head dim 64 on sm_90 (`efflm bench compile`).
 _GATED_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
+# Value columns per program of the gated kernels (all of them when fewer).
+_GATED_BLOCK_DV = 64
 
 
 def _triton_params(dk: int, dv: int):
@@ -385,7 +387,7 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, state_ref, *refs, chunk:
 
 
 def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_outputs=None,
-                  seg=None, block_dv=None, out_dtype=None):
+                  seg=None, block_dv=None, out_dtype=None, on_keys=True):
     """The two kernels on `kernel_layout`'s arrays -> (out (batch, heads, padded, dv),
     final_state): the state pass (one program per batch row, head and value slice,
     walking the chunks) writes the float32 state entering each chunk, (chunks + 1) x dk x
@@ -393,88 +395,76 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
     heads: 1 MiB, against 1.5 MiB of bf16 q, k, v); the output pass runs one program per
     chunk (and value slice), all in parallel.
 
-    initial_outputs: optional (out, final_state) buffers for tests: the output is written
-    into the first in place, and the per-chunk states start as copies of the second, so
-    NaN-filled buffers show that every element is written. seg: segment indices (batch,
-    padded) int32 (`kernel_segments`; None: one segment). block_dv: value columns per
-    program (None: `value_block`). out in `out_dtype` (default q's).
+    b: one cumulative log decay per head (batch, heads, padded), or per dimension
+    (batch, heads, padded, G), gating the state's rows (`on_keys`, G = dk: GLA) or its
+    columns (G = dv: the backward's dq and dk passes). initial_outputs: optional (out,
+    final_state) buffers for tests: the output is written into the first in place, and
+    the per-chunk states start as copies of the second, so NaN-filled buffers show that
+    every element is written. seg: segment indices (batch, padded) int32
+    (`kernel_segments`; None: one segment). block_dv: value columns per program (None:
+    `value_block`, or 64 with per-dimension gates). out in `out_dtype` (default q's).
     """
     batch, heads, padded, dk = qh.shape
     dv = vh.shape[-1]
-    block_dv = value_block(dk, dv) if block_dv is None else block_dv
+    per_dim = b.ndim == 4
+    if block_dv is None:
+        block_dv = min(dv, _GATED_BLOCK_DV) if per_dim else value_block(dk, dv)
+    block_dv = block_dv if dv % block_dv == 0 else dv
     num_chunks = padded // chunk
     if seg is None:
         seg = jnp.zeros((batch, padded), jnp.int32)
-    params = _triton_params(dk, block_dv)
+    if per_dim:
+        params = _GATED_TRITON
+        state_kernel = functools.partial(_gated_state_kernel, on_keys=on_keys)
+        output_kernel = functools.partial(_gated_output_kernel, sub=sub_chunk(chunk),
+                                          on_keys=on_keys)
+    else:
+        params = _triton_params(dk, block_dv)
+        state_kernel, output_kernel = _state_kernel, _output_kernel
     spec = lambda shape, index: pl.BlockSpec((None, None, *shape), index)  # noqa: E731
+
+    def gates_spec():  # the row's gates; gates on value columns: this program's slice
+        if not per_dim:
+            return spec((padded,), lambda i, j, *rest: (i, j, 0))
+        if on_keys:
+            return spec((padded, dk), lambda i, j, *rest: (i, j, 0, 0))
+        return spec((padded, block_dv), lambda i, j, *rest: (i, j, 0, rest[-1]))
+
+    row_spec = pl.BlockSpec((None, padded), lambda i, *rest: (i, 0))
     states_shape = (batch, heads, num_chunks + 1, dk, dv)
     states_spec = spec((num_chunks + 1, dk, block_dv), lambda i, j, n: (i, j, 0, 0, n))
     args = [kh, vh, b, seg, initial_state]
     in_specs = [spec((padded, dk), lambda i, j, n: (i, j, 0, 0)),
                 spec((padded, block_dv), lambda i, j, n: (i, j, 0, n)),
-                spec((padded,), lambda i, j, n: (i, j, 0)),
-                pl.BlockSpec((None, padded), lambda i, j, n: (i, 0)),
-                spec((dk, block_dv), lambda i, j, n: (i, j, 0, n))]
+                gates_spec(), row_spec, spec((dk, block_dv), lambda i, j, n: (i, j, 0, n))]
     first = None
     if initial_outputs is not None:
         first = [jnp.broadcast_to(initial_outputs[1][:, :, None], states_shape)]
     args, in_specs, aliases = alias_initial_outputs(args, in_specs, [states_spec], first)
+    name = "gated_linear_attention" if per_dim else "chunked_linear_attention"
     states = pl.pallas_call(
-        functools.partial(_state_kernel, chunk=chunk, num_chunks=num_chunks),
+        functools.partial(state_kernel, chunk=chunk, num_chunks=num_chunks),
         grid=(batch, heads, dv // block_dv), in_specs=in_specs, out_specs=states_spec,
         out_shape=jax.ShapeDtypeStruct(states_shape, jnp.float32),
         input_output_aliases=aliases, interpret=interpret, compiler_params=params,
-        name="chunked_linear_attention_states")(*args)
+        name=f"{name}_states")(*args)
 
     per_chunk = lambda width: spec((chunk, width), lambda i, j, c, n: (  # noqa: E731
         i, j, c, n if width == block_dv else 0))
     out_spec = per_chunk(block_dv)
     args = [qh, kh, vh, b, seg, states]
-    in_specs = [per_chunk(dk), per_chunk(dk), out_spec,
-                spec((padded,), lambda i, j, c, n: (i, j, 0)),
-                pl.BlockSpec((None, padded), lambda i, j, c, n: (i, 0)),
+    in_specs = [per_chunk(dk), per_chunk(dk), out_spec, gates_spec(), row_spec,
                 spec((None, dk, block_dv), lambda i, j, c, n: (i, j, c, 0, n))]
     last = None if initial_outputs is None else initial_outputs[:1]
     args, in_specs, aliases = alias_initial_outputs(args, in_specs, [out_spec], last)
     out = pl.pallas_call(
-        functools.partial(_output_kernel, chunk=chunk),
+        functools.partial(output_kernel, chunk=chunk),
         grid=(batch, heads, num_chunks, dv // block_dv), in_specs=in_specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((batch, heads, padded, dv), out_dtype or qh.dtype),
         input_output_aliases=aliases, interpret=interpret, compiler_params=params,
-        name="chunked_linear_attention_fwd")(*args)
+        name=f"{name}_fwd")(*args)
     return out, states[:, :, num_chunks]
-
-
-def _per_head_call(kernel, qh, kh, vh, b, b_spec, initial_state, block_dv, interpret,
-                   params, name, initial_outputs, seg=None, out_dtype=None):
-    """One program per (batch, head, slice of block_dv value columns): q and k whole, v,
-    the state and the output sliced, the gates as `b_spec` says, the segment indices of
-    the batch row. The output in `out_dtype` (default q's)."""
-    batch, heads, padded, dk = qh.shape
-    dv = vh.shape[-1]
-    if seg is None:
-        seg = jnp.zeros((batch, padded), jnp.int32)
-    whole = pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0))
-    sliced = pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n))
-    state_spec = pl.BlockSpec((None, None, dk, block_dv), lambda i, j, n: (i, j, 0, n))
-    seg_spec = pl.BlockSpec((None, padded), lambda i, j, n: (i, 0))
-    out_specs = [sliced, state_spec]
-    args, in_specs, aliases = alias_initial_outputs(
-        [qh, kh, vh, b, seg, initial_state], [whole, whole, sliced, b_spec, seg_spec, state_spec],
-        out_specs, initial_outputs)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, heads, dv // block_dv),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, padded, dv), out_dtype or qh.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, dk, dv), jnp.float32)],
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=params,
-        name=name,
-    )(*args)
 
 
 def kernel_segments(seg, chunk):
@@ -491,12 +481,8 @@ def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on
     indices -> (out in `out_dtype`, default q's; final_state)."""
     qh, kh, vh, b = kernel_layout(q, k, v, log_decay, chunk)
     seg = kernel_segments(seg, chunk)
-    if log_decay.ndim == 4:
-        out, state = _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret,
-                                         on_keys, seg=seg, out_dtype=out_dtype)
-    else:
-        out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg,
-                                   out_dtype=out_dtype)
+    out, state = _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, seg=seg,
+                               out_dtype=out_dtype, on_keys=on_keys)
     return jnp.moveaxis(out, 1, 2)[:, :q.shape[1]], state
 
 
@@ -506,91 +492,92 @@ def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on
 # Pallas kernel for per-dimension gates (GLA).
 
 
-def _gated_forward_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
-                          sub: int, num_chunks: int, on_keys: bool):
-    """One (batch, head) with one gate per state row (`on_keys`: per key dimension, GLA's
-    forward) or per state column (per value dimension: the backward's dq and dk passes).
+def _gated_decays(b_ref, seg_ref, start, chunk: int):
+    """(tail (chunk, G), each key's gates to the chunk's end; kept (1, G), the state's
+    through the chunk), 0 across a segment boundary, from the cumulative log gates."""
+    span, last = pl.ds(start, chunk), pl.ds(start + chunk - 1, 1)
+    seg, seg_last = seg_ref[span][:, None], seg_ref[last][:, None]
+    before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
+    b, b_last = b_ref[span, :], b_ref[last, :]
+    return (jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0),
+            jnp.where(seg_last == before, jnp.exp(b_last), 0.0))
 
-    b holds the cumulative log gate inside each chunk. Scores against earlier
-    sub-chunks are factorised around r, b just before the query sub-chunk, so every
-    exponent is <= 0; inside a sub-chunk one key at a time is taken directly. Scores
-    across segments (seg: segment indices) are masked and the state restarts.
-    """
-    out_ref, state_ref = refs[-2:]  # after the two aliased initial outputs, if any
-    f32 = lambda a: a.astype(jnp.float32)
-    dt = v_ref.dtype  # dots take the inputs' dtype (float32 products cast to it)
-    low = lambda a: a.astype(dt)
-    positions = jnp.arange(chunk)[:, None]
-    within = jnp.arange(sub)[:, None]
+
+def _gated_state_kernel(k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
+                        num_chunks: int, on_keys: bool):
+    """The state pass with one gate per state row (`on_keys`: per key dimension, GLA's
+    forward) or per state column (per value dimension: the backward's dq and dk passes),
+    one (batch, head, value slice): walk the chunks, the state (dk, block_dv) in float32,
+    writing the state entering each chunk (and, last, the final one). The float32 gated
+    products are cast to the inputs' dtype for the dot."""
+    states_ref = refs[-1]  # after the aliased initial states, if any
+    dt = v_ref.dtype
 
     def body(c, state):
         start = c * chunk
         span = pl.ds(pl.multiple_of(start, chunk), chunk)
-        k, v, b = f32(k_ref[span, :]), f32(v_ref[span, :]), b_ref[span, :]
-        seg = seg_ref[span][:, None]  # (chunk, 1)
-        seg_last = seg_ref[pl.ds(start + chunk - 1, 1)][:, None]  # (1, 1)
-        before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
-        for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
-            rows = pl.ds(start + first, sub)
-            q_i, b_i = f32(q_ref[rows, :]), b_ref[rows, :]
-            seg_i = seg_ref[rows][:, None]  # (sub, 1)
-            if on_keys:
-                out = mm(low(q_i * jnp.exp(b_i)), low(state))
-            else:
-                out = jnp.exp(b_i) * mm(low(q_i), low(state))
-            out = jnp.where(seg_i == before, out, 0.0)
-            if first:
-                r = b_ref[pl.ds(start + first - 1, 1), :]
-                decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
-                same = seg_i == seg.T  # (sub, chunk)
-                if on_keys:
-                    scores = mm(low(q_i * jnp.exp(b_i - r)), low(k * decay), trans_b=True)
-                    out = out + mm(low(jnp.where(same, scores, 0.0)), low(v))
-                else:
-                    scores = jnp.where((positions.T < first) & same,
-                                       mm(low(q_i), low(k), trans_b=True), 0.0)
-                    out = out + jnp.exp(b_i - r) * mm(low(scores), low(v * decay))
-
-            def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
-                row = pl.ds(start + first + j, 1)
-                k_j, v_j, b_j = f32(k_ref[row, :]), f32(v_ref[row, :]), b_ref[row, :]
-                seg_j = seg_ref[row][:, None]  # (1, 1)
-                gate = jnp.exp(jnp.where((within >= j) & (seg_i == seg_j), b_i - b_j,
-                                         -jnp.inf))
-                if on_keys:
-                    return out + jnp.sum(q_i * k_j * gate, axis=1, keepdims=True) * v_j
-                return out + jnp.sum(q_i * k_j, axis=1, keepdims=True) * v_j * gate
-
-            out = jax.lax.fori_loop(0, sub, one_key, out)
-            out_ref[rows, :] = out.astype(out_ref.dtype)
-        b_last = b_ref[pl.ds(start + chunk - 1, 1), :]
-        tail = jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0)  # (chunk, G)
-        kept = jnp.where(seg_last == before, jnp.exp(b_last), 0.0)  # (1, G)
+        states_ref[c] = state
+        k, v = k_ref[span, :].astype(jnp.float32), v_ref[span, :].astype(jnp.float32)
+        tail, kept = _gated_decays(b_ref, seg_ref, start, chunk)
         if on_keys:
-            return kept.T * state + mm(low(k * tail), low(v), trans_a=True)
-        return state * kept + mm(low(k), low(v * tail), trans_a=True)
+            return kept.T * state + mm((k * tail).astype(dt), v.astype(dt), trans_a=True)
+        return state * kept + mm(k.astype(dt), (v * tail).astype(dt), trans_a=True)
 
-    state = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
-    state_ref[...] = state
+    states_ref[num_chunks] = jax.lax.fori_loop(0, num_chunks, body,
+                                               s0_ref[...].astype(jnp.float32))
 
 
-def _gated_forward_call(qh, kh, vh, b, initial_state, chunk, interpret, on_keys,
-                        initial_outputs=None, block_dv=64, seg=None, out_dtype=None):
-    """`_gated_forward_kernel` on `kernel_layout`'s arrays (b: (batch, heads, padded, G)).
+def _gated_output_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, state_ref, *refs, chunk: int,
+                         sub: int, on_keys: bool):
+    """The output pass with per-dimension gates, one (batch, head, chunk, value slice): q,
+    k, v are the chunk's rows, b (the cumulative log gate inside each chunk) and seg the
+    whole row's. Scores against earlier sub-chunks are factorised around r, b just before
+    the query sub-chunk, so every exponent is <= 0; inside a sub-chunk one key at a time
+    is taken directly. Scores across segments are masked, and the state entering the
+    chunk reaches only the queries of its segment."""
+    out_ref = refs[-1]  # after the aliased initial output, if any
+    f32 = lambda a: a.astype(jnp.float32)
+    dt = v_ref.dtype  # dots take the inputs' dtype (float32 products cast to it)
+    low = lambda a: a.astype(dt)
+    start = pl.program_id(2) * chunk
+    positions = jnp.arange(chunk)[:, None]
+    within = jnp.arange(sub)[:, None]
+    state = low(state_ref[...])
+    k, v = f32(k_ref[...]), f32(v_ref[...])
+    b = b_ref[pl.ds(start, chunk), :]
+    seg = seg_ref[pl.ds(start, chunk)][:, None]  # (chunk, 1)
+    before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
+    for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
+        q_i, b_i = f32(q_ref[pl.ds(first, sub), :]), b_ref[pl.ds(start + first, sub), :]
+        seg_i = seg_ref[pl.ds(start + first, sub)][:, None]  # (sub, 1)
+        if on_keys:
+            out = mm(low(q_i * jnp.exp(b_i)), state)
+        else:
+            out = jnp.exp(b_i) * mm(low(q_i), state)
+        out = jnp.where(seg_i == before, out, 0.0)
+        if first:
+            r = b_ref[pl.ds(start + first - 1, 1), :]
+            decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
+            same = seg_i == seg.T  # (sub, chunk)
+            if on_keys:
+                scores = mm(low(q_i * jnp.exp(b_i - r)), low(k * decay), trans_b=True)
+                out = out + mm(low(jnp.where(same, scores, 0.0)), low(v))
+            else:
+                scores = jnp.where((positions.T < first) & same,
+                                   mm(low(q_i), low(k), trans_b=True), 0.0)
+                out = out + jnp.exp(b_i - r) * mm(low(scores), low(v * decay))
 
-    The value dimension is split over programs, block_dv columns of the state each
-    (gates on rows apply to every slice; gates on columns are sliced with them).
-    """
-    padded, dk, dv = qh.shape[2], qh.shape[3], vh.shape[-1]
-    block_dv = block_dv if dv % block_dv == 0 else dv
-    b_spec = (pl.BlockSpec((None, None, padded, dk), lambda i, j, n: (i, j, 0, 0)) if on_keys
-              else pl.BlockSpec((None, None, padded, block_dv), lambda i, j, n: (i, j, 0, n)))
-    return _per_head_call(
-        functools.partial(_gated_forward_kernel, chunk=chunk, sub=sub_chunk(chunk),
-                          num_chunks=padded // chunk, on_keys=on_keys),
-        qh, kh, vh, b, b_spec, initial_state, block_dv, interpret, _GATED_TRITON,
-        "gated_linear_attention_fwd" if on_keys else "gated_linear_attention_fwd_cols",
-        initial_outputs, seg, out_dtype)
+        def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
+            k_j, v_j = f32(k_ref[pl.ds(first + j, 1), :]), f32(v_ref[pl.ds(first + j, 1), :])
+            b_j = b_ref[pl.ds(start + first + j, 1), :]
+            seg_j = seg_ref[pl.ds(start + first + j, 1)][:, None]  # (1, 1)
+            gate = jnp.exp(jnp.where((within >= j) & (seg_i == seg_j), b_i - b_j, -jnp.inf))
+            if on_keys:
+                return out + jnp.sum(q_i * k_j * gate, axis=1, keepdims=True) * v_j
+            return out + jnp.sum(q_i * k_j, axis=1, keepdims=True) * v_j * gate
+
+        out = jax.lax.fori_loop(0, sub, one_key, out)
+        out_ref[pl.ds(first, sub), :] = out.astype(out_ref.dtype)
 
 
 # ----------------------------------------------------------------------------
