@@ -65,6 +65,9 @@ _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 _GATED_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=1)
 # Value columns per program of the gated kernels (all of them when fewer).
 _GATED_BLOCK_DV = 64
+# Key columns per step of the gated-keys output pass's sums over the key dimension: whole
+# (chunk x 128) float32 tiles spill at head dim 128 on sm_90 (`efflm bench compile`).
+_GATED_KEY_BLOCK = 64
 
 
 def _triton_params(dk: int, dv: int):
@@ -542,30 +545,47 @@ def _gated_output_kernel(q_ref, k_ref, v_ref, b_ref, seg_ref, state_ref, *refs, 
     start = pl.program_id(2) * chunk
     positions = jnp.arange(chunk)[:, None]
     within = jnp.arange(sub)[:, None]
-    state = low(state_ref[...])
-    k, v = f32(k_ref[...]), f32(v_ref[...])
-    b = b_ref[pl.ds(start, chunk), :]
+    dk = q_ref.shape[-1]
+    kb = min(dk, _GATED_KEY_BLOCK)
     seg = seg_ref[pl.ds(start, chunk)][:, None]  # (chunk, 1)
     before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
+
+    def on_key_slices(first):
+        """Gates on keys: (the state's term, the scores against earlier sub-chunks), both
+        sums over the key dimension, taken kb columns at a time."""
+        out = scores = 0.0
+        for lo in range(0, dk, kb):
+            cols = pl.ds(lo, kb)
+            q_s = f32(q_ref[pl.ds(first, sub), cols])
+            b_s = b_ref[pl.ds(start + first, sub), cols]
+            out = out + mm(low(q_s * jnp.exp(b_s)), low(state_ref[cols, :]))
+            if first:
+                r = b_ref[pl.ds(start + first - 1, 1), cols]
+                decay = jnp.exp(jnp.where(positions < first,
+                                          r - b_ref[pl.ds(start, chunk), cols], -jnp.inf))
+                scores = scores + mm(low(q_s * jnp.exp(b_s - r)),
+                                     low(f32(k_ref[:, cols]) * decay), trans_b=True)
+        return out, scores
+
     for first in range(0, chunk, sub):  # static: chunk // sub sub-chunks
         q_i, b_i = f32(q_ref[pl.ds(first, sub), :]), b_ref[pl.ds(start + first, sub), :]
         seg_i = seg_ref[pl.ds(start + first, sub)][:, None]  # (sub, 1)
+        same = seg_i == seg.T  # (sub, chunk)
         if on_keys:
-            out = mm(low(q_i * jnp.exp(b_i)), state)
+            out, scores = on_key_slices(first)
+            out = jnp.where(seg_i == before, out, 0.0)
+            if first:
+                out = out + mm(low(jnp.where(same, scores, 0.0)), v_ref[...])
         else:
-            out = jnp.exp(b_i) * mm(low(q_i), state)
-        out = jnp.where(seg_i == before, out, 0.0)
-        if first:
-            r = b_ref[pl.ds(start + first - 1, 1), :]
-            decay = jnp.exp(jnp.where(positions < first, r - b, -jnp.inf))
-            same = seg_i == seg.T  # (sub, chunk)
-            if on_keys:
-                scores = mm(low(q_i * jnp.exp(b_i - r)), low(k * decay), trans_b=True)
-                out = out + mm(low(jnp.where(same, scores, 0.0)), low(v))
-            else:
+            out = jnp.where(seg_i == before, jnp.exp(b_i) * mm(low(q_i), low(state_ref[...])),
+                            0.0)
+            if first:
+                r = b_ref[pl.ds(start + first - 1, 1), :]
+                decay = jnp.exp(jnp.where(positions < first,
+                                          r - b_ref[pl.ds(start, chunk), :], -jnp.inf))
                 scores = jnp.where((positions.T < first) & same,
-                                   mm(low(q_i), low(k), trans_b=True), 0.0)
-                out = out + jnp.exp(b_i - r) * mm(low(scores), low(v * decay))
+                                   mm(low(q_i), k_ref[...], trans_b=True), 0.0)
+                out = out + jnp.exp(b_i - r) * mm(low(scores), low(f32(v_ref[...]) * decay))
 
         def one_key(j, out, first=first, q_i=q_i, b_i=b_i, seg_i=seg_i):
             k_j, v_j = f32(k_ref[pl.ds(first + j, 1), :]), f32(v_ref[pl.ds(first + j, 1), :])

@@ -268,9 +268,10 @@ def test_per_key_dim_gates_bad_input():
 
 
 @pytest.mark.parametrize("on_keys", [True, False])
-def test_gated_kernel_splits_the_value_dimension(on_keys):
+def test_gated_kernel_splits_the_value_dimension(on_keys, monkeypatch):
     """Programs over slices of dv (two here) give the unsplit result: gates on state rows
-    apply to every slice, gates on columns are sliced with them."""
+    apply to every slice, gates on columns are sliced with them; so do the gated-keys
+    sums over slices of the key dimension (two of 2 here)."""
     keys = jax.random.split(jax.random.key(9), 5)
     q, k = (jax.random.normal(key, (1, 40, 2, 4)) for key in keys[:2])
     v = jax.random.normal(keys[2], (1, 40, 2, 16))
@@ -282,6 +283,9 @@ def test_gated_kernel_splits_the_value_dimension(on_keys):
     split = fast_jit(functools.partial(run, block_dv=8))(*layout, state)
     whole = fast_jit(functools.partial(run, block_dv=16))(*layout, state)
     for a, b in zip(split, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(la_module, "_GATED_KEY_BLOCK", 2)
+    for a, b in zip(fast_jit(functools.partial(run, block_dv=16))(*layout, state), whole):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     if on_keys:  # and both equal the token scan
         want, want_state = linear_attention_recurrent(q, k, v, log_decay=gates,
