@@ -35,12 +35,27 @@ from efflm.pallas_kernels.common import alias_initial_outputs, mm
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
+_EIGHT_WARPS = plgpu.CompilerParams(num_warps=8, num_stages=2)
 
 
 def dkv_params(head_dim: int):
     """The dK/dV kernel keeps two (block_k x head_dim) float32 accumulators live: at head
     dim 128, 4 warps spill registers on sm_90 (`efflm bench compile`), 8 do not."""
-    return _TRITON if head_dim < 128 else plgpu.CompilerParams(num_warps=8, num_stages=2)
+    return _TRITON if head_dim < 128 else _EIGHT_WARPS
+
+
+def dq_params(head_dim: int, dtype):
+    """The dQ kernel: with float32 inputs at head dim 128, 4 warps spill on sm_90, 8 do
+    not; in 2-byte dtypes 4 do not."""
+    return _EIGHT_WARPS if head_dim >= 128 and jnp.dtype(dtype).itemsize >= 4 else _TRITON
+
+
+def default_blocks(dtype) -> tuple[int, int]:
+    """(block_q, block_k) of `flash_attention` when not given: 64 x 64 for 2-byte inputs;
+    64 x 32 for float32, whose tiles take twice the registers (at 64 x 64 its backward
+    kernels spill on sm_90 from head dim 64 on; at 64 x 32 none does up to 128,
+    `efflm bench compile --dtype float32`)."""
+    return (64, 32) if jnp.dtype(dtype).itemsize >= 4 else (64, 64)
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # A row whose running max stayed at or below this saw only masked scores.
@@ -526,7 +541,7 @@ def backward_calls(dkv_kernel, dq_kernel, q, k, v, rest, s: CallStatics, prefix:
         out_specs=pl.BlockSpec((None, s.block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         interpret=s.interpret,
-        compiler_params=_TRITON,
+        compiler_params=dq_params(d, q.dtype),
         name=f"{prefix}_dq",
     )(*(a for a, _ in dq_lead), q, k, v, *rest)
     return dq, dk, dv
@@ -557,7 +572,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=True,
-                    window=0, sm_scale=None, block_q=64, block_k=64, interpret=None,
+                    window=0, sm_scale=None, block_q=None, block_k=None, interpret=None,
                     return_lse=False):
     """Fused softmax attention with grouped-query K/V heads (FlashAttention-2).
 
@@ -570,7 +585,8 @@ def flash_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=Tr
     kv_length) gives 0, lse = +inf and no gradient. Without causal every query sees
     every key. segment_ids (batch, length) int: attention stays inside equal ids, the
     keys' ids being `kv_segment_ids` (batch, kv_length) when given, else segment_ids
-    (then length == kv_length). sm_scale defaults to head_dim ** -0.5.
+    (then length == kv_length). sm_scale defaults to head_dim ** -0.5. block_q, block_k
+    default to `default_blocks(q.dtype)`.
     Lengths need not divide the block sizes (padded here, padded keys masked); a head_dim
     that is not a power of two is zero-padded to one. interpret=None: interpret mode
     unless the default backend is GPU. Returns the output in q.dtype and, with
@@ -596,6 +612,8 @@ def _padded(q, k, v, segment_ids, kv_segment_ids, causal, window, sm_scale, bloc
     kv_len = k.shape[1]
     scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     # Blocks no larger than the (padded) sequence; powers of two for Triton.
+    default_q, default_k = default_blocks(q.dtype)
+    block_q, block_k = block_q or default_q, block_k or default_k
     block_q = min(next_power_of_2(block_q), max(16, next_power_of_2(t)))
     block_k = min(next_power_of_2(block_k), max(16, next_power_of_2(kv_len)))
     t_pad = -(-t // block_q) * block_q
@@ -620,8 +638,8 @@ def _padded(q, k, v, segment_ids, kv_segment_ids, causal, window, sm_scale, bloc
     return (pad(q, t_pad), pad(k, kv_pad), pad(v, kv_pad), segments), s
 
 
-def flash_attention_block(q, k, v, segment_ids, kv_segment_ids, *, causal, block_q=64,
-                          block_k=64, interpret=None):
+def flash_attention_block(q, k, v, segment_ids, kv_segment_ids, *, causal, block_q=None,
+                          block_k=None, interpret=None):
     """One block of a larger attention, for callers that merge blocks themselves (a ring
     step of context parallelism): the forward kernel alone, not differentiable.
 
@@ -640,7 +658,7 @@ def flash_attention_block(q, k, v, segment_ids, kv_segment_ids, *, causal, block
 
 
 def flash_attention_block_grads(q, k, v, segment_ids, kv_segment_ids, dout, lse, delta, *,
-                                causal, block_q=64, block_k=64, interpret=None):
+                                causal, block_q=None, block_k=None, interpret=None):
     """The gradients of q, k, v (float32) through one block of a larger attention, given
     the whole attention's log-sum-exp `lse` and `delta` = rowsum(dout * out), both
     (batch, heads, length) float32: the probabilities are exp(scores - lse), so the

@@ -4,6 +4,7 @@ gated delta rule's register verdict."""
 import os
 import stat
 
+import jax.numpy as jnp
 import pytest
 
 from efflm.bench import compile as compile_bench
@@ -46,18 +47,20 @@ def test_ptxas_report_is_parsed(tmp_path):
     assert compile_bench._ptxas_info(os.fspath(fake), ptx, "90a") == (255, 92, 220)
 
 
-def test_gated_delta_rule_kernels_do_not_spill_at_the_default_chunk():
-    """The README's compiler verdict: at head dim 64 and chunk 64, in bfloat16, none of
-    the gated delta rule's kernels spills registers on sm_90a (needs jax's CUDA plugin
-    and ptxas; no GPU)."""
-    import jax.numpy as jnp
-
+@pytest.mark.parametrize("group, case, dtype, kernels", [
+    ("delta", "gated delta d64 chunk 64", "bfloat16", 7),
+    ("linear", "GLA gates d128", "bfloat16", 5),
+    ("flash", "flash d128 h8/2 (GQA 4)", "float32", 3),
+])
+def test_kernels_do_not_spill(group, case, dtype, kernels):
+    """The compiler's verdicts the README states: none of these kernels spills registers
+    on sm_90a (the gated delta rule at its default chunk; GLA's state and output passes
+    at head dim 128; flash attention in float32 at its default blocks). Needs jax's CUDA
+    plugin and ptxas, no GPU."""
     ptxas = compile_bench._find_ptxas()
     if not _cuda_compiler() or ptxas is None:
         pytest.skip("needs jax's CUDA plugin and ptxas (`efflm bench compile --help`)")
-    rows = compile_bench.compile_case("gated delta d64 chunk 64",
-                                      compile_bench.CASES["delta"]["gated delta d64 chunk 64"],
-                                      jnp.bfloat16)
-    assert len(rows) == 7
+    rows = compile_bench.compile_case(case, compile_bench.CASES[group][case], jnp.dtype(dtype))
+    assert len(rows) == kernels
     for row in rows:
         assert compile_bench._ptxas_info(ptxas, row.ptx, "90a")[1:] == (0, 0), row.kernel
