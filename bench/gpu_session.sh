@@ -8,7 +8,7 @@
 # attention against jax.nn's xla and cudnn paths and jax's Pallas mha, head dims 64 and
 # 128, 1K-16K), linear (linear attention against flash, 4K-32K), gmm (grouped matmul
 # against ragged_dot), mfu (`small` and `small_moe` in bf16), gqa (flash with 4 query
-# heads per K/V head), ce (fused cross-entropy memory), selected (NSA's selected branch), tune (our flash
+# heads per K/V head), ce (fused cross-entropy memory and time), selected (NSA's selected branch), tune (our flash
 # attention at block sizes 128x64, 64x128 and 128x128 beside cuDNN).
 # The default, `tests,flash,linear,gmm`, takes at most about 7 minutes, so a second
 # call that checks fixes (e.g. `tests,mfu,gqa`) still fits the device time of a session.
@@ -91,8 +91,8 @@ for p in ${parts//,/ }; do
            model.dtype=bfloat16 --out "$work/mfu.md" ;;
     gqa) part flash_attention_gqa 60 efflm bench flash_attention --group 4 --head-dims 128 \
            --seqs 2048,4096,8192,16384 --runs 10 --out "$work/flash_attention_gqa.md" ;;
-    ce) part fused_cross_entropy 30 efflm bench fused_cross_entropy \
-          --vocabs 32768,65536,131072 --out "$work/fused_cross_entropy.md" ;;
+    ce) part fused_cross_entropy 60 efflm bench fused_cross_entropy --time --d-model 768 \
+          --vocabs 32768,65536,131072 --runs 10 --out "$work/fused_cross_entropy.md" ;;
     selected) part selected_attention 60 efflm bench selected_attention --runs 5 \
                 --out "$work/selected_attention.md" ;;
     *) echo "unknown part '$p'" | tee -a "$summary" ;;

@@ -2,7 +2,7 @@
 named for the module of pallas_kernels/ it measures.
 
     efflm bench fused_cross_entropy [--tokens 8192] [--d-model 512] [--vocabs 32768,65536]
-                                    [--block-v 512]
+                                    [--block-v 512] [--time]
     efflm bench flash_attention     [--seqs 1024,...,16384] [--head-dims 64,128]
                                     [--tokens 16384] [--width 2048] [--group 1]
                                     [--impls ours,xla,cudnn,mha]
@@ -21,7 +21,9 @@ blockwise one (`impl=xla`, Cut Cross-Entropy), float32, read exactly from
 `jax.jit(...).lower(...).compile().memory_analysis()`. The figure compared is the
 temporary (scratch) bytes XLA allocates — what the loss itself costs; argument bytes
 (h, w, targets, mask) and output bytes (dh, dw, the loss) are the same for both and are
-listed beside it. Nothing is run, so it takes seconds even at 64K vocabulary.
+listed beside it. Nothing is run, so it takes seconds even at 64K vocabulary. With
+`--time` a second table times the loss and its gradient in `--dtype` for `naive`, `xla`
+and `pallas`, as the timed benchmarks below do.
 
 `flash_attention`, `grouped_matmul`, `linear_attention` time compiled code (one helper,
 `median_seconds`): each function is jitted and compiled once, called `--warmup` times,
@@ -98,6 +100,64 @@ def _mib(n: int) -> str:
 
 
 
+def _ce_objective(impl: str, block_v: int):
+    """(h, w, targets, mask) -> mean loss with a z-loss, through one implementation."""
+    interpret = not _on_gpu() if impl == "pallas" else None
+
+    def objective(h, w, targets, mask):
+        loss_sum, z_sum, count = linear_cross_entropy(
+            h, w, targets, mask, impl=impl, block_v=block_v if impl == "xla" else None,
+            z_loss=1e-4, interpret=interpret)
+        return (loss_sum + z_sum) / count
+
+    return objective
+
+
+CE_IMPLS = ("naive", "xla", "pallas")
+
+
+def cross_entropy_times(args) -> list[dict]:
+    """Median seconds of the loss and its gradient w.r.t. h and w, per vocabulary and
+    implementation, in `args.dtype` (h and w)."""
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    for vocab in args.vocabs:
+        keys = jax.random.split(jax.random.key(vocab), 3)
+        h = _normal(keys[0], (args.tokens, args.d_model), dtype)
+        w = (_normal(keys[1], (args.d_model, vocab), jnp.float32)
+             * args.d_model ** -0.5).astype(dtype)
+        targets = jax.random.randint(keys[2], (args.tokens,), 0, vocab)
+        mask = jnp.ones((args.tokens,), bool)
+        row = {"vocab": vocab}
+        for impl in CE_IMPLS:
+            step = jax.value_and_grad(_ce_objective(impl, args.block_v), argnums=(0, 1))
+            row[impl] = _attempt(median_seconds, step, h, w, targets, mask, runs=args.runs,
+                                 warmup=args.warmup)
+        _keep(rows, row)
+    return rows
+
+
+def _ce_time_lines(args) -> list[str]:
+    rows = cross_entropy_times(args)
+    interpret = not _on_gpu()
+    lines = [
+        "",
+        f"Time of the loss and its gradient (w.r.t. h and w), {args.dtype}, {args.tokens} "
+        f"tokens, d_model {args.d_model}: naive (full logits), xla (block_v="
+        f"{args.block_v}) and pallas (the kernels' default blocks). Median of {args.runs} "
+        f"runs after compiling once and {args.warmup} warm-up runs. `interpret`: the "
+        "Pallas kernels ran in interpret mode (no GPU), a smoke test, not a speed.",
+        "",
+        "| vocab | naive ms | xla ms | pallas ms | naive / pallas | xla / pallas |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['vocab']} | {_ms(r['naive'], False)} | {_ms(r['xla'], False)} | "
+                     f"{_ms(r['pallas'], interpret)} | {_ratio(r['naive'][0], r['pallas'][0])} "
+                     f"| {_ratio(r['xla'][0], r['pallas'][0])} |")
+    return lines
+
+
 def _ce_table(args, argv: list[str]) -> list[str]:
     vocabs = args.vocabs
     rows = cross_entropy_memory(args.tokens, args.d_model, vocabs, args.block_v)
@@ -119,7 +179,7 @@ def _ce_table(args, argv: list[str]) -> list[str]:
             f"{n['temp'] / max(f['temp'], 1):.1f}x | {_mib(n['temp'] + n['output'])} | "
             f"{_mib(f['temp'] + f['output'])} | {_mib(n['argument'])} | "
             f"{_mib(n['output'])} |")
-    return lines
+    return lines + (_ce_time_lines(args) if args.time else [])
 
 
 # ----------------------------------------------------------------------------
@@ -579,13 +639,20 @@ DEFAULTS = {
                            "kv_heads": (1, 1), "head_dim": (128, 32),
                            "select_block": (64, 16), "select_blocks": (16, 2)},
     "timed": {"runs": (20, 3), "peak_n": (8192, 256)},
+    # The memory table compiles without running: GPU shapes everywhere unless timed.
+    "ce": {"tokens": (8192, 256), "d_model": (512, 64), "vocabs": ([32768, 65536], [1024])},
 }
 
 
 def _with_defaults(args) -> None:
     """Fill options left unset with the GPU or the tiny defaults."""
     index = 0 if _on_gpu() else 1
-    for table in (DEFAULTS[args.what], DEFAULTS["timed"]):
+    if args.what == "fused_cross_entropy":
+        index = 0 if _on_gpu() or not args.time else 1
+        tables = (DEFAULTS["ce"], {"runs": DEFAULTS["timed"]["runs"]})
+    else:
+        tables = (DEFAULTS[args.what], DEFAULTS["timed"])
+    for table in tables:
         for name, choices in table.items():
             if getattr(args, name, 0) is None:
                 setattr(args, name, choices[index])
@@ -597,16 +664,30 @@ def _default_help(what: str, name: str) -> str:
     return f"default: {show(gpu)} on a GPU, {show(other)} elsewhere"
 
 
+def _ce_help(name: str) -> str:
+    gpu, other = DEFAULTS["ce"][name]
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return f"default: {show(gpu)} ({show(other)} with --time off a GPU)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="efflm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
 
-    ce = sub.add_parser("fused_cross_entropy", help="memory of fused vs naive cross-entropy")
-    ce.add_argument("--tokens", type=_positive_int, default=8192)
-    ce.add_argument("--d-model", type=_positive_int, default=512)
-    ce.add_argument("--vocabs", type=_positive_ints, default=[32768, 65536])
-    ce.add_argument("--block-v", type=_positive_int, default=512)
+    ce = sub.add_parser("fused_cross_entropy",
+                        help="memory (and with --time, time) of fused vs naive cross-entropy")
+    ce.add_argument("--tokens", type=_positive_int, help=_ce_help("tokens"))
+    ce.add_argument("--d-model", type=_positive_int, help=_ce_help("d_model"))
+    ce.add_argument("--vocabs", type=_positive_ints, help=_ce_help("vocabs"))
+    ce.add_argument("--block-v", type=_positive_int, default=512, help="xla (default: 512)")
+    ce.add_argument("--time", action="store_true",
+                    help="also time naive, xla and pallas (defaults: GPU shapes on a GPU, "
+                    "tiny ones elsewhere)")
+    ce.add_argument("--runs", type=_positive_int, help=_default_help("timed", "runs"))
+    ce.add_argument("--warmup", type=_positive_int, default=2, help="default: 2")
+    ce.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="--time's inputs (default: bfloat16)")
 
     def timed(name: str, help_: str):
         """(subparser, option -> the help text of its default)."""
@@ -695,8 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     args = p.parse_args(argv)
-    if args.what != "fused_cross_entropy":
-        _with_defaults(args)
+    _with_defaults(args)
     _check(p, args)
     emit(TABLES[args.what](args, argv), args.out)
     return 0

@@ -115,6 +115,19 @@ def test_fused_cross_entropy_table(tmp_path):
     assert row[:2] == ["256", f"{64 * 256 * 4 / 2**20:.1f}"]
 
 
+def test_fused_cross_entropy_times_each_implementation(tmp_path):
+    out = tmp_path / "fused_cross_entropy.md"
+    assert kernels.main(["fused_cross_entropy", "--time", "--tokens", "32", "--d-model", "16",
+                         "--vocabs", "128", "--block-v", "64", "--runs", "1", "--warmup", "1",
+                         "--out", str(out)]) == 0
+    memory, timed = ([cell.strip() for cell in line.strip("|").split("|")]
+                     for line in out.read_text().splitlines() if line.startswith("| 128 |"))
+    assert len(memory) == 9 and len(timed) == 6
+    naive, xla, pallas = timed[1:4]
+    assert float(naive) > 0 and float(xla) > 0
+    assert _positive(pallas, interpret=not GPU) > 0
+
+
 @pytest.mark.parametrize("argv", [
     ["flash_attention", "--seqs", "abc"],
     ["flash_attention", "--seqs", "128,-5"],
