@@ -35,8 +35,17 @@ from efflm.pallas_kernels.common import alias_initial_outputs
 
 # Lower GPU calls through Triton (jax's default for GPU pallas_call is Mosaic GPU).
 _TRITON = plgpu.CompilerParams(num_warps=4, num_stages=2)
+# The backward kernels hold a sweep's dlogits beside the logits being recomputed.
+_BACKWARD_TRITON = plgpu.CompilerParams(num_warps=8, num_stages=2)
 
 IMPLS = ("auto", "naive", "xla", "pallas")
+
+
+def sweep_blocks(dtype) -> int:
+    """Blocks per sweep of the Pallas backward kernels (fewer when there are fewer
+    blocks): 4 for 2-byte operands, 2 for float32, whose dlogits take twice the
+    registers (more spill or exceed shared memory on sm_90, `efflm bench compile`)."""
+    return 2 if jnp.dtype(dtype).itemsize >= 4 else 4
 
 
 def _on_gpu() -> bool:
@@ -169,6 +178,11 @@ class _Blocks:
     block_v: int
     block_d: int
     interpret: bool
+    # Vocab blocks per dh sweep and token blocks per dw sweep: their dlogits stay in
+    # registers (in the operands' dtype) while each d_model slice of the float32
+    # accumulator is read, has all of them added, and is written back once.
+    sweep_v: int = 1
+    sweep_t: int = 1
 
 
 def _tile_logits(h_ref, rows, w_ref, j, b: _Blocks):
@@ -229,62 +243,76 @@ def _sweep_barrier(b: _Blocks):
 
 
 def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
-    """One token block: for each vocab block, dlogits (recomputed) @ w_block^T into dh."""
+    """One token block: per sweep of `sweep_v` vocab blocks, their dlogits (recomputed)
+    times their w blocks^T, added into dh one d_model slice at a time."""
     dh_ref = refs[-1]  # after the aliased initial dh, if any
     targets, lse, g_lse, g_target = t_ref[...], lse_ref[...], gl_ref[...], gt_ref[...]
     rows = pl.ds(0, b.block_t)
 
-    def body(j, carry):
-        logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
-        dl = _dlogits(logits, ids, targets, lse, g_lse, g_target, w_ref.dtype)
-        cols = pl.ds(pl.multiple_of(j * b.block_v, b.block_v), b.block_v)
+    def body(sweep, carry):
+        blocks = [sweep * b.sweep_v + n for n in range(b.sweep_v)]
+        dls = []
+        for j in blocks:
+            logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
+            dls.append(_dlogits(logits, ids, targets, lse, g_lse, g_target, w_ref.dtype))
 
         def chunk(c, carry):
             ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
-            update = jax.lax.dot_general(dl, w_ref[ds, cols], (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-            _accumulate(dh_ref, (rows, ds), update, j == 0)
+            update = sum(
+                jax.lax.dot_general(dl, w_ref[ds, pl.ds(pl.multiple_of(j * b.block_v,
+                                                                         b.block_v),
+                                                        b.block_v)],
+                                    (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+                for j, dl in zip(blocks, dls))
+            _accumulate(dh_ref, (rows, ds), update, sweep == 0)
             return carry
 
         jax.lax.fori_loop(0, h_ref.shape[1] // b.block_d, chunk, 0)
         _sweep_barrier(b)
         return carry
 
-    jax.lax.fori_loop(0, pl.cdiv(b.vocab, b.block_v), body, 0)
+    jax.lax.fori_loop(0, w_ref.shape[1] // (b.block_v * b.sweep_v), body, 0)
 
 
 def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
-    """One vocab block: for each token block, h_block^T @ dlogits (recomputed) into dw."""
+    """One vocab block: per sweep of `sweep_t` token blocks, their h blocks^T times their
+    dlogits (recomputed), added into dw one d_model slice at a time."""
     dw_ref = refs[-1]  # after the aliased initial dw, if any
     j = pl.program_id(0)
     every = pl.ds(0, b.block_v)
 
-    def body(i, carry):
-        rows = pl.ds(pl.multiple_of(i * b.block_t, b.block_t), b.block_t)
-        logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
-        dl = _dlogits(logits, ids, t_ref[rows], lse_ref[rows], gl_ref[rows], gt_ref[rows],
-                      h_ref.dtype)
+    def body(sweep, carry):
+        rows = [pl.ds(pl.multiple_of((sweep * b.sweep_t + n) * b.block_t, b.block_t),
+                      b.block_t) for n in range(b.sweep_t)]
+        dls = []
+        for r in rows:
+            logits, ids = _tile_logits(h_ref, r, w_ref, j, b)
+            dls.append(_dlogits(logits, ids, t_ref[r], lse_ref[r], gl_ref[r], gt_ref[r],
+                                h_ref.dtype))
 
         def chunk(c, carry):
             ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
-            update = jax.lax.dot_general(h_ref[rows, ds], dl, (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-            _accumulate(dw_ref, (ds, every), update, i == 0)
+            update = sum(jax.lax.dot_general(h_ref[r, ds], dl, (((0,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+                         for r, dl in zip(rows, dls))
+            _accumulate(dw_ref, (ds, every), update, sweep == 0)
             return carry
 
         jax.lax.fori_loop(0, h_ref.shape[1] // b.block_d, chunk, 0)
         _sweep_barrier(b)
         return carry
 
-    jax.lax.fori_loop(0, h_ref.shape[0] // b.block_t, body, 0)
+    jax.lax.fori_loop(0, h_ref.shape[0] // (b.block_t * b.sweep_t), body, 0)
 
 
 def _pad_operands(h, w, targets, b: _Blocks):
-    """Pad tokens to block_t, vocab to block_v and d_model to block_d."""
+    """Pad tokens to whole sweeps of block_t, vocab to whole sweeps of block_v and
+    d_model to block_d."""
     tokens, d = h.shape
     vocab = w.shape[1]
-    tp, vp, dp = (_ceil_to(tokens, b.block_t), _ceil_to(vocab, b.block_v),
-                  _ceil_to(d, b.block_d))
+    tp, vp, dp = (_ceil_to(tokens, b.block_t * b.sweep_t),
+                  _ceil_to(vocab, b.block_v * b.sweep_v), _ceil_to(d, b.block_d))
     h = jnp.pad(h, ((0, tp - tokens), (0, dp - d)))
     w = jnp.pad(w.astype(h.dtype), ((0, dp - d), (0, vp - vocab)))
     targets = jnp.pad(targets.astype(jnp.int32), (0, tp - tokens))
@@ -343,7 +371,8 @@ def _backward_calls(hp, wp, tp, vectors, b: _Blocks, initial_outputs=None):
         out_specs=dh_spec,
         out_shape=jax.ShapeDtypeStruct((t_pad, d_pad), jnp.float32),
         input_output_aliases=aliases,
-        compiler_params=_TRITON, interpret=b.interpret, name="linear_cross_entropy_dh",
+        compiler_params=_BACKWARD_TRITON, interpret=b.interpret,
+        name="linear_cross_entropy_dh",
     )(*args)
     whole = pl.BlockSpec((t_pad,), lambda j: (0,))
     dw_spec = pl.BlockSpec((d_pad, b.block_v), lambda j: (0, j))
@@ -359,7 +388,8 @@ def _backward_calls(hp, wp, tp, vectors, b: _Blocks, initial_outputs=None):
         out_specs=dw_spec,
         out_shape=jax.ShapeDtypeStruct((d_pad, v_pad), jnp.float32),
         input_output_aliases=aliases,
-        compiler_params=_TRITON, interpret=b.interpret, name="linear_cross_entropy_dw",
+        compiler_params=_BACKWARD_TRITON, interpret=b.interpret,
+        name="linear_cross_entropy_dw",
     )(*args)
     return dh, dw
 
@@ -445,9 +475,12 @@ def linear_cross_entropy(h, w, targets, mask, *, impl: str = "auto",
             interpret = not _on_gpu()
         check_blocks(block_t, block_v or 128, block_d)
         d = h2.shape[1]
-        blocks = _Blocks(vocab=w.shape[1], block_t=int(block_t), block_v=int(block_v or 128),
+        block_v = int(block_v or 128)
+        blocks = _Blocks(vocab=w.shape[1], block_t=int(block_t), block_v=block_v,
                          block_d=min(int(block_d), max(16, pl.next_power_of_2(d))),
-                         interpret=bool(interpret))
+                         interpret=bool(interpret),
+                         sweep_v=min(sweep_blocks(h2.dtype), -(-w.shape[1] // block_v)),
+                         sweep_t=min(sweep_blocks(h2.dtype), -(-h2.shape[0] // int(block_t))))
         lse, target_logit = _pallas_lse(h2, w, targets, blocks)
     loss_sum = jnp.sum((lse - target_logit) * mask)
     z_sum = jnp.sum(jnp.square(lse) * mask) * z_loss

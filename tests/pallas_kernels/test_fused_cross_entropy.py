@@ -87,11 +87,12 @@ def test_matches_full_logits_bfloat16(impl):
 
 def test_pallas_kernels_write_every_output_element():
     """The forward, dh and dw kernels write into NaN-filled buffers: no NaN may survive,
-    padding included, and the results are those of the plain calls."""
+    padding included, and the results are those of the plain calls. The backward sweeps
+    take two blocks each (two sweeps over tokens and over the vocabulary)."""
     tokens, d, vocab = 37, 40, 300
     h, w, targets, _ = _inputs(tokens, d, vocab, jnp.float32, seed=5)
     blocks = ce_module._Blocks(vocab=vocab, block_t=16, block_v=128, block_d=16,
-                               interpret=True)
+                               interpret=True, sweep_v=2, sweep_t=2)
     hp, wp, tp = ce_module._pad_operands(h, w, targets, blocks)
     assert hp.shape[0] > tokens and hp.shape[1] > d and wp.shape[1] > vocab
     static = dict(b=blocks)
@@ -111,6 +112,28 @@ def test_pallas_kernels_write_every_output_element():
                           [*want, *want_grads]):
         assert g.shape == r.shape and np.isfinite(g).all(), name
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_backward_sweeps_of_several_blocks_equal_one_block_sweeps():
+    """dh (sweeps over vocab blocks) and dw (over token blocks) do not depend on how many
+    blocks a sweep adds before its read-modify-write, ragged counts and padding included."""
+    tokens, d, vocab = 100, 24, 300  # 7 token blocks of 16, 10 vocab blocks of 32
+    h, w, targets, _ = _inputs(tokens, d, vocab, jnp.float32, seed=7)
+    rng = np.random.default_rng(8)
+    lse, g_lse, g_target = (jnp.asarray(rng.standard_normal(tokens), jnp.float32)
+                            for _ in range(3))
+
+    def grads(sweep_v, sweep_t):
+        blocks = ce_module._Blocks(vocab=vocab, block_t=16, block_v=32, block_d=16,
+                                   interpret=True, sweep_v=sweep_v, sweep_t=sweep_t)
+        return jax.jit(functools.partial(ce_module._pallas_backward, b=blocks))(
+            h, w, targets, lse, g_lse, g_target)
+
+    want = grads(1, 1)
+    assert float(jnp.abs(want[0]).max()) > 0 and float(jnp.abs(want[1]).max()) > 0
+    for sweeps in ((4, 3), (3, 4)):
+        for g, r in zip(grads(*sweeps), want):
+            _close(g, r, 1e-5)
 
 
 def test_naive_impl_is_the_reference():
