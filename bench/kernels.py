@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflm.bench.report import emit, header
-from efflm.pallas_kernels.flash_attention import flash_attention
+from efflm.pallas_kernels.flash_attention import default_blocks, flash_attention
 from efflm.pallas_kernels.fused_cross_entropy import linear_cross_entropy
 from efflm.pallas_kernels.grouped_matmul import grouped_matmul
 from efflm.pallas_kernels.linear_attention import chunked_linear_attention
@@ -354,6 +354,8 @@ def attention_rows(args, peak: float) -> list[dict]:
 
 
 def _attn_table(args, argv: list[str]) -> list[str]:
+    default_q, default_k = default_blocks(args.dtype)
+    args.block_q, args.block_k = args.block_q or default_q, args.block_k or default_k
     peak = matmul_peak(args.peak_n, args.dtype, args.runs, args.warmup)
     rows = attention_rows(args, peak)
     lines = [
@@ -710,8 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query heads per K/V head (default: 1)")
     a.add_argument("--impls", type=_impl_list, default=list(ATTENTION_IMPLS),
                    help=f"default: {','.join(ATTENTION_IMPLS)}")
-    a.add_argument("--block-q", type=_positive_int, default=64, help="ours (default: 64)")
-    a.add_argument("--block-k", type=_positive_int, default=64, help="ours (default: 64)")
+    a.add_argument("--block-q", type=_positive_int,
+                   help="ours (default: flash attention's own for --dtype)")
+    a.add_argument("--block-k", type=_positive_int,
+                   help="ours (default: flash attention's own for --dtype)")
     a.add_argument("--peak-n", type=_positive_int,
                    help="size of the peak matmul; " + _default_help("timed", "peak_n"))
 

@@ -12,7 +12,14 @@ more than one (tokens x block_v) block of logits.
     impl="xla"     a `fori_loop` over vocab blocks, slicing w in place (the CPU path)
     impl="pallas"  Triton-style Pallas kernels: a grid over token blocks, a loop over
                    vocab blocks (forward and dh), a grid over vocab blocks and a loop
-                   over token blocks (dw); interpreted off GPU
+                   over token blocks (dw); interpreted off GPU. The backward kernels'
+                   float32 accumulators (a token block's dh, a vocab block's dw) are too
+                   big for registers, so each sweep recomputes the dlogits of
+                   `sweep_blocks` blocks (4; 2 in float32), keeps them in registers,
+                   and adds all of them into each d_model slice of the accumulator in
+                   one read-modify-write: a quarter (float32: a half) of the
+                   accumulator traffic of one block per sweep, with no extra matmul
+                   work
     impl="auto"    pallas on a GPU, xla elsewhere
 
 Both fast paths share the split: a custom_vjp primitive gives, per token, the

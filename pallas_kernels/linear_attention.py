@@ -24,22 +24,21 @@ Implementations, side by side (as fla's ops/<method>/{naive,chunk}.py):
     with cumulative log decays inside a chunk, state passing between chunks
     (a scan over chunks); gradients by autodiff. Per-key-dimension gates use
     sub-chunks inside each chunk so that no exponent is positive (below);
-  * `pallas`: with one decay per head, two Triton-style Pallas kernels: a state
-    pass (one program per batch row, head and value slice) walks the chunks with the
-    state in float32 registers and writes the state entering each chunk; an output
-    pass, one program per chunk, forms the chunk's outputs from it, all chunks in
-    parallel. Per-key-dimension gates (GLA) still walk the chunks in one program
-    that writes the outputs as it goes. Dots take the inputs' dtype and
-    accumulate in float32; the float32 scores, state and gate products are cast to
-    the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not TF32).
-    Its backward (custom_vjp) runs the same kernel three more times: dq is the
+  * `pallas`: two Triton-style Pallas kernels: a state pass (one program per batch
+    row, head and value slice) walks the chunks with the state in float32 registers
+    and writes the state entering each chunk; an output pass, one program per chunk,
+    forms the chunk's outputs from it, all chunks in parallel. Dots take the inputs'
+    dtype and accumulate in float32; the float32 scores, state and gate products are
+    cast to the inputs' dtype for their dots (bf16 inputs: bf16 tensor-core dots, not
+    TF32). Its backward (custom_vjp) runs the same kernels three more times: dq is the
     forward pass of (dO, V, K) from S0^T; dk and dv (and d initial state) are
     forward passes over the reversed sequence started from the final state's
     cotangent; the log-decay gradient
     follows from  d b_t = q_t.dq_t - k_t.dk_t  (b the cumulative log decay),
-    reverse-cumsummed. Per-key-dimension gates have their own kernel (the xla
-    form's sub-chunks, one key at a time inside a sub-chunk); in the backward the
-    dq and dk passes gate the state's columns instead of its rows.
+    reverse-cumsummed. Per-key-dimension gates (GLA) have their own pair of kernels
+    (the output pass takes the xla form's sub-chunks, one key at a time inside a
+    sub-chunk, and sums over the key dimension 64 columns at a time); in the backward
+    the dq and dk passes gate the state's columns instead of its rows.
 """
 
 from __future__ import annotations
@@ -444,7 +443,8 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
     if initial_outputs is not None:
         first = [jnp.broadcast_to(initial_outputs[1][:, :, None], states_shape)]
     args, in_specs, aliases = alias_initial_outputs(args, in_specs, [states_spec], first)
-    name = "gated_linear_attention" if per_dim else "chunked_linear_attention"
+    name = ("chunked_linear_attention" if not per_dim else "gated_linear_attention"
+            if on_keys else "gated_linear_attention_cols")
     states = pl.pallas_call(
         functools.partial(state_kernel, chunk=chunk, num_chunks=num_chunks),
         grid=(batch, heads, dv // block_dv), in_specs=in_specs, out_specs=states_spec,
@@ -452,11 +452,10 @@ def _forward_call(qh, kh, vh, b, initial_state, chunk, interpret, initial_output
         input_output_aliases=aliases, interpret=interpret, compiler_params=params,
         name=f"{name}_states")(*args)
 
-    per_chunk = lambda width: spec((chunk, width), lambda i, j, c, n: (  # noqa: E731
-        i, j, c, n if width == block_dv else 0))
-    out_spec = per_chunk(block_dv)
+    keys_spec = spec((chunk, dk), lambda i, j, c, n: (i, j, c, 0))  # q, k: whole rows
+    out_spec = spec((chunk, block_dv), lambda i, j, c, n: (i, j, c, n))  # v, out: a slice
     args = [qh, kh, vh, b, seg, states]
-    in_specs = [per_chunk(dk), per_chunk(dk), out_spec, gates_spec(), row_spec,
+    in_specs = [keys_spec, keys_spec, out_spec, gates_spec(), row_spec,
                 spec((None, dk, block_dv), lambda i, j, c, n: (i, j, c, 0, n))]
     last = None if initial_outputs is None else initial_outputs[:1]
     args, in_specs, aliases = alias_initial_outputs(args, in_specs, [out_spec], last)

@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -364,6 +365,54 @@ def test_head_dims_that_are_no_power_of_two_lower_to_triton(gates):
 
     text = jax.jit(grads).trace(q, v, log_decay).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("@__gpu$xla.gpu.triton(") == 8
+
+
+def _in_range_block_indices(monkeypatch):
+    """Wrap the module's pallas_call so that each call first checks every operand's and
+    output's BlockSpec: at every grid point its index map must name a block inside the
+    array. (Interpret mode clamps an out-of-range block back inside, so the value tests
+    cannot see one; a GPU reads past the rows it should.) Returns the calls' names."""
+    real, names = la_module.pl.pallas_call, []
+
+    def check(name, spec, shape, grid):
+        block = [1 if b is None else b for b in spec.block_shape]
+        for point in itertools.product(*map(range, grid)):
+            index = spec.index_map(*point)
+            assert all(0 <= int(i) * b and (int(i) + 1) * b <= n
+                       for i, b, n in zip(index, block, shape)), (name, point, index, shape)
+
+    def pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, name, **kw):
+        names.append(name)
+        call = real(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                    out_shape=out_shape, name=name, **kw)
+
+        def run(*args):
+            for spec, a in zip(in_specs, args):
+                check(name, spec, a.shape, grid)
+            for spec, a in zip(jax.tree.leaves(out_specs), jax.tree.leaves(out_shape)):
+                check(name, spec, a.shape, grid)
+            return call(*args)
+
+        return run
+
+    monkeypatch.setattr(la_module.pl, "pallas_call", pallas_call)
+    return names
+
+
+@pytest.mark.parametrize("gates", ["head", "keys", "values"])
+def test_block_indices_stay_inside_the_arrays(gates, monkeypatch):
+    """Value columns split in two (dv = 32, slices of 16 = dk): q and k are read whole by
+    every slice's programs, v, the gates on values, the states and the output by slice."""
+    names = _in_range_block_indices(monkeypatch)
+    keys = jax.random.split(jax.random.key(12), 4)
+    q, k = (jax.random.normal(key, (1, 40, 1, 16)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (1, 40, 1, 32))
+    width = {"head": (), "keys": (16,), "values": (32,)}[gates]
+    gate = -jax.nn.softplus(jax.random.normal(keys[3], (1, 40, 1, *width)))
+    layout = la_module.kernel_layout(q, k, v, gate, 16)
+    la_module._forward_call(*layout, jnp.zeros((1, 1, 16, 32)), 16, True, block_dv=16,
+                            on_keys=gates == "keys")
+    assert len(names) == 2
 
 
 def test_large_states_split_the_value_columns():
