@@ -52,6 +52,8 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("depth", "mor"): ("model.num_layers=2", "model.depth.mor.unique_layers=1",
                             "model.depth.mor.recursions=2"),
          ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
+         # Values wider than keys (dv = 2 dk), as published: the path where they differ.
+         ("mixer", "gated_deltanet"): ("model.attention.gated_deltanet.value_expansion=2",),
          # Blocks that divide neither the FLOPs test's length (40) nor the decoding's (24).
          ("mixer", "sliding"): ("model.attention.sliding.window=6",  # 2 blocks back
                                 "model.attention.sliding.sinks=2",

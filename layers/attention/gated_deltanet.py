@@ -3,7 +3,8 @@ Improving Mamba2 with Delta Rule": the delta rule writes to the state by correct
 what the state already returns for the key, under a data-dependent decay per head.
 
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
-    S: (dk, dv), float32; k_t and q_t L2-normalised, q_t then scaled by dk^-1/2
+    S: (dk, dv), float32, dk = head_dim and dv = value_expansion x head_dim; k_t and q_t
+    L2-normalised, q_t then scaled by dk^-1/2
     beta_t = sigmoid(w_beta . x_t),  log alpha_t = -exp(c) softplus(w_alpha . x_t + b)
     y_t = W_o (RMSNorm(o_t) * swish(W_g x_t))     (per-head norm; the gate is a setting)
 
@@ -97,6 +98,10 @@ class GatedDeltaNetSettings:
     short_conv: bool = True
     conv_width: int = 4
     output_gate: bool = True
+    # Value heads `value_expansion` times head_dim wide (the paper and its reference
+    # implementation use 2): the value projection, its convolution, the state's columns,
+    # the norm, the output gate and the output projection's input widen with it.
+    value_expansion: int = 1
 
 
 class GatedDeltaNet(Mixer):
@@ -113,6 +118,10 @@ class GatedDeltaNet(Mixer):
         a = cfg.attention
         check_positive("model.attention.gated_deltanet.conv_width",
                        a.gated_deltanet.conv_width)
+        expansion = a.gated_deltanet.value_expansion  # an int (the config's type)
+        if expansion < 1:
+            raise ConfigError("model.attention.gated_deltanet.value_expansion must be a "
+                              f"positive integer, got {expansion!r}")
         if a.chunk_size > cfg.max_seq_len:
             raise ConfigError(f"model.attention.chunk_size={a.chunk_size} is larger than "
                               f"model.max_seq_len={cfg.max_seq_len}: gated_deltanet's chunk "
@@ -124,19 +133,24 @@ class GatedDeltaNet(Mixer):
         """Matmuls only: the short convolutions (elementwise) are not counted."""
         a = cfg.attention
         h, d = a.num_heads, head_dim(cfg)
-        projections = 2 * cfg.d_model * h * d * (5 if a.gated_deltanet.output_gate else 4)
+        dv = d * a.gated_deltanet.value_expansion
+        # q and k; v, the output projection and the output gate at the value width.
+        projections = 2 * cfg.d_model * h * (2 * d + dv * (3 if a.gated_deltanet.output_gate
+                                                           else 2))
         projections += 2 * cfg.d_model * h * 2  # beta and the decay
-        return projections + delta_rule_flops(cfg, seq_len, h, d, d)
+        return projections + delta_rule_flops(cfg, seq_len, h, d, dv)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, mask):
         cfg = self.cfg
         a = cfg.attention
         h, d = a.num_heads, head_dim(cfg)
+        own = a.gated_deltanet
+        dv = d * own.value_expansion
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
         axes = ("embed", "heads", "head_dim")
-        q, k, v = (Dense((h, d), axes, name=name, **kw)(x) for name in ("query", "key", "value"))
-        own = a.gated_deltanet
+        q, k, v = (Dense((h, width), axes, name=name, **kw)(x)
+                   for name, width in (("query", d), ("key", d), ("value", dv)))
         if own.short_conv:
             q, k, v = (ShortConvolution(own.conv_width, name=f"{name}_conv")(y, segment_ids)
                        for name, y in (("query", q), ("key", k), ("value", v)))
@@ -155,7 +169,7 @@ class GatedDeltaNet(Mixer):
         out = self._mix(q, k, v, log_alpha, beta, segment_ids)
         out = HeadRMSNorm(name="norm")(out)
         if own.output_gate:
-            out = output_gate(x, out, h, d, **kw)
+            out = output_gate(x, out, h, dv, **kw)
         out = nn.with_logical_constraint(out.astype(cfg.dtype),
                                          ("batch", "length", "heads", "head_dim"))
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5

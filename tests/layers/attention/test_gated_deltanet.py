@@ -298,3 +298,27 @@ def test_bad_settings_exit_2_with_one_line(capsys, overrides, key):
     assert main(["config", "show", "--config", "tiny", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"model.attention.{key}" in err[0], err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "1.5", "two"])
+def test_a_value_expansion_that_is_no_positive_integer_exits_2(capsys, value):
+    key = "model.attention.gated_deltanet.value_expansion"
+    assert main(["config", "show", "--config", "tiny_gdn", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+
+
+def test_value_expansion_widens_the_values_not_the_keys(small_config):
+    cfg = small_config("model.attention.kind=gated_deltanet",
+                       "model.attention.gated_deltanet.value_expansion=3").model
+    h, d = cfg.attention.num_heads, cfg.d_model // cfg.attention.num_heads
+    layer = ATTENTION["gated_deltanet"](cfg)
+    x = jnp.ones((1, 8, cfg.d_model))
+    positions, seg = jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(jax.eval_shape(
+        lambda: layer.init(jax.random.key(0), x, positions, seg, None))["params"])
+    shapes = {k: v["kernel"].shape for k, v in params.items()
+              if isinstance(v, dict) and "kernel" in v}
+    assert shapes["query"] == shapes["key"] == (cfg.d_model, h, d)
+    assert shapes["value"] == shapes["output_gate"] == (cfg.d_model, h, 3 * d)
+    assert shapes["out"] == (h, 3 * d, cfg.d_model)
