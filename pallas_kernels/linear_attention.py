@@ -338,12 +338,18 @@ def chunk_decays(b_ref, seg_ref, start, chunk: int):
     """The decays of the chunk at `start` that do not pair tokens, from the cumulative
     log decays `b_ref` (float32): (carried, the incoming state's weight on each query;
     tail, each key's decay to the chunk's end; kept, the state's through the chunk). A
-    token of another segment than the incoming state's (or the chunk's last) gets 0."""
+    token of another segment than the incoming state's (or the chunk's last) gets 0.
+    b_ref (padded,): one decay per head; (padded, G): one per state row or column, then
+    carried and tail are (chunk, G) and kept (1, G)."""
     span = pl.ds(start, chunk)
     b, seg = b_ref[span], seg_ref[span]
     last = start + chunk - 1
-    b_last, seg_last = b_ref[last], seg_ref[last]
+    seg_last = seg_ref[last]
     before = seg_ref[jnp.maximum(start - 1, 0)]  # the incoming state's segment
+    if len(b_ref.shape) == 1:
+        b_last = b_ref[last]
+    else:  # gates per dimension: the last row, and the segment ids down a column
+        b_last, seg = b_ref[pl.ds(last, 1), :], seg[:, None]
     return (jnp.where(seg == before, jnp.exp(b), 0.0),
             jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0),
             jnp.where(seg_last == before, jnp.exp(b_last), 0.0))
@@ -494,17 +500,6 @@ def _forward_pallas(q, k, v, log_decay, initial_state, seg, chunk, interpret, on
 # Pallas kernel for per-dimension gates (GLA).
 
 
-def _gated_decays(b_ref, seg_ref, start, chunk: int):
-    """(tail (chunk, G), each key's gates to the chunk's end; kept (1, G), the state's
-    through the chunk), 0 across a segment boundary, from the cumulative log gates."""
-    span, last = pl.ds(start, chunk), pl.ds(start + chunk - 1, 1)
-    seg, seg_last = seg_ref[span][:, None], seg_ref[last][:, None]
-    before = seg_ref[pl.ds(jnp.maximum(start - 1, 0), 1)][:, None]
-    b, b_last = b_ref[span, :], b_ref[last, :]
-    return (jnp.where(seg == seg_last, jnp.exp(b_last - b), 0.0),
-            jnp.where(seg_last == before, jnp.exp(b_last), 0.0))
-
-
 def _gated_state_kernel(k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
                         num_chunks: int, on_keys: bool):
     """The state pass with one gate per state row (`on_keys`: per key dimension, GLA's
@@ -520,7 +515,7 @@ def _gated_state_kernel(k_ref, v_ref, b_ref, seg_ref, s0_ref, *refs, chunk: int,
         span = pl.ds(pl.multiple_of(start, chunk), chunk)
         states_ref[c] = state
         k, v = k_ref[span, :].astype(jnp.float32), v_ref[span, :].astype(jnp.float32)
-        tail, kept = _gated_decays(b_ref, seg_ref, start, chunk)
+        _, tail, kept = chunk_decays(b_ref, seg_ref, start, chunk)
         if on_keys:
             return kept.T * state + mm((k * tail).astype(dt), v.astype(dt), trans_a=True)
         return state * kept + mm(k.astype(dt), (v * tail).astype(dt), trans_a=True)
