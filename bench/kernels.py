@@ -660,16 +660,18 @@ def _with_defaults(args) -> None:
                 setattr(args, name, choices[index])
 
 
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _default_help(what: str, name: str) -> str:
     gpu, other = DEFAULTS[what][name]
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-    return f"default: {show(gpu)} on a GPU, {show(other)} elsewhere"
+    return f"default: {_show(gpu)} on a GPU, {_show(other)} elsewhere"
 
 
 def _ce_help(name: str) -> str:
     gpu, other = DEFAULTS["ce"][name]
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-    return f"default: {show(gpu)} ({show(other)} with --time off a GPU)"
+    return f"default: {_show(gpu)} ({_show(other)} with --time off a GPU)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -258,6 +258,7 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
 
     def body(sweep, carry):
         blocks = [sweep * b.sweep_v + n for n in range(b.sweep_v)]
+        cols = [pl.ds(pl.multiple_of(j * b.block_v, b.block_v), b.block_v) for j in blocks]
         dls = []
         for j in blocks:
             logits, ids = _tile_logits(h_ref, rows, w_ref, j, b)
@@ -265,13 +266,9 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, gl_ref, gt_ref, *refs, b: _Blocks):
 
         def chunk(c, carry):
             ds = pl.ds(pl.multiple_of(c * b.block_d, b.block_d), b.block_d)
-            update = sum(
-                jax.lax.dot_general(dl, w_ref[ds, pl.ds(pl.multiple_of(j * b.block_v,
-                                                                         b.block_v),
-                                                        b.block_v)],
-                                    (((1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-                for j, dl in zip(blocks, dls))
+            update = sum(jax.lax.dot_general(dl, w_ref[ds, col], (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+                         for col, dl in zip(cols, dls))
             _accumulate(dh_ref, (rows, ds), update, sweep == 0)
             return carry
 
