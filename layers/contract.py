@@ -57,6 +57,13 @@ class Kind:
         """Raise ConfigError for a bad value of the settings this kind reads."""
 
     @staticmethod
+    def no_decay(cfg: ModelConfig) -> tuple[str, ...]:
+        """Names of parameters this kind creates that weight decay leaves alone (beyond
+        every norm's `scale` and every `bias`): gains, offsets and rates that set a time
+        scale rather than weigh an input."""
+        return ()
+
+    @staticmethod
     def check_plan(cfg: ModelConfig, plan: tuple) -> None:
         """Raise ConfigError when the layer plan (`efflm.layers.plan.LayerSpec`s) does not
         suit this kind (e.g. too few layers of it)."""

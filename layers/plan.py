@@ -149,6 +149,12 @@ def quant_targets(cfg: ModelConfig) -> set[str]:
     return {"head"} | {t for k in kinds for t in k.quant_targets(cfg)}
 
 
+def no_decay(cfg: ModelConfig) -> frozenset[str]:
+    """Names of the parameters the model's kinds exempt from weight decay (`no_decay`)."""
+    kinds = [*layer_kinds(layer_plan(cfg)), depth_kind(cfg)]
+    return frozenset(name for kind in kinds for name in kind.no_decay(cfg))
+
+
 def not_decoding(cfg: ModelConfig) -> list[str]:
     """The mixer kinds of the plan that have no decoding cache."""
     return sorted({s.mixer for s in layer_plan(cfg) if not s.mixer_kind.decodes})

@@ -25,9 +25,10 @@ from efflm.layers.moe import ROUTERS
 from efflm.layers.moe.capacity import row_capacity
 from efflm.layers.moe.dispatch import block_rows, capacity_rate
 from efflm.layers.moe.experts import MoE
-from efflm.layers.plan import depth_kind, layer_plan, not_causal
+from efflm.layers.plan import depth_kind, layer_plan, no_decay, not_causal
 from efflm.models import LM
 from efflm.shapes import head_dim
+from efflm.train.roles import path_keys
 
 # The models built here are shared by the file's tests: under pytest-xdist they run on one
 # worker (as conftest groups files with module-scoped fixtures).
@@ -52,8 +53,6 @@ NEEDS = {("router", "expert_choice"): ("model.moe.dispatch=capacity",
          ("depth", "mor"): ("model.num_layers=2", "model.depth.mor.unique_layers=1",
                             "model.depth.mor.recursions=2"),
          ("mixer", "based"): ("model.attention.based.window=6",),  # a window < length
-         # Values wider than keys (dv = 2 dk), as published: the path where they differ.
-         ("mixer", "gated_deltanet"): ("model.attention.gated_deltanet.value_expansion=2",),
          # Blocks that divide neither the FLOPs test's length (40) nor the decoding's (24).
          ("mixer", "sliding"): ("model.attention.sliding.window=6",  # 2 blocks back
                                 "model.attention.sliding.sinks=2",
@@ -168,12 +167,15 @@ def test_earlier_outputs_ignore_later_tokens_unless_declared(family, kind, extra
 
 @pytest.mark.parametrize("family, kind, extra", _kinds("mixer", "mlp", "router", "depth"))
 def test_one_step_gradients_are_finite(family, kind, extra):
-    """Gradients of the token loss plus the sown auxiliary losses, for every parameter."""
-    _, variables, grad = _model(_config(family, kind))
+    """Gradients of the token loss plus the sown auxiliary losses, for every parameter;
+    and each name the kinds exempt from weight decay (`no_decay`) is a parameter's."""
+    cfg = _config(family, kind)
+    _, variables, grad = _model(cfg)
     (loss, _), grads = grad(variables["params"], _tokens(0))
-    bad = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
-           if not np.isfinite(np.asarray(g)).all()]
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    bad = [jax.tree_util.keystr(path) for path, g in leaves if not np.isfinite(np.asarray(g)).all()]
     assert np.isfinite(float(loss)) and not bad, bad
+    assert no_decay(cfg) <= {path_keys(path)[-1] for path, _ in leaves}
 
 
 @pytest.mark.parametrize("kind", ATTENTION)

@@ -11,6 +11,7 @@ scalars it logs under `optimizer/`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -55,12 +56,19 @@ NO_DECAY = ("scale", "bias", *sorted({name for fmt in QUANT.values() if fmt is n
                                       for name in fmt.own_params}))
 
 
-def decay_mask(params):
-    """True for the parameters that weight decay applies to: every weight matrix and
-    the embedding, not norm scales or biases."""
+def decay_mask(params, exempt=()):
+    """True for the parameters that weight decay applies to: the weights (matrices, the
+    embedding, convolution taps), not norm scales, biases, nor the names in `exempt`
+    (those the model's kinds declare, `Kind.no_decay`)."""
+    skip = {*NO_DECAY, *exempt}
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params,
+        lambda path, _: getattr(path[-1], "key", None) not in skip, params,
         is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _decay_mask(roles: ParamRoles | None):
+    """`decay_mask` with the exemptions the parameters' roles carry."""
+    return functools.partial(decay_mask, exempt=roles.no_decay if roles else ())
 
 
 class Optimizer:
@@ -113,7 +121,7 @@ class AdamW(Optimizer):
     def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         own = cfg.adamw
         return optax.adamw(schedule, b1=own.b1, b2=own.b2, eps=own.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask)
+                           weight_decay=cfg.weight_decay, mask=_decay_mask(roles))
 
 
 def _check_betas(name: str, own, keys=("b1", "b2")) -> None:
@@ -145,7 +153,7 @@ class Lion(Optimizer):
     @staticmethod
     def transform(cfg: OptimizerConfig, schedule: optax.Schedule, roles=None):
         return optax.lion(schedule, b1=cfg.lion.b1, b2=cfg.lion.b2,
-                          weight_decay=cfg.weight_decay, mask=decay_mask)
+                          weight_decay=cfg.weight_decay, mask=_decay_mask(roles))
 
 
 @dataclass
@@ -185,14 +193,15 @@ class Adafactor(Optimizer):
             decay_rate=own.decay_rate, clipping_threshold=own.clipping_threshold,
             momentum=own.momentum or None, factored=own.factored,
             multiply_by_parameter_scale=own.multiply_by_parameter_scale,
-            weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+            weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask(roles))
 
 
-def _adamw_for_the_rest(cfg: OptimizerConfig, schedule, b1: float, b2: float, eps: float):
+def _adamw_for_the_rest(cfg: OptimizerConfig, schedule, b1: float, b2: float, eps: float,
+                        roles: ParamRoles):
     """The AdamW group of Muon, GaLore and APOLLO: every parameter that is not a weight
     matrix, at `optimizer.lr`, decayed by role as AdamW decays it."""
     return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=cfg.weight_decay,
-                       mask=decay_mask)
+                       mask=_decay_mask(roles))
 
 
 def _by_role(roles: ParamRoles, matrices: optax.GradientTransformation,
@@ -293,7 +302,7 @@ class Muon(Optimizer):
             optax.add_decayed_weights(cfg.weight_decay),
             optax.scale_by_learning_rate(lambda step: own.lr_ratio * schedule(step)))
         return _by_role(roles, matrices, _adamw_for_the_rest(cfg, schedule, own.adam_b1,
-                                                              own.adam_b2, own.eps))
+                                                              own.adam_b2, own.eps, roles))
 
     @staticmethod
     def report(opt_state) -> dict:
@@ -369,7 +378,7 @@ class LowRank(Optimizer):
             optax.add_decayed_weights(cfg.weight_decay),
             optax.scale_by_learning_rate(schedule))
         return _by_role(roles, matrices,
-                        _adamw_for_the_rest(cfg, schedule, own.b1, own.b2, own.eps))
+                        _adamw_for_the_rest(cfg, schedule, own.b1, own.b2, own.eps, roles))
 
     @staticmethod
     def report(opt_state) -> dict:

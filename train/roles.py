@@ -104,25 +104,28 @@ class ParamRoles:
 
     roles: dict
     matrices: dict  # path -> Matrix
+    # Parameter names the model's kinds exempt from weight decay (`Kind.no_decay`).
+    no_decay: frozenset = frozenset()
 
     @classmethod
-    def from_names(cls, names: dict, shapes: dict) -> ParamRoles:
+    def from_names(cls, names: dict, shapes: dict, no_decay=frozenset()) -> ParamRoles:
         """From {path: logical axis names} and {path: shape}."""
         roles = {p: role_of(p, n) for p, n in names.items()}
         matrices = {p: Matrix(tuple(shapes[p]), *matrix_view(names[p]))
                     for p, r in roles.items() if r == "matrix"}
-        return cls(roles, matrices)
+        return cls(roles, matrices, frozenset(no_decay))
 
     @classmethod
-    def of(cls, boxed_params) -> ParamRoles:
-        """From (abstract) parameters that carry flax's partitioning metadata."""
+    def of(cls, boxed_params, no_decay=frozenset()) -> ParamRoles:
+        """From (abstract) parameters that carry flax's partitioning metadata, and the
+        names the model's kinds exempt from weight decay (`efflm.layers.plan.no_decay`)."""
         leaves = jax.tree_util.tree_flatten_with_path(
             boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
         boxed = lambda x: isinstance(x, nn.Partitioned)
         shapes = {path_keys(p): (x.value if boxed(x) else x).shape for p, x in leaves}
         names = {path_keys(p): tuple(x.names) if boxed(x) else (None,) * len(shapes[path_keys(p)])
                  for p, x in leaves}
-        return cls.from_names(names, shapes)
+        return cls.from_names(names, shapes, no_decay)
 
     def map(self, fn, tree):
         """`fn(path)` at each parameter of `tree`; a masked-out parameter stays masked."""

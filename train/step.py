@@ -30,7 +30,7 @@ from efflm.layers.common import (
     apply_step_updates,
 )
 from efflm.layers.depth.plain import repeating_group
-from efflm.layers.plan import check_mesh, layer_plan
+from efflm.layers.plan import check_mesh, layer_plan, no_decay
 from efflm.layers.quant import QUANT
 from efflm.models import LM
 from efflm.train import sown as sown_lib
@@ -267,8 +267,8 @@ def build_program(cfg: Config, mesh: Mesh | None = None) -> Program:
     with partial.context():
         step, params, model_state, rng = jax.eval_shape(
             lambda r: partial._init_model(r, boxed=True), jax.random.key(0))
-        tx = trainable_only(cfg, make_optimizer(cfg.optimizer, cfg.train.steps,
-                                                ParamRoles.of(params)))
+        roles = ParamRoles.of(params, no_decay=no_decay(cfg.model))
+        tx = trainable_only(cfg, make_optimizer(cfg.optimizer, cfg.train.steps, roles))
         abstract = TrainState(step, params, model_state, jax.eval_shape(tx.init, params), rng)
     state_shardings = mesh_lib.shardings_of(abstract, mesh, rules)
     return Program(cfg, mesh, model, tx, rules, state_shardings, mesh_lib.batch_sharding(mesh))

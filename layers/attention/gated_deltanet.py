@@ -8,14 +8,16 @@ what the state already returns for the key, under a data-dependent decay per hea
     beta_t = sigmoid(w_beta . x_t),  log alpha_t = -exp(c) softplus(w_alpha . x_t + b)
     y_t = W_o (RMSNorm(o_t) * swish(W_g x_t))     (per-head norm; the gate is a setting)
 
-with, per head, exp(c) initialised uniform in [1, 16] and softplus(b) log-uniform in
-[0.001, 0.1] (Mamba2's decay rate and time step; parameters `decay_log_scale`, `decay_bias`).
+with, per head, exp(c) initialised uniform in (0, 16] and softplus(b) log-uniform in
+[0.001, 0.1] (Mamba2's decay rate and time step; parameters `decay_log_scale`, `decay_bias`,
+which weight decay leaves alone, as the reference implementation does).
 
 Before the mix, q, k and v each pass a causal depthwise convolution of `conv_width`
-taps and SiLU (`short_conv`; SiLU alone without it), settings under
-`model.attention.gated_deltanet`. The convolution and the state both restart at every
-packed segment. Queries, keys and values have `model.attention.num_heads` heads of head_dim each
-(`num_kv_heads` is not used by this kind, as by the other linear kinds).
+taps (drawn from N(0, model.init_std^2), as the reference initialises them) and SiLU
+(`short_conv`; SiLU alone without it), settings under `model.attention.gated_deltanet`.
+The convolution and the state both restart at every packed segment. Queries and keys
+have `model.attention.num_heads` heads of head_dim each, values `value_expansion` times
+wider (`num_kv_heads` is not used by this kind, as by the other linear kinds).
 
 Training runs the chunked form (`gated_delta_rule_chunked` in
 `efflm.pallas_kernels.gated_delta_rule`, with its derivation), or under
@@ -86,8 +88,8 @@ def _time_step_bias_init(key, shape, dtype):
 
 
 def _log_scale_init(key, shape, dtype):
-    """log of a decay rate uniform in [1, 16]."""
-    return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+    """log of a decay rate uniform in (0, 16]."""
+    return jnp.log(16.0 - jax.random.uniform(key, shape, dtype, 0.0, 16.0))
 
 
 @dataclass
@@ -98,10 +100,10 @@ class GatedDeltaNetSettings:
     short_conv: bool = True
     conv_width: int = 4
     output_gate: bool = True
-    # Value heads `value_expansion` times head_dim wide (the paper and its reference
-    # implementation use 2): the value projection, its convolution, the state's columns,
-    # the norm, the output gate and the output projection's input widen with it.
-    value_expansion: int = 1
+    # Value heads `value_expansion` times head_dim wide (as the paper and its reference
+    # implementation): the value projection, its convolution, the state's columns, the
+    # norm, the output gate and the output projection's input widen with it.
+    value_expansion: int = 2
 
 
 class GatedDeltaNet(Mixer):
@@ -129,6 +131,10 @@ class GatedDeltaNet(Mixer):
         validate_chunk(cfg)
 
     @staticmethod
+    def no_decay(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("decay_log_scale", "decay_bias")  # the reference's A_log and dt_bias
+
+    @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         """Matmuls only: the short convolutions (elementwise) are not counted."""
         a = cfg.attention
@@ -152,7 +158,8 @@ class GatedDeltaNet(Mixer):
         q, k, v = (Dense((h, width), axes, name=name, **kw)(x)
                    for name, width in (("query", d), ("key", d), ("value", dv)))
         if own.short_conv:
-            q, k, v = (ShortConvolution(own.conv_width, name=f"{name}_conv")(y, segment_ids)
+            q, k, v = (ShortConvolution(own.conv_width, cfg.init_std, name=f"{name}_conv")(
+                y, segment_ids)
                        for name, y in (("query", q), ("key", k), ("value", v)))
         q, k = (l2_normalize(jax.nn.silu(y.astype(jnp.float32))) for y in (q, k))
         q = (q * d ** -0.5).astype(cfg.dtype)

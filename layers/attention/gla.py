@@ -66,6 +66,10 @@ class GatedLinearAttention(Mixer):
         check_positive("model.attention.gla.gate_temperature", g.gate_temperature)
 
     @staticmethod
+    def no_decay(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("gate_bias",) if cfg.attention.gla.decay == "data" else ()
+
+    @staticmethod
     def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         a = cfg.attention
         h, d = a.num_heads, head_dim(cfg)

@@ -108,6 +108,10 @@ class MoE(FeedForward):
     split over devices with `mesh.expert` > 1 (`sharded_dispatch`)."""
 
     @staticmethod
+    def no_decay(cfg: ModelConfig) -> tuple[str, ...]:
+        return ROUTERS[cfg.moe.router].no_decay(cfg)
+
+    @staticmethod
     def takes_carry(cfg: ModelConfig) -> bool:
         """Whether the layer carry passes through: when the router carries state."""
         return ROUTERS[cfg.moe.router].takes_carry(cfg)

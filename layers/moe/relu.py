@@ -187,6 +187,10 @@ class ReluRouter(Router):
     report_statistics = (("token sparsity", "relu_token_sparsity"),
                          ("8-token chunk sparsity", "relu_chunk_sparsity"))
 
+    @staticmethod
+    def no_decay(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("norm_scale",)  # the logits' RMSNorm gain
+
     @nn.compact
     def __call__(self, x, carry: dict, segment_ids=None) -> tuple[Routing, dict]:
         cfg, moe = self.cfg, self.cfg.moe

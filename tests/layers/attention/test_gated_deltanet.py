@@ -30,6 +30,8 @@ from efflm.pallas_kernels.gated_delta_rule import (
     gated_delta_rule_recurrent,
     tril_block,
 )
+from efflm.train.roles import path_keys
+from efflm.train.step import build_program
 
 GDN = "model.attention.kind=gated_deltanet"
 # Two whole chunks of 16 and a partial one; segment boundaries at 5, 20 and 33 fall
@@ -181,7 +183,8 @@ def test_compiled_pallas_kernels_on_gpu(dtype, tol):
 @pytest.mark.parametrize("overrides", [
     [],
     ["model.attention.gated_deltanet.short_conv=false",
-     "model.attention.gated_deltanet.output_gate=false", "model.attention.impl=pallas"],
+     "model.attention.gated_deltanet.output_gate=false", "model.attention.impl=pallas",
+     "model.attention.gated_deltanet.value_expansion=1"],
 ])
 def test_layer_matches_its_token_scan_reference(small_config, overrides):
     """The layer (chunks of 8 over 21 tokens; XLA, or Pallas interpreted) equals its
@@ -213,7 +216,7 @@ def test_layer_computes_the_documented_formula(small_config):
     params = params["params"]
     rate = jnp.exp(params["decay_log_scale"])
     time_step = jax.nn.softplus(params["decay_bias"])
-    assert (1 <= rate).all() and (rate <= 16).all()
+    assert (0 < rate).all() and (rate <= 16).all()
     assert (1e-3 <= time_step).all() and (time_step <= 0.1 + 1e-6).all()
     got = fast_jit(layer.apply)({"params": params}, x, positions, None, None)
 
@@ -316,3 +319,40 @@ def test_value_expansion_widens_the_values_not_the_keys(small_config):
     assert shapes["query"] == shapes["key"] == (cfg.d_model, h, d)
     assert shapes["value"] == shapes["output_gate"] == (cfg.d_model, h, 3 * d)
     assert shapes["out"] == (h, 3 * d, cfg.d_model)
+
+
+def test_initialisation_is_the_references(small_config):
+    """As the reference implementation initialises them: convolution taps from
+    N(0, init_std^2), decay rates exp(decay_log_scale) uniform in (0, 16] (64 heads: some
+    below 1, which the range [1, 16] would not give)."""
+    cfg = small_config(GDN, "model.d_model=256", "model.attention.num_heads=64").model
+    layer = ATTENTION["gated_deltanet"](cfg)
+    x = jnp.ones((1, 8, cfg.d_model))
+    params = nn.unbox(fast_jit(layer.init)(jax.random.key(0), x, jnp.arange(8)[None], None,
+                                           None))["params"]
+    taps = np.concatenate([np.ravel(params[f"{n}_conv"]["kernel"])
+                           for n in ("query", "key", "value")])
+    assert abs(taps.mean()) < 0.1 * cfg.init_std
+    assert taps.std() == pytest.approx(cfg.init_std, rel=0.05)
+    rate = np.exp(params["decay_log_scale"])
+    assert (0 < rate).all() and (rate <= 16).all() and rate.min() < 1 and rate.max() > 12
+
+
+def test_weight_decay_spares_the_decay_parameters(small_config):
+    """On tiny_gdn's parameters, the optimizer's weight decay (zero gradients, so the
+    update is the decay alone) moves every weight, convolution taps included, and leaves
+    the norm scales and what the kind declares (`no_decay`: decay rate and time step)."""
+    cfg = small_config("optimizer.warmup_steps=0", "optimizer.weight_decay=0.5",
+                       preset="tiny_gdn")
+    program = build_program(cfg)
+    with program.context():
+        state = program.init(jax.random.key(0))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    updates = program.tx.update(zeros, state.opt_state, state.params)[0]
+    moved = {path_keys(p)[-2:]: bool(np.any(np.asarray(u) != 0))
+             for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    assert {k for k, m in moved.items() if not m} >= {("attention", "decay_log_scale"),
+                                                     ("attention", "decay_bias")}
+    assert {k[-1] for k, m in moved.items() if not m} == {"decay_log_scale", "decay_bias",
+                                                          "scale"}
+    assert moved[("query_conv", "kernel")] and moved[("value", "kernel")]
