@@ -20,6 +20,7 @@ from efflm import distributed
 from efflm import mesh as mesh_lib
 from efflm.config import (
     DATA_ORDER_KEYS,
+    FAMILIES,
     RESUMABLE_MODEL_KEYS,
     SHAPE_KEYS,
     Config,
@@ -61,16 +62,19 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def shape_differences(old: Config, new: Config) -> list[str]:
-    """`key: old -> new` for every model-shape setting that differs (but model.quant.*
-    where the new run adds learned quantisation scales to a full-precision one:
-    `adds_quant_scales`)."""
+    """`key: old -> new` for every model-shape setting that differs, leaving out the own
+    settings of kinds neither run uses (and model.quant.* where the new run adds learned
+    quantisation scales to a full-precision one: `adds_quant_scales`)."""
     a, b = flatten(to_dict(old)), flatten(to_dict(new))
     adding = adds_quant_scales(old, new)
     # The tokenizer's own settings that fix its ids (its file's hash, its specials).
     tokenizer = _fixed_own_keys("data", new.data.tokenizer, TOKENIZERS[new.data.tokenizer])
+    unused = tuple(f"{f.path}.{kind}." for f in FAMILIES for kind in f.kinds()
+                   if kind not in f.chosen(old) | f.chosen(new))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if (k.startswith(SHAPE_KEYS) and k not in RESUMABLE_MODEL_KEYS or k in tokenizer)
-            and a.get(k) != b.get(k) and not (adding and k.startswith("model.quant."))]
+            and a.get(k) != b.get(k) and not k.startswith(unused)
+            and not (adding and k.startswith("model.quant."))]
 
 
 def adds_quant_scales(old: Config, new: Config) -> bool:

@@ -3,7 +3,9 @@
 Presets live in `configs/NAME.yaml`; a preset may name another with `extends: NAME`.
 OmegaConf structured configs (`schema`) check keys and types; `validation` checks the
 values. Keys that moved into a kind's own section (`MOVED_KEYS`) are an error in presets
-and overrides, naming the new key; a workdir's saved config.yaml is migrated when read.
+and overrides, naming the new key; a workdir's saved config.yaml is migrated when read
+(moved keys go to their new places; a setting whose default changed after it was added,
+`EARLIER_DEFAULTS`, is read at its earlier value when the file lacks it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ MOVED_KEYS = {
 }
 
 
+# Settings whose default changed after they were added: a saved config written before
+# the setting existed ran with the earlier behaviour, this value.
+EARLIER_DEFAULTS = {"model.attention.gated_deltanet.value_expansion": 1}
+
+
 def preset_names() -> list[str]:
     root = importlib.resources.files("efflm.configs")
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -77,9 +84,12 @@ def moved_keys(d: dict) -> list[tuple[str, str]]:
 
 
 def migrate(d: dict, origin: str) -> dict:
-    """`d` (a nested config dict) with each moved key at its new place; says so once."""
+    """`d` (a nested config dict that a run saved) with each moved key at its new place,
+    saying so once, and each of EARLIER_DEFAULTS it lacks at its earlier value."""
     moved = moved_keys(d)
-    if not moved:
+    keys = flatten(d)
+    earlier = [k for k in EARLIER_DEFAULTS if k not in keys]
+    if not moved and not earlier:
         return d
     out = OmegaConf.create(d)
     for old, new in moved:
@@ -88,8 +98,12 @@ def migrate(d: dict, origin: str) -> dict:
         node = OmegaConf.select(out, parent) if parent else out
         del node[leaf]
         OmegaConf.update(out, new, value, force_add=True)
-    logging.warning("%s uses the keys of an earlier efflm; read with %d keys moved to "
-                    "their kinds' sections (e.g. %s -> %s)", origin, len(moved), *moved[0])
+    for key in earlier:
+        OmegaConf.update(out, key, EARLIER_DEFAULTS[key], force_add=True)
+    if moved:
+        logging.warning("%s uses the keys of an earlier efflm; read with %d keys moved to "
+                        "their kinds' sections (e.g. %s -> %s)", origin, len(moved),
+                        *moved[0])
     return OmegaConf.to_container(out)
 
 
@@ -125,7 +139,7 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = (),
         raise ConfigError(f"config {name_or_path!r}: {old} is now {new}; rename it"
                           + (f" (and {len(moved) - 1} more moved keys)" if len(moved) > 1
                              else ""))
-    if moved:
+    if saved:
         raw = OmegaConf.create(migrate(OmegaConf.to_container(raw), name_or_path))
     base = raw.pop("extends", None)
     if "name" not in raw:

@@ -17,12 +17,18 @@ from conftest import SMALL, random_batch
 
 from efflm import mesh as mesh_lib
 from efflm.cli import main
-from efflm.config import MOVED_KEYS, load_config
+from efflm.config import MOVED_KEYS, load_config, to_dict
 from efflm.errors import ConfigError
 from efflm.flops import train_flops_per_step
 from efflm.train.generate import sample
 from efflm.train.step import build_program, compiled_memory, count_params
-from efflm.train.trainer import optimizer_differences, restore_run, train
+from efflm.train.trainer import (
+    load_workdir_config,
+    optimizer_differences,
+    restore_run,
+    shape_differences,
+    train,
+)
 
 # Constant learning rate: a run of 5 steps then 8 follows the same path as 8 at once.
 RESUME = [*SMALL, "optimizer.schedule=constant", "optimizer.warmup_steps=0",
@@ -209,6 +215,22 @@ def test_resume_may_change_how_the_model_is_computed(tmp_path):
                                "model.init_std=0.05"]))
     assert [r["step"] for r in _losses(workdir)[1]] == [1, 2, 3]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
+def test_a_changed_default_blocks_only_the_runs_it_changes(tmp_path):
+    """A workdir saved before gated_deltanet.value_expansion existed ran values as wide as
+    keys: its config reads 1 (written since: what it says). The setting blocks resuming a
+    gated DeltaNet run, not a run of another kind."""
+    saved = to_dict(load_config("tiny_gdn"))
+    del saved["model"]["attention"]["gated_deltanet"]["value_expansion"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    read = (load_workdir_config(str(tmp_path)),
+            load_config(str(tmp_path / "config.yaml"), saved=True))
+    assert [c.model.attention.gated_deltanet.value_expansion for c in read] == [1, 1]
+    assert shape_differences(read[0], load_config("tiny_gdn")) == [
+        "model.attention.gated_deltanet.value_expansion: 1 -> 2"]
+    softmax = load_config("tiny", ["model.attention.gated_deltanet.value_expansion=1"])
+    assert shape_differences(softmax, load_config("tiny")) == []
 
 
 def test_changed_data_order_says_which_setting_and_how_to_resume(tmp_path, capsys):

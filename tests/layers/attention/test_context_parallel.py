@@ -256,7 +256,8 @@ def test_delta_rule_allscan_equals_the_unsharded_rule(mesh):
 
 def test_gated_deltanet_layer_exchanges_only_states_and_convolution_halos():
     """A gated DeltaNet layer's compiled gradient under data=2 x sequence=4: the all-scan
-    gathers the (4 devices x) dk x dk transitions and states, and XLA's partitioner gives
+    gathers the (4 devices x) dk x dk transitions and dk x dv states (values twice as
+    wide, the default value_expansion), and XLA's partitioner gives
     the short convolutions (4 taps) their 3-token halo by collective-permutes; nothing
     length-long is gathered."""
     from efflm.layers import ATTENTION
@@ -274,8 +275,8 @@ def test_gated_deltanet_layer_exchanges_only_states_and_convolution_halos():
                                 argnums=1))
         text = grad.lower(params, x).compile().as_text()
     gathered = re.findall(r"= [a-z0-9]+\[([0-9,]+)\]\S* all-gather", text)
-    assert gathered and all(s.split(",")[0] == "4" and s.split(",")[-2:] == ["16", "16"]
-                            for s in gathered), gathered
+    assert gathered and all(s.split(",")[0] == "4" for s in gathered), gathered
+    assert {tuple(s.split(",")[-2:]) for s in gathered} == {("16", "16"), ("16", "32")}
     halos = re.findall(r"= [a-z0-9]+\[\d+,(\d+)[0-9,]*\]\S* collective-permute", text)
     assert halos and {int(n) for n in halos} <= {1, 2, 3}, halos
 
