@@ -61,7 +61,8 @@ MOVED_KEYS = {
 
 # Settings whose default changed after they were added: a saved config written before
 # the setting existed ran with the earlier behaviour, this value.
-EARLIER_DEFAULTS = {"model.attention.gated_deltanet.value_expansion": 1}
+EARLIER_DEFAULTS = {"model.attention.gated_deltanet.value_expansion": 1,
+                    "model.attention.gated_deltanet.conv_init": "uniform"}
 
 
 def preset_names() -> list[str]:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflm.errors import ConfigError, check_positive
+from efflm.errors import ConfigError, check_choice, check_positive
 from efflm.layers.attention.context_parallel import allscan_delta_rule, strategy
 from efflm.layers.attention.linear import ALLSCAN, padded_length, validate_chunk
 from efflm.layers.attention.parts import HeadRMSNorm, ShortConvolution, l2_normalize, output_gate
@@ -92,6 +92,10 @@ def _log_scale_init(key, shape, dtype):
     return jnp.log(16.0 - jax.random.uniform(key, shape, dtype, 0.0, 16.0))
 
 
+# conv_init -> the taps' standard deviation (None: ShortConvolution's uniform range).
+CONV_INITS = {"normal": lambda cfg: cfg.init_std, "uniform": lambda cfg: None}
+
+
 @dataclass
 class GatedDeltaNetSettings:
     # A causal depthwise convolution of conv_width taps, then SiLU, on q, k and v
@@ -99,6 +103,9 @@ class GatedDeltaNetSettings:
     # RMSNorm of the output (output_gate=false: the norm alone).
     short_conv: bool = True
     conv_width: int = 4
+    # The taps' initialisation: normal, N(0, model.init_std^2) (the reference
+    # implementation's); uniform, in +-conv_width^-1/2 (torch.nn.Conv1d's default).
+    conv_init: str = "normal"
     output_gate: bool = True
     # Value heads `value_expansion` times head_dim wide (as the paper and its reference
     # implementation): the value projection, its convolution, the state's columns, the
@@ -113,6 +120,7 @@ class GatedDeltaNet(Mixer):
     reference: bool = False  # the token scan instead of the chunked form (tests)
     decodes = True
     settings = GatedDeltaNetSettings
+    resumable = ("conv_init",)  # the taps' initialisation only
     context_parallel = ALLSCAN  # three passes a chunk (`allscan_delta_rule`)
 
     @staticmethod
@@ -120,6 +128,8 @@ class GatedDeltaNet(Mixer):
         a = cfg.attention
         check_positive("model.attention.gated_deltanet.conv_width",
                        a.gated_deltanet.conv_width)
+        check_choice("model.attention.gated_deltanet.conv_init", a.gated_deltanet.conv_init,
+                     CONV_INITS)
         expansion = a.gated_deltanet.value_expansion  # an int (the config's type)
         if expansion < 1:
             raise ConfigError("model.attention.gated_deltanet.value_expansion must be a "
@@ -158,8 +168,8 @@ class GatedDeltaNet(Mixer):
         q, k, v = (Dense((h, width), axes, name=name, **kw)(x)
                    for name, width in (("query", d), ("key", d), ("value", dv)))
         if own.short_conv:
-            q, k, v = (ShortConvolution(own.conv_width, cfg.init_std, name=f"{name}_conv")(
-                y, segment_ids)
+            std = CONV_INITS[own.conv_init](cfg)
+            q, k, v = (ShortConvolution(own.conv_width, std, name=f"{name}_conv")(y, segment_ids)
                        for name, y in (("query", q), ("key", k), ("value", v)))
         q, k = (l2_normalize(jax.nn.silu(y.astype(jnp.float32))) for y in (q, k))
         q = (q * d ** -0.5).astype(cfg.dtype)

@@ -37,19 +37,22 @@ def output_gate(x, out, heads: int, dim: int, **dense_kw):
 class ShortConvolution(nn.Module):
     """Causal depthwise convolution over the length of (batch, length, heads, head_dim),
     `width` taps (tap j reads the input j tokens back), within packed segments, taps
-    drawn from N(0, std^2). While decoding, the last width - 1 inputs are kept in the
+    drawn from N(0, std^2) (std None: uniform in +-width^-1/2, torch.nn.Conv1d's default
+    for a depthwise kernel). While decoding, the last width - 1 inputs are kept in the
     cache."""
 
     width: int
-    std: float
+    std: float | None = None
 
     @nn.compact
     def __call__(self, x, segment_ids):
         b, t, h, d = x.shape
         w = self.width
+        bound = w ** -0.5
+        init = (nn.initializers.normal(self.std) if self.std is not None else
+                lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
         kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.std), (None, "heads", "head_dim")), (w, h, d),
-            jnp.float32)
+            init, (None, "heads", "head_dim")), (w, h, d), jnp.float32)
         same = None
         if decoding(self):
             if w > 1:

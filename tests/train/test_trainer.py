@@ -218,15 +218,18 @@ def test_resume_may_change_how_the_model_is_computed(tmp_path):
 
 
 def test_a_changed_default_blocks_only_the_runs_it_changes(tmp_path):
-    """A workdir saved before gated_deltanet.value_expansion existed ran values as wide as
-    keys: its config reads 1 (written since: what it says). The setting blocks resuming a
+    """A workdir saved before gated_deltanet.value_expansion and conv_init existed ran
+    values as wide as keys and uniform taps: its config reads so (written since: what it
+    says). The setting blocks resuming a
     gated DeltaNet run, not a run of another kind."""
     saved = to_dict(load_config("tiny_gdn"))
-    del saved["model"]["attention"]["gated_deltanet"]["value_expansion"]
+    for key in ("value_expansion", "conv_init"):
+        del saved["model"]["attention"]["gated_deltanet"][key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     read = (load_workdir_config(str(tmp_path)),
             load_config(str(tmp_path / "config.yaml"), saved=True))
     assert [c.model.attention.gated_deltanet.value_expansion for c in read] == [1, 1]
+    assert [c.model.attention.gated_deltanet.conv_init for c in read] == ["uniform"] * 2
     assert shape_differences(read[0], load_config("tiny_gdn")) == [
         "model.attention.gated_deltanet.value_expansion: 1 -> 2"]
     softmax = load_config("tiny", ["model.attention.gated_deltanet.value_expansion=1"])

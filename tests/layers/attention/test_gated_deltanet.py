@@ -296,6 +296,7 @@ def test_preset_trains(small_config, preset):
     ([GDN, "model.attention.chunk_size=2048"], "chunk_size"),
     ([GDN, "model.attention.chunk_size=0"], "chunk_size"),
     ([GDN, "model.attention.impl=pallas", "model.attention.chunk_size=48"], "chunk_size"),
+    ([GDN, "model.attention.gated_deltanet.conv_init=gaussian"], "gated_deltanet.conv_init"),
     *(([GDN, f"model.attention.gated_deltanet.value_expansion={value}"],
        "gated_deltanet.value_expansion") for value in ("0", "-2", "1.5", "two")),
 ])
@@ -321,19 +322,25 @@ def test_value_expansion_widens_the_values_not_the_keys(small_config):
     assert shapes["out"] == (h, 3 * d, cfg.d_model)
 
 
-def test_initialisation_is_the_references(small_config):
-    """As the reference implementation initialises them: convolution taps from
-    N(0, init_std^2), decay rates exp(decay_log_scale) uniform in (0, 16] (64 heads: some
-    below 1, which the range [1, 16] would not give)."""
-    cfg = small_config(GDN, "model.d_model=256", "model.attention.num_heads=64").model
+@pytest.mark.parametrize("conv_init", ["normal", "uniform"])
+def test_initialisation(small_config, conv_init):
+    """Decay rates exp(decay_log_scale) uniform in (0, 16] as the reference implementation
+    draws them (64 heads: some below 1, which the range [1, 16] would not give); the
+    convolution taps from N(0, init_std^2) (`normal`, the reference's) or uniform in
+    +-conv_width^-1/2 (`uniform`)."""
+    cfg = small_config(GDN, "model.d_model=256", "model.attention.num_heads=64",
+                       f"model.attention.gated_deltanet.conv_init={conv_init}").model
     layer = ATTENTION["gated_deltanet"](cfg)
     x = jnp.ones((1, 8, cfg.d_model))
     params = nn.unbox(fast_jit(layer.init)(jax.random.key(0), x, jnp.arange(8)[None], None,
                                            None))["params"]
     taps = np.concatenate([np.ravel(params[f"{n}_conv"]["kernel"])
                            for n in ("query", "key", "value")])
-    assert abs(taps.mean()) < 0.1 * cfg.init_std
-    assert taps.std() == pytest.approx(cfg.init_std, rel=0.05)
+    bound = cfg.attention.gated_deltanet.conv_width ** -0.5
+    std = cfg.init_std if conv_init == "normal" else bound / 3 ** 0.5
+    assert abs(taps.mean()) < 0.1 * std and taps.std() == pytest.approx(std, rel=0.05)
+    if conv_init == "uniform":
+        assert np.abs(taps).max() <= bound
     rate = np.exp(params["decay_log_scale"])
     assert (0 < rate).all() and (rate <= 16).all() and rate.min() < 1 and rate.max() > 12
 
