@@ -13,7 +13,8 @@ with, per head, exp(c) initialised uniform in (0, 16] and softplus(b) log-unifor
 which weight decay leaves alone, as the reference implementation does).
 
 Before the mix, q, k and v each pass a causal depthwise convolution of `conv_width`
-taps (drawn from N(0, model.init_std^2), as the reference initialises them) and SiLU
+taps (drawn from N(0, model.init_std^2) as the reference initialises them, or uniform in
++-conv_width^-1/2 under `conv_init=uniform`) and SiLU
 (`short_conv`; SiLU alone without it), settings under `model.attention.gated_deltanet`.
 The convolution and the state both restart at every packed segment. Queries and keys
 have `model.attention.num_heads` heads of head_dim each, values `value_expansion` times
