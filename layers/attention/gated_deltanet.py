@@ -93,8 +93,7 @@ def _log_scale_init(key, shape, dtype):
     return jnp.log(16.0 - jax.random.uniform(key, shape, dtype, 0.0, 16.0))
 
 
-# conv_init -> the taps' standard deviation (None: ShortConvolution's uniform range).
-CONV_INITS = {"normal": lambda cfg: cfg.init_std, "uniform": lambda cfg: None}
+CONV_INITS = ("normal", "uniform")  # model.attention.gated_deltanet.conv_init
 
 
 @dataclass
@@ -169,7 +168,7 @@ class GatedDeltaNet(Mixer):
         q, k, v = (Dense((h, width), axes, name=name, **kw)(x)
                    for name, width in (("query", d), ("key", d), ("value", dv)))
         if own.short_conv:
-            std = CONV_INITS[own.conv_init](cfg)
+            std = cfg.init_std if own.conv_init == "normal" else None  # None: uniform
             q, k, v = (ShortConvolution(own.conv_width, std, name=f"{name}_conv")(y, segment_ids)
                        for name, y in (("query", q), ("key", k), ("value", v)))
         q, k = (l2_normalize(jax.nn.silu(y.astype(jnp.float32))) for y in (q, k))

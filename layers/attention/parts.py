@@ -48,9 +48,11 @@ class ShortConvolution(nn.Module):
     def __call__(self, x, segment_ids):
         b, t, h, d = x.shape
         w = self.width
-        bound = w ** -0.5
-        init = (nn.initializers.normal(self.std) if self.std is not None else
-                lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
+        if self.std is None:
+            bound = w ** -0.5
+            init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+        else:
+            init = nn.initializers.normal(self.std)
         kernel = self.param("kernel", nn.with_logical_partitioning(
             init, (None, "heads", "head_dim")), (w, h, d), jnp.float32)
         same = None
