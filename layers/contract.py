@@ -48,6 +48,9 @@ class Kind:
     settings = None
     # Fields of `settings` that a resumed run may change (they change no parameter).
     resumable = ()
+    # Fields of `settings` whose default changed after they were added -> the value a
+    # run saved before they existed ran with (its saved config is read with it).
+    earlier_defaults: dict = {}
     # Whether a kind that is `not_causal` in a full pass decodes causally by a rule of
     # its own (Mixture-of-Depths' predictor), so that `efflm generate` may sample it.
     causal_decoding = False

@@ -76,6 +76,7 @@ class Optimizer:
 
     settings = None  # a dataclass of its own settings (`optimizer.<name>.*`), or None
     resumable = ()  # fields of `settings` that a resumed run may change
+    earlier_defaults: dict = {}  # setting -> its value before its default changed
 
     @staticmethod
     def validate_config(cfg: OptimizerConfig) -> None:

@@ -59,10 +59,11 @@ MOVED_KEYS = {
 }
 
 
-# Settings whose default changed after they were added: a saved config written before
-# the setting existed ran with the earlier behaviour, this value.
-EARLIER_DEFAULTS = {"model.attention.gated_deltanet.value_expansion": 1,
-                    "model.attention.gated_deltanet.conv_init": "uniform"}
+# Settings whose default changed after they were added (each kind's `earlier_defaults`):
+# a saved config written before the setting existed ran with the earlier value.
+EARLIER_DEFAULTS = {f"{f.path}.{kind}.{name}": value for f in FAMILIES
+                    for kind, cls in f.kinds().items()
+                    for name, value in cls.earlier_defaults.items()}
 
 
 def preset_names() -> list[str]:

@@ -10,6 +10,7 @@ class DataSource:
 
     settings = None  # a dataclass of its own settings, or None
     resumable = ()  # fields of `settings` that a resumed run may change
+    earlier_defaults: dict = {}  # setting -> its value before its default changed
     # Eval also reports `eval_<accuracy>_accuracy`: the share of scored targets the
     # model's argmax predicts. None: no accuracy.
     accuracy = None

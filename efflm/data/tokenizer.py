@@ -47,6 +47,7 @@ class Tokenizer:
     name = ""
     settings = None  # its own settings (`data.<name>.*`), a dataclass; None: none
     resumable = ()  # fields of `settings` that a resumed run may change
+    earlier_defaults: dict = {}  # setting -> its value before its default changed
     trainable = False  # whether `efflm data tokenizer NAME` can train one (`train`)
     suffix = ""  # the file name ending of a trained one
     pad_id: int

@@ -121,6 +121,7 @@ class GatedDeltaNet(Mixer):
     decodes = True
     settings = GatedDeltaNetSettings
     resumable = ("conv_init",)  # the taps' initialisation only
+    earlier_defaults = {"value_expansion": 1, "conv_init": "uniform"}
     context_parallel = ALLSCAN  # three passes a chunk (`allscan_delta_rule`)
 
     @staticmethod
